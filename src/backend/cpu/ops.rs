@@ -1,0 +1,1 @@
+//! f32 CPU kernels on slices (row-major), each the oracle for its CUDA twin.

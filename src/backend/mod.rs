@@ -1,0 +1,133 @@
+//! The seam between the model and the hardware.
+//!
+//! The model graph ([`crate::model`]) and the samplers ([`crate::sampler`]) are written once against
+//! [`Backend`]. A backend owns its activation matrices, weights, uploaded plans and K/V pool; the
+//! CPU backend ([`cpu`]) computes in f32 and is the oracle, the CUDA backend (bf16) comes later.
+
+pub mod cpu;
+
+use crate::config::{Branch, Config};
+use crate::error::Result;
+use crate::plan::StepPlan;
+use crate::weights::HostTensor;
+
+/// Parameters of one sampler pass (SPEC §4.1/§4.2): CFG combine, banned ids, temperature,
+/// Philox-Gumbel argmax, confidence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleParams {
+    /// CFG scale `g`: the logits hold `2n` rows (`n` conditional, then the same `n`
+    /// unconditional) and `(1+g)·cond − g·uncond` is sampled. `None`: `n` rows, no CFG.
+    pub guidance: Option<f32>,
+    /// Gumbel temperature; 0 is plain argmax (ties to the lower id).
+    pub temperature: f32,
+    /// Ids that never win (e.g. the text [MASK]).
+    pub banned: Vec<u32>,
+    /// Philox key (`seed_lo`, `seed_hi`).
+    pub seed: u64,
+    /// Step index (Philox counter word 2).
+    pub step: u32,
+    /// Request index in the batch (Philox counter word 3).
+    pub request: u32,
+    /// Sequence position of each sampled row (Philox counter word 1), `n` entries.
+    pub positions: Vec<u32>,
+}
+
+/// One sampled position.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampled {
+    /// The chosen id.
+    pub token: u32,
+    /// `softmax(logits/τ)[token]` (τ = 1 when the temperature is 0), after CFG and bans.
+    pub confidence: f32,
+    /// Natural log-sum-exp of `logits/τ` over the allowed ids (τ = 1 when the temperature is 0).
+    pub lse: f32,
+}
+
+/// Operations the model graph needs. Matrices are row-major `[rows, cols]`; "rows of branch `b`"
+/// means `plan.rows(b)` in order.
+pub trait Backend {
+    /// An activation matrix on the backend.
+    type Matrix;
+    /// A weight tensor (matrix `[out, in]` or vector) on the backend.
+    type Weight;
+    /// A [`StepPlan`] uploaded to the backend.
+    type Plan;
+    /// The K/V pool: per layer, `slots × kv_dim` keys and values.
+    type Cache;
+
+    /// Human-readable name (device, precision, threads).
+    fn name(&self) -> String;
+    /// Uploads a weight tensor.
+    fn upload_weight(&self, t: &HostTensor) -> Result<Self::Weight>;
+    /// Uploads a plan.
+    fn upload_plan(&self, plan: &StepPlan) -> Result<Self::Plan>;
+    /// Allocates a zeroed K/V pool for `slots` slots.
+    fn new_cache(&self, cfg: &Config, slots: usize) -> Result<Self::Cache>;
+    /// Allocates a `[rows, cols]` matrix (contents unspecified).
+    fn matrix(&self, rows: usize, cols: usize) -> Result<Self::Matrix>;
+    /// Copies a matrix to the host as f32.
+    fn to_host(&self, m: &Self::Matrix) -> Result<Vec<f32>>;
+
+    /// `out[i] = table[id_i]`, or `register` for [`crate::plan::REGISTER`] rows, over rows of `b`.
+    fn embed(
+        &self,
+        plan: &Self::Plan,
+        b: Branch,
+        table: &Self::Weight,
+        register: &Self::Weight,
+        out: &mut Self::Matrix,
+    ) -> Result<()>;
+    /// `out = x / sqrt(mean(x²) + eps) · w`, row-wise.
+    fn rmsnorm(
+        &self,
+        x: &Self::Matrix,
+        w: &Self::Weight,
+        eps: f32,
+        out: &mut Self::Matrix,
+    ) -> Result<()>;
+    /// `out = x · wᵀ`, or `out += x · wᵀ` when `accumulate` (the residual add).
+    fn matmul(
+        &self,
+        x: &Self::Matrix,
+        w: &Self::Weight,
+        out: &mut Self::Matrix,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// Applies RoPE (at the positions of rows of `b`) to `q` in place and to `k`, then stores the
+    /// rotated `k` and `v` into the pool slots of rows of `b` at `layer`.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_store_kv(
+        &self,
+        plan: &Self::Plan,
+        b: Branch,
+        layer: usize,
+        q: &mut Self::Matrix,
+        k: &Self::Matrix,
+        v: &Self::Matrix,
+        cache: &mut Self::Cache,
+    ) -> Result<()>;
+    /// Attention of the rows of `b` (queries `q`) over their sequence's keys at `layer`, under
+    /// the SPEC §3 rule (`joint`: cross-branch layer). Fully hidden rows give zeros.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        plan: &Self::Plan,
+        b: Branch,
+        layer: usize,
+        joint: bool,
+        q: &Self::Matrix,
+        cache: &Self::Cache,
+        out: &mut Self::Matrix,
+    ) -> Result<()>;
+    /// `out = silu(gate) ⊙ up`.
+    fn swiglu(&self, gate: &Self::Matrix, up: &Self::Matrix, out: &mut Self::Matrix) -> Result<()>;
+    /// `out[j] = x[plan.logits_rows[j]]`: the rows that need logits.
+    fn gather_logit_rows(
+        &self,
+        plan: &Self::Plan,
+        x: &Self::Matrix,
+        out: &mut Self::Matrix,
+    ) -> Result<()>;
+    /// The sampler pass over `logits` (`[n or 2n, V]`), one result per sampled row.
+    fn sample(&self, logits: &Self::Matrix, params: &SampleParams) -> Result<Vec<Sampled>>;
+}

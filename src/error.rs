@@ -1,0 +1,60 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong, with enough context to name the offending input.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A config field is missing, out of range, or inconsistent with another.
+    #[error("invalid config: {0}")]
+    Config(String),
+    /// A weight file or tensor is unusable; the message names the tensor.
+    #[error("invalid weights: {0}")]
+    Weights(String),
+    /// A request (token ids, grid, steps, case file, CLI value) is malformed.
+    #[error("invalid input: {0}")]
+    Input(String),
+    /// The run would not fit in memory; says how much it needs.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    /// The requested backend is not available in this build or on this machine.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// JSON (config, case, trace) could not be parsed or written.
+    #[error("{context}: {source}")]
+    Json {
+        /// What was being parsed.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Result with the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Returns `Err(Error::Input(..))` built from a format string.
+#[macro_export]
+macro_rules! bail_input {
+    ($($arg:tt)*) => { return Err($crate::Error::Input(format!($($arg)*))) };
+}

@@ -1,0 +1,421 @@
+//! Backend-independent step plans (FlashInfer's "plan, then run").
+//!
+//! A [`StepPlan`] says everything one forward pass needs that depends only on the schedule: which
+//! rows are fed (branch, token id, position, attention tag, sequence), where each row's K/V lands
+//! in the pool, which pool slots every sequence attends over (CSR `kv_indptr` / `kv_indices` with
+//! a tag per key) and which rows need logits. It is computed on the host, identical for every
+//! backend, and a backend only executes it.
+
+use crate::config::Branch;
+use crate::error::{Error, Result};
+
+/// The token id that stands for a register row (its embedding is `{branch}.register`).
+pub const REGISTER: u32 = u32::MAX;
+
+/// Largest block number a [`Tag`] can hold.
+pub const MAX_BLOCK: u32 = (1 << 30) - 1;
+
+/// Attention tag of a row or key, packed in one `u32` exactly as the CUDA kernels read it:
+/// bit 0 = masked, bit 1 = branch (1 = image), bits 2..32 = block.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(transparent)]
+pub struct Tag(pub u32);
+
+impl Tag {
+    /// Packs a tag; `block` must be at most [`MAX_BLOCK`].
+    pub fn new(branch: Branch, block: u32, masked: bool) -> Tag {
+        debug_assert!(block <= MAX_BLOCK);
+        Tag((block << 2) | ((branch as u32) << 1) | masked as u32)
+    }
+
+    /// The row's branch.
+    pub fn branch(self) -> Branch {
+        if self.0 & 2 != 0 {
+            Branch::Image
+        } else {
+            Branch::Text
+        }
+    }
+
+    /// The row's block (clean block number, or the id of its masked block).
+    pub fn block(self) -> u32 {
+        self.0 >> 2
+    }
+
+    /// Whether the row belongs to a masked block (a mask being decoded, or a register).
+    pub fn masked(self) -> bool {
+        self.0 & 1 != 0
+    }
+}
+
+impl std::fmt::Debug for Tag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tag({:?}, block {}{})",
+            self.branch(),
+            self.block(),
+            if self.masked() { ", masked" } else { "" }
+        )
+    }
+}
+
+/// SPEC §3: may a query tagged `q` attend to a key tagged `k` in a layer that is `joint`
+/// (cross-branch) or not?
+#[inline]
+pub fn visible(q: Tag, k: Tag, joint: bool) -> bool {
+    let branch_ok = joint || q.branch() == k.branch();
+    let step_ok = if q.masked() {
+        !k.masked() || k.block() == q.block()
+    } else {
+        !k.masked() && k.block() <= q.block()
+    };
+    branch_ok && step_ok
+}
+
+/// One row to feed: a token (or register) with its tags and the pool slot its K/V goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    /// Which sequence of the set (0 = conditional, 1 = unconditional for a CFG pair).
+    pub seq: u32,
+    /// Token id in the branch's embedding table, or [`REGISTER`].
+    pub id: u32,
+    /// RoPE position.
+    pub pos: u32,
+    /// Attention tag (branch, block, masked).
+    pub tag: Tag,
+    /// K/V pool slot this row's keys and values are written to.
+    pub slot: u32,
+}
+
+/// The rows of one branch, sorted by sequence (rows of sequence `s` are
+/// `seq_indptr[s]..seq_indptr[s+1]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BranchRows {
+    /// Token ids ([`REGISTER`] for registers).
+    pub ids: Vec<u32>,
+    /// RoPE positions.
+    pub pos: Vec<u32>,
+    /// Attention tags.
+    pub tags: Vec<Tag>,
+    /// K/V pool slots.
+    pub slots: Vec<u32>,
+    /// CSR offsets of each sequence's rows, `n_seqs + 1` entries.
+    pub seq_indptr: Vec<u32>,
+}
+
+impl BranchRows {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether the branch has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// A forward pass, fully planned. See the module docs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepPlan {
+    /// Sequences in the set (1, or 2 for a CFG pair).
+    pub n_seqs: usize,
+    /// Fed rows per branch, indexed by `Branch as usize`.
+    pub branches: [BranchRows; 2],
+    /// CSR offsets into `kv_indices` per sequence, `n_seqs + 1` entries.
+    pub kv_indptr: Vec<u32>,
+    /// Pool slots each sequence attends over (sorted by slot within a sequence).
+    pub kv_indices: Vec<u32>,
+    /// Tag of each key, parallel to `kv_indices`.
+    pub kv_tags: Vec<Tag>,
+    /// Branch of the rows that need logits (`None`: no logits, e.g. a prefill).
+    pub logits_branch: Option<Branch>,
+    /// Indices into `branches[logits_branch]` of the rows needing logits, in output order.
+    pub logits_rows: Vec<u32>,
+    /// Rows of this branch are not computed in layers `>= n_joint_layers`: nothing that needs
+    /// logits can see them there (text rows during text-to-image).
+    pub skip_after_joint: Option<Branch>,
+    /// Pool slots this plan needs (one past the largest slot it touches).
+    pub pool_slots: usize,
+}
+
+impl StepPlan {
+    /// Rows of branch `b`.
+    pub fn rows(&self, b: Branch) -> &BranchRows {
+        &self.branches[b as usize]
+    }
+
+    /// Rows fed in total.
+    pub fn n_rows(&self) -> usize {
+        self.branches.iter().map(BranchRows::len).sum()
+    }
+
+    /// Whether branch `b` is computed in `layer` (given the model's joint-layer count).
+    pub fn computes(&self, b: Branch, layer: usize, n_joint_layers: usize) -> bool {
+        !self.rows(b).is_empty() && !(layer >= n_joint_layers && self.skip_after_joint == Some(b))
+    }
+}
+
+/// Collects rows, cached keys and logits requests, then checks and packs them into a [`StepPlan`].
+#[derive(Debug, Clone)]
+pub struct PlanBuilder {
+    n_seqs: usize,
+    rows: Vec<Row>,
+    cached: Vec<(u32, u32, Tag)>,
+    logits: Vec<usize>,
+    skip_after_joint: Option<Branch>,
+}
+
+impl PlanBuilder {
+    /// A plan over `n_seqs` sequences.
+    pub fn new(n_seqs: usize) -> Self {
+        PlanBuilder {
+            n_seqs,
+            rows: Vec::new(),
+            cached: Vec::new(),
+            logits: Vec::new(),
+            skip_after_joint: None,
+        }
+    }
+
+    /// Feeds a row (its own slot becomes one of its sequence's keys); returns its index in push
+    /// order, for [`PlanBuilder::logits_for`].
+    pub fn row(&mut self, row: Row) -> usize {
+        self.rows.push(row);
+        self.rows.len() - 1
+    }
+
+    /// Adds a key already in the pool (computed by an earlier pass) to sequence `seq`.
+    pub fn cached_key(&mut self, seq: u32, slot: u32, tag: Tag) {
+        self.cached.push((seq, slot, tag));
+    }
+
+    /// Requests logits for the row with push index `row`; outputs follow request order.
+    pub fn logits_for(&mut self, row: usize) {
+        self.logits.push(row);
+    }
+
+    /// See [`StepPlan::skip_after_joint`].
+    pub fn skip_after_joint(&mut self, b: Option<Branch>) {
+        self.skip_after_joint = b;
+    }
+
+    /// Rows pushed so far.
+    pub fn n_rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Validates (sequence ids, unique slots, one logits branch, registers, block range) and packs.
+    pub fn build(self) -> Result<StepPlan> {
+        let bad = |m: String| Err(Error::Input(format!("step plan: {m}")));
+        let n_seqs = self.n_seqs;
+        if n_seqs == 0 {
+            return bad("no sequences".into());
+        }
+        let mut keys: Vec<Vec<(u32, Tag)>> = vec![Vec::new(); n_seqs];
+        for &(seq, slot, tag) in &self.cached {
+            if seq as usize >= n_seqs {
+                return bad(format!("cached key in sequence {seq} of {n_seqs}"));
+            }
+            keys[seq as usize].push((slot, tag));
+        }
+        for (i, r) in self.rows.iter().enumerate() {
+            if r.seq as usize >= n_seqs {
+                return bad(format!("row {i} in sequence {} of {n_seqs}", r.seq));
+            }
+            if r.tag.block() > MAX_BLOCK {
+                return bad(format!("row {i}: block out of range"));
+            }
+            keys[r.seq as usize].push((r.slot, r.tag));
+        }
+        let mut pool_slots = 0usize;
+        let mut seen = std::collections::HashSet::new();
+        for (s, k) in keys.iter_mut().enumerate() {
+            k.sort_by_key(|&(slot, _)| slot);
+            for &(slot, _) in k.iter() {
+                if !seen.insert(slot) {
+                    return bad(format!("slot {slot} used twice (sequence {s})"));
+                }
+                pool_slots = pool_slots.max(slot as usize + 1);
+            }
+        }
+        // Rows sorted by (branch, seq), stable: the push order survives within a sequence.
+        let mut order: Vec<usize> = (0..self.rows.len()).collect();
+        order.sort_by_key(|&i| (self.rows[i].tag.branch() as u32, self.rows[i].seq));
+        let mut rank = vec![0usize; self.rows.len()];
+        let mut branches: [BranchRows; 2] = Default::default();
+        for b in Branch::ALL {
+            let br = &mut branches[b as usize];
+            br.seq_indptr = vec![0; n_seqs + 1];
+            for &i in order.iter().filter(|&&i| self.rows[i].tag.branch() == b) {
+                let r = &self.rows[i];
+                rank[i] = br.ids.len();
+                br.ids.push(r.id);
+                br.pos.push(r.pos);
+                br.tags.push(r.tag);
+                br.slots.push(r.slot);
+                br.seq_indptr[r.seq as usize + 1] += 1;
+            }
+            for s in 0..n_seqs {
+                br.seq_indptr[s + 1] += br.seq_indptr[s];
+            }
+        }
+        let mut logits_branch = None;
+        let mut logits_rows = Vec::with_capacity(self.logits.len());
+        for &i in &self.logits {
+            let Some(r) = self.rows.get(i) else {
+                return bad(format!(
+                    "logits requested for row {i} of {}",
+                    self.rows.len()
+                ));
+            };
+            let b = r.tag.branch();
+            if *logits_branch.get_or_insert(b) != b {
+                return bad("logits requested for rows of both branches".into());
+            }
+            if r.id == REGISTER {
+                return bad(format!("logits requested for register row {i}"));
+            }
+            logits_rows.push(rank[i] as u32);
+        }
+        if logits_branch.is_some() && logits_branch == self.skip_after_joint {
+            return bad("the logits branch cannot be skipped after the joint layers".into());
+        }
+        let mut kv_indptr = vec![0u32];
+        let (mut kv_indices, mut kv_tags) = (Vec::new(), Vec::new());
+        for k in &keys {
+            kv_indices.extend(k.iter().map(|&(s, _)| s));
+            kv_tags.extend(k.iter().map(|&(_, t)| t));
+            kv_indptr.push(kv_indices.len() as u32);
+        }
+        Ok(StepPlan {
+            n_seqs,
+            branches,
+            kv_indptr,
+            kv_indices,
+            kv_tags,
+            logits_branch,
+            logits_rows,
+            skip_after_joint: self.skip_after_joint,
+            pool_slots,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_round_trips_and_rule_matches_spec() {
+        let t = Tag::new(Branch::Image, 12345, true);
+        assert_eq!(
+            (t.branch(), t.block(), t.masked()),
+            (Branch::Image, 12345, true)
+        );
+        let clean = |b| Tag::new(Branch::Text, b, false);
+        let masked = |b| Tag::new(Branch::Text, b, true);
+        assert!(visible(clean(2), clean(1), true));
+        assert!(visible(clean(2), clean(2), true));
+        assert!(!visible(clean(1), clean(2), true));
+        assert!(!visible(clean(5), masked(1), true));
+        assert!(visible(masked(3), clean(9), true));
+        assert!(visible(masked(3), masked(3), true));
+        assert!(!visible(masked(3), masked(4), true));
+        let img = Tag::new(Branch::Image, 0, false);
+        assert!(visible(img, clean(0), true));
+        assert!(!visible(img, clean(0), false));
+    }
+
+    #[test]
+    fn builder_sorts_by_branch_then_seq_and_maps_logits() {
+        let mut p = PlanBuilder::new(2);
+        let t = Tag::new(Branch::Text, 0, false);
+        let im = Tag::new(Branch::Image, 1, true);
+        let a = p.row(Row {
+            seq: 1,
+            id: 5,
+            pos: 0,
+            tag: im,
+            slot: 10,
+        });
+        p.row(Row {
+            seq: 0,
+            id: 1,
+            pos: 0,
+            tag: t,
+            slot: 0,
+        });
+        let c = p.row(Row {
+            seq: 0,
+            id: 7,
+            pos: 1,
+            tag: im,
+            slot: 3,
+        });
+        p.cached_key(1, 9, t);
+        p.logits_for(a);
+        p.logits_for(c);
+        let plan = p.build().unwrap();
+        let img = plan.rows(Branch::Image);
+        assert_eq!(img.ids, vec![7, 5]);
+        assert_eq!(img.seq_indptr, vec![0, 1, 2]);
+        assert_eq!(plan.logits_rows, vec![1, 0]);
+        assert_eq!(plan.kv_indptr, vec![0, 2, 4]);
+        assert_eq!(plan.kv_indices, vec![0, 3, 9, 10]);
+        assert_eq!(plan.pool_slots, 11);
+    }
+
+    #[test]
+    fn builder_rejects_inconsistent_plans() {
+        let t = Tag::new(Branch::Text, 0, false);
+        let mut p = PlanBuilder::new(1);
+        p.row(Row {
+            seq: 0,
+            id: 1,
+            pos: 0,
+            tag: t,
+            slot: 0,
+        });
+        p.cached_key(0, 0, t);
+        assert!(
+            p.build()
+                .unwrap_err()
+                .to_string()
+                .contains("slot 0 used twice")
+        );
+        let mut p = PlanBuilder::new(1);
+        p.row(Row {
+            seq: 1,
+            id: 1,
+            pos: 0,
+            tag: t,
+            slot: 0,
+        });
+        assert!(
+            p.build()
+                .unwrap_err()
+                .to_string()
+                .contains("sequence 1 of 1")
+        );
+        let mut p = PlanBuilder::new(1);
+        let i = p.row(Row {
+            seq: 0,
+            id: 1,
+            pos: 0,
+            tag: t,
+            slot: 0,
+        });
+        let j = p.row(Row {
+            seq: 0,
+            id: 1,
+            pos: 1,
+            tag: Tag::new(Branch::Image, 0, false),
+            slot: 1,
+        });
+        p.logits_for(i);
+        p.logits_for(j);
+        assert!(p.build().unwrap_err().to_string().contains("both branches"));
+    }
+}

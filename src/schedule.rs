@@ -1,0 +1,1 @@
+//! Sampling schedules (SPEC §4): shift counts, image orders, the text block schedule.
