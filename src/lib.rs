@@ -1,11 +1,20 @@
 //! Sparse-LaViDa masked-diffusion sampling: a step-causal, KV-cached re-parameterisation of
-//! LaViDa-O's sampling loop. See README.md and SPEC.md.
+//! LaViDa-O's sampling loop, with an f32 CPU backend (the oracle) behind a [`backend::Backend`]
+//! trait that the CUDA backend implements.
+//!
+//! Data flow: [`config`] → [`weights`] → [`schedule`] → [`plan`] → [`backend`] → [`model`] →
+//! [`sampler`] → CLI (`src/main.rs`, with [`case`], [`bench`] and [`runtime`]).
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod bench;
+pub mod case;
 pub mod config;
 pub mod error;
+pub mod model;
 pub mod plan;
+pub mod runtime;
+pub mod sampler;
 pub mod schedule;
 pub mod weights;
 

@@ -1,1 +1,472 @@
-fn main() {}
+//! `sparse-lavida`: generate, run one forward pass, benchmark, make weights, describe the build.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{Rng, SeedableRng};
+use sparse_lavida::backend::Backend;
+use sparse_lavida::bench;
+use sparse_lavida::case::Case;
+use sparse_lavida::config::Config;
+use sparse_lavida::runtime::{self, Device, WeightSource};
+use sparse_lavida::sampler::{self, Generation, Mode, RunOptions, Switches, T2iRequest, Task, TextRequest};
+use sparse_lavida::schedule::Order;
+use sparse_lavida::weights::{HostTensor, HostWeights, SaveDtype};
+use sparse_lavida::{Error, Result};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "sparse-lavida", version, about = "Sparse-LaViDa masked-diffusion sampling")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate an image (t2i) or a text answer and print a summary.
+    Generate(GenerateArgs),
+    /// One full forward pass over the rows of a case file; writes the logits.
+    Forward(ForwardArgs),
+    /// Dense vs sparse (and the eight-switch ablation) in one process.
+    Bench(BenchArgs),
+    /// Write seeded random weights to a safetensors file.
+    InitWeights(InitArgs),
+    /// Describe the backend, threads and build.
+    Info,
+}
+
+/// Which model: a preset or a config file, and its weights.
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Model preset: tiny, small or lavida-o.
+    #[arg(long, default_value = "small", conflicts_with = "config")]
+    preset: String,
+    /// Model config JSON (instead of a preset).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Weights (safetensors); random weights from --weights-seed when absent.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Seed of the random weights used when --weights is absent.
+    #[arg(long, default_value_t = 0)]
+    weights_seed: u64,
+    /// Backend.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TaskKind {
+    /// Text-to-image.
+    T2i,
+    /// Text answer.
+    Text,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ModeKind {
+    /// LaViDa-O baseline.
+    Dense,
+    /// Sparse-LaViDa.
+    Sparse,
+}
+
+/// The generation workload (shared by generate and bench).
+#[derive(Args, Clone)]
+struct WorkArgs {
+    /// Task.
+    #[arg(long, value_enum, default_value_t = TaskKind::T2i)]
+    task: TaskKind,
+    /// Steps K (default: 64 for t2i, answer-len/2 for text).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Image grid HxW (t2i).
+    #[arg(long, default_value = "32x32", value_parser = parse_grid)]
+    grid: (usize, usize),
+    /// Random prompt of this many ids (seeded by --seed).
+    #[arg(long, default_value_t = 64, conflicts_with = "prompt")]
+    prompt_len: usize,
+    /// Explicit prompt ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    prompt: Option<Vec<u32>>,
+    /// Answer length G (text).
+    #[arg(long, default_value_t = 128)]
+    answer_len: usize,
+    /// Semi-autoregressive block length S (text).
+    #[arg(long, default_value_t = 32)]
+    block: usize,
+    /// CFG scale g (t2i; 0 runs one sequence).
+    #[arg(long, default_value_t = 4.0)]
+    guidance: f32,
+    /// Gumbel temperature (0 = argmax).
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Image decode order (t2i).
+    #[arg(long, value_enum, default_value_t = OrderArg::Stratified)]
+    order: OrderArg,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OrderArg {
+    Stratified,
+    Raster,
+    Random,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    work: WorkArgs,
+    /// Execution mode.
+    #[arg(long, value_enum, default_value_t = ModeKind::Sparse)]
+    mode: ModeKind,
+    /// Sparse: recompute the prompt every step.
+    #[arg(long)]
+    no_cache_prompt: bool,
+    /// Sparse: recompute every decoded group every step.
+    #[arg(long)]
+    no_cache_decoded: bool,
+    /// Sparse: also feed every remaining mask.
+    #[arg(long)]
+    no_truncate: bool,
+    /// Write a per-step JSON trace here.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Write the response token ids (JSON array) here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ForwardArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Case JSON: {"rows":[{"branch","id"|"reg","pos","block","masked"}...],"logits_for":[...]}.
+    #[arg(long)]
+    case: PathBuf,
+    /// Output safetensors with `logits` f32 [len(logits_for), vocab].
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    work: WorkArgs,
+    /// Run all eight sparse switch combinations.
+    #[arg(long)]
+    ablation: bool,
+    /// Repeats per mode (the best wall time is kept).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    repeat: u64,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// Model preset.
+    #[arg(long, default_value = "small", conflicts_with = "config")]
+    preset: String,
+    /// Model config JSON.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// On-disk dtype.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Bf16)]
+    dtype: DtypeArg,
+    /// Output safetensors file.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DtypeArg {
+    F32,
+    Bf16,
+}
+
+fn parse_grid(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (h, w) = s.split_once(['x', 'X']).ok_or_else(|| format!("grid `{s}` is not HxW (e.g. 32x32)"))?;
+    let h: usize = h.trim().parse().map_err(|_| format!("grid height `{h}` is not a number"))?;
+    let w: usize = w.trim().parse().map_err(|_| format!("grid width `{w}` is not a number"))?;
+    if h == 0 || w == 0 {
+        return Err(format!("zero-size grid {h}x{w}"));
+    }
+    Ok((h, w))
+}
+
+fn load_config(preset: &str, config: Option<&Path>) -> Result<Config> {
+    match config {
+        Some(path) => Config::load(path),
+        None => Config::preset(preset),
+    }
+}
+
+fn build_model(args: &ModelArgs) -> Result<sparse_lavida::model::Model<sparse_lavida::backend::cpu::CpuBackend>> {
+    let cfg = load_config(&args.preset, args.config.as_deref())?;
+    let (_, note) = runtime::resolve_device(args.device)?;
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
+    let source = match &args.weights {
+        Some(p) => WeightSource::File(p.clone()),
+        None => WeightSource::Random(args.weights_seed),
+    };
+    runtime::cpu_model(cfg, &source)
+}
+
+fn build_task(w: &WorkArgs, cfg: &Config) -> Result<Task> {
+    let prompt = match &w.prompt {
+        Some(ids) => ids.clone(),
+        None => {
+            // A random prompt that avoids the [MASK] id, reproducible from the seed.
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(w.seed ^ 0x5EED_9A0B);
+            (0..w.prompt_len)
+                .map(|_| loop {
+                    let id = rng.gen_range(0..cfg.text_vocab as u32);
+                    if id != cfg.text_mask_id {
+                        break id;
+                    }
+                })
+                .collect()
+        }
+    };
+    let order = match w.order {
+        OrderArg::Stratified => Order::Stratified,
+        OrderArg::Raster => Order::Raster,
+        OrderArg::Random => Order::Random,
+    };
+    Ok(match w.task {
+        TaskKind::T2i => Task::T2i(T2iRequest {
+            prompt,
+            height: w.grid.0,
+            width: w.grid.1,
+            steps: w.steps.unwrap_or(64),
+            guidance: w.guidance,
+            temperature: w.temperature,
+            order,
+            seed: w.seed,
+        }),
+        TaskKind::Text => Task::Text(TextRequest {
+            prompt,
+            answer_len: w.answer_len,
+            block_len: w.block,
+            steps: w.steps.unwrap_or(w.answer_len.div_ceil(2)),
+            temperature: w.temperature,
+            banned: Vec::new(),
+            seed: w.seed,
+        }),
+    })
+}
+
+fn describe(task: &Task) -> String {
+    match task {
+        Task::T2i(r) => format!(
+            "t2i {}x{}, {} steps, prompt {}, guidance {}, temperature {}, order {}",
+            r.height,
+            r.width,
+            r.steps,
+            r.prompt.len(),
+            r.guidance,
+            r.temperature,
+            r.order
+        ),
+        Task::Text(r) => format!(
+            "text answer {} (blocks of {}), {} steps, prompt {}, temperature {}",
+            r.answer_len,
+            r.block_len,
+            r.steps,
+            r.prompt.len(),
+            r.temperature
+        ),
+    }
+}
+
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Json { context: format!("writing {}", path.display()), source: e })?;
+    std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+}
+
+/// A progress bar that appears only on a terminal and only once a run passes one second.
+struct LazyProgress {
+    start: Instant,
+    bar: Option<ProgressBar>,
+    tty: bool,
+}
+
+impl LazyProgress {
+    fn new() -> Self {
+        LazyProgress { start: Instant::now(), bar: None, tty: std::io::stderr().is_terminal() }
+    }
+
+    fn update(&mut self, done: usize, total: usize) {
+        if !self.tty || (self.bar.is_none() && self.start.elapsed().as_secs_f64() < 1.0) {
+            return;
+        }
+        let bar = self.bar.get_or_insert_with(|| {
+            let b = ProgressBar::new(total as u64);
+            if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} steps {elapsed}") {
+                b.set_style(style);
+            }
+            b
+        });
+        bar.set_position(done as u64);
+    }
+
+    fn finish(self) {
+        if let Some(b) = self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let model = build_model(&a.model)?;
+    let task = build_task(&a.work, model.config())?;
+    let mode = match a.mode {
+        ModeKind::Dense => {
+            if a.no_cache_prompt || a.no_cache_decoded || a.no_truncate {
+                return Err(Error::Input("--no-cache-* / --no-truncate apply to --mode sparse only".into()));
+            }
+            Mode::Dense
+        }
+        ModeKind::Sparse => Mode::Sparse(Switches {
+            cache_prompt: !a.no_cache_prompt,
+            cache_decoded: !a.no_cache_decoded,
+            truncate: !a.no_truncate,
+        }),
+    };
+    let mut progress = LazyProgress::new();
+    let mut tick = |d, t| progress.update(d, t);
+    let g = sampler::generate(&model, &task, mode, RunOptions { record_logits: false, progress: Some(&mut tick) })?;
+    progress.finish();
+    print_summary(&model, &task, mode, &g);
+    if let Some(path) = &a.trace {
+        let trace = serde_json::json!({
+            "backend": model.backend().name(),
+            "task": describe(&task),
+            "mode": mode.to_string(),
+            "forwards": g.forwards,
+            "rows_fed": g.rows_fed,
+            "wall_s": g.wall_s,
+            "steps": g.steps,
+        });
+        write_json(path, &trace)?;
+    }
+    if let Some(path) = &a.out {
+        write_json(path, &g.tokens)?;
+    }
+    Ok(())
+}
+
+fn print_summary(model: &sparse_lavida::model::Model<impl Backend>, task: &Task, mode: Mode, g: &Generation) {
+    println!("backend   {}", model.backend().name());
+    println!("task      {}", describe(task));
+    println!("mode      {mode}");
+    println!("steps     {}", g.steps.len());
+    println!("forwards  {}", g.forwards);
+    println!("rows fed  {} ({:.1} per step)", g.rows_fed, g.mean_rows());
+    println!("time      {:.3} s", g.wall_s);
+}
+
+fn cmd_forward(a: ForwardArgs) -> Result<()> {
+    let model = build_model(&a.model)?;
+    let case = Case::load(&a.case)?;
+    let plan = case.plan(model.config())?;
+    let vocab = plan.logits_branch.map(|b| model.config().vocab(b)).unwrap_or(0);
+    let n = plan.logits_rows.len();
+    let mut cache = model.new_cache(plan.pool_slots)?;
+    let logits = match model.forward(&model.prepare(plan)?, &mut cache)? {
+        Some(m) => model.backend().to_host(&m)?,
+        None => Vec::new(),
+    };
+    let mut tensors = std::collections::BTreeMap::new();
+    tensors.insert("logits".to_string(), HostTensor { shape: vec![n, vocab], data: logits });
+    HostWeights { tensors }.save(&a.out, SaveDtype::F32)?;
+    println!("wrote logits [{n}, {vocab}] to {}", a.out.display());
+    Ok(())
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let model = build_model(&a.model)?;
+    let task = build_task(&a.work, model.config())?;
+    let workload = format!(
+        "{} ({})",
+        describe(&task),
+        a.model.config.as_ref().map_or(format!("preset {}", a.model.preset), |p| p.display().to_string())
+    );
+    println!("backend   {}", model.backend().name());
+    println!("workload  {workload}");
+    println!("{}", bench::table_header());
+    let mut dense_wall = None;
+    let report = bench::run_bench(&model, &task, workload, a.ablation, a.repeat as usize, |r| {
+        let d = *dense_wall.get_or_insert(r.wall_s);
+        println!("{}", bench::table_row(r, d));
+    })?;
+    println!("speedup sparse vs dense: {:.2}x", report.speedup_sparse_vs_dense);
+    if report.runs.iter().any(|r| r.tokens_match_sparse == Some(false)) {
+        eprintln!("warning: some sparse switch combinations chose different tokens (float rounding near a tie)");
+    }
+    if let Some(path) = &a.json {
+        write_json(path, &report)?;
+    }
+    Ok(())
+}
+
+fn cmd_init(a: InitArgs) -> Result<()> {
+    let cfg = load_config(&a.preset, a.config.as_deref())?;
+    sparse_lavida::config::ensure_fits("random weights in f32", cfg.param_count() * 4)?;
+    let w = HostWeights::random(&cfg, a.seed);
+    let dtype = match a.dtype {
+        DtypeArg::F32 => SaveDtype::F32,
+        DtypeArg::Bf16 => SaveDtype::Bf16,
+    };
+    w.save(&a.out, dtype)?;
+    println!("wrote {} parameters to {}", cfg.param_count(), a.out.display());
+    Ok(())
+}
+
+fn cmd_info() -> Result<()> {
+    let be = sparse_lavida::backend::cpu::CpuBackend::new();
+    println!("sparse-lavida {}", env!("CARGO_PKG_VERSION"));
+    println!("build     {} ({})", if cfg!(debug_assertions) { "debug" } else { "release" }, std::env::consts::ARCH);
+    println!("backends  cpu (f32); cuda: not in this build");
+    println!("cpu       {} threads", be.threads());
+    if let Some(b) = sparse_lavida::config::available_memory_bytes() {
+        println!("memory    {:.1} GB available", b as f64 / 1e9);
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => cmd_generate(a),
+        Command::Forward(a) => cmd_forward(a),
+        Command::Bench(a) => cmd_bench(a),
+        Command::InitWeights(a) => cmd_init(a),
+        Command::Info => cmd_info(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -58,7 +58,7 @@ pub trait Backend {
     /// Human-readable name (device, precision, threads).
     fn name(&self) -> String;
     /// Uploads a weight tensor.
-    fn upload_weight(&self, t: &HostTensor) -> Result<Self::Weight>;
+    fn upload_weight(&self, t: HostTensor) -> Result<Self::Weight>;
     /// Uploads a plan.
     fn upload_plan(&self, plan: &StepPlan) -> Result<Self::Plan>;
     /// Allocates a zeroed K/V pool for `slots` slots.

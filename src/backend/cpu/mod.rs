@@ -1,4 +1,254 @@
-//! The f32 CPU backend: the oracle and the fallback.
+//! The f32 CPU backend: the oracle every CUDA kernel is tested against, and the fallback.
+//!
+//! Thin glue: shapes are checked here, the arithmetic lives in [`ops`] and [`attention`].
 
 pub mod attention;
 pub mod ops;
+
+use crate::backend::{Backend, SampleParams, Sampled};
+use crate::config::{Branch, Config};
+use crate::error::{Error, Result};
+use crate::plan::StepPlan;
+use crate::weights::HostTensor;
+use attention::{AttnInputs, AttnShape, AttnTiling};
+
+/// A row-major f32 matrix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuMatrix {
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// `rows * cols` values.
+    pub data: Vec<f32>,
+}
+
+/// The K/V pool: per layer, `[slots, kv_dim]` keys and values, plus the head geometry and RoPE
+/// base of the model it serves.
+#[derive(Debug, Clone)]
+pub struct CpuCache {
+    slots: usize,
+    kv_dim: usize,
+    shape: AttnShape,
+    rope_theta: f64,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl CpuCache {
+    /// Slots in the pool.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+}
+
+/// The f32 CPU backend (rayon threads).
+#[derive(Debug, Clone)]
+pub struct CpuBackend {
+    tiling: Option<AttnTiling>,
+}
+
+impl CpuBackend {
+    /// A CPU backend on the global rayon pool, attention tiling chosen per call.
+    pub fn new() -> Self {
+        CpuBackend { tiling: None }
+    }
+
+    /// Forces one attention tiling (tests sweep tile sizes and split counts with it).
+    pub fn with_tiling(mut self, tiling: AttnTiling) -> Self {
+        self.tiling = Some(tiling);
+        self
+    }
+
+    /// Worker threads.
+    pub fn threads(&self) -> usize {
+        rayon::current_num_threads()
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn check_shape(what: &str, m: &CpuMatrix, rows: usize, cols: usize) -> Result<()> {
+    if m.rows != rows || m.cols != cols || m.data.len() != rows * cols {
+        return Err(Error::Input(format!(
+            "{what}: expected [{rows}, {cols}], got [{}, {}]",
+            m.rows, m.cols
+        )));
+    }
+    Ok(())
+}
+
+fn check_weight(what: &str, w: &HostTensor, shape: &[usize]) -> Result<()> {
+    if w.shape != shape {
+        return Err(Error::Input(format!("{what}: weight shape {:?}, expected {shape:?}", w.shape)));
+    }
+    Ok(())
+}
+
+impl Backend for CpuBackend {
+    type Matrix = CpuMatrix;
+    type Weight = HostTensor;
+    type Plan = StepPlan;
+    type Cache = CpuCache;
+
+    fn name(&self) -> String {
+        format!("cpu (f32, {} threads)", self.threads())
+    }
+
+    fn upload_weight(&self, t: HostTensor) -> Result<HostTensor> {
+        Ok(t)
+    }
+
+    fn upload_plan(&self, plan: &StepPlan) -> Result<StepPlan> {
+        Ok(plan.clone())
+    }
+
+    fn new_cache(&self, cfg: &Config, slots: usize) -> Result<CpuCache> {
+        let kv_dim = cfg.kv_dim();
+        let bytes = 2 * cfg.n_layers as u64 * slots as u64 * kv_dim as u64 * 4;
+        crate::config::ensure_fits("the K/V pool", bytes)?;
+        Ok(CpuCache {
+            slots,
+            kv_dim,
+            shape: AttnShape {
+                n_heads: cfg.n_heads,
+                n_kv_heads: cfg.n_kv_heads,
+                head_dim: cfg.head_dim,
+            },
+            rope_theta: cfg.rope_theta,
+            k: vec![vec![0.0; slots * kv_dim]; cfg.n_layers],
+            v: vec![vec![0.0; slots * kv_dim]; cfg.n_layers],
+        })
+    }
+
+    fn matrix(&self, rows: usize, cols: usize) -> Result<CpuMatrix> {
+        Ok(CpuMatrix { rows, cols, data: vec![0.0; rows * cols] })
+    }
+
+    fn to_host(&self, m: &CpuMatrix) -> Result<Vec<f32>> {
+        Ok(m.data.clone())
+    }
+
+    fn embed(
+        &self,
+        plan: &StepPlan,
+        b: Branch,
+        table: &HostTensor,
+        register: &HostTensor,
+        out: &mut CpuMatrix,
+    ) -> Result<()> {
+        let ids = &plan.rows(b).ids;
+        check_shape("embed output", out, ids.len(), register.data.len())?;
+        ops::embed(&table.data, out.cols, &register.data, ids, &mut out.data)
+    }
+
+    fn rmsnorm(&self, x: &CpuMatrix, w: &HostTensor, eps: f32, out: &mut CpuMatrix) -> Result<()> {
+        check_weight("rmsnorm gain", w, &[x.cols])?;
+        check_shape("rmsnorm output", out, x.rows, x.cols)?;
+        ops::rmsnorm(&x.data, &w.data, eps, &mut out.data)
+    }
+
+    fn matmul(&self, x: &CpuMatrix, w: &HostTensor, out: &mut CpuMatrix, accumulate: bool) -> Result<()> {
+        let n = w.shape.first().copied().unwrap_or(0);
+        check_weight("matmul weight", w, &[n, x.cols])?;
+        check_shape("matmul output", out, x.rows, n)?;
+        ops::matmul_t(&x.data, x.rows, x.cols, &w.data, n, &mut out.data, accumulate)
+    }
+
+    fn rope_store_kv(
+        &self,
+        plan: &StepPlan,
+        b: Branch,
+        layer: usize,
+        q: &mut CpuMatrix,
+        k: &CpuMatrix,
+        v: &CpuMatrix,
+        cache: &mut CpuCache,
+    ) -> Result<()> {
+        let AttnShape { n_heads, n_kv_heads, head_dim } = cache.shape;
+        let theta = cache.rope_theta;
+        let rows = plan.rows(b);
+        let n = rows.len();
+        check_shape("rope q", q, n, n_heads * head_dim)?;
+        check_shape("rope k", k, n, cache.kv_dim)?;
+        check_shape("rope v", v, n, cache.kv_dim)?;
+        if layer >= cache.k.len() {
+            return Err(Error::Input(format!("layer {layer} beyond the pool's {}", cache.k.len())));
+        }
+        ops::rope(&mut q.data, n_heads, head_dim, &rows.pos, theta)?;
+        let mut k_rot = k.data.clone();
+        ops::rope(&mut k_rot, n_kv_heads, head_dim, &rows.pos, theta)?;
+        let d = cache.kv_dim;
+        for (i, &slot) in rows.slots.iter().enumerate() {
+            let slot = slot as usize;
+            if slot >= cache.slots {
+                return Err(Error::Input(format!("row {i}: slot {slot} beyond the pool's {}", cache.slots)));
+            }
+            cache.k[layer][slot * d..(slot + 1) * d].copy_from_slice(&k_rot[i * d..(i + 1) * d]);
+            cache.v[layer][slot * d..(slot + 1) * d].copy_from_slice(&v.data[i * d..(i + 1) * d]);
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        plan: &StepPlan,
+        b: Branch,
+        layer: usize,
+        joint: bool,
+        q: &CpuMatrix,
+        cache: &CpuCache,
+        out: &mut CpuMatrix,
+    ) -> Result<()> {
+        let shape = cache.shape;
+        let rows = plan.rows(b);
+        check_shape("attention output", out, rows.len(), shape.n_heads * shape.head_dim)?;
+        if layer >= cache.k.len() {
+            return Err(Error::Input(format!("layer {layer} beyond the pool's {}", cache.k.len())));
+        }
+        let inp = AttnInputs {
+            q: &q.data,
+            row_tags: &rows.tags,
+            seq_indptr: &rows.seq_indptr,
+            k_pool: &cache.k[layer],
+            v_pool: &cache.v[layer],
+            kv_indptr: &plan.kv_indptr,
+            kv_indices: &plan.kv_indices,
+            kv_tags: &plan.kv_tags,
+            joint,
+            shape,
+        };
+        let max_keys = plan.kv_indptr.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+        let tiling = self
+            .tiling
+            .unwrap_or_else(|| AttnTiling::heuristic(rows.len(), max_keys, shape.n_heads, self.threads()));
+        attention::attention_tiled(&inp, tiling, &mut out.data, None)
+    }
+
+    fn swiglu(&self, gate: &CpuMatrix, up: &CpuMatrix, out: &mut CpuMatrix) -> Result<()> {
+        check_shape("swiglu up", up, gate.rows, gate.cols)?;
+        check_shape("swiglu output", out, gate.rows, gate.cols)?;
+        ops::swiglu(&gate.data, &up.data, &mut out.data)
+    }
+
+    fn gather_logit_rows(&self, plan: &StepPlan, x: &CpuMatrix, out: &mut CpuMatrix) -> Result<()> {
+        check_shape("logit rows", out, plan.logits_rows.len(), x.cols)?;
+        let d = x.cols;
+        for (j, &r) in plan.logits_rows.iter().enumerate() {
+            let r = r as usize;
+            if r >= x.rows {
+                return Err(Error::Input(format!("logits row {r} beyond {} rows", x.rows)));
+            }
+            out.data[j * d..(j + 1) * d].copy_from_slice(&x.data[r * d..(r + 1) * d]);
+        }
+        Ok(())
+    }
+
+    fn sample(&self, logits: &CpuMatrix, params: &SampleParams) -> Result<Vec<Sampled>> {
+        ops::sample_rows(&logits.data, logits.cols, params)
+    }
+}

@@ -1,0 +1,209 @@
+//! The SPEC §2.3 graph, written once against [`Backend`].
+//!
+//! Elastic Mixture-of-Transformers: each branch has its own weights and residual stream; both
+//! share one attention space. Layers `< n_joint_layers` attend across branches, later layers
+//! within a branch, and rows of a branch that nothing needing logits can see there are skipped
+//! (text rows during text-to-image).
+
+use crate::backend::Backend;
+use crate::config::{Branch, Config};
+use crate::error::Result;
+use crate::plan::StepPlan;
+use crate::weights::HostWeights;
+
+/// Per-branch weights outside the layers.
+pub struct BranchWeights<W> {
+    /// `[rows_b, d_b]` token embeddings.
+    pub embed: W,
+    /// `[d_b]` the register embedding.
+    pub register: W,
+    /// `[d_b]` final RMSNorm gain.
+    pub final_norm: W,
+    /// `[V_b, d_b]` output head.
+    pub head: W,
+}
+
+/// One branch's weights in one layer.
+pub struct LayerWeights<W> {
+    /// `[d_b]` pre-attention RMSNorm gain.
+    pub attn_norm: W,
+    /// `[A, d_b]` query projection.
+    pub q: W,
+    /// `[kv_dim, d_b]` key projection.
+    pub k: W,
+    /// `[kv_dim, d_b]` value projection.
+    pub v: W,
+    /// `[d_b, A]` output projection.
+    pub o: W,
+    /// `[d_b]` pre-MLP RMSNorm gain.
+    pub ffn_norm: W,
+    /// `[F_b, d_b]` SwiGLU gate.
+    pub gate: W,
+    /// `[F_b, d_b]` SwiGLU up.
+    pub up: W,
+    /// `[d_b, F_b]` SwiGLU down.
+    pub down: W,
+}
+
+/// A plan uploaded to a backend, together with its host copy (shapes live there).
+pub struct Prepared<B: Backend> {
+    /// The host plan.
+    pub plan: StepPlan,
+    /// The backend's copy.
+    pub dev: B::Plan,
+}
+
+/// The model: config, backend and the weights resident on it.
+pub struct Model<B: Backend> {
+    cfg: Config,
+    backend: B,
+    branches: [BranchWeights<B::Weight>; 2],
+    layers: Vec<[LayerWeights<B::Weight>; 2]>,
+}
+
+/// Per-branch activation buffers, allocated once per forward.
+struct Scratch<M> {
+    x: M,
+    h: M,
+    q: M,
+    k: M,
+    v: M,
+    att: M,
+    gate: M,
+    up: M,
+    act: M,
+}
+
+impl<B: Backend> Model<B> {
+    /// Uploads `weights` (validated against `cfg`) to `backend`.
+    pub fn new(backend: B, cfg: Config, weights: HostWeights) -> Result<Self> {
+        cfg.validate()?;
+        weights.validate(&cfg)?;
+        let mut tensors = weights.tensors;
+        let mut take = |name: String| -> Result<B::Weight> {
+            let t = tensors
+                .remove(&name)
+                .ok_or_else(|| crate::Error::Weights(format!("missing tensor `{name}`")))?;
+            backend.upload_weight(t)
+        };
+        let mut branch = |b: Branch| -> Result<BranchWeights<B::Weight>> {
+            let n = b.name();
+            Ok(BranchWeights {
+                embed: take(format!("{n}.embed"))?,
+                register: take(format!("{n}.register"))?,
+                final_norm: take(format!("{n}.final_norm"))?,
+                head: take(format!("{n}.head"))?,
+            })
+        };
+        let branches = [branch(Branch::Text)?, branch(Branch::Image)?];
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let mut layer = |b: Branch| -> Result<LayerWeights<B::Weight>> {
+                let p = format!("layers.{i}.{}", b.name());
+                Ok(LayerWeights {
+                    attn_norm: take(format!("{p}.attn_norm"))?,
+                    q: take(format!("{p}.q"))?,
+                    k: take(format!("{p}.k"))?,
+                    v: take(format!("{p}.v"))?,
+                    o: take(format!("{p}.o"))?,
+                    ffn_norm: take(format!("{p}.ffn_norm"))?,
+                    gate: take(format!("{p}.gate"))?,
+                    up: take(format!("{p}.up"))?,
+                    down: take(format!("{p}.down"))?,
+                })
+            };
+            layers.push([layer(Branch::Text)?, layer(Branch::Image)?]);
+        }
+        Ok(Model { cfg, backend, branches, layers })
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The backend the model runs on.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Uploads a plan for [`Model::forward`].
+    pub fn prepare(&self, plan: StepPlan) -> Result<Prepared<B>> {
+        let dev = self.backend.upload_plan(&plan)?;
+        Ok(Prepared { plan, dev })
+    }
+
+    /// A zeroed K/V pool with `slots` slots.
+    pub fn new_cache(&self, slots: usize) -> Result<B::Cache> {
+        self.backend.new_cache(&self.cfg, slots)
+    }
+
+    /// One forward pass: writes the K/V of every fed row into `cache` and returns the logits
+    /// `[plan.logits_rows.len(), V]` of the logits branch (`None` when no logits are asked for).
+    pub fn forward(&self, p: &Prepared<B>, cache: &mut B::Cache) -> Result<Option<B::Matrix>> {
+        let (cfg, be, plan) = (&self.cfg, &self.backend, &p.plan);
+        let eps = cfg.norm_eps as f32;
+        let mut scratch: [Option<Scratch<B::Matrix>>; 2] = [None, None];
+        for b in Branch::ALL {
+            let n = plan.rows(b).len();
+            if n == 0 {
+                continue;
+            }
+            let (d, f) = (cfg.d_model(b), cfg.d_mlp(b));
+            let mut x = be.matrix(n, d)?;
+            let bw = &self.branches[b as usize];
+            be.embed(&p.dev, b, &bw.embed, &bw.register, &mut x)?;
+            scratch[b as usize] = Some(Scratch {
+                x,
+                h: be.matrix(n, d)?,
+                q: be.matrix(n, cfg.attn_dim())?,
+                k: be.matrix(n, cfg.kv_dim())?,
+                v: be.matrix(n, cfg.kv_dim())?,
+                att: be.matrix(n, cfg.attn_dim())?,
+                gate: be.matrix(n, f)?,
+                up: be.matrix(n, f)?,
+                act: be.matrix(n, f)?,
+            });
+        }
+        for (layer, weights) in self.layers.iter().enumerate() {
+            let joint = layer < cfg.n_joint_layers;
+            let active: Vec<Branch> = Branch::ALL
+                .into_iter()
+                .filter(|&b| plan.computes(b, layer, cfg.n_joint_layers))
+                .collect();
+            // Every active branch stores its K/V before any branch attends: in joint layers each
+            // branch's queries read the other's keys.
+            for &b in &active {
+                let (w, s) = (&weights[b as usize], scratch[b as usize].as_mut().expect("rows"));
+                be.rmsnorm(&s.x, &w.attn_norm, eps, &mut s.h)?;
+                be.matmul(&s.h, &w.q, &mut s.q, false)?;
+                be.matmul(&s.h, &w.k, &mut s.k, false)?;
+                be.matmul(&s.h, &w.v, &mut s.v, false)?;
+                be.rope_store_kv(&p.dev, b, layer, &mut s.q, &s.k, &s.v, cache)?;
+            }
+            for &b in &active {
+                let (w, s) = (&weights[b as usize], scratch[b as usize].as_mut().expect("rows"));
+                be.attention(&p.dev, b, layer, joint, &s.q, cache, &mut s.att)?;
+                be.matmul(&s.att, &w.o, &mut s.x, true)?;
+                be.rmsnorm(&s.x, &w.ffn_norm, eps, &mut s.h)?;
+                be.matmul(&s.h, &w.gate, &mut s.gate, false)?;
+                be.matmul(&s.h, &w.up, &mut s.up, false)?;
+                be.swiglu(&s.gate, &s.up, &mut s.act)?;
+                be.matmul(&s.act, &w.down, &mut s.x, true)?;
+            }
+        }
+        let Some(lb) = plan.logits_branch else {
+            return Ok(None);
+        };
+        let s = scratch[lb as usize].as_ref().expect("logits rows exist");
+        let n = plan.logits_rows.len();
+        let d = cfg.d_model(lb);
+        let mut rows = be.matrix(n, d)?;
+        be.gather_logit_rows(&p.dev, &s.x, &mut rows)?;
+        let mut normed = be.matrix(n, d)?;
+        be.rmsnorm(&rows, &self.branches[lb as usize].final_norm, eps, &mut normed)?;
+        let mut logits = be.matrix(n, cfg.vocab(lb))?;
+        be.matmul(&normed, &self.branches[lb as usize].head, &mut logits, false)?;
+        Ok(Some(logits))
+    }
+}

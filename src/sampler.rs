@@ -1,0 +1,562 @@
+//! The sampling loops (SPEC §4): text-to-image and text answers, each in `dense` mode (the
+//! LaViDa-O baseline) or `sparse` mode under the three switches of SPEC §4.3.
+//!
+//! Every step is: decide the rows of the step (a [`StepPlan`]), run one forward pass, sample.
+//! The pool layout of one sequence is fixed for the whole generation:
+//!
+//! ```text
+//! slot:  0 .. P       P .. P+N                      P+N .. P+2N+R
+//!        prompt       response positions (by index)  scratch: masked block, registers, other masks
+//! ```
+//!
+//! A decoded token's K/V lands at its response slot the step after it is decoded and stays
+//! there (no copy when it is retired into the cache); masked rows and registers write scratch
+//! slots that the next step reuses.
+
+use crate::backend::{Backend, SampleParams};
+use crate::config::{Branch, Config};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::plan::{MAX_BLOCK, PlanBuilder, REGISTER, Row, StepPlan, Tag};
+use crate::schedule::{self, Order, TextStep};
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// The three independent savings of Sparse-LaViDa (SPEC §4.3, the paper's Table 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Switches {
+    /// Prefill the prompt once instead of recomputing it every step.
+    pub cache_prompt: bool,
+    /// Append each decoded group's K/V once instead of recomputing all decoded groups.
+    pub cache_decoded: bool,
+    /// Feed only the masks decoded this step plus registers, not every remaining mask.
+    pub truncate: bool,
+}
+
+impl Switches {
+    /// All three savings on (the default sparse mode).
+    pub const ALL_ON: Switches = Switches { cache_prompt: true, cache_decoded: true, truncate: true };
+
+    /// The eight combinations, all-on first.
+    pub fn all_combinations() -> Vec<Switches> {
+        (0..8)
+            .map(|i| Switches { cache_prompt: i & 4 == 0, cache_decoded: i & 2 == 0, truncate: i & 1 == 0 })
+            .collect()
+    }
+}
+
+/// How each step is executed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// LaViDa-O: every token (masks included) recomputed every step, full bidirectional attention,
+    /// no registers.
+    Dense,
+    /// Sparse-LaViDa: step-causal attention, registers, and the given savings.
+    Sparse(Switches),
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mode::Dense => write!(f, "dense"),
+            Mode::Sparse(s) => write!(
+                f,
+                "sparse[{}{}{}]",
+                if s.cache_prompt { "P" } else { "-" },
+                if s.cache_decoded { "D" } else { "-" },
+                if s.truncate { "T" } else { "-" }
+            ),
+        }
+    }
+}
+
+/// A text-to-image request (SPEC §4.1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct T2iRequest {
+    /// Prompt text ids.
+    pub prompt: Vec<u32>,
+    /// Grid height.
+    pub height: usize,
+    /// Grid width.
+    pub width: usize,
+    /// Steps `K` (≤ height·width).
+    pub steps: usize,
+    /// CFG scale; 0 runs one sequence.
+    pub guidance: f32,
+    /// Gumbel temperature (0 = argmax).
+    pub temperature: f32,
+    /// Decode order.
+    pub order: Order,
+    /// Philox seed (also seeds the order's shuffles).
+    pub seed: u64,
+}
+
+/// A text-answer request (SPEC §4.2).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextRequest {
+    /// Prompt text ids.
+    pub prompt: Vec<u32>,
+    /// Answer length `G`.
+    pub answer_len: usize,
+    /// Semi-autoregressive block length `S`.
+    pub block_len: usize,
+    /// Steps in total.
+    pub steps: usize,
+    /// Gumbel temperature (0 = argmax).
+    pub temperature: f32,
+    /// Ids that never win besides the text [MASK].
+    pub banned: Vec<u32>,
+    /// Philox seed.
+    pub seed: u64,
+}
+
+/// A generation request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Task {
+    /// Text-to-image.
+    T2i(T2iRequest),
+    /// Text answer.
+    Text(TextRequest),
+}
+
+/// What happened at one step.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepTrace {
+    /// Step index, from 0.
+    pub step: usize,
+    /// Response indices (0-based within the response) decoded this step, in decode order.
+    pub decoded_positions: Vec<u32>,
+    /// The ids chosen for `decoded_positions`.
+    pub tokens: Vec<u32>,
+    /// Rows fed to the forward pass of this step.
+    pub rows_fed: usize,
+    /// Wall time of the step (forward + sampling), seconds.
+    pub time_s: f64,
+    /// Response indices whose logits were computed (the masked block), in logits row order.
+    #[serde(skip)]
+    pub query_positions: Vec<u32>,
+    /// The step's logits `[rows, V]` (conditional rows, then unconditional for CFG), when
+    /// [`RunOptions::record_logits`] is set.
+    #[serde(skip)]
+    pub logits: Option<Vec<f32>>,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Generation {
+    /// The response's token ids, by response index.
+    pub tokens: Vec<u32>,
+    /// One entry per step.
+    pub steps: Vec<StepTrace>,
+    /// Forward passes run (steps, plus the prefill in sparse mode with a cached prompt).
+    pub forwards: usize,
+    /// Rows fed over the whole generation (prefill included).
+    pub rows_fed: usize,
+    /// Wall time of the whole generation, seconds.
+    pub wall_s: f64,
+}
+
+impl Generation {
+    /// Mean rows fed per step (prefill rows included in the total).
+    pub fn mean_rows(&self) -> f64 {
+        self.rows_fed as f64 / self.steps.len().max(1) as f64
+    }
+}
+
+/// Options that do not change the result.
+#[derive(Default)]
+pub struct RunOptions<'a> {
+    /// Keep each step's logits in the trace (tests).
+    pub record_logits: bool,
+    /// Called after each step with (steps done, steps in total).
+    pub progress: Option<&'a mut dyn FnMut(usize, usize)>,
+}
+
+/// The fixed facts of one generation: sequence set, lengths, branches, slot layout.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Prompt ids per sequence (the unconditional one is all text [MASK]).
+    pub prompts: Vec<Vec<u32>>,
+    /// Response length `N`.
+    pub n: usize,
+    /// Registers `R`.
+    pub r: usize,
+    /// The response's branch.
+    pub branch: Branch,
+    /// The response's [MASK] id.
+    pub mask_id: u32,
+    /// Branch skipped after the joint layers.
+    pub skip: Option<Branch>,
+    /// Pool slots per sequence.
+    pub slots_per_seq: usize,
+}
+
+impl Layout {
+    fn new(cfg: &Config, prompts: Vec<Vec<u32>>, n: usize, branch: Branch) -> Result<Layout> {
+        let p = prompts[0].len();
+        let r = cfg.n_registers;
+        if (p + n + r) as u64 >= (1u64 << 31) / prompts.len() as u64 {
+            return Err(Error::Input(format!("sequence too long: prompt {p} + response {n}")));
+        }
+        let skip = (branch == Branch::Image).then_some(Branch::Text);
+        Ok(Layout { prompts, n, r, branch, mask_id: cfg.mask_id(branch), skip, slots_per_seq: p + 2 * n + r })
+    }
+
+    /// Prompt length `P`.
+    pub fn p(&self) -> usize {
+        self.prompts[0].len()
+    }
+
+    /// Sequences in the set.
+    pub fn n_seqs(&self) -> usize {
+        self.prompts.len()
+    }
+
+    /// Pool slots for the whole set.
+    pub fn pool_slots(&self) -> usize {
+        self.n_seqs() * self.slots_per_seq
+    }
+
+    fn base(&self, seq: usize) -> u32 {
+        (seq * self.slots_per_seq) as u32
+    }
+
+    fn prompt_row(&self, seq: usize, j: usize) -> Row {
+        let tag = Tag::new(Branch::Text, 0, false);
+        Row { seq: seq as u32, id: self.prompts[seq][j], pos: j as u32, tag, slot: self.base(seq) + j as u32 }
+    }
+
+    fn response_row(&self, seq: usize, i: usize, id: u32, tag: Tag) -> Row {
+        let slot = self.base(seq) + (self.p() + i) as u32;
+        Row { seq: seq as u32, id, pos: (self.p() + i) as u32, tag, slot }
+    }
+
+    fn scratch_row(&self, seq: usize, j: usize, id: u32, pos: usize, tag: Tag) -> Row {
+        let slot = self.base(seq) + (self.p() + self.n + j) as u32;
+        Row { seq: seq as u32, id, pos: pos as u32, tag, slot }
+    }
+}
+
+/// Decoding progress: the token at each response index and the groups in decode order.
+#[derive(Debug, Clone)]
+pub struct DecodeState {
+    /// `Some(id)` once decoded.
+    pub tokens: Vec<Option<u32>>,
+    /// `groups[j]` = response indices decoded at step `j` (0-based); clean block `j + 1`.
+    pub groups: Vec<Vec<u32>>,
+}
+
+/// The plan of a sparse prefill: the prompt of every sequence, no logits.
+pub fn prefill_plan(l: &Layout) -> Result<StepPlan> {
+    let mut pb = PlanBuilder::new(l.n_seqs());
+    pb.skip_after_joint(l.skip);
+    for seq in 0..l.n_seqs() {
+        for j in 0..l.p() {
+            pb.row(l.prompt_row(seq, j));
+        }
+    }
+    pb.build()
+}
+
+/// The plan of a dense step: prompt and every response position (masks included) in clean block
+/// 0, no registers; logits for `query` (response indices).
+pub fn dense_plan(l: &Layout, st: &DecodeState, query: &[u32]) -> Result<StepPlan> {
+    let mut pb = PlanBuilder::new(l.n_seqs());
+    pb.skip_after_joint(l.skip);
+    let mut logit_rows = vec![Vec::new(); l.n_seqs()];
+    for seq in 0..l.n_seqs() {
+        for j in 0..l.p() {
+            pb.row(l.prompt_row(seq, j));
+        }
+        let mut index_of = vec![usize::MAX; l.n];
+        for i in 0..l.n {
+            let id = st.tokens[i].unwrap_or(l.mask_id);
+            index_of[i] = pb.row(l.response_row(seq, i, id, Tag::new(l.branch, 0, false)));
+        }
+        logit_rows[seq] = query.iter().map(|&i| index_of[i as usize]).collect();
+    }
+    for r in logit_rows.into_iter().flatten() {
+        pb.logits_for(r);
+    }
+    pb.build()
+}
+
+/// The plan of sparse step `k` (0-based): `query` (response indices) form the masked block with
+/// the registers; decoded groups and the prompt are fed or read from the cache per `sw`
+/// (`prefilled`: the prompt's K/V is already in the pool).
+pub fn sparse_plan(
+    l: &Layout,
+    st: &DecodeState,
+    query: &[u32],
+    k: usize,
+    sw: Switches,
+    prefilled: bool,
+) -> Result<StepPlan> {
+    let mut pb = PlanBuilder::new(l.n_seqs());
+    pb.skip_after_joint(l.skip);
+    let masked_block = k as u32 + 1;
+    let other_block = MAX_BLOCK;
+    let mut in_query = vec![false; l.n];
+    for &i in query {
+        in_query[i as usize] = true;
+    }
+    let mut logit_rows = vec![Vec::new(); l.n_seqs()];
+    for seq in 0..l.n_seqs() {
+        for j in 0..l.p() {
+            let row = l.prompt_row(seq, j);
+            if sw.cache_prompt && prefilled {
+                pb.cached_key(row.seq, row.slot, row.tag);
+            } else {
+                pb.row(row);
+            }
+        }
+        // Group j (decoded at step j) is clean block j + 1; with `cache_decoded` only the newest
+        // group (decoded at step k − 1) is fed, the older ones are already in the pool.
+        for (j, group) in st.groups.iter().enumerate() {
+            let tag = Tag::new(l.branch, j as u32 + 1, false);
+            for &i in group {
+                let id = st.tokens[i as usize].expect("decoded");
+                let row = l.response_row(seq, i as usize, id, tag);
+                if sw.cache_decoded && j + 1 < st.groups.len() {
+                    pb.cached_key(row.seq, row.slot, row.tag);
+                } else {
+                    pb.row(row);
+                }
+            }
+        }
+        let tag = Tag::new(l.branch, masked_block, true);
+        let mut scratch = 0;
+        for &i in query {
+            let pos = l.p() + i as usize;
+            logit_rows[seq].push(pb.row(l.scratch_row(seq, scratch, l.mask_id, pos, tag)));
+            scratch += 1;
+        }
+        for r in 0..l.r {
+            let pos = l.p() + l.n + r;
+            pb.row(l.scratch_row(seq, scratch, REGISTER, pos, tag));
+            scratch += 1;
+        }
+        if !sw.truncate {
+            let tag = Tag::new(l.branch, other_block, true);
+            for i in 0..l.n {
+                if st.tokens[i].is_none() && !in_query[i] {
+                    pb.row(l.scratch_row(seq, scratch, l.mask_id, l.p() + i, tag));
+                    scratch += 1;
+                }
+            }
+        }
+    }
+    for r in logit_rows.into_iter().flatten() {
+        pb.logits_for(r);
+    }
+    pb.build()
+}
+
+fn check_prompt(cfg: &Config, prompt: &[u32]) -> Result<()> {
+    for (i, &id) in prompt.iter().enumerate() {
+        if id as usize >= cfg.text_vocab {
+            return Err(Error::Input(format!(
+                "prompt token {i} is {id}, outside the text vocabulary (0..{})",
+                cfg.text_vocab
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_sampling(temperature: f32) -> Result<()> {
+    if !(temperature.is_finite() && temperature >= 0.0) {
+        return Err(Error::Input(format!("temperature must be finite and ≥ 0, got {temperature}")));
+    }
+    Ok(())
+}
+
+/// Runs a whole generation.
+pub fn generate<B: Backend>(model: &Model<B>, task: &Task, mode: Mode, opts: RunOptions) -> Result<Generation> {
+    match task {
+        Task::T2i(req) => generate_t2i(model, req, mode, opts),
+        Task::Text(req) => generate_text(model, req, mode, opts),
+    }
+}
+
+/// What a step decodes: given the step's logits for its query positions, which response
+/// indices get which tokens.
+trait Decoder {
+    /// Steps in total.
+    fn steps(&self) -> usize;
+    /// Response indices whose logits step `k` needs.
+    fn query(&self, k: usize, st: &DecodeState) -> Vec<u32>;
+    /// Sampler parameters for step `k`.
+    fn params(&self, k: usize, query: &[u32], p: usize) -> SampleParams;
+    /// Picks the (index, token) pairs to commit, in decode order.
+    fn commit(&self, k: usize, query: &[u32], sampled: &[crate::backend::Sampled]) -> Vec<(u32, u32)>;
+}
+
+struct T2iDecoder {
+    groups: Vec<Vec<u32>>,
+    params: SampleParams,
+}
+
+impl Decoder for T2iDecoder {
+    fn steps(&self) -> usize {
+        self.groups.len()
+    }
+    fn query(&self, k: usize, _: &DecodeState) -> Vec<u32> {
+        self.groups[k].clone()
+    }
+    fn params(&self, k: usize, query: &[u32], p: usize) -> SampleParams {
+        let positions = query.iter().map(|&i| (p + i as usize) as u32).collect();
+        SampleParams { step: k as u32, positions, ..self.params.clone() }
+    }
+    fn commit(&self, _: usize, query: &[u32], sampled: &[crate::backend::Sampled]) -> Vec<(u32, u32)> {
+        query.iter().zip(sampled).map(|(&i, s)| (i, s.token)).collect()
+    }
+}
+
+struct TextDecoder {
+    schedule: Vec<TextStep>,
+    answer_len: usize,
+    block_len: usize,
+    params: SampleParams,
+}
+
+impl Decoder for TextDecoder {
+    fn steps(&self) -> usize {
+        self.schedule.len()
+    }
+    fn query(&self, k: usize, st: &DecodeState) -> Vec<u32> {
+        let range = schedule::text_block_range(self.answer_len, self.block_len, self.schedule[k].block);
+        range.filter(|&i| st.tokens[i].is_none()).map(|i| i as u32).collect()
+    }
+    fn params(&self, k: usize, query: &[u32], p: usize) -> SampleParams {
+        let positions = query.iter().map(|&i| (p + i as usize) as u32).collect();
+        SampleParams { step: k as u32, positions, ..self.params.clone() }
+    }
+    fn commit(&self, k: usize, query: &[u32], sampled: &[crate::backend::Sampled]) -> Vec<(u32, u32)> {
+        // Highest confidence first; ties to the lower position.
+        let mut order: Vec<usize> = (0..query.len()).collect();
+        order.sort_by(|&a, &b| {
+            sampled[b].confidence.total_cmp(&sampled[a].confidence).then(query[a].cmp(&query[b]))
+        });
+        order.truncate(self.schedule[k].commit);
+        order.into_iter().map(|j| (query[j], sampled[j].token)).collect()
+    }
+}
+
+fn generate_t2i<B: Backend>(model: &Model<B>, req: &T2iRequest, mode: Mode, opts: RunOptions) -> Result<Generation> {
+    let cfg = model.config();
+    check_prompt(cfg, &req.prompt)?;
+    check_sampling(req.temperature)?;
+    if !(req.guidance.is_finite() && req.guidance >= 0.0) {
+        return Err(Error::Input(format!("guidance must be finite and ≥ 0, got {}", req.guidance)));
+    }
+    let order = schedule::image_order(req.order, req.height, req.width, req.seed)?;
+    let n = order.len();
+    let counts = schedule::shift_counts(n, req.steps)?;
+    let mut groups = Vec::with_capacity(counts.len());
+    let mut next = 0;
+    for c in counts {
+        groups.push(order[next..next + c].to_vec());
+        next += c;
+    }
+    let mut prompts = vec![req.prompt.clone()];
+    if req.guidance > 0.0 {
+        prompts.push(vec![cfg.text_mask_id; req.prompt.len()]);
+    }
+    let layout = Layout::new(cfg, prompts, n, Branch::Image)?;
+    let params = SampleParams {
+        guidance: (req.guidance > 0.0).then_some(req.guidance),
+        temperature: req.temperature,
+        banned: Vec::new(),
+        seed: req.seed,
+        step: 0,
+        request: 0,
+        positions: Vec::new(),
+    };
+    run(model, &layout, &T2iDecoder { groups, params }, mode, opts)
+}
+
+fn generate_text<B: Backend>(model: &Model<B>, req: &TextRequest, mode: Mode, opts: RunOptions) -> Result<Generation> {
+    let cfg = model.config();
+    check_prompt(cfg, &req.prompt)?;
+    check_sampling(req.temperature)?;
+    let schedule = schedule::text_schedule(req.answer_len, req.block_len, req.steps)?;
+    let mut banned = vec![cfg.text_mask_id];
+    for &id in &req.banned {
+        if id as usize >= cfg.text_vocab {
+            return Err(Error::Input(format!("banned id {id} is outside the text vocabulary (0..{})", cfg.text_vocab)));
+        }
+        banned.push(id);
+    }
+    let layout = Layout::new(cfg, vec![req.prompt.clone()], req.answer_len, Branch::Text)?;
+    let params = SampleParams {
+        guidance: None,
+        temperature: req.temperature,
+        banned,
+        seed: req.seed,
+        step: 0,
+        request: 0,
+        positions: Vec::new(),
+    };
+    let dec = TextDecoder { schedule, answer_len: req.answer_len, block_len: req.block_len, params };
+    run(model, &layout, &dec, mode, opts)
+}
+
+/// The loop shared by both tasks: plan, forward, sample, commit.
+fn run<B: Backend>(model: &Model<B>, l: &Layout, dec: &dyn Decoder, mode: Mode, mut opts: RunOptions) -> Result<Generation> {
+    let start = Instant::now();
+    let be = model.backend();
+    let mut cache = model.new_cache(l.pool_slots())?;
+    let mut st = DecodeState { tokens: vec![None; l.n], groups: Vec::new() };
+    let (mut forwards, mut rows_fed) = (0, 0);
+    let mut prefilled = false;
+    if let Mode::Sparse(sw) = mode {
+        if sw.cache_prompt && l.p() > 0 {
+            let plan = prefill_plan(l)?;
+            rows_fed += plan.n_rows();
+            model.forward(&model.prepare(plan)?, &mut cache)?;
+            forwards += 1;
+            prefilled = true;
+        }
+    }
+    let mut steps = Vec::with_capacity(dec.steps());
+    for k in 0..dec.steps() {
+        let t0 = Instant::now();
+        let query = dec.query(k, &st);
+        let plan = match mode {
+            Mode::Dense => dense_plan(l, &st, &query)?,
+            Mode::Sparse(sw) => sparse_plan(l, &st, &query, k, sw, prefilled)?,
+        };
+        let n_rows = plan.n_rows();
+        let logits = model
+            .forward(&model.prepare(plan)?, &mut cache)?
+            .ok_or_else(|| Error::Input(format!("step {k} has no position to decode")))?;
+        let sampled = be.sample(&logits, &dec.params(k, &query, l.p()))?;
+        let committed = dec.commit(k, &query, &sampled);
+        for &(i, tok) in &committed {
+            st.tokens[i as usize] = Some(tok);
+        }
+        st.groups.push(committed.iter().map(|&(i, _)| i).collect());
+        forwards += 1;
+        rows_fed += n_rows;
+        steps.push(StepTrace {
+            step: k,
+            decoded_positions: committed.iter().map(|&(i, _)| i).collect(),
+            tokens: committed.iter().map(|&(_, t)| t).collect(),
+            rows_fed: n_rows,
+            time_s: t0.elapsed().as_secs_f64(),
+            query_positions: query,
+            logits: if opts.record_logits { Some(be.to_host(&logits)?) } else { None },
+        });
+        if let Some(p) = opts.progress.as_mut() {
+            p(k + 1, dec.steps());
+        }
+    }
+    let tokens = st
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| t.ok_or_else(|| Error::Input(format!("response index {i} never decoded"))))
+        .collect::<Result<Vec<u32>>>()?;
+    Ok(Generation { tokens, steps, forwards, rows_fed, wall_s: start.elapsed().as_secs_f64() })
+}
