@@ -1,8 +1,21 @@
 //! Model weights on the host: safetensors load/save (SPEC §2.2 names) and seeded random init.
+//!
+//! [`Config::tensor_shapes`] is the single source of tensor names and shapes; loading and
+//! [`HostWeights::validate`] check a model against it in two passes so that the cheap structural
+//! problems (missing, extra, mis-shaped tensors) are reported before any large conversion:
+//! 1. layout: every expected tensor present with its shape (config order), then no extras;
+//! 2. values: every value finite (config order).
 
-use crate::config::Config;
-use crate::error::Result;
-use std::collections::BTreeMap;
+use crate::config::{Config, ensure_fits};
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+use rand::SeedableRng;
+use rand::distributions::{Distribution, Uniform};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, TensorView};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 /// A dense f32 tensor on the host (row-major).
@@ -30,28 +43,316 @@ pub struct HostWeights {
     pub tensors: BTreeMap<String, HostTensor>,
 }
 
+/// Bytes the weights of `cfg` occupy as f32 on the host (`param_count * 4`); compare with
+/// [`crate::config::ensure_fits`] before materialising a model.
+pub fn f32_bytes(cfg: &Config) -> u64 {
+    cfg.param_count() * 4
+}
+
 impl HostWeights {
-    /// Loads and validates a safetensors file against `cfg` (bf16/f16/f32 → f32).
+    /// Loads a safetensors file and checks it against `cfg`, converting bf16/f16/f32 to f32.
+    ///
+    /// Refuses (before reading) a file whose bytes plus the f32 copy would not fit in memory.
+    /// Errors name the file and the first problem, in this order: unparsable file; per tensor in
+    /// config order, missing or mis-shaped; an extra tensor; per tensor in config order, a dtype
+    /// other than BF16/F16/F32; per tensor in config order, a non-finite value (with its index).
     pub fn load(path: &Path, cfg: &Config) -> Result<HostWeights> {
-        let _ = (path, cfg);
-        todo!("helper")
+        let file_len = std::fs::metadata(path)
+            .map_err(|e| Error::io(path, e))?
+            .len();
+        ensure_fits(
+            &format!("loading weights as f32 from {}", path.display()),
+            file_len + f32_bytes(cfg),
+        )?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        HostWeights::from_safetensors(&bytes, cfg).map_err(|e| match e {
+            Error::Weights(m) => Error::Weights(format!("{}: {m}", path.display())),
+            e => e,
+        })
     }
 
-    /// Seeded random weights for `cfg`.
+    /// Parses and checks an in-memory safetensors file (see [`HostWeights::load`]).
+    fn from_safetensors(bytes: &[u8], cfg: &Config) -> Result<HostWeights> {
+        let file = SafeTensors::deserialize(bytes)
+            .map_err(|e| Error::Weights(format!("not a valid safetensors file: {e}")))?;
+        let views: HashMap<&str, TensorView> = file.iter().collect();
+        let expected = cfg.tensor_shapes();
+        let shapes = views.iter().map(|(&name, v)| (name, v.shape())).collect();
+        check_layout(&expected, &shapes)?;
+
+        let mut sources = Vec::with_capacity(expected.len());
+        for (name, shape) in &expected {
+            let view = &views[name.as_str()];
+            sources.push((name, shape, source_dtype(name, view.dtype())?, view.data()));
+        }
+        // One task per tensor; collecting the per-tensor results in order keeps the reported
+        // error the first in config order whatever the scheduling.
+        let converted: Vec<Result<(String, HostTensor)>> = sources
+            .into_par_iter()
+            .map(|(name, shape, dtype, bytes)| {
+                let data = dtype.to_f32(bytes);
+                check_finite(name, shape, &data)?;
+                let shape = shape.clone();
+                Ok((name.clone(), HostTensor { shape, data }))
+            })
+            .collect();
+        let tensors = converted.into_iter().collect::<Result<_>>()?;
+        Ok(HostWeights { tensors })
+    }
+
+    /// Seeded random weights for `cfg`, identical for the same `(cfg, seed)` on every run.
+    ///
+    /// Tensor `i` (in [`Config::tensor_shapes`] order) draws from its own ChaCha8 stream: key
+    /// from `seed`, stream number `i`. Tensors are therefore independent of one another and of
+    /// the thread that generates them. Distributions (`U(-a, a)` is uniform on `[-a, a)`):
+    /// - linear weights `[out, in]` (`q k v o gate up down`) and `*.head`: `U(-a, a)` with
+    ///   `a = sqrt(3 / in)`, so unit-variance inputs give unit-variance outputs;
+    /// - `*.embed` and `*.register`: `U(-1, 1)`;
+    /// - norm scales (`attn_norm`, `ffn_norm`, `final_norm`): `1 + U(-0.1, 0.1)`, near identity
+    ///   but not exactly 1 so that a kernel ignoring the scale is caught.
+    ///
+    /// The result takes [`f32_bytes`] of memory; check it with `ensure_fits` first.
     pub fn random(cfg: &Config, seed: u64) -> HostWeights {
-        let _ = (cfg, seed);
-        todo!("helper")
+        let tensors = cfg
+            .tensor_shapes()
+            .into_par_iter()
+            .enumerate()
+            .map(|(i, (name, shape))| {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                rng.set_stream(i as u64);
+                let len = shape.iter().product();
+                let data = init_for(&name, &shape).sample(&mut rng, len);
+                (name, HostTensor { shape, data })
+            })
+            .collect();
+        HostWeights { tensors }
     }
 
-    /// Writes a safetensors file.
+    /// Writes a safetensors file (bf16 rounds to nearest even).
+    ///
+    /// Refuses, naming tensor and index, a tensor whose data length does not match its shape or
+    /// a value that is not finite after conversion (NaN, ±inf, or an f32 beyond the bf16 range):
+    /// `load` would reject such a file.
     pub fn save(&self, path: &Path, dtype: SaveDtype) -> Result<()> {
-        let _ = (path, dtype);
-        todo!("helper")
+        // Collecting in map order, then taking the first error, reports the first bad tensor by
+        // name whatever the scheduling.
+        let encoded: Vec<Result<Cow<[u8]>>> = self
+            .tensors
+            .par_iter()
+            .map(|(name, t)| encode(name, t, dtype))
+            .collect();
+        let encoded = encoded.into_iter().collect::<Result<Vec<_>>>()?;
+        let st_dtype = match dtype {
+            SaveDtype::F32 => Dtype::F32,
+            SaveDtype::Bf16 => Dtype::BF16,
+        };
+        let mut views = Vec::with_capacity(encoded.len());
+        for ((name, t), bytes) in self.tensors.iter().zip(&encoded) {
+            // `encode` checked the length, so this cannot fail; map it anyway rather than panic.
+            let view = TensorView::new(st_dtype, t.shape.clone(), bytes)
+                .map_err(|e| Error::Weights(format!("tensor `{name}`: {e}")))?;
+            views.push((name.as_str(), view));
+        }
+        // Hugging Face loaders look for this key to know the tensors are PyTorch-shaped.
+        let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+        safetensors::serialize_to_file(views, &metadata, path).map_err(|e| match e {
+            SafeTensorError::IoError(io) => Error::io(path, io),
+            e => Error::Weights(format!("{}: {e}", path.display())),
+        })
     }
 
     /// The tensor named `name`.
     pub fn get(&self, name: &str) -> Result<&HostTensor> {
-        let _ = name;
-        todo!("helper")
+        self.tensors
+            .get(name)
+            .ok_or_else(|| Error::Weights(format!("no tensor named `{name}`")))
+    }
+
+    /// Checks the in-memory tensors against `cfg` like [`HostWeights::load`] does: names,
+    /// shapes, data lengths, then finiteness; the error names the first offending tensor.
+    pub fn validate(&self, cfg: &Config) -> Result<()> {
+        let expected = cfg.tensor_shapes();
+        let shapes = self
+            .tensors
+            .iter()
+            .map(|(name, t)| (name.as_str(), t.shape.as_slice()))
+            .collect();
+        check_layout(&expected, &shapes)?;
+        for (name, shape) in &expected {
+            let t = &self.tensors[name];
+            let len: usize = shape.iter().product();
+            if t.data.len() != len {
+                return Err(Error::Weights(format!(
+                    "tensor `{name}` has {} values but its shape {shape:?} holds {len}",
+                    t.data.len()
+                )));
+            }
+        }
+        for (name, shape) in &expected {
+            check_finite(name, shape, &self.tensors[name].data)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every expected tensor present with its shape (first problem in config order), then no tensor
+/// outside `expected`.
+fn check_layout(expected: &[(String, Vec<usize>)], found: &BTreeMap<&str, &[usize]>) -> Result<()> {
+    for (name, shape) in expected {
+        let Some(&got) = found.get(name.as_str()) else {
+            return Err(Error::Weights(format!("tensor `{name}` is missing")));
+        };
+        if got != shape.as_slice() {
+            return Err(Error::Weights(format!(
+                "tensor `{name}` has shape {got:?}, expected {shape:?}"
+            )));
+        }
+    }
+    let known: HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    // `found` is sorted, so the reported extra does not depend on hashing.
+    if let Some(extra) = found.keys().find(|n| !known.contains(*n)) {
+        return Err(Error::Weights(format!(
+            "unexpected tensor `{extra}` (not a SPEC §2.2 name for this config)"
+        )));
+    }
+    Ok(())
+}
+
+/// The first non-finite value, by flat index and per-dimension index.
+fn check_finite(name: &str, shape: &[usize], data: &[f32]) -> Result<()> {
+    match data.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::Weights(format!(
+            "tensor `{name}` has non-finite value {} at flat index {i} (index {:?})",
+            data[i],
+            unravel(i, shape)
+        ))),
+    }
+}
+
+/// Row-major multi-index of flat index `i`, which lies inside `shape` (so no dim is 0).
+fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
+    let mut index = vec![0; shape.len()];
+    for (slot, &dim) in index.iter_mut().zip(shape).rev() {
+        *slot = i % dim;
+        i /= dim;
+    }
+    index
+}
+
+/// The on-disk element types `load` accepts.
+#[derive(Debug, Clone, Copy)]
+enum SourceDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+fn source_dtype(name: &str, dtype: Dtype) -> Result<SourceDtype> {
+    match dtype {
+        Dtype::F32 => Ok(SourceDtype::F32),
+        Dtype::BF16 => Ok(SourceDtype::Bf16),
+        Dtype::F16 => Ok(SourceDtype::F16),
+        other => Err(Error::Weights(format!(
+            "tensor `{name}` has dtype {other:?}; expected BF16, F16 or F32"
+        ))),
+    }
+}
+
+impl SourceDtype {
+    /// Decodes little-endian elements. Byte chunks rather than a cast: tensor data inside a
+    /// safetensors buffer need not be aligned for its element type.
+    fn to_f32(self, bytes: &[u8]) -> Vec<f32> {
+        match self {
+            SourceDtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            SourceDtype::Bf16 => bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            SourceDtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        }
+    }
+}
+
+/// Little-endian bytes of `t` in `dtype`; f32 on a little-endian host is borrowed, not copied
+/// (a full model is tens of GB).
+fn encode<'a>(name: &str, t: &'a HostTensor, dtype: SaveDtype) -> Result<Cow<'a, [u8]>> {
+    let len: usize = t.shape.iter().product();
+    if t.data.len() != len {
+        return Err(Error::Weights(format!(
+            "tensor `{name}` has {} values but its shape {:?} holds {len}",
+            t.data.len(),
+            t.shape
+        )));
+    }
+    let bad = |i: usize, v: f32| {
+        Error::Weights(format!(
+            "tensor `{name}`: value {} at flat index {i} is {v} in {dtype:?}; refusing to save",
+            t.data[i]
+        ))
+    };
+    match dtype {
+        SaveDtype::F32 => {
+            if let Some(i) = t.data.iter().position(|x| !x.is_finite()) {
+                return Err(bad(i, t.data[i]));
+            }
+            if cfg!(target_endian = "little") {
+                Ok(Cow::Borrowed(bytemuck::cast_slice(&t.data)))
+            } else {
+                Ok(Cow::Owned(
+                    t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                ))
+            }
+        }
+        SaveDtype::Bf16 => {
+            let mut out = Vec::with_capacity(2 * len);
+            for (i, &x) in t.data.iter().enumerate() {
+                let b = bf16::from_f32(x);
+                if !b.is_finite() {
+                    return Err(bad(i, b.to_f32()));
+                }
+                out.extend_from_slice(&b.to_le_bytes());
+            }
+            Ok(Cow::Owned(out))
+        }
+    }
+}
+
+/// How [`HostWeights::random`] fills one tensor.
+enum Init {
+    /// `U(-a, a)`.
+    Uniform(f32),
+    /// `1 + U(-0.1, 0.1)`.
+    NearOne,
+}
+
+fn init_for(name: &str, shape: &[usize]) -> Init {
+    if name.ends_with("_norm") {
+        Init::NearOne
+    } else if name.ends_with(".embed") || name.ends_with(".register") {
+        Init::Uniform(1.0)
+    } else {
+        // Every other SPEC §2.2 tensor is a linear map `[out, in]`.
+        assert_eq!(shape.len(), 2, "`{name}` should be a linear weight");
+        Init::Uniform((3.0 / shape[1] as f64).sqrt() as f32)
+    }
+}
+
+impl Init {
+    fn sample(&self, rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
+        match *self {
+            Init::Uniform(a) => Uniform::new(-a, a).sample_iter(rng).take(len).collect(),
+            Init::NearOne => Uniform::new(-0.1f32, 0.1)
+                .sample_iter(rng)
+                .take(len)
+                .map(|u| 1.0 + u)
+                .collect(),
+        }
     }
 }
