@@ -153,7 +153,7 @@ impl StepPlan {
 
     /// Whether branch `b` is computed in `layer` (given the model's joint-layer count).
     pub fn computes(&self, b: Branch, layer: usize, n_joint_layers: usize) -> bool {
-        !self.rows(b).is_empty() && !(layer >= n_joint_layers && self.skip_after_joint == Some(b))
+        !self.rows(b).is_empty() && (layer < n_joint_layers || self.skip_after_joint != Some(b))
     }
 }
 
