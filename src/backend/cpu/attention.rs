@@ -1,1 +1,767 @@
-//! Tiled split-KV attention over a K/V pool, the CPU twin of the CUDA kernel.
+//! Tiled split-KV attention over a K/V pool, the CPU twin of the CUDA kernel (SPEC §5,
+//! "gathered-token attention").
+//!
+//! # Data
+//! The queries are the rows of one branch, sorted by sequence (`seq_indptr`). Keys and values live
+//! in a pool of slots (`[slots, n_kv_heads·head_dim]` each); sequence `s` attends over the slots
+//! `kv_indices[kv_indptr[s]..kv_indptr[s+1]]`, whose tags are `kv_tags` at the same positions.
+//! Keys are gathered through the index list, never copied into a contiguous buffer (paged
+//! attention with page size 1). Visibility is [`crate::plan::visible`] (SPEC §3) on the tags.
+//!
+//! # Work decomposition (one CUDA block = one work item)
+//! A work item is `(query tile, head, split)`:
+//! - a *query tile* is up to `tile_q` consecutive rows of one sequence (tiles never cross a
+//!   sequence boundary, so every row of a tile reads the same key list);
+//! - the sequence's key list is cut into `n_splits` contiguous chunks of `chunk` keys, `chunk`
+//!   being `ceil(n_keys / n_splits)` rounded up to a multiple of `tile_k` (so only a split's last
+//!   tile is partial); splits past the end are empty;
+//! - the item owns the query tile's rows for one query head, walks its chunk in key tiles of
+//!   `tile_k` keys, and writes one *partial* per row: `o_i = acc / l` and `lse2_i = m + log2 l`,
+//!   or "empty" (`lse2_i = −inf`) if the chunk held no key visible to the row.
+//!
+//! Query head `h` reads K/V head `h / (n_heads / n_kv_heads)` (GQA).
+//!
+//! # Per key tile
+//! 1. Classify the (query tile, key tile) pair from per-tile tag summaries (`TagSummary`) as
+//!    AllVisible, AllHidden or Mixed (`classify`, whose comment proves the rule sound).
+//!    AllHidden: skip the tile, reading no K/V. AllVisible: no per-pair checks. Mixed: evaluate
+//!    `visible` per pair and set hidden scores to −inf.
+//! 2. Scores in base 2 with the softmax scale folded in:
+//!    `s2 = (q·k) · (1/sqrt(head_dim)) · log2(e)`.
+//! 3. Online softmax per row: `m_new = max(m, max_j s2_j)`; `acc` and `l` are rescaled by
+//!    `exp2(m − m_new)`, then `p_j = exp2(s2_j − m_new)`, `l += Σ p_j`, `acc += Σ p_j·v_j`.
+//!    A row with no visible key in the tile leaves its state untouched.
+//!
+//! # Merge (a second kernel on the GPU, or the split-0 block after a grid sync)
+//! Per row and head, over the non-empty splits in split order:
+//! `lse2 = log2 Σ 2^{lse2_i}` (computed relative to the largest `lse2_i`) and
+//! `o = Σ 2^{lse2_i − lse2} · o_i`. No non-empty split: `o = 0`, `lse = −inf` (never NaN).
+//! The reported `lse` is natural-log: `lse2 · ln 2`.
+//!
+//! Work items run in parallel (rayon) and each computes sequentially; the merge visits splits in
+//! a fixed order, so the output is bitwise independent of the thread count.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::bail_input;
+use crate::config::Branch;
+use crate::error::Result;
+use crate::plan::{Tag, visible};
+
+/// Head geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    /// Query heads.
+    pub n_heads: usize,
+    /// K/V heads; divides `n_heads` (GQA).
+    pub n_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    /// Width of a query (and output) row: `n_heads · head_dim`.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Width of a pool slot: `n_kv_heads · head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Query heads per K/V head.
+    pub fn group(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+}
+
+/// Tile sizes and split count (parameters so tests can sweep them; the CUDA kernel has the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnTiling {
+    /// Query rows per work item.
+    pub tile_q: usize,
+    /// Keys per inner-loop tile.
+    pub tile_k: usize,
+    /// Chunks each sequence's key list is cut into (split-KV).
+    pub n_splits: usize,
+}
+
+impl AttnTiling {
+    /// Fewest keys a split should get from [`AttnTiling::heuristic`]: below this the merge and
+    /// the per-split fixed cost outweigh the extra parallelism.
+    pub const MIN_KEYS_PER_SPLIT: usize = 256;
+    /// Most splits [`AttnTiling::heuristic`] picks (bounds the partial-output workspace).
+    pub const MAX_SPLITS: usize = 32;
+
+    /// Host-side heuristic. Rule:
+    /// - `tile_q` = 16 when `rows <= 16` (a decode-sized row set wastes less of a tile), else 64;
+    ///   `tile_k` = 64;
+    /// - query work items `w = ceil(rows / tile_q) · n_heads` (a lower bound: tiles also break at
+    ///   sequence boundaries);
+    /// - `w >= workers`: 1 split (the grid is already full); otherwise
+    ///   `n_splits = min(ceil(workers / w), ceil(max_keys / MIN_KEYS_PER_SPLIT), MAX_SPLITS)`,
+    ///   at least 1.
+    pub fn heuristic(rows: usize, max_keys: usize, n_heads: usize, workers: usize) -> AttnTiling {
+        let tile_q = if rows <= 16 { 16 } else { 64 };
+        let tile_k = 64;
+        let items = (rows.div_ceil(tile_q) * n_heads).max(1);
+        let n_splits = if items >= workers {
+            1
+        } else {
+            workers
+                .div_ceil(items)
+                .min(max_keys.div_ceil(Self::MIN_KEYS_PER_SPLIT))
+                .clamp(1, Self::MAX_SPLITS)
+        };
+        AttnTiling {
+            tile_q,
+            tile_k,
+            n_splits,
+        }
+    }
+
+    /// Checks that every field is at least 1.
+    pub fn validate(&self) -> Result<()> {
+        if self.tile_q == 0 || self.tile_k == 0 || self.n_splits == 0 {
+            bail_input!("attention tiling {self:?}: every field must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The keys split `split` walks, as offsets into a sequence's key list of `n_keys` keys.
+    pub fn split_range(&self, n_keys: usize, split: usize) -> Range<usize> {
+        let chunk = n_keys.div_ceil(self.n_splits).div_ceil(self.tile_k) * self.tile_k;
+        let start = (split * chunk).min(n_keys);
+        start..(start + chunk).min(n_keys)
+    }
+}
+
+/// The inputs of one attention call: the queries of one branch and the pool.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnInputs<'a> {
+    /// Queries, `[rows, n_heads·head_dim]`, head-major within a row.
+    pub q: &'a [f32],
+    /// Tag of each query row.
+    pub row_tags: &'a [Tag],
+    /// `n_seqs + 1` offsets: rows of sequence `s` are `seq_indptr[s]..seq_indptr[s+1]`.
+    pub seq_indptr: &'a [u32],
+    /// Keys, `[slots, n_kv_heads·head_dim]`.
+    pub k_pool: &'a [f32],
+    /// Values, same shape as `k_pool`.
+    pub v_pool: &'a [f32],
+    /// `n_seqs + 1` offsets into `kv_indices`.
+    pub kv_indptr: &'a [u32],
+    /// Pool slot of each key.
+    pub kv_indices: &'a [u32],
+    /// Tag of each key (parallel to `kv_indices`).
+    pub kv_tags: &'a [Tag],
+    /// Cross-branch (joint) layer: branches see each other.
+    pub joint: bool,
+    /// Head geometry.
+    pub shape: AttnShape,
+}
+
+impl AttnInputs<'_> {
+    /// Query rows.
+    pub fn rows(&self) -> usize {
+        self.row_tags.len()
+    }
+
+    /// Sequences (one less than the length of `seq_indptr`).
+    pub fn n_seqs(&self) -> usize {
+        self.seq_indptr.len().saturating_sub(1)
+    }
+
+    /// Rows of sequence `s`.
+    pub fn seq_rows(&self, s: usize) -> Range<usize> {
+        self.seq_indptr[s] as usize..self.seq_indptr[s + 1] as usize
+    }
+
+    /// Positions in `kv_indices` / `kv_tags` of sequence `s`'s keys.
+    pub fn seq_keys(&self, s: usize) -> Range<usize> {
+        self.kv_indptr[s] as usize..self.kv_indptr[s + 1] as usize
+    }
+
+    /// Checks every length, that every index is < slots, head divisibility; Error::Input naming
+    /// what is wrong.
+    pub fn validate(&self) -> Result<()> {
+        let AttnShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = self.shape;
+        if n_heads == 0 || n_kv_heads == 0 || head_dim == 0 {
+            bail_input!("attention: shape {:?} has a zero dimension", self.shape);
+        }
+        if n_heads % n_kv_heads != 0 {
+            bail_input!(
+                "attention: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}"
+            );
+        }
+        let rows = self.rows();
+        if self.q.len() != rows * self.shape.q_dim() {
+            bail_input!(
+                "attention: q has {} values, expected rows {rows} × n_heads·head_dim {}",
+                self.q.len(),
+                self.shape.q_dim()
+            );
+        }
+        check_indptr("seq_indptr", self.seq_indptr, rows)?;
+        check_indptr("kv_indptr", self.kv_indptr, self.kv_indices.len())?;
+        if self.kv_indptr.len() != self.seq_indptr.len() {
+            bail_input!(
+                "attention: kv_indptr has {} entries but seq_indptr has {}",
+                self.kv_indptr.len(),
+                self.seq_indptr.len()
+            );
+        }
+        if self.kv_tags.len() != self.kv_indices.len() {
+            bail_input!(
+                "attention: kv_tags has {} entries but kv_indices has {}",
+                self.kv_tags.len(),
+                self.kv_indices.len()
+            );
+        }
+        let kv_dim = self.shape.kv_dim();
+        if self.k_pool.len() % kv_dim != 0 {
+            bail_input!(
+                "attention: k_pool has {} values, not a multiple of n_kv_heads·head_dim {kv_dim}",
+                self.k_pool.len()
+            );
+        }
+        if self.v_pool.len() != self.k_pool.len() {
+            bail_input!(
+                "attention: v_pool has {} values but k_pool has {}",
+                self.v_pool.len(),
+                self.k_pool.len()
+            );
+        }
+        let slots = self.k_pool.len() / kv_dim;
+        if let Some((i, &slot)) = self
+            .kv_indices
+            .iter()
+            .enumerate()
+            .find(|&(_, &slot)| slot as usize >= slots)
+        {
+            bail_input!(
+                "attention: kv_indices[{i}] = {slot} is not below the pool's {slots} slots"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Checks a CSR offset array: non-empty, starts at 0, non-decreasing, ends at `total`.
+fn check_indptr(name: &str, indptr: &[u32], total: usize) -> Result<()> {
+    let Some(&last) = indptr.last() else {
+        bail_input!("attention: {name} is empty (it needs n_seqs + 1 entries)");
+    };
+    if indptr[0] != 0 {
+        bail_input!("attention: {name}[0] = {}, expected 0", indptr[0]);
+    }
+    if let Some(s) = indptr.windows(2).position(|w| w[0] > w[1]) {
+        bail_input!(
+            "attention: {name} decreases at sequence {s}: {} > {}",
+            indptr[s],
+            indptr[s + 1]
+        );
+    }
+    if last as usize != total {
+        bail_input!("attention: {name} ends at {last}, expected {total}");
+    }
+    Ok(())
+}
+
+/// Blocks `min..=max` seen in a set of tags (empty: `min > max`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BlockRange {
+    min: u32,
+    max: u32,
+}
+
+impl BlockRange {
+    const EMPTY: BlockRange = BlockRange {
+        min: u32::MAX,
+        max: 0,
+    };
+
+    fn is_empty(self) -> bool {
+        self.min > self.max
+    }
+
+    fn insert(&mut self, block: u32) {
+        self.min = self.min.min(block);
+        self.max = self.max.max(block);
+    }
+
+    /// Whether the ranges (not necessarily the block sets) intersect.
+    fn overlaps(self, other: BlockRange) -> bool {
+        !self.is_empty() && !other.is_empty() && self.min <= other.max && other.min <= self.max
+    }
+
+    /// Whether the range is exactly the single block `b`.
+    fn is_only(self, b: u32) -> bool {
+        self.min == b && self.max == b
+    }
+}
+
+/// Per-tile summary of tags, per branch: the block ranges of its clean and of its masked tags.
+/// On the GPU this is 8 min/max reductions over the tile's tags (a warp shuffle each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TagSummary {
+    /// `[branch][masked as usize]`.
+    ranges: [[BlockRange; 2]; 2],
+}
+
+impl TagSummary {
+    fn of(tags: &[Tag]) -> TagSummary {
+        let mut ranges = [[BlockRange::EMPTY; 2]; 2];
+        for t in tags {
+            ranges[t.branch() as usize][t.masked() as usize].insert(t.block());
+        }
+        TagSummary { ranges }
+    }
+}
+
+/// How a (query tile, key tile) pair is processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TileClass {
+    /// Every pair is visible: no per-pair checks.
+    AllVisible,
+    /// No pair is visible: the tile is skipped without reading K/V.
+    AllHidden,
+    /// Anything else (or not provably one of the above): per-pair checks.
+    Mixed,
+}
+
+/// Classifies a tile pair from its summaries. Sound: AllVisible only if every pair is visible,
+/// AllHidden only if none is. AllVisible is also complete (returned whenever every pair is
+/// visible); AllHidden may be missed (→ Mixed) when masked queries' block ranges overlap the
+/// masked keys' without sharing a block.
+///
+/// Proof. `visible = branch_ok ∧ step_ok`. Split both tiles by branch; for each pair of present
+/// branch classes `(bq, bk)`:
+/// - branch: if `!joint ∧ bq ≠ bk`, every pair of the class is hidden; otherwise every pair has
+///   `branch_ok` and visibility is `step_ok` alone ([`step_bounds`]).
+///
+/// The tile is all visible iff every class is (so a branch-hidden class makes it not all
+/// visible), and all hidden iff every class is all hidden; `step_bounds` returns exact "all" and
+/// sound "none" per class, hence the claims.
+fn classify(q: &TagSummary, k: &TagSummary, joint: bool) -> TileClass {
+    let mut all_visible = true;
+    let mut maybe_visible = false;
+    for bq in Branch::ALL {
+        for bk in Branch::ALL {
+            let qs = q.ranges[bq as usize];
+            let ks = k.ranges[bk as usize];
+            let present = |r: [BlockRange; 2]| !r[0].is_empty() || !r[1].is_empty();
+            if !present(qs) || !present(ks) {
+                continue;
+            }
+            if !joint && bq != bk {
+                all_visible = false;
+                continue;
+            }
+            let (all, none) = step_bounds(qs, ks);
+            all_visible &= all;
+            maybe_visible |= !none;
+        }
+    }
+    if all_visible {
+        TileClass::AllVisible
+    } else if !maybe_visible {
+        TileClass::AllHidden
+    } else {
+        TileClass::Mixed
+    }
+}
+
+/// For queries with block ranges `q = [clean, masked]` and keys `k` (both non-empty sets, branch
+/// already allowed), returns `(all, none)`: `all` iff `step_ok` holds for every pair, and `none`
+/// only if it holds for no pair.
+///
+/// From SPEC §3 (`qc`/`qm`: clean/masked queries, `kc`/`km`: clean/masked keys):
+/// - a masked query of block `b` sees every clean key and exactly the masked keys of block `b`.
+///   All of `qm × k` visible ⇔ `km` empty, or `qm` and `km` are both exactly one block `b`.
+///   None visible ⇔ `kc` empty and no block is in both `qm` and `km`; disjoint ranges imply
+///   the latter (the converse fails, hence "only if").
+/// - a clean query of block `b` sees exactly the clean keys of blocks `<= b`. All of `qc × k`
+///   visible ⇔ `km` empty and `max(kc) <= min(qc)`. None visible ⇔ `kc` empty or
+///   `min(kc) > max(qc)` (the smallest clean key is above the largest clean query).
+///
+/// All pairs visible iff both query kinds (those present) have all visible; none iff both none.
+fn step_bounds(q: [BlockRange; 2], k: [BlockRange; 2]) -> (bool, bool) {
+    let [qc, qm] = q;
+    let [kc, km] = k;
+    let mut all = true;
+    let mut none = true;
+    if !qm.is_empty() {
+        all &= km.is_empty() || (qm.min == qm.max && km.is_only(qm.min));
+        none &= kc.is_empty() && !qm.overlaps(km);
+    }
+    if !qc.is_empty() {
+        all &= km.is_empty() && kc.max <= qc.min;
+        none &= kc.is_empty() || kc.min > qc.max;
+    }
+    (all, none)
+}
+
+/// Up to `tile_q` consecutive rows of one sequence.
+#[derive(Debug, Clone)]
+struct QueryTile {
+    seq: usize,
+    rows: Range<usize>,
+}
+
+/// Cuts each sequence's rows into tiles of `tile_q` (tiles never cross a sequence boundary).
+fn query_tiles(inp: &AttnInputs, tile_q: usize) -> Vec<QueryTile> {
+    let mut tiles = Vec::new();
+    for seq in 0..inp.n_seqs() {
+        let rows = inp.seq_rows(seq);
+        for start in rows.clone().step_by(tile_q) {
+            tiles.push(QueryTile {
+                seq,
+                rows: start..(start + tile_q).min(rows.end),
+            });
+        }
+    }
+    tiles
+}
+
+/// What one work item writes for its rows: `o` (`[tile rows, head_dim]`, normalised) and the
+/// base-2 LSE per row, −inf for a row that saw no visible key (its `o` is then zero, unused).
+struct Partial {
+    o: Vec<f32>,
+    lse2: Vec<f32>,
+}
+
+/// One work item: the rows of `tile`, query head `head`, the keys of split `split`.
+fn attend_split(
+    inp: &AttnInputs,
+    tiling: AttnTiling,
+    tile: &QueryTile,
+    head: usize,
+    split: usize,
+) -> Partial {
+    let d = inp.shape.head_dim;
+    let (q_dim, kv_dim) = (inp.shape.q_dim(), inp.shape.kv_dim());
+    let kv_head = head / inp.shape.group();
+    let scale_log2 = (d as f32).sqrt().recip() * std::f32::consts::LOG2_E;
+    let n_rows = tile.rows.len();
+    let q_tags = &inp.row_tags[tile.rows.clone()];
+    let q_summary = TagSummary::of(q_tags);
+    let q_row = |r: usize| &inp.q[(tile.rows.start + r) * q_dim + head * d..][..d];
+
+    let seq_keys = inp.seq_keys(tile.seq);
+    let split_keys = tiling.split_range(seq_keys.len(), split);
+    let keys = seq_keys.start + split_keys.start..seq_keys.start + split_keys.end;
+
+    // Running state per row: max `m` (base 2), sum `l`, unnormalised accumulator `acc`.
+    let mut m = vec![f32::NEG_INFINITY; n_rows];
+    let mut l = vec![0.0f32; n_rows];
+    let mut acc = vec![0.0f32; n_rows * d];
+    // Score tile `[n_rows, tile_k]` (shared memory / registers on the GPU).
+    let mut s = vec![0.0f32; n_rows * tiling.tile_k];
+
+    for k0 in keys.clone().step_by(tiling.tile_k) {
+        let tile_keys = k0..(k0 + tiling.tile_k).min(keys.end);
+        let n_keys = tile_keys.len();
+        let k_tags = &inp.kv_tags[tile_keys.clone()];
+        let class = classify(&q_summary, &TagSummary::of(k_tags), inp.joint);
+        if class == TileClass::AllHidden {
+            continue;
+        }
+        let slots = &inp.kv_indices[tile_keys];
+        let k_row = |j: usize| &inp.k_pool[slots[j] as usize * kv_dim + kv_head * d..][..d];
+        let v_row = |j: usize| &inp.v_pool[slots[j] as usize * kv_dim + kv_head * d..][..d];
+
+        // S = Q·Kᵀ, scaled to base 2; hidden pairs of a Mixed tile get −inf.
+        for r in 0..n_rows {
+            for j in 0..n_keys {
+                let shown =
+                    class == TileClass::AllVisible || visible(q_tags[r], k_tags[j], inp.joint);
+                s[r * tiling.tile_k + j] = if shown {
+                    dot(q_row(r), k_row(j)) * scale_log2
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+        }
+
+        // Online softmax update, then acc += P·V. Hidden keys have p = 0 exactly and are still
+        // multiplied in, as the tensor-core P·V product does.
+        for r in 0..n_rows {
+            let s_row = &s[r * tiling.tile_k..][..n_keys];
+            let m_tile = s_row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if m_tile == f32::NEG_INFINITY {
+                continue;
+            }
+            let m_new = m[r].max(m_tile);
+            let alpha = (m[r] - m_new).exp2();
+            let acc_row = &mut acc[r * d..][..d];
+            l[r] *= alpha;
+            acc_row.iter_mut().for_each(|a| *a *= alpha);
+            for (j, &sj) in s_row.iter().enumerate() {
+                let p = (sj - m_new).exp2();
+                l[r] += p;
+                for (a, &v) in acc_row.iter_mut().zip(v_row(j)) {
+                    *a += p * v;
+                }
+            }
+            m[r] = m_new;
+        }
+    }
+
+    // Epilogue: normalise. `l >= 1` whenever a visible key was seen (its own term is 2^0).
+    let mut lse2 = vec![f32::NEG_INFINITY; n_rows];
+    for r in 0..n_rows {
+        if m[r] == f32::NEG_INFINITY {
+            continue;
+        }
+        let inv_l = l[r].recip();
+        acc[r * d..][..d].iter_mut().for_each(|a| *a *= inv_l);
+        lse2[r] = m[r] + l[r].log2();
+    }
+    Partial { o: acc, lse2 }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Tiled split-KV attention. out: [rows, n_heads*head_dim]; lse (optional): [rows, n_heads],
+/// natural-log log-sum-exp of the scaled scores over visible keys (−inf for a hidden row).
+/// See the module docs for the algorithm.
+pub fn attention_tiled(
+    inp: &AttnInputs,
+    tiling: AttnTiling,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+) -> Result<()> {
+    inp.validate()?;
+    tiling.validate()?;
+    let (rows, n_heads, n_splits) = (inp.rows(), inp.shape.n_heads, tiling.n_splits);
+    let (d, q_dim) = (inp.shape.head_dim, inp.shape.q_dim());
+    if out.len() != rows * q_dim {
+        bail_input!(
+            "attention: out has {} values, expected rows {rows} × {q_dim}",
+            out.len()
+        );
+    }
+    if let Some(lse) = &lse {
+        if lse.len() != rows * n_heads {
+            bail_input!(
+                "attention: lse has {} values, expected rows {rows} × n_heads {n_heads}",
+                lse.len()
+            );
+        }
+    }
+
+    // Work item `(t, h, sp)` has index `(t·n_heads + h)·n_splits + sp`.
+    let tiles = query_tiles(inp, tiling.tile_q);
+    let partials: Vec<Partial> = (0..tiles.len() * n_heads * n_splits)
+        .into_par_iter()
+        .map(|item| {
+            let (tile, head, split) = (
+                item / (n_heads * n_splits),
+                item / n_splits % n_heads,
+                item % n_splits,
+            );
+            attend_split(inp, tiling, &tiles[tile], head, split)
+        })
+        .collect();
+
+    // Merge, one task per row; row `r` is row `r - tiles[t].rows.start` of tile `t`.
+    let mut row_tile = vec![(0usize, 0usize); rows];
+    for (t, tile) in tiles.iter().enumerate() {
+        for r in tile.rows.clone() {
+            row_tile[r] = (t, r - tile.rows.start);
+        }
+    }
+    let mut lse2 = vec![f32::NEG_INFINITY; rows * n_heads];
+    out.par_chunks_mut(q_dim)
+        .zip(lse2.par_chunks_mut(n_heads))
+        .zip(row_tile.par_iter())
+        .for_each(|((out_row, lse2_row), &(t, i))| {
+            for h in 0..n_heads {
+                let splits = &partials[(t * n_heads + h) * n_splits..][..n_splits];
+                let o = &mut out_row[h * d..][..d];
+                lse2_row[h] = merge_splits(splits, i, d, o);
+            }
+        });
+    if let Some(lse) = lse {
+        for (dst, &l2) in lse.iter_mut().zip(&lse2) {
+            *dst = l2 * std::f32::consts::LN_2;
+        }
+    }
+    Ok(())
+}
+
+/// Merges row `i` of the split partials into `o` by LSE weight; returns the base-2 LSE (−inf,
+/// with `o` zeroed, when no split saw a visible key).
+fn merge_splits(splits: &[Partial], i: usize, d: usize, o: &mut [f32]) -> f32 {
+    o.fill(0.0);
+    let max = splits
+        .iter()
+        .map(|p| p.lse2[i])
+        .fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    let sum: f32 = splits.iter().map(|p| (p.lse2[i] - max).exp2()).sum();
+    let lse2 = max + sum.log2();
+    for p in splits.iter().filter(|p| p.lse2[i] != f32::NEG_INFINITY) {
+        let w = (p.lse2[i] - lse2).exp2();
+        for (dst, &src) in o.iter_mut().zip(&p.o[i * d..][..d]) {
+            *dst += w * src;
+        }
+    }
+    lse2
+}
+
+/// Naive f64 oracle: for each row and head, scores over every visible key of its sequence,
+/// softmax, weighted V sum. Returns `(out [rows, n_heads·head_dim], lse [rows, n_heads])` in
+/// f64, `lse` natural-log; a row with no visible key gets zeros and −inf. Used by tests (public
+/// so the crate's integration tests and, later, GPU tests can use it).
+pub fn attention_naive(inp: &AttnInputs) -> Result<(Vec<f64>, Vec<f64>)> {
+    inp.validate()?;
+    let AttnShape {
+        n_heads, head_dim, ..
+    } = inp.shape;
+    let (q_dim, kv_dim, group) = (inp.shape.q_dim(), inp.shape.kv_dim(), inp.shape.group());
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let mut out = vec![0.0f64; inp.rows() * q_dim];
+    let mut lse = vec![f64::NEG_INFINITY; inp.rows() * n_heads];
+    for seq in 0..inp.n_seqs() {
+        let keys = inp.seq_keys(seq);
+        for r in inp.seq_rows(seq) {
+            for h in 0..n_heads {
+                let q = &inp.q[r * q_dim + h * head_dim..][..head_dim];
+                let col = (h / group) * head_dim;
+                let mut scored = Vec::new();
+                for j in keys.clone() {
+                    if !visible(inp.row_tags[r], inp.kv_tags[j], inp.joint) {
+                        continue;
+                    }
+                    let slot = inp.kv_indices[j] as usize;
+                    let k = &inp.k_pool[slot * kv_dim + col..][..head_dim];
+                    let score: f64 = q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    scored.push((score * scale, slot));
+                }
+                if scored.is_empty() {
+                    continue;
+                }
+                let max = scored.iter().map(|s| s.0).fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = scored.iter().map(|s| (s.0 - max).exp()).sum();
+                lse[r * n_heads + h] = max + sum.ln();
+                let o = &mut out[r * q_dim + h * head_dim..][..head_dim];
+                for &(score, slot) in &scored {
+                    let w = (score - max).exp() / sum;
+                    let v = &inp.v_pool[slot * kv_dim + col..][..head_dim];
+                    for (dst, &x) in o.iter_mut().zip(v) {
+                        *dst += w * x as f64;
+                    }
+                }
+            }
+        }
+    }
+    Ok((out, lse))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tag_strategy() -> impl Strategy<Value = Tag> {
+        (any::<bool>(), 0u32..4, any::<bool>()).prop_map(|(image, block, masked)| {
+            let branch = if image { Branch::Image } else { Branch::Text };
+            Tag::new(branch, block, masked)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// The tile classification never contradicts the per-pair rule, and finds every
+        /// all-visible tile.
+        #[test]
+        fn classification_agrees_with_per_pair_rule(
+            q in prop::collection::vec(tag_strategy(), 1..6),
+            k in prop::collection::vec(tag_strategy(), 1..6),
+            joint in any::<bool>(),
+        ) {
+            let class = classify(&TagSummary::of(&q), &TagSummary::of(&k), joint);
+            let pairs: Vec<bool> = q
+                .iter()
+                .flat_map(|&qt| k.iter().map(move |&kt| visible(qt, kt, joint)))
+                .collect();
+            let all = pairs.iter().all(|&v| v);
+            let none = !pairs.iter().any(|&v| v);
+            match class {
+                TileClass::AllVisible => prop_assert!(all),
+                TileClass::AllHidden => prop_assert!(none),
+                TileClass::Mixed => prop_assert!(!all),
+            }
+        }
+    }
+
+    #[test]
+    fn classification_finds_typical_hidden_tiles() {
+        let t = |b, block, masked| Tag::new(b, block, masked);
+        let (text, image) = (Branch::Text, Branch::Image);
+        let class =
+            |q: &[Tag], k: &[Tag], joint| classify(&TagSummary::of(q), &TagSummary::of(k), joint);
+        // Clean queries vs a tile of masked keys (this step's masks and registers).
+        let clean_q = [t(image, 1, false), t(image, 2, false)];
+        let masked_k = [t(image, 3, true), t(image, 3, true)];
+        assert_eq!(class(&clean_q, &masked_k, true), TileClass::AllHidden);
+        // Clean queries vs later clean blocks.
+        assert_eq!(
+            class(&clean_q, &[t(image, 3, false)], true),
+            TileClass::AllHidden
+        );
+        // Non-joint layer, other branch.
+        assert_eq!(
+            class(&clean_q, &[t(text, 0, false)], false),
+            TileClass::AllHidden
+        );
+        assert_eq!(
+            class(&clean_q, &[t(text, 0, false)], true),
+            TileClass::AllVisible
+        );
+        // Masked queries vs another masked block.
+        let masked_q = [t(image, 4, true)];
+        assert_eq!(class(&masked_q, &masked_k, true), TileClass::AllHidden);
+        assert_eq!(class(&masked_q, &clean_q, true), TileClass::AllVisible);
+    }
+
+    #[test]
+    fn split_ranges_cover_the_keys_once_in_order() {
+        for n_keys in 0..40 {
+            for tile_k in 1..7 {
+                for n_splits in 1..9 {
+                    let tiling = AttnTiling {
+                        tile_q: 1,
+                        tile_k,
+                        n_splits,
+                    };
+                    let mut next = 0;
+                    for split in 0..n_splits {
+                        let r = tiling.split_range(n_keys, split);
+                        assert_eq!(r.start, next, "{tiling:?} n_keys {n_keys}");
+                        assert!(r.end <= n_keys);
+                        if r.end < n_keys {
+                            assert_eq!(r.len() % tile_k, 0, "only the last tile is partial");
+                        }
+                        next = r.end;
+                    }
+                    assert_eq!(next, n_keys, "{tiling:?}");
+                }
+            }
+        }
+    }
+}

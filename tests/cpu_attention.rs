@@ -1,0 +1,475 @@
+//! Tiled split-KV attention (`backend::cpu::attention`) against the naive f64 oracle, and the
+//! oracle against a hand-computed example.
+
+use proptest::prelude::*;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sparse_lavida::backend::cpu::attention::{
+    AttnInputs, AttnShape, AttnTiling, attention_naive, attention_tiled,
+};
+use sparse_lavida::config::Branch;
+use sparse_lavida::plan::Tag;
+
+/// Owned buffers behind an [`AttnInputs`].
+#[derive(Debug, Clone)]
+struct Case {
+    q: Vec<f32>,
+    row_tags: Vec<Tag>,
+    seq_indptr: Vec<u32>,
+    k_pool: Vec<f32>,
+    v_pool: Vec<f32>,
+    kv_indptr: Vec<u32>,
+    kv_indices: Vec<u32>,
+    kv_tags: Vec<Tag>,
+    joint: bool,
+    shape: AttnShape,
+}
+
+impl Case {
+    fn inputs(&self) -> AttnInputs<'_> {
+        AttnInputs {
+            q: &self.q,
+            row_tags: &self.row_tags,
+            seq_indptr: &self.seq_indptr,
+            k_pool: &self.k_pool,
+            v_pool: &self.v_pool,
+            kv_indptr: &self.kv_indptr,
+            kv_indices: &self.kv_indices,
+            kv_tags: &self.kv_tags,
+            joint: self.joint,
+            shape: self.shape,
+        }
+    }
+}
+
+/// Structure of a random case; the values come from `seed`.
+#[derive(Debug, Clone)]
+struct CaseParams {
+    /// Per sequence: (fed rows, cached keys).
+    seqs: Vec<(usize, usize)>,
+    extra_slots: usize,
+    shape: AttnShape,
+    joint: bool,
+    /// All query rows in this branch (as in a real call), or `None`: each row picks one.
+    query_branch: Option<Branch>,
+    seed: u64,
+}
+
+fn params_strategy() -> impl Strategy<Value = CaseParams> {
+    (
+        prop::collection::vec((0usize..10, 0usize..20), 1..=3),
+        0usize..5,
+        (
+            1usize..=3,
+            1usize..=3,
+            prop::sample::select(vec![2usize, 8, 16, 64]),
+        ),
+        any::<bool>(),
+        prop::sample::select(vec![None, Some(Branch::Text), Some(Branch::Image)]),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(seqs, extra_slots, (n_kv_heads, group, head_dim), joint, query_branch, seed)| {
+                CaseParams {
+                    seqs,
+                    extra_slots,
+                    shape: AttnShape {
+                        n_heads: n_kv_heads * group,
+                        n_kv_heads,
+                        head_dim,
+                    },
+                    joint,
+                    query_branch,
+                    seed,
+                }
+            },
+        )
+}
+
+fn tiling_strategy() -> impl Strategy<Value = AttnTiling> {
+    (1usize..9, 1usize..17, 1usize..5).prop_map(|(tile_q, tile_k, n_splits)| AttnTiling {
+        tile_q,
+        tile_k,
+        n_splits,
+    })
+}
+
+fn random_tag(rng: &mut ChaCha8Rng, branch: Option<Branch>) -> Tag {
+    let branch = branch.unwrap_or(if rng.gen_bool(0.5) {
+        Branch::Image
+    } else {
+        Branch::Text
+    });
+    Tag::new(branch, rng.gen_range(0..4), rng.gen_bool(0.4))
+}
+
+/// Each sequence's keys are its rows' own slots plus cached ones, in shuffled order, over a
+/// shuffled pool; slots no key uses hold NaN, so a wrong gather cannot go unnoticed.
+fn build_case(p: &CaseParams) -> Case {
+    let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
+    let n_keys: usize = p.seqs.iter().map(|&(rows, cached)| rows + cached).sum();
+    let slots = n_keys + p.extra_slots;
+    let mut free: Vec<u32> = (0..slots as u32).collect();
+    free.shuffle(&mut rng);
+    let kv_dim = p.shape.kv_dim();
+    let mut case = Case {
+        q: Vec::new(),
+        row_tags: Vec::new(),
+        seq_indptr: vec![0],
+        k_pool: vec![f32::NAN; slots * kv_dim],
+        v_pool: vec![f32::NAN; slots * kv_dim],
+        kv_indptr: vec![0],
+        kv_indices: Vec::new(),
+        kv_tags: Vec::new(),
+        joint: p.joint,
+        shape: p.shape,
+    };
+    for &(rows, cached) in &p.seqs {
+        let mut keys = Vec::new();
+        for _ in 0..rows {
+            let tag = random_tag(&mut rng, p.query_branch);
+            case.row_tags.push(tag);
+            keys.push((free.pop().unwrap(), tag));
+        }
+        for _ in 0..cached {
+            keys.push((free.pop().unwrap(), random_tag(&mut rng, None)));
+        }
+        keys.shuffle(&mut rng);
+        for (slot, tag) in keys {
+            case.kv_indices.push(slot);
+            case.kv_tags.push(tag);
+            for x in &mut case.k_pool[slot as usize * kv_dim..][..kv_dim] {
+                *x = rng.gen_range(-1.0..1.0);
+            }
+            for x in &mut case.v_pool[slot as usize * kv_dim..][..kv_dim] {
+                *x = rng.gen_range(-1.0..1.0);
+            }
+        }
+        case.seq_indptr.push(case.row_tags.len() as u32);
+        case.kv_indptr.push(case.kv_indices.len() as u32);
+    }
+    // Queries larger than keys so the softmax is far from uniform.
+    case.q = (0..case.row_tags.len() * p.shape.q_dim())
+        .map(|_| rng.gen_range(-3.0..3.0))
+        .collect();
+    case
+}
+
+fn run_tiled(case: &Case, tiling: AttnTiling) -> (Vec<f32>, Vec<f32>) {
+    let inp = case.inputs();
+    // Poisoned so an unwritten element shows.
+    let mut out = vec![f32::NAN; inp.rows() * case.shape.q_dim()];
+    let mut lse = vec![f32::NAN; inp.rows() * case.shape.n_heads];
+    attention_tiled(&inp, tiling, &mut out, Some(&mut lse)).unwrap();
+    (out, lse)
+}
+
+/// `max |a − b|` over `max |b|` (max-abs norm), 0 when both are all zero.
+fn max_rel_diff(a: &[f32], b: &[f64]) -> f64 {
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y).abs())
+        .fold(0.0, f64::max);
+    let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max);
+    if diff == 0.0 { 0.0 } else { diff / scale }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Tiled matches the f64 oracle: outputs within 1e-5 of max |naive| (max-abs norm), LSE
+    /// within 1e-5 (relative to max(1, |lse|)), hidden rows exactly zero with LSE −inf, no NaN.
+    /// The same case split in 2..5 matches the unsplit run within 1e-6 (same norm).
+    #[test]
+    fn tiled_matches_naive(p in params_strategy(), tiling in tiling_strategy()) {
+        let case = build_case(&p);
+        let (out, lse) = run_tiled(&case, tiling);
+        let (want, want_lse) = attention_naive(&case.inputs()).unwrap();
+        prop_assert!(out.iter().chain(&lse).all(|x| !x.is_nan()), "NaN in output");
+        let err = max_rel_diff(&out, &want);
+        prop_assert!(err <= 1e-5, "relative error {err}");
+        let d = case.shape.head_dim;
+        for (i, (&got, &expect)) in lse.iter().zip(&want_lse).enumerate() {
+            if expect == f64::NEG_INFINITY {
+                prop_assert_eq!(got, f32::NEG_INFINITY, "lse of hidden row·head {}", i);
+                prop_assert!(out[i * d..][..d].iter().all(|&x| x == 0.0), "hidden row·head {}", i);
+            } else {
+                let tol = 1e-5 * expect.abs().max(1.0);
+                prop_assert!((got as f64 - expect).abs() <= tol, "lse {}: {} vs {}", i, got, expect);
+            }
+        }
+
+        let unsplit = AttnTiling { n_splits: 1, ..tiling };
+        let split = AttnTiling { n_splits: tiling.n_splits.max(2), ..tiling };
+        let (out1, lse1) = run_tiled(&case, unsplit);
+        let (out2, lse2) = run_tiled(&case, split);
+        let out1_f64: Vec<f64> = out1.iter().map(|&x| x as f64).collect();
+        let err = max_rel_diff(&out2, &out1_f64);
+        prop_assert!(err <= 1e-6, "split vs unsplit relative error {err}");
+        for (&a, &b) in lse1.iter().zip(&lse2) {
+            prop_assert!(a == b || (a - b).abs() <= 1e-6 * a.abs().max(1.0), "lse {a} vs {b}");
+        }
+    }
+}
+
+/// A hand-written case for the named-row tests: one sequence, 1 head, head_dim 4.
+fn small_case(row_tags: Vec<Tag>, kv_tags: Vec<Tag>, kv_indices: Vec<u32>, slots: usize) -> Case {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let d = 4;
+    let mut values = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
+    Case {
+        q: values(row_tags.len() * d),
+        seq_indptr: vec![0, row_tags.len() as u32],
+        row_tags,
+        k_pool: values(slots * d),
+        v_pool: values(slots * d),
+        kv_indptr: vec![0, kv_indices.len() as u32],
+        kv_indices,
+        kv_tags,
+        joint: true,
+        shape: AttnShape {
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: d,
+        },
+    }
+}
+
+const SOME_TILINGS: [AttnTiling; 3] = [
+    AttnTiling {
+        tile_q: 1,
+        tile_k: 1,
+        n_splits: 1,
+    },
+    AttnTiling {
+        tile_q: 2,
+        tile_k: 2,
+        n_splits: 3,
+    },
+    AttnTiling {
+        tile_q: 8,
+        tile_k: 16,
+        n_splits: 4,
+    },
+];
+
+#[test]
+fn rows_that_see_nothing_get_zeros_and_neg_inf() {
+    let text = Branch::Text;
+    // Every key is masked (blocks 1 and 3). Row 0: masked block 2, whose own slot is not among
+    // the keys. Rows 1 and 2: clean (blocks 0 and 1), which never see masked keys. Row 3:
+    // masked block 3 sees exactly key 1 (slot 0, its own block).
+    let rows = vec![
+        Tag::new(text, 2, true),
+        Tag::new(text, 0, false),
+        Tag::new(text, 1, false),
+        Tag::new(text, 3, true),
+    ];
+    let keys = vec![Tag::new(text, 1, true), Tag::new(text, 3, true)];
+    let case = small_case(rows, keys, vec![2, 0], 3);
+    let (want, want_lse) = attention_naive(&case.inputs()).unwrap();
+    assert_eq!(&want_lse[..3], &[f64::NEG_INFINITY; 3]);
+    assert!(want_lse[3].is_finite());
+    for tiling in SOME_TILINGS {
+        let (out, lse) = run_tiled(&case, tiling);
+        assert_eq!(&lse[..3], &[f32::NEG_INFINITY; 3], "{tiling:?}");
+        assert!(out[..12].iter().all(|&x| x == 0.0), "{tiling:?}: {out:?}");
+        // Row 3 attends to a single key: its output is that key's value.
+        let v = &case.v_pool[0..4];
+        assert_eq!(&out[12..16], v, "{tiling:?}");
+        assert!((lse[3] as f64 - want_lse[3]).abs() < 1e-6);
+        assert_eq!(
+            &want[12..16],
+            &v.iter().map(|&x| x as f64).collect::<Vec<_>>()[..]
+        );
+    }
+}
+
+/// 1 head, head_dim 4 (scale 1/2); keys in slots 2, 0, 1 (slot 1's key is masked of another
+/// block, so hidden). Scores: q·k0/2 = ln 3 and q·k1/2 = 0, so the weights are 3/4 and 1/4:
+/// o = 0.75·v0 + 0.25·v1 = [3, 1, 6, −2], lse = ln(3 + 1) = ln 4.
+#[test]
+fn naive_oracle_matches_hand_computed_example() {
+    let text = Branch::Text;
+    let ln3 = 3.0f32.ln();
+    let case = Case {
+        q: vec![2.0 * ln3, 0.0, 1.0, 0.0],
+        row_tags: vec![Tag::new(text, 1, false)],
+        seq_indptr: vec![0, 1],
+        // Slot 0: k1 (score 0), slot 1: hidden key, slot 2: k0 (score ln 3).
+        k_pool: vec![0.0, 5.0, 0.0, 1.0, 9.0, 9.0, 9.0, 9.0, 1.0, -1.0, 0.0, 0.0],
+        v_pool: vec![
+            0.0, 4.0, 0.0, 4.0, 100.0, 100.0, 100.0, 100.0, 4.0, 0.0, 8.0, -4.0,
+        ],
+        kv_indptr: vec![0, 3],
+        kv_indices: vec![2, 0, 1],
+        kv_tags: vec![
+            Tag::new(text, 0, false),
+            Tag::new(text, 1, false),
+            Tag::new(text, 2, true),
+        ],
+        joint: false,
+        shape: AttnShape {
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 4,
+        },
+    };
+    let (out, lse) = attention_naive(&case.inputs()).unwrap();
+    let expect = [3.0, 1.0, 6.0, -2.0];
+    for (o, e) in out.iter().zip(expect) {
+        assert!((o - e).abs() < 1e-6, "{out:?}");
+    }
+    assert!((lse[0] - 4.0f64.ln()).abs() < 1e-6, "{lse:?}");
+    for tiling in SOME_TILINGS {
+        let (out, lse) = run_tiled(&case, tiling);
+        for (o, e) in out.iter().zip(expect) {
+            assert!((*o as f64 - e).abs() < 1e-5, "{tiling:?}: {out:?}");
+        }
+        assert!((lse[0] - 4.0f32.ln()).abs() < 1e-5, "{tiling:?}: {lse:?}");
+    }
+}
+
+/// A key tile that is hidden from every query of the tile is skipped without reading K/V: its
+/// keys hold NaN, and the output is still finite and equal to the oracle's.
+#[test]
+fn all_hidden_tiles_read_no_kv() {
+    let image = Branch::Image;
+    // Queries: clean blocks 1 and 2. Keys 0..4: masked block 3 (hidden, NaN K/V); keys 4..8:
+    // clean blocks 0..=1 (visible to all).
+    let rows = vec![Tag::new(image, 1, false), Tag::new(image, 2, false)];
+    let mut keys = vec![Tag::new(image, 3, true); 4];
+    keys.extend((0..4).map(|i| Tag::new(image, i % 2, false)));
+    let mut case = small_case(rows, keys, vec![7, 1, 5, 3, 0, 6, 2, 4], 8);
+    let hidden = || [7usize, 1, 5, 3].into_iter().flat_map(|s| s * 4..s * 4 + 4);
+    let (want, _) = attention_naive(&case.inputs()).unwrap();
+    for i in hidden() {
+        case.k_pool[i] = f32::NAN;
+        case.v_pool[i] = f32::NAN;
+    }
+    let tiling = AttnTiling {
+        tile_q: 2,
+        tile_k: 4,
+        n_splits: 1,
+    };
+    let (out, _) = run_tiled(&case, tiling);
+    assert!(out.iter().all(|x| x.is_finite()), "{out:?}");
+    let max_diff = out
+        .iter()
+        .zip(&want)
+        .map(|(&a, &b)| (a as f64 - b).abs())
+        .fold(0.0, f64::max);
+    assert!(max_diff < 1e-5, "{out:?} vs {want:?}");
+}
+
+#[test]
+fn output_is_independent_of_thread_count() {
+    let p = CaseParams {
+        seqs: vec![(9, 19), (0, 5), (7, 11)],
+        extra_slots: 3,
+        shape: AttnShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 16,
+        },
+        joint: true,
+        query_branch: Some(Branch::Image),
+        seed: 11,
+    };
+    let case = build_case(&p);
+    let tiling = AttnTiling {
+        tile_q: 3,
+        tile_k: 5,
+        n_splits: 3,
+    };
+    let run_on = |threads| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| run_tiled(&case, tiling))
+    };
+    let (out1, lse1) = run_on(1);
+    let (out4, lse4) = run_on(4);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&out1), bits(&out4));
+    assert_eq!(bits(&lse1), bits(&lse4));
+}
+
+#[test]
+fn validate_names_the_problem() {
+    let t = Tag::new(Branch::Text, 0, false);
+    let case = small_case(vec![t, t], vec![t, t], vec![0, 1], 2);
+    assert!(case.inputs().validate().is_ok());
+    let err = |c: &Case| c.inputs().validate().unwrap_err().to_string();
+
+    let mut bad = case.clone();
+    bad.kv_indices[1] = 2;
+    assert!(err(&bad).contains("kv_indices[1] = 2"), "{}", err(&bad));
+
+    let mut bad = case.clone();
+    bad.q.pop();
+    assert!(err(&bad).contains("q has 7 values"), "{}", err(&bad));
+
+    let mut bad = case.clone();
+    bad.shape = AttnShape {
+        n_heads: 3,
+        n_kv_heads: 2,
+        head_dim: 2,
+    };
+    assert!(
+        err(&bad).contains("not a multiple of n_kv_heads"),
+        "{}",
+        err(&bad)
+    );
+
+    let mut bad = case.clone();
+    bad.kv_tags.pop();
+    assert!(err(&bad).contains("kv_tags"), "{}", err(&bad));
+
+    let mut bad = case.clone();
+    bad.seq_indptr = vec![0, 1];
+    assert!(err(&bad).contains("seq_indptr ends at 1"), "{}", err(&bad));
+
+    let mut bad = case.clone();
+    bad.v_pool.pop();
+    assert!(err(&bad).contains("v_pool"), "{}", err(&bad));
+
+    // attention_tiled checks its own buffers and tiling too.
+    let inp = case.inputs();
+    let tiling = SOME_TILINGS[1];
+    let mut out = vec![0.0; 7];
+    let e = attention_tiled(&inp, tiling, &mut out, None).unwrap_err();
+    assert!(e.to_string().contains("out has 7 values"), "{e}");
+    let mut out = vec![0.0; 8];
+    let mut lse = vec![0.0; 1];
+    let e = attention_tiled(&inp, tiling, &mut out, Some(&mut lse)).unwrap_err();
+    assert!(e.to_string().contains("lse has 1 values"), "{e}");
+    let zero = AttnTiling {
+        tile_k: 0,
+        ..tiling
+    };
+    assert!(attention_tiled(&inp, zero, &mut out, None).is_err());
+}
+
+#[test]
+fn heuristic_splits_only_when_query_work_is_scarce() {
+    // Many query tiles: the grid is full without splitting.
+    let t = AttnTiling::heuristic(4096, 8192, 32, 132);
+    assert_eq!(t.n_splits, 1);
+    // One 16-row tile per head, 4 heads, 132 workers, long keys: split up to the cap.
+    let t = AttnTiling::heuristic(10, 100_000, 4, 132);
+    assert_eq!((t.tile_q, t.n_splits), (16, AttnTiling::MAX_SPLITS));
+    // Few keys: no split shorter than MIN_KEYS_PER_SPLIT.
+    let t = AttnTiling::heuristic(10, 600, 4, 132);
+    assert_eq!(t.n_splits, 3);
+    // Sparse step at lavida-o size: 91 rows × 32 heads = 64 items of 64 rows on 132 SMs.
+    let t = AttnTiling::heuristic(91, 4096, 32, 132);
+    assert_eq!((t.tile_q, t.n_splits), (64, 3));
+    for (rows, keys) in [(0, 0), (1, 0), (0, 1000)] {
+        let t = AttnTiling::heuristic(rows, keys, 1, 8);
+        assert!(t.tile_q >= 1 && t.tile_k >= 1 && t.n_splits >= 1, "{t:?}");
+    }
+}
