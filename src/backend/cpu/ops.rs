@@ -1,1 +1,539 @@
 //! f32 CPU kernels on slices (row-major), each the oracle for its CUDA twin.
+//!
+//! Every function validates its slice lengths against the shape it is given and returns
+//! [`Error::Input`] naming the argument and both sizes, so a glue-layer bug is a message, not a
+//! panic or a silent out-of-bounds read. Work is split over rayon by rows; results do not depend
+//! on the thread count except for `matmul_t`, whose summation order inside `sgemm` may differ
+//! between blocks by float rounding only.
+
+use rayon::prelude::*;
+
+use crate::backend::{SampleParams, Sampled};
+use crate::bail_input;
+use crate::error::{Error, Result};
+use crate::plan::REGISTER;
+
+/// Multiply-adds below which one chunk of `matmul_t` is not worth a rayon task.
+const MATMUL_MIN_CHUNK_MACS: usize = 1 << 16;
+
+/// Elements per rayon task for the row-wise elementwise kernels (amortises task overhead).
+const MIN_TASK_ELEMS: usize = 1 << 14;
+
+/// `out[rows, n] = x[rows, k] · w[n, k]ᵀ` (or `+=` when `accumulate`). Multithreaded: the rows
+/// (or, when there are fewer rows than threads, the columns of each row) are split into chunks
+/// over rayon and each chunk is one `matrixmultiply::sgemm` call; `w` is read transposed through
+/// its strides, never copied. With `accumulate == false` the old contents of `out` are never read
+/// (NaN there is harmless).
+pub fn matmul_t(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    out: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
+    check_len("matmul_t", "x", x.len(), &[("rows", rows), ("k", k)])?;
+    check_len("matmul_t", "w", w.len(), &[("n", n), ("k", k)])?;
+    check_len("matmul_t", "out", out.len(), &[("rows", rows), ("n", n)])?;
+    if rows == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        // An empty sum; also keeps chunk sizes of `x` non-zero below.
+        if !accumulate {
+            out.fill(0.0);
+        }
+        return Ok(());
+    }
+
+    let macs = rows.saturating_mul(n).saturating_mul(k);
+    let chunks = rayon::current_num_threads()
+        .min(macs.div_ceil(MATMUL_MIN_CHUNK_MACS))
+        .max(1);
+    if chunks == 1 {
+        gemm_block(x, rows, k, w, n, out, accumulate);
+    } else if rows >= chunks {
+        // Row blocks: each task owns whole rows of `out` and reads all of `w`.
+        let rows_per = rows.div_ceil(chunks);
+        out.par_chunks_mut(rows_per * n)
+            .zip(x.par_chunks(rows_per * k))
+            .for_each(|(out_b, x_b)| gemm_block(x_b, x_b.len() / k, k, w, n, out_b, accumulate));
+    } else {
+        // Few rows (decode-like GEMV): split each row's columns, i.e. the rows of `w`, so every
+        // thread streams a disjoint slice of the weight.
+        let cols_per = n.div_ceil(chunks.div_ceil(rows));
+        out.par_chunks_mut(n)
+            .zip(x.par_chunks(k))
+            .for_each(|(out_row, x_row)| {
+                out_row
+                    .par_chunks_mut(cols_per)
+                    .zip(w.par_chunks(cols_per * k))
+                    .for_each(|(out_b, w_b)| {
+                        gemm_block(x_row, 1, k, w_b, out_b.len(), out_b, accumulate)
+                    });
+            });
+    }
+    Ok(())
+}
+
+/// One contiguous block: `out[m, nc] (+)= x[m, k] · w[nc, k]ᵀ`.
+fn gemm_block(x: &[f32], m: usize, k: usize, w: &[f32], nc: usize, out: &mut [f32], acc: bool) {
+    assert!(x.len() == m * k && w.len() == nc * k && out.len() == m * nc);
+    let beta = if acc { 1.0 } else { 0.0 };
+    // Slice lengths are at most isize::MAX elements, so these strides fit.
+    let (k_s, nc_s) = (k as isize, nc as isize);
+    // SAFETY: the assert above makes every element sgemm touches in bounds: A = x is m×k with
+    // strides (k, 1), B = wᵀ is k×nc with strides (1, k) (element (p, j) is w[j·k + p]), and
+    // C = out is m×nc with strides (nc, 1). `out` is a unique borrow, so C aliases neither A nor
+    // B, and C's strides address distinct elements. matrixmultiply with beta = 0 writes C
+    // without reading it.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            nc,
+            1.0,
+            x.as_ptr(),
+            k_s,
+            1,
+            w.as_ptr(),
+            1,
+            k_s,
+            beta,
+            out.as_mut_ptr(),
+            nc_s,
+            1,
+        );
+    }
+}
+
+/// `out = x / sqrt(mean(x²) + eps) · w`, per row of width `d = w.len()`. The sum of squares is
+/// accumulated in f64 (the oracle should be more accurate than the f32 kernel it checks); the
+/// scaling is f32: `(x · inv_rms) · w`.
+pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) -> Result<()> {
+    let d = w.len();
+    if d == 0 {
+        bail_input!("rmsnorm: w is empty (row width 0)");
+    }
+    if x.len() % d != 0 {
+        bail_input!(
+            "rmsnorm: x has {} elements, not a multiple of the width d = {d}",
+            x.len()
+        );
+    }
+    if out.len() != x.len() {
+        bail_input!("rmsnorm: out has {} elements, x has {}", out.len(), x.len());
+    }
+    if !(eps.is_finite() && eps > 0.0) {
+        bail_input!("rmsnorm: eps ({eps}) must be finite and > 0");
+    }
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .with_min_len(rows_per_task(d))
+        .for_each(|(o, xr)| {
+            let ss: f64 = xr.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+            let inv = (1.0 / (ss / d as f64 + f64::from(eps)).sqrt()) as f32;
+            for ((o, &v), &g) in o.iter_mut().zip(xr).zip(w) {
+                *o = v * inv * g;
+            }
+        });
+    Ok(())
+}
+
+/// RoPE in place on `x [rows, n_heads·head_dim]` (head-major), `rows = positions.len()`.
+/// For `i < head_dim/2`, `θ_i = pos · theta^(-2i/head_dim)`, computed in f64 (in f32 the angle
+/// at positions in the thousands would be off by ~1e-4 rad), then the pair
+/// `(a, b) = (x_i, x_{i+head_dim/2})` → `(a·cos θ − b·sin θ, a·sin θ + b·cos θ)` in f32.
+pub fn rope(
+    x: &mut [f32],
+    n_heads: usize,
+    head_dim: usize,
+    positions: &[u32],
+    theta: f64,
+) -> Result<()> {
+    if head_dim == 0 || head_dim % 2 != 0 {
+        bail_input!("rope: head_dim ({head_dim}) must be even and > 0");
+    }
+    if !(theta.is_finite() && theta > 0.0) {
+        bail_input!("rope: theta ({theta}) must be finite and > 0");
+    }
+    let rows = positions.len();
+    check_len(
+        "rope",
+        "x",
+        x.len(),
+        &[("rows", rows), ("n_heads", n_heads), ("head_dim", head_dim)],
+    )?;
+    let width = n_heads * head_dim;
+    if width == 0 {
+        return Ok(());
+    }
+    let half = head_dim / 2;
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|i| theta.powf(-2.0 * i as f64 / head_dim as f64))
+        .collect();
+    x.par_chunks_mut(width)
+        .zip(positions.par_iter())
+        .with_min_len(rows_per_task(width))
+        .for_each(|(row, &pos)| {
+            let cos_sin: Vec<(f32, f32)> = inv_freq
+                .iter()
+                .map(|&f| {
+                    let (s, c) = (f64::from(pos) * f).sin_cos();
+                    (c as f32, s as f32)
+                })
+                .collect();
+            for head in row.chunks_exact_mut(head_dim) {
+                let (lo, hi) = head.split_at_mut(half);
+                for ((a, b), &(c, s)) in lo.iter_mut().zip(hi).zip(&cos_sin) {
+                    let (va, vb) = (*a, *b);
+                    *a = va * c - vb * s;
+                    *b = va * s + vb * c;
+                }
+            }
+        });
+    Ok(())
+}
+
+/// `out = silu(gate) ⊙ up`, `silu(g) = g / (1 + exp(-g))`, in f32 (for very negative `g`,
+/// `exp(-g)` overflows to inf and silu is −0, the right limit).
+pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<()> {
+    if up.len() != gate.len() {
+        bail_input!(
+            "swiglu: up has {} elements, gate has {}",
+            up.len(),
+            gate.len()
+        );
+    }
+    if out.len() != gate.len() {
+        bail_input!(
+            "swiglu: out has {} elements, gate has {}",
+            out.len(),
+            gate.len()
+        );
+    }
+    out.par_iter_mut()
+        .zip(gate.par_iter().zip(up.par_iter()))
+        .with_min_len(MIN_TASK_ELEMS)
+        .for_each(|(o, (&g, &u))| *o = g / (1.0 + (-g).exp()) * u);
+    Ok(())
+}
+
+/// `out[i] = table[ids[i]]` (`table` is `[rows_table, d]`), or `register` (length `d`) where
+/// `ids[i] == REGISTER`. An id ≥ `rows_table` is an error naming the row index and the id.
+pub fn embed(
+    table: &[f32],
+    d: usize,
+    register: &[f32],
+    ids: &[u32],
+    out: &mut [f32],
+) -> Result<()> {
+    if d == 0 {
+        bail_input!("embed: width d is 0");
+    }
+    if table.len() % d != 0 {
+        bail_input!(
+            "embed: table has {} elements, not a multiple of d = {d}",
+            table.len()
+        );
+    }
+    if register.len() != d {
+        bail_input!(
+            "embed: register has {} elements, expected d = {d}",
+            register.len()
+        );
+    }
+    check_len("embed", "out", out.len(), &[("ids", ids.len()), ("d", d)])?;
+    let rows_table = table.len() / d;
+    // Validate first so that `out` is untouched on error.
+    if let Some((i, &id)) = ids
+        .iter()
+        .enumerate()
+        .find(|&(_, &id)| id != REGISTER && id as usize >= rows_table)
+    {
+        bail_input!("embed: ids[{i}] = {id} is out of range for a table of {rows_table} rows");
+    }
+    out.par_chunks_mut(d)
+        .zip(ids.par_iter())
+        .with_min_len(rows_per_task(d))
+        .for_each(|(o, &id)| {
+            let src = if id == REGISTER {
+                register
+            } else {
+                let r = id as usize;
+                &table[r * d..(r + 1) * d]
+            };
+            o.copy_from_slice(src);
+        });
+    Ok(())
+}
+
+/// Philox4x32-10 (Salmon et al. 2011, Random123): 10 rounds, multipliers 0xD2511F53,
+/// 0xCD9E8D57, Weyl key increments 0x9E3779B9, 0xBB67AE85. Matches Random123's
+/// `philox4x32(ctr, key)` word for word (see the known-answer tests).
+pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    const M0: u32 = 0xD251_1F53;
+    const M1: u32 = 0xCD9E_8D57;
+    const W0: u32 = 0x9E37_79B9;
+    const W1: u32 = 0xBB67_AE85;
+    let mut c = counter;
+    let mut k = key;
+    for round in 0..10 {
+        if round > 0 {
+            k = [k[0].wrapping_add(W0), k[1].wrapping_add(W1)];
+        }
+        let p0 = u64::from(M0) * u64::from(c[0]);
+        let p1 = u64::from(M1) * u64::from(c[2]);
+        let (hi0, lo0) = ((p0 >> 32) as u32, p0 as u32);
+        let (hi1, lo1) = ((p1 >> 32) as u32, p1 as u32);
+        c = [hi1 ^ c[1] ^ k[0], lo1, hi0 ^ c[3] ^ k[1], lo0];
+    }
+    c
+}
+
+/// SPEC §4.1 Gumbel noise for one vocabulary id: Philox4x32-10 with key `(seed_lo, seed_hi)` and
+/// counter `(vocab_id/4, position, step, request)`; word `vocab_id % 4` is `w`;
+/// `u = ((w >> 8) + 0.5)·2^-24`, `g = −ln(−ln u)`. `u` and both logarithms are evaluated in f64
+/// and `g` rounded once to f32: `u` has 25 significant bits, so in f32 the largest `w` would give
+/// `u = 1` and infinite noise. `g` lies in about [−2.8, 17.3].
+pub fn gumbel(seed: u64, vocab_id: u32, position: u32, step: u32, request: u32) -> f32 {
+    let words = philox4x32_10([vocab_id / 4, position, step, request], seed_key(seed));
+    gumbel_of_word(words[(vocab_id % 4) as usize])
+}
+
+fn seed_key(seed: u64) -> [u32; 2] {
+    [seed as u32, (seed >> 32) as u32]
+}
+
+/// The Gumbel transform of one Philox output word (see [`gumbel`]).
+fn gumbel_of_word(w: u32) -> f32 {
+    let u = (f64::from(w >> 8) + 0.5) * (-24f64).exp2();
+    (-(-u.ln()).ln()) as f32
+}
+
+/// The sampler pass (SPEC §4, mask-aware softmax form (b)) over `logits [r, vocab]`.
+///
+/// `n = p.positions.len()`; `r` is `2n` with guidance `g` (rows `0..n` conditional, `n..2n`
+/// unconditional, row `i` paired with row `n+i`) and `n` without. For each sampled row `i`:
+/// `l_v = (1+g)·cond_v − g·uncond_v` (or the row itself); banned ids are skipped; with `τ > 0`
+/// the score is `l_v/τ + gumbel(seed, v, positions[i], step, request)`, with `τ = 0` it is `l_v`;
+/// the token is the argmax of the score, ties to the lower id. With `τ' = τ` (or 1 when `τ = 0`):
+/// `lse = ln Σ_allowed exp(l_v/τ')`, `confidence = exp(l_token/τ' − lse)`.
+///
+/// Like the CUDA kernel, each row's logits are read once: the CFG combine, ban test, finiteness
+/// check, running argmax and an online log-sum-exp (running max, sum rescaled when the max grows)
+/// all happen in one loop over the vocabulary, which walks ids in groups of four so that one
+/// Philox call serves four ids. `l_v/τ'` is f32; the exp-sum and the final `ln`/`exp` are f64.
+/// Rows are processed in parallel.
+///
+/// Errors: wrong row count, non-finite guidance or a negative/non-finite temperature, a banned id
+/// ≥ `vocab`, every id banned, and a non-finite `l_v` of any id, banned or not (NaN, ±inf, or
+/// `l_v/τ` overflowing).
+pub fn sample_rows(logits: &[f32], vocab: usize, p: &SampleParams) -> Result<Vec<Sampled>> {
+    let n = p.positions.len();
+    if vocab == 0 || vocab > u32::MAX as usize {
+        bail_input!("sample_rows: vocab ({vocab}) must be in 1..=u32::MAX (ids are u32)");
+    }
+    let rows = match p.guidance {
+        Some(g) if !g.is_finite() => bail_input!("sample_rows: guidance ({g}) is not finite"),
+        Some(_) => 2 * n,
+        None => n,
+    };
+    if logits.len() % vocab != 0 || logits.len() / vocab != rows {
+        let cfg = if p.guidance.is_some() {
+            " × 2 for CFG"
+        } else {
+            ""
+        };
+        bail_input!(
+            "sample_rows: logits has {} elements, expected {rows} rows ({n} positions{cfg}) \
+             × vocab {vocab} = {}",
+            logits.len(),
+            rows.saturating_mul(vocab)
+        );
+    }
+    let tau = p.temperature;
+    if !(tau.is_finite() && tau >= 0.0) {
+        bail_input!("sample_rows: temperature ({tau}) must be finite and >= 0");
+    }
+    let mut banned = vec![false; vocab];
+    for &id in &p.banned {
+        match banned.get_mut(id as usize) {
+            Some(b) => *b = true,
+            None => bail_input!("sample_rows: banned id {id} is out of range for vocab {vocab}"),
+        }
+    }
+    if banned.iter().all(|&b| b) {
+        bail_input!("sample_rows: every id of the vocabulary ({vocab}) is banned");
+    }
+
+    let row_params = RowParams {
+        vocab,
+        banned: &banned,
+        tau,
+        guidance: p.guidance,
+        key: seed_key(p.seed),
+        step: p.step,
+        request: p.request,
+    };
+    (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let cond = &logits[i * vocab..(i + 1) * vocab];
+            let uncond = p
+                .guidance
+                .map(|_| &logits[(n + i) * vocab..(n + i + 1) * vocab]);
+            sample_row(&row_params, i, cond, uncond, p.positions[i])
+        })
+        .collect()
+}
+
+/// What [`sample_row`] needs besides the row itself.
+struct RowParams<'a> {
+    vocab: usize,
+    banned: &'a [bool],
+    tau: f32,
+    guidance: Option<f32>,
+    key: [u32; 2],
+    step: u32,
+    request: u32,
+}
+
+/// One row of [`sample_rows`]; `i` is only for error messages.
+fn sample_row(
+    p: &RowParams,
+    i: usize,
+    cond: &[f32],
+    uncond: Option<&[f32]>,
+    position: u32,
+) -> Result<Sampled> {
+    let noisy = p.tau > 0.0;
+    let mut best: Option<(u32, f32, f32)> = None; // (id, score, l/τ')
+    let mut max = f32::NEG_INFINITY; // running max of l/τ' over allowed ids
+    let mut sum = 0f64; // Σ exp(l/τ' − max) over allowed ids
+
+    for base in (0..p.vocab).step_by(4) {
+        let words = if noisy {
+            philox4x32_10([(base / 4) as u32, position, p.step, p.request], p.key)
+        } else {
+            [0; 4]
+        };
+        for (j, &word) in words.iter().enumerate().take(p.vocab - base) {
+            let v = base + j;
+            let l = match (p.guidance, uncond) {
+                (Some(g), Some(u)) => (1.0 + g) * cond[v] - g * u[v],
+                _ => cond[v],
+            };
+            // `l / τ` rather than `l · (1/τ)`: the documented score, bit for bit.
+            let s = if noisy { l / p.tau } else { l };
+            if !s.is_finite() {
+                return Err(non_finite(i, v, l, p));
+            }
+            if p.banned[v] {
+                continue;
+            }
+            let score = if noisy { s + gumbel_of_word(word) } else { s };
+            if best.is_none_or(|(_, b, _)| score > b) {
+                best = Some((v as u32, score, s));
+            }
+            if s > max {
+                sum = sum * (f64::from(max) - f64::from(s)).exp() + 1.0;
+                max = s;
+            } else {
+                sum += (f64::from(s) - f64::from(max)).exp();
+            }
+        }
+    }
+    // An allowed id exists (checked by the caller) and every `s` is finite, so `best` is set
+    // and `sum >= 1`.
+    let (token, _, s_token) = best.expect("sample_rows checked that some id is allowed");
+    let lse = f64::from(max) + sum.ln();
+    Ok(Sampled {
+        token,
+        confidence: (f64::from(s_token) - lse).exp() as f32,
+        lse: lse as f32,
+    })
+}
+
+/// The error for a non-finite `l/τ'` at row `i`, id `v`.
+fn non_finite(i: usize, v: usize, l: f32, p: &RowParams) -> Error {
+    let from = if p.guidance.is_some() {
+        " (after the CFG combine)"
+    } else {
+        ""
+    };
+    if l.is_finite() {
+        Error::Input(format!(
+            "sample_rows: logit {l} / temperature {} overflows at row {i}, id {v}",
+            p.tau
+        ))
+    } else {
+        Error::Input(format!(
+            "sample_rows: non-finite logit at row {i}, id {v}{from}: {l}"
+        ))
+    }
+}
+
+/// Checks `got == Π dims`, naming the op, the argument and the shape.
+fn check_len(op: &str, arg: &str, got: usize, dims: &[(&str, usize)]) -> Result<()> {
+    let shape = dims
+        .iter()
+        .map(|(name, v)| format!("{name}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let expected = dims
+        .iter()
+        .try_fold(1usize, |acc, &(_, v)| acc.checked_mul(v));
+    match expected {
+        Some(e) if e == got => Ok(()),
+        Some(e) => bail_input!("{op}: {arg} has {got} elements, expected [{shape}] = {e}"),
+        None => bail_input!("{op}: {arg} shape [{shape}] overflows usize"),
+    }
+}
+
+/// Rows per rayon task so that a task covers at least [`MIN_TASK_ELEMS`] elements.
+fn rows_per_task(width: usize) -> usize {
+    (MIN_TASK_ELEMS / width.max(1)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gumbel_extreme_words_are_finite() {
+        // u = 0.5·2^-24 and u = (2^24 − 0.5)·2^-24: both strictly inside (0, 1).
+        let lo = gumbel_of_word(0);
+        let hi = gumbel_of_word(u32::MAX);
+        assert!(lo.is_finite() && hi.is_finite(), "lo {lo}, hi {hi}");
+        let u_lo = 0.5f64 * (-24f64).exp2();
+        let u_hi = 1.0 - 0.5f64 * (-24f64).exp2();
+        assert_eq!(lo, (-(-u_lo.ln()).ln()) as f32);
+        assert_eq!(hi, (-(-u_hi.ln()).ln()) as f32);
+        assert!(lo < -2.7 && lo > -2.9, "{lo}");
+        assert!(hi > 17.3 && hi < 17.4, "{hi}");
+        // The low 8 bits of w are discarded.
+        assert_eq!(gumbel_of_word(0x1234_5600), gumbel_of_word(0x1234_56ff));
+    }
+
+    #[test]
+    fn gumbel_uses_the_documented_counter_and_word() {
+        let seed = 0x0123_4567_89ab_cdef_u64;
+        for v in [0u32, 1, 2, 3, 4, 7, 1001] {
+            let words = philox4x32_10([v / 4, 17, 3, 2], [0x89ab_cdef, 0x0123_4567]);
+            assert_eq!(
+                gumbel(seed, v, 17, 3, 2),
+                gumbel_of_word(words[(v % 4) as usize])
+            );
+        }
+    }
+
+    #[test]
+    fn check_len_names_argument_and_sizes() {
+        let e = check_len("op", "x", 5, &[("rows", 2), ("k", 3)]).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("x has 5") && msg.contains("rows=2, k=3") && msg.contains("= 6"));
+        assert!(check_len("op", "x", 0, &[("a", usize::MAX), ("b", 2)]).is_err());
+    }
+}
