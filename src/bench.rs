@@ -2,9 +2,9 @@
 //! schedule, reported as a table and as JSON.
 
 use crate::backend::Backend;
+use crate::error::Result;
 use crate::model::Model;
 use crate::sampler::{self, Generation, Mode, RunOptions, Switches, Task};
-use crate::error::Result;
 use serde::Serialize;
 
 /// One measured generation.
@@ -44,7 +44,12 @@ pub struct BenchReport {
     pub speedup_sparse_vs_dense: f64,
 }
 
-fn measure<B: Backend>(model: &Model<B>, task: &Task, mode: Mode, repeat: usize) -> Result<(Generation, f64)> {
+fn measure<B: Backend>(
+    model: &Model<B>,
+    task: &Task,
+    mode: Mode,
+    repeat: usize,
+) -> Result<(Generation, f64)> {
     let mut best = f64::INFINITY;
     let mut last = None;
     for _ in 0..repeat.max(1) {
@@ -77,7 +82,15 @@ pub fn run_bench<B: Backend>(
     for mode in modes {
         let (g, wall_s) = measure(model, task, mode, repeat)?;
         let (name, sw, matches) = match mode {
-            Mode::Dense => ("dense", Switches { cache_prompt: false, cache_decoded: false, truncate: false }, None),
+            Mode::Dense => (
+                "dense",
+                Switches {
+                    cache_prompt: false,
+                    cache_decoded: false,
+                    truncate: false,
+                },
+                None,
+            ),
             Mode::Sparse(sw) => {
                 let r = reference.get_or_insert_with(|| g.tokens.clone());
                 ("sparse", sw, Some(*r == g.tokens))
@@ -103,7 +116,12 @@ pub fn run_bench<B: Backend>(
         .find(|r| r.mode == "sparse" && r.cache_prompt && r.cache_decoded && r.truncate)
         .expect("all-on sparse run")
         .wall_s;
-    Ok(BenchReport { backend: model.backend().name(), workload, runs, speedup_sparse_vs_dense: dense / sparse })
+    Ok(BenchReport {
+        backend: model.backend().name(),
+        workload,
+        runs,
+        speedup_sparse_vs_dense: dense / sparse,
+    })
 }
 
 /// Formats one run as a table row (see [`table_header`]).

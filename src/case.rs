@@ -62,8 +62,10 @@ impl Case {
     /// Reads and parses a case file (validation happens in [`Case::plan`]).
     pub fn load(path: &Path) -> Result<Case> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text)
-            .map_err(|e| Error::Json { context: format!("case file {}", path.display()), source: e })
+        serde_json::from_str(&text).map_err(|e| Error::Json {
+            context: format!("case file {}", path.display()),
+            source: e,
+        })
     }
 
     /// Checks ids, positions and blocks against `cfg` and builds the plan of one full pass.
@@ -87,13 +89,25 @@ impl Case {
                 }
             };
             if r.block > MAX_BLOCK {
-                return Err(Error::Input(format!("case row {i}: block {} > {MAX_BLOCK}", r.block)));
+                return Err(Error::Input(format!(
+                    "case row {i}: block {} > {MAX_BLOCK}",
+                    r.block
+                )));
             }
             if r.pos >= 1 << 31 {
-                return Err(Error::Input(format!("case row {i}: position {} ≥ 2^31", r.pos)));
+                return Err(Error::Input(format!(
+                    "case row {i}: position {} ≥ 2^31",
+                    r.pos
+                )));
             }
             let tag = Tag::new(r.branch, r.block, r.masked);
-            pb.row(Row { seq: 0, id, pos: r.pos, tag, slot: i as u32 });
+            pb.row(Row {
+                seq: 0,
+                id,
+                pos: r.pos,
+                tag,
+                slot: i as u32,
+            });
         }
         let mut branch = None;
         for &i in &self.logits_for {
@@ -104,10 +118,14 @@ impl Case {
                 )));
             };
             if matches!(r.id, CaseId::Register(_)) {
-                return Err(Error::Input(format!("case logits_for: row {i} is a register")));
+                return Err(Error::Input(format!(
+                    "case logits_for: row {i} is a register"
+                )));
             }
             if *branch.get_or_insert(r.branch) != r.branch {
-                return Err(Error::Input("case logits_for: rows of both branches".into()));
+                return Err(Error::Input(
+                    "case logits_for: rows of both branches".into(),
+                ));
             }
             pb.logits_for(i);
         }

@@ -8,7 +8,9 @@ use sparse_lavida::bench;
 use sparse_lavida::case::Case;
 use sparse_lavida::config::Config;
 use sparse_lavida::runtime::{self, Device, WeightSource};
-use sparse_lavida::sampler::{self, Generation, Mode, RunOptions, Switches, T2iRequest, Task, TextRequest};
+use sparse_lavida::sampler::{
+    self, Generation, Mode, RunOptions, Switches, T2iRequest, Task, TextRequest,
+};
 use sparse_lavida::schedule::Order;
 use sparse_lavida::weights::{HostTensor, HostWeights, SaveDtype};
 use sparse_lavida::{Error, Result};
@@ -18,7 +20,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "sparse-lavida", version, about = "Sparse-LaViDa masked-diffusion sampling")]
+#[command(
+    name = "sparse-lavida",
+    version,
+    about = "Sparse-LaViDa masked-diffusion sampling"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -200,9 +206,17 @@ enum DtypeArg {
 }
 
 fn parse_grid(s: &str) -> std::result::Result<(usize, usize), String> {
-    let (h, w) = s.split_once(['x', 'X']).ok_or_else(|| format!("grid `{s}` is not HxW (e.g. 32x32)"))?;
-    let h: usize = h.trim().parse().map_err(|_| format!("grid height `{h}` is not a number"))?;
-    let w: usize = w.trim().parse().map_err(|_| format!("grid width `{w}` is not a number"))?;
+    let (h, w) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("grid `{s}` is not HxW (e.g. 32x32)"))?;
+    let h: usize = h
+        .trim()
+        .parse()
+        .map_err(|_| format!("grid height `{h}` is not a number"))?;
+    let w: usize = w
+        .trim()
+        .parse()
+        .map_err(|_| format!("grid width `{w}` is not a number"))?;
     if h == 0 || w == 0 {
         return Err(format!("zero-size grid {h}x{w}"));
     }
@@ -216,7 +230,9 @@ fn load_config(preset: &str, config: Option<&Path>) -> Result<Config> {
     }
 }
 
-fn build_model(args: &ModelArgs) -> Result<sparse_lavida::model::Model<sparse_lavida::backend::cpu::CpuBackend>> {
+fn build_model(
+    args: &ModelArgs,
+) -> Result<sparse_lavida::model::Model<sparse_lavida::backend::cpu::CpuBackend>> {
     let cfg = load_config(&args.preset, args.config.as_deref())?;
     let (_, note) = runtime::resolve_device(args.device)?;
     if let Some(note) = note {
@@ -236,10 +252,12 @@ fn build_task(w: &WorkArgs, cfg: &Config) -> Result<Task> {
             // A random prompt that avoids the [MASK] id, reproducible from the seed.
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(w.seed ^ 0x5EED_9A0B);
             (0..w.prompt_len)
-                .map(|_| loop {
-                    let id = rng.gen_range(0..cfg.text_vocab as u32);
-                    if id != cfg.text_mask_id {
-                        break id;
+                .map(|_| {
+                    loop {
+                        let id = rng.gen_range(0..cfg.text_vocab as u32);
+                        if id != cfg.text_mask_id {
+                            break id;
+                        }
                     }
                 })
                 .collect()
@@ -297,8 +315,10 @@ fn describe(task: &Task) -> String {
 }
 
 fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)
-        .map_err(|e| Error::Json { context: format!("writing {}", path.display()), source: e })?;
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Json {
+        context: format!("writing {}", path.display()),
+        source: e,
+    })?;
     std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
 }
 
@@ -311,7 +331,11 @@ struct LazyProgress {
 
 impl LazyProgress {
     fn new() -> Self {
-        LazyProgress { start: Instant::now(), bar: None, tty: std::io::stderr().is_terminal() }
+        LazyProgress {
+            start: Instant::now(),
+            bar: None,
+            tty: std::io::stderr().is_terminal(),
+        }
     }
 
     fn update(&mut self, done: usize, total: usize) {
@@ -320,7 +344,8 @@ impl LazyProgress {
         }
         let bar = self.bar.get_or_insert_with(|| {
             let b = ProgressBar::new(total as u64);
-            if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} steps {elapsed}") {
+            if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} steps {elapsed}")
+            {
                 b.set_style(style);
             }
             b
@@ -341,7 +366,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let mode = match a.mode {
         ModeKind::Dense => {
             if a.no_cache_prompt || a.no_cache_decoded || a.no_truncate {
-                return Err(Error::Input("--no-cache-* / --no-truncate apply to --mode sparse only".into()));
+                return Err(Error::Input(
+                    "--no-cache-* / --no-truncate apply to --mode sparse only".into(),
+                ));
             }
             Mode::Dense
         }
@@ -353,7 +380,15 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     };
     let mut progress = LazyProgress::new();
     let mut tick = |d, t| progress.update(d, t);
-    let g = sampler::generate(&model, &task, mode, RunOptions { record_logits: false, progress: Some(&mut tick) })?;
+    let g = sampler::generate(
+        &model,
+        &task,
+        mode,
+        RunOptions {
+            record_logits: false,
+            progress: Some(&mut tick),
+        },
+    )?;
     progress.finish();
     print_summary(&model, &task, mode, &g);
     if let Some(path) = &a.trace {
@@ -374,7 +409,12 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_summary(model: &sparse_lavida::model::Model<impl Backend>, task: &Task, mode: Mode, g: &Generation) {
+fn print_summary(
+    model: &sparse_lavida::model::Model<impl Backend>,
+    task: &Task,
+    mode: Mode,
+    g: &Generation,
+) {
     println!("backend   {}", model.backend().name());
     println!("task      {}", describe(task));
     println!("mode      {mode}");
@@ -388,7 +428,10 @@ fn cmd_forward(a: ForwardArgs) -> Result<()> {
     let model = build_model(&a.model)?;
     let case = Case::load(&a.case)?;
     let plan = case.plan(model.config())?;
-    let vocab = plan.logits_branch.map(|b| model.config().vocab(b)).unwrap_or(0);
+    let vocab = plan
+        .logits_branch
+        .map(|b| model.config().vocab(b))
+        .unwrap_or(0);
     let n = plan.logits_rows.len();
     let mut cache = model.new_cache(plan.pool_slots)?;
     let logits = match model.forward(&model.prepare(plan)?, &mut cache)? {
@@ -396,7 +439,13 @@ fn cmd_forward(a: ForwardArgs) -> Result<()> {
         None => Vec::new(),
     };
     let mut tensors = std::collections::BTreeMap::new();
-    tensors.insert("logits".to_string(), HostTensor { shape: vec![n, vocab], data: logits });
+    tensors.insert(
+        "logits".to_string(),
+        HostTensor {
+            shape: vec![n, vocab],
+            data: logits,
+        },
+    );
     HostWeights { tensors }.save(&a.out, SaveDtype::F32)?;
     println!("wrote logits [{n}, {vocab}] to {}", a.out.display());
     Ok(())
@@ -408,19 +457,40 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let workload = format!(
         "{} ({})",
         describe(&task),
-        a.model.config.as_ref().map_or(format!("preset {}", a.model.preset), |p| p.display().to_string())
+        a.model
+            .config
+            .as_ref()
+            .map_or(format!("preset {}", a.model.preset), |p| p
+                .display()
+                .to_string())
     );
     println!("backend   {}", model.backend().name());
     println!("workload  {workload}");
     println!("{}", bench::table_header());
     let mut dense_wall = None;
-    let report = bench::run_bench(&model, &task, workload, a.ablation, a.repeat as usize, |r| {
-        let d = *dense_wall.get_or_insert(r.wall_s);
-        println!("{}", bench::table_row(r, d));
-    })?;
-    println!("speedup sparse vs dense: {:.2}x", report.speedup_sparse_vs_dense);
-    if report.runs.iter().any(|r| r.tokens_match_sparse == Some(false)) {
-        eprintln!("warning: some sparse switch combinations chose different tokens (float rounding near a tie)");
+    let report = bench::run_bench(
+        &model,
+        &task,
+        workload,
+        a.ablation,
+        a.repeat as usize,
+        |r| {
+            let d = *dense_wall.get_or_insert(r.wall_s);
+            println!("{}", bench::table_row(r, d));
+        },
+    )?;
+    println!(
+        "speedup sparse vs dense: {:.2}x",
+        report.speedup_sparse_vs_dense
+    );
+    if report
+        .runs
+        .iter()
+        .any(|r| r.tokens_match_sparse == Some(false))
+    {
+        eprintln!(
+            "warning: some sparse switch combinations chose different tokens (float rounding near a tie)"
+        );
     }
     if let Some(path) = &a.json {
         write_json(path, &report)?;
@@ -437,14 +507,26 @@ fn cmd_init(a: InitArgs) -> Result<()> {
         DtypeArg::Bf16 => SaveDtype::Bf16,
     };
     w.save(&a.out, dtype)?;
-    println!("wrote {} parameters to {}", cfg.param_count(), a.out.display());
+    println!(
+        "wrote {} parameters to {}",
+        cfg.param_count(),
+        a.out.display()
+    );
     Ok(())
 }
 
 fn cmd_info() -> Result<()> {
     let be = sparse_lavida::backend::cpu::CpuBackend::new();
     println!("sparse-lavida {}", env!("CARGO_PKG_VERSION"));
-    println!("build     {} ({})", if cfg!(debug_assertions) { "debug" } else { "release" }, std::env::consts::ARCH);
+    println!(
+        "build     {} ({})",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        std::env::consts::ARCH
+    );
     println!("backends  cpu (f32); cuda: not in this build");
     println!("cpu       {} threads", be.threads());
     if let Some(b) = sparse_lavida::config::available_memory_bytes() {

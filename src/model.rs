@@ -114,7 +114,12 @@ impl<B: Backend> Model<B> {
             };
             layers.push([layer(Branch::Text)?, layer(Branch::Image)?]);
         }
-        Ok(Model { cfg, backend, branches, layers })
+        Ok(Model {
+            cfg,
+            backend,
+            branches,
+            layers,
+        })
     }
 
     /// The model's config.
@@ -174,7 +179,10 @@ impl<B: Backend> Model<B> {
             // Every active branch stores its K/V before any branch attends: in joint layers each
             // branch's queries read the other's keys.
             for &b in &active {
-                let (w, s) = (&weights[b as usize], scratch[b as usize].as_mut().expect("rows"));
+                let (w, s) = (
+                    &weights[b as usize],
+                    scratch[b as usize].as_mut().expect("rows"),
+                );
                 be.rmsnorm(&s.x, &w.attn_norm, eps, &mut s.h)?;
                 be.matmul(&s.h, &w.q, &mut s.q, false)?;
                 be.matmul(&s.h, &w.k, &mut s.k, false)?;
@@ -182,7 +190,10 @@ impl<B: Backend> Model<B> {
                 be.rope_store_kv(&p.dev, b, layer, &mut s.q, &s.k, &s.v, cache)?;
             }
             for &b in &active {
-                let (w, s) = (&weights[b as usize], scratch[b as usize].as_mut().expect("rows"));
+                let (w, s) = (
+                    &weights[b as usize],
+                    scratch[b as usize].as_mut().expect("rows"),
+                );
                 be.attention(&p.dev, b, layer, joint, &s.q, cache, &mut s.att)?;
                 be.matmul(&s.att, &w.o, &mut s.x, true)?;
                 be.rmsnorm(&s.x, &w.ffn_norm, eps, &mut s.h)?;
@@ -201,9 +212,19 @@ impl<B: Backend> Model<B> {
         let mut rows = be.matrix(n, d)?;
         be.gather_logit_rows(&p.dev, &s.x, &mut rows)?;
         let mut normed = be.matrix(n, d)?;
-        be.rmsnorm(&rows, &self.branches[lb as usize].final_norm, eps, &mut normed)?;
+        be.rmsnorm(
+            &rows,
+            &self.branches[lb as usize].final_norm,
+            eps,
+            &mut normed,
+        )?;
         let mut logits = be.matrix(n, cfg.vocab(lb))?;
-        be.matmul(&normed, &self.branches[lb as usize].head, &mut logits, false)?;
+        be.matmul(
+            &normed,
+            &self.branches[lb as usize].head,
+            &mut logits,
+            false,
+        )?;
         Ok(Some(logits))
     }
 }

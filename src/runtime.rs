@@ -46,7 +46,10 @@ pub fn cpu_model(cfg: Config, source: &WeightSource) -> Result<Model<CpuBackend>
     cfg.validate()?;
     let bytes = cfg.param_count() * 4;
     ensure_fits(
-        &format!("the model's {:.2} B parameters in f32 on the CPU backend", cfg.param_count() as f64 / 1e9),
+        &format!(
+            "the model's {:.2} B parameters in f32 on the CPU backend",
+            cfg.param_count() as f64 / 1e9
+        ),
         bytes,
     )?;
     let weights = match source {

@@ -35,12 +35,20 @@ pub struct Switches {
 
 impl Switches {
     /// All three savings on (the default sparse mode).
-    pub const ALL_ON: Switches = Switches { cache_prompt: true, cache_decoded: true, truncate: true };
+    pub const ALL_ON: Switches = Switches {
+        cache_prompt: true,
+        cache_decoded: true,
+        truncate: true,
+    };
 
     /// The eight combinations, all-on first.
     pub fn all_combinations() -> Vec<Switches> {
         (0..8)
-            .map(|i| Switches { cache_prompt: i & 4 == 0, cache_decoded: i & 2 == 0, truncate: i & 1 == 0 })
+            .map(|i| Switches {
+                cache_prompt: i & 4 == 0,
+                cache_decoded: i & 2 == 0,
+                truncate: i & 1 == 0,
+            })
             .collect()
     }
 }
@@ -196,10 +204,20 @@ impl Layout {
         let p = prompts[0].len();
         let r = cfg.n_registers;
         if (p + n + r) as u64 >= (1u64 << 31) / prompts.len() as u64 {
-            return Err(Error::Input(format!("sequence too long: prompt {p} + response {n}")));
+            return Err(Error::Input(format!(
+                "sequence too long: prompt {p} + response {n}"
+            )));
         }
         let skip = (branch == Branch::Image).then_some(Branch::Text);
-        Ok(Layout { prompts, n, r, branch, mask_id: cfg.mask_id(branch), skip, slots_per_seq: p + 2 * n + r })
+        Ok(Layout {
+            prompts,
+            n,
+            r,
+            branch,
+            mask_id: cfg.mask_id(branch),
+            skip,
+            slots_per_seq: p + 2 * n + r,
+        })
     }
 
     /// Prompt length `P`.
@@ -223,17 +241,35 @@ impl Layout {
 
     fn prompt_row(&self, seq: usize, j: usize) -> Row {
         let tag = Tag::new(Branch::Text, 0, false);
-        Row { seq: seq as u32, id: self.prompts[seq][j], pos: j as u32, tag, slot: self.base(seq) + j as u32 }
+        Row {
+            seq: seq as u32,
+            id: self.prompts[seq][j],
+            pos: j as u32,
+            tag,
+            slot: self.base(seq) + j as u32,
+        }
     }
 
     fn response_row(&self, seq: usize, i: usize, id: u32, tag: Tag) -> Row {
         let slot = self.base(seq) + (self.p() + i) as u32;
-        Row { seq: seq as u32, id, pos: (self.p() + i) as u32, tag, slot }
+        Row {
+            seq: seq as u32,
+            id,
+            pos: (self.p() + i) as u32,
+            tag,
+            slot,
+        }
     }
 
     fn scratch_row(&self, seq: usize, j: usize, id: u32, pos: usize, tag: Tag) -> Row {
         let slot = self.base(seq) + (self.p() + self.n + j) as u32;
-        Row { seq: seq as u32, id, pos: pos as u32, tag, slot }
+        Row {
+            seq: seq as u32,
+            id,
+            pos: pos as u32,
+            tag,
+            slot,
+        }
     }
 }
 
@@ -263,20 +299,18 @@ pub fn prefill_plan(l: &Layout) -> Result<StepPlan> {
 pub fn dense_plan(l: &Layout, st: &DecodeState, query: &[u32]) -> Result<StepPlan> {
     let mut pb = PlanBuilder::new(l.n_seqs());
     pb.skip_after_joint(l.skip);
-    let mut logit_rows = vec![Vec::new(); l.n_seqs()];
+    // Sequences are pushed in order, so logits come out conditional rows first.
     for seq in 0..l.n_seqs() {
         for j in 0..l.p() {
             pb.row(l.prompt_row(seq, j));
         }
-        let mut index_of = vec![usize::MAX; l.n];
-        for i in 0..l.n {
-            let id = st.tokens[i].unwrap_or(l.mask_id);
-            index_of[i] = pb.row(l.response_row(seq, i, id, Tag::new(l.branch, 0, false)));
+        let tag = Tag::new(l.branch, 0, false);
+        let index_of: Vec<usize> = (st.tokens.iter().enumerate())
+            .map(|(i, t)| pb.row(l.response_row(seq, i, t.unwrap_or(l.mask_id), tag)))
+            .collect();
+        for &i in query {
+            pb.logits_for(index_of[i as usize]);
         }
-        logit_rows[seq] = query.iter().map(|&i| index_of[i as usize]).collect();
-    }
-    for r in logit_rows.into_iter().flatten() {
-        pb.logits_for(r);
     }
     pb.build()
 }
@@ -300,7 +334,7 @@ pub fn sparse_plan(
     for &i in query {
         in_query[i as usize] = true;
     }
-    let mut logit_rows = vec![Vec::new(); l.n_seqs()];
+    // Sequences are pushed in order, so logits come out conditional rows first.
     for seq in 0..l.n_seqs() {
         for j in 0..l.p() {
             let row = l.prompt_row(seq, j);
@@ -328,7 +362,8 @@ pub fn sparse_plan(
         let mut scratch = 0;
         for &i in query {
             let pos = l.p() + i as usize;
-            logit_rows[seq].push(pb.row(l.scratch_row(seq, scratch, l.mask_id, pos, tag)));
+            let row = pb.row(l.scratch_row(seq, scratch, l.mask_id, pos, tag));
+            pb.logits_for(row);
             scratch += 1;
         }
         for r in 0..l.r {
@@ -338,16 +373,13 @@ pub fn sparse_plan(
         }
         if !sw.truncate {
             let tag = Tag::new(l.branch, other_block, true);
-            for i in 0..l.n {
-                if st.tokens[i].is_none() && !in_query[i] {
+            for (i, (t, &q)) in st.tokens.iter().zip(&in_query).enumerate() {
+                if t.is_none() && !q {
                     pb.row(l.scratch_row(seq, scratch, l.mask_id, l.p() + i, tag));
                     scratch += 1;
                 }
             }
         }
-    }
-    for r in logit_rows.into_iter().flatten() {
-        pb.logits_for(r);
     }
     pb.build()
 }
@@ -366,13 +398,20 @@ fn check_prompt(cfg: &Config, prompt: &[u32]) -> Result<()> {
 
 fn check_sampling(temperature: f32) -> Result<()> {
     if !(temperature.is_finite() && temperature >= 0.0) {
-        return Err(Error::Input(format!("temperature must be finite and ≥ 0, got {temperature}")));
+        return Err(Error::Input(format!(
+            "temperature must be finite and ≥ 0, got {temperature}"
+        )));
     }
     Ok(())
 }
 
 /// Runs a whole generation.
-pub fn generate<B: Backend>(model: &Model<B>, task: &Task, mode: Mode, opts: RunOptions) -> Result<Generation> {
+pub fn generate<B: Backend>(
+    model: &Model<B>,
+    task: &Task,
+    mode: Mode,
+    opts: RunOptions,
+) -> Result<Generation> {
     match task {
         Task::T2i(req) => generate_t2i(model, req, mode, opts),
         Task::Text(req) => generate_text(model, req, mode, opts),
@@ -389,7 +428,12 @@ trait Decoder {
     /// Sampler parameters for step `k`.
     fn params(&self, k: usize, query: &[u32], p: usize) -> SampleParams;
     /// Picks the (index, token) pairs to commit, in decode order.
-    fn commit(&self, k: usize, query: &[u32], sampled: &[crate::backend::Sampled]) -> Vec<(u32, u32)>;
+    fn commit(
+        &self,
+        k: usize,
+        query: &[u32],
+        sampled: &[crate::backend::Sampled],
+    ) -> Vec<(u32, u32)>;
 }
 
 struct T2iDecoder {
@@ -406,10 +450,23 @@ impl Decoder for T2iDecoder {
     }
     fn params(&self, k: usize, query: &[u32], p: usize) -> SampleParams {
         let positions = query.iter().map(|&i| (p + i as usize) as u32).collect();
-        SampleParams { step: k as u32, positions, ..self.params.clone() }
+        SampleParams {
+            step: k as u32,
+            positions,
+            ..self.params.clone()
+        }
     }
-    fn commit(&self, _: usize, query: &[u32], sampled: &[crate::backend::Sampled]) -> Vec<(u32, u32)> {
-        query.iter().zip(sampled).map(|(&i, s)| (i, s.token)).collect()
+    fn commit(
+        &self,
+        _: usize,
+        query: &[u32],
+        sampled: &[crate::backend::Sampled],
+    ) -> Vec<(u32, u32)> {
+        query
+            .iter()
+            .zip(sampled)
+            .map(|(&i, s)| (i, s.token))
+            .collect()
     }
 }
 
@@ -425,30 +482,57 @@ impl Decoder for TextDecoder {
         self.schedule.len()
     }
     fn query(&self, k: usize, st: &DecodeState) -> Vec<u32> {
-        let range = schedule::text_block_range(self.answer_len, self.block_len, self.schedule[k].block);
-        range.filter(|&i| st.tokens[i].is_none()).map(|i| i as u32).collect()
+        let range =
+            schedule::text_block_range(self.answer_len, self.block_len, self.schedule[k].block);
+        range
+            .filter(|&i| st.tokens[i].is_none())
+            .map(|i| i as u32)
+            .collect()
     }
     fn params(&self, k: usize, query: &[u32], p: usize) -> SampleParams {
         let positions = query.iter().map(|&i| (p + i as usize) as u32).collect();
-        SampleParams { step: k as u32, positions, ..self.params.clone() }
+        SampleParams {
+            step: k as u32,
+            positions,
+            ..self.params.clone()
+        }
     }
-    fn commit(&self, k: usize, query: &[u32], sampled: &[crate::backend::Sampled]) -> Vec<(u32, u32)> {
+    fn commit(
+        &self,
+        k: usize,
+        query: &[u32],
+        sampled: &[crate::backend::Sampled],
+    ) -> Vec<(u32, u32)> {
         // Highest confidence first; ties to the lower position.
         let mut order: Vec<usize> = (0..query.len()).collect();
         order.sort_by(|&a, &b| {
-            sampled[b].confidence.total_cmp(&sampled[a].confidence).then(query[a].cmp(&query[b]))
+            sampled[b]
+                .confidence
+                .total_cmp(&sampled[a].confidence)
+                .then(query[a].cmp(&query[b]))
         });
         order.truncate(self.schedule[k].commit);
-        order.into_iter().map(|j| (query[j], sampled[j].token)).collect()
+        order
+            .into_iter()
+            .map(|j| (query[j], sampled[j].token))
+            .collect()
     }
 }
 
-fn generate_t2i<B: Backend>(model: &Model<B>, req: &T2iRequest, mode: Mode, opts: RunOptions) -> Result<Generation> {
+fn generate_t2i<B: Backend>(
+    model: &Model<B>,
+    req: &T2iRequest,
+    mode: Mode,
+    opts: RunOptions,
+) -> Result<Generation> {
     let cfg = model.config();
     check_prompt(cfg, &req.prompt)?;
     check_sampling(req.temperature)?;
     if !(req.guidance.is_finite() && req.guidance >= 0.0) {
-        return Err(Error::Input(format!("guidance must be finite and ≥ 0, got {}", req.guidance)));
+        return Err(Error::Input(format!(
+            "guidance must be finite and ≥ 0, got {}",
+            req.guidance
+        )));
     }
     let order = schedule::image_order(req.order, req.height, req.width, req.seed)?;
     let n = order.len();
@@ -476,7 +560,12 @@ fn generate_t2i<B: Backend>(model: &Model<B>, req: &T2iRequest, mode: Mode, opts
     run(model, &layout, &T2iDecoder { groups, params }, mode, opts)
 }
 
-fn generate_text<B: Backend>(model: &Model<B>, req: &TextRequest, mode: Mode, opts: RunOptions) -> Result<Generation> {
+fn generate_text<B: Backend>(
+    model: &Model<B>,
+    req: &TextRequest,
+    mode: Mode,
+    opts: RunOptions,
+) -> Result<Generation> {
     let cfg = model.config();
     check_prompt(cfg, &req.prompt)?;
     check_sampling(req.temperature)?;
@@ -484,7 +573,10 @@ fn generate_text<B: Backend>(model: &Model<B>, req: &TextRequest, mode: Mode, op
     let mut banned = vec![cfg.text_mask_id];
     for &id in &req.banned {
         if id as usize >= cfg.text_vocab {
-            return Err(Error::Input(format!("banned id {id} is outside the text vocabulary (0..{})", cfg.text_vocab)));
+            return Err(Error::Input(format!(
+                "banned id {id} is outside the text vocabulary (0..{})",
+                cfg.text_vocab
+            )));
         }
         banned.push(id);
     }
@@ -498,16 +590,30 @@ fn generate_text<B: Backend>(model: &Model<B>, req: &TextRequest, mode: Mode, op
         request: 0,
         positions: Vec::new(),
     };
-    let dec = TextDecoder { schedule, answer_len: req.answer_len, block_len: req.block_len, params };
+    let dec = TextDecoder {
+        schedule,
+        answer_len: req.answer_len,
+        block_len: req.block_len,
+        params,
+    };
     run(model, &layout, &dec, mode, opts)
 }
 
 /// The loop shared by both tasks: plan, forward, sample, commit.
-fn run<B: Backend>(model: &Model<B>, l: &Layout, dec: &dyn Decoder, mode: Mode, mut opts: RunOptions) -> Result<Generation> {
+fn run<B: Backend>(
+    model: &Model<B>,
+    l: &Layout,
+    dec: &dyn Decoder,
+    mode: Mode,
+    mut opts: RunOptions,
+) -> Result<Generation> {
     let start = Instant::now();
     let be = model.backend();
     let mut cache = model.new_cache(l.pool_slots())?;
-    let mut st = DecodeState { tokens: vec![None; l.n], groups: Vec::new() };
+    let mut st = DecodeState {
+        tokens: vec![None; l.n],
+        groups: Vec::new(),
+    };
     let (mut forwards, mut rows_fed) = (0, 0);
     let mut prefilled = false;
     if let Mode::Sparse(sw) = mode {
@@ -546,7 +652,11 @@ fn run<B: Backend>(model: &Model<B>, l: &Layout, dec: &dyn Decoder, mode: Mode, 
             rows_fed: n_rows,
             time_s: t0.elapsed().as_secs_f64(),
             query_positions: query,
-            logits: if opts.record_logits { Some(be.to_host(&logits)?) } else { None },
+            logits: if opts.record_logits {
+                Some(be.to_host(&logits)?)
+            } else {
+                None
+            },
         });
         if let Some(p) = opts.progress.as_mut() {
             p(k + 1, dec.steps());
@@ -558,5 +668,11 @@ fn run<B: Backend>(model: &Model<B>, l: &Layout, dec: &dyn Decoder, mode: Mode, 
         .enumerate()
         .map(|(i, t)| t.ok_or_else(|| Error::Input(format!("response index {i} never decoded"))))
         .collect::<Result<Vec<u32>>>()?;
-    Ok(Generation { tokens, steps, forwards, rows_fed, wall_s: start.elapsed().as_secs_f64() })
+    Ok(Generation {
+        tokens,
+        steps,
+        forwards,
+        rows_fed,
+        wall_s: start.elapsed().as_secs_f64(),
+    })
 }

@@ -7,7 +7,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn cli(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sparse-lavida")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_sparse-lavida"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn stdout(o: &Output) -> String {
@@ -38,8 +41,19 @@ fn generate_writes_trace_and_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let (trace, out) = (dir.path().join("trace.json"), dir.path().join("out.json"));
     let o = cli(&[
-        "generate", "--preset", "tiny", "--grid", "4x6", "--steps", "5", "--prompt", "1,2,3",
-        "--trace", trace.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "generate",
+        "--preset",
+        "tiny",
+        "--grid",
+        "4x6",
+        "--steps",
+        "5",
+        "--prompt",
+        "1,2,3",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("forwards  6"), "{}", stdout(&o));
@@ -51,23 +65,57 @@ fn generate_writes_trace_and_tokens() {
     assert_eq!(steps.len(), 5);
     let mut seen: Vec<u64> = steps
         .iter()
-        .flat_map(|s| s["decoded_positions"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()))
+        .flat_map(|s| {
+            s["decoded_positions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+        })
         .collect();
     seen.sort();
     assert_eq!(seen, (0..24).collect::<Vec<u64>>());
     for s in steps {
-        assert_eq!(s["decoded_positions"].as_array().unwrap().len(), s["tokens"].as_array().unwrap().len());
+        assert_eq!(
+            s["decoded_positions"].as_array().unwrap().len(),
+            s["tokens"].as_array().unwrap().len()
+        );
         assert!(s["rows_fed"].as_u64().unwrap() > 0 && s["time_s"].as_f64().unwrap() >= 0.0);
     }
     // Same seed, same tokens; the text task runs too.
     let out2 = dir.path().join("out2.json");
     let o = cli(&[
-        "generate", "--preset", "tiny", "--grid", "4x6", "--steps", "5", "--prompt", "1,2,3",
-        "--no-cache-decoded", "--no-truncate", "--out", out2.to_str().unwrap(),
+        "generate",
+        "--preset",
+        "tiny",
+        "--grid",
+        "4x6",
+        "--steps",
+        "5",
+        "--prompt",
+        "1,2,3",
+        "--no-cache-decoded",
+        "--no-truncate",
+        "--out",
+        out2.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(read_json(&out2), read_json(&out));
-    let o = cli(&["generate", "--preset", "tiny", "--task", "text", "--answer-len", "12", "--block", "4", "--steps", "6", "--mode", "dense"]);
+    let o = cli(&[
+        "generate",
+        "--preset",
+        "tiny",
+        "--task",
+        "text",
+        "--answer-len",
+        "12",
+        "--block",
+        "4",
+        "--steps",
+        "6",
+        "--mode",
+        "dense",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -75,10 +123,23 @@ fn generate_writes_trace_and_tokens() {
 fn forward_bench_and_init_weights() {
     let dir = tempfile::tempdir().unwrap();
     let w = dir.path().join("w.safetensors");
-    let o = cli(&["init-weights", "--preset", "tiny", "--seed", "3", "--dtype", "f32", "--out", w.to_str().unwrap()]);
+    let o = cli(&[
+        "init-weights",
+        "--preset",
+        "tiny",
+        "--seed",
+        "3",
+        "--dtype",
+        "f32",
+        "--out",
+        w.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let cfg = Config::preset("tiny").unwrap();
-    assert_eq!(HostWeights::load(&w, &cfg).unwrap(), HostWeights::random(&cfg, 3));
+    assert_eq!(
+        HostWeights::load(&w, &cfg).unwrap(),
+        HostWeights::random(&cfg, 3)
+    );
 
     let case = dir.path().join("case.json");
     std::fs::write(
@@ -91,8 +152,15 @@ fn forward_bench_and_init_weights() {
     .unwrap();
     let out = dir.path().join("logits.safetensors");
     let o = cli(&[
-        "forward", "--preset", "tiny", "--weights", w.to_str().unwrap(), "--case", case.to_str().unwrap(),
-        "--out", out.to_str().unwrap(),
+        "forward",
+        "--preset",
+        "tiny",
+        "--weights",
+        w.to_str().unwrap(),
+        "--case",
+        case.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let bytes = std::fs::read(&out).unwrap();
@@ -101,7 +169,16 @@ fn forward_bench_and_init_weights() {
 
     let json = dir.path().join("bench.json");
     let o = cli(&[
-        "bench", "--preset", "tiny", "--grid", "4x4", "--steps", "4", "--ablation", "--json", json.to_str().unwrap(),
+        "bench",
+        "--preset",
+        "tiny",
+        "--grid",
+        "4x4",
+        "--steps",
+        "4",
+        "--ablation",
+        "--json",
+        json.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let r = read_json(&json);
@@ -109,7 +186,15 @@ fn forward_bench_and_init_weights() {
     assert_eq!(runs.len(), 9);
     assert_eq!(runs[0]["mode"], "dense");
     for run in runs {
-        for key in ["mode", "cache_prompt", "cache_decoded", "truncate", "wall_s", "forwards", "mean_rows"] {
+        for key in [
+            "mode",
+            "cache_prompt",
+            "cache_decoded",
+            "truncate",
+            "wall_s",
+            "forwards",
+            "mean_rows",
+        ] {
             assert!(!run[key].is_null(), "missing {key}");
         }
     }
@@ -119,17 +204,69 @@ fn forward_bench_and_init_weights() {
 
 #[test]
 fn bad_cli_values_are_named() {
-    fails_with(&["generate", "--preset", "huge"], &["unknown preset `huge`"]);
-    fails_with(&["generate", "--preset", "tiny", "--grid", "0x4"], &["zero-size grid"]);
-    fails_with(&["generate", "--preset", "tiny", "--grid", "axb"], &["grid"]);
-    fails_with(&["generate", "--preset", "tiny", "--grid", "2x2", "--steps", "5"], &["steps"]);
-    fails_with(&["generate", "--preset", "tiny", "--temperature", "-1"], &["temperature"]);
-    fails_with(&["generate", "--preset", "tiny", "--guidance", "NaN"], &["guidance"]);
-    fails_with(&["generate", "--preset", "tiny", "--prompt", "1,99999"], &["prompt token 1 is 99999"]);
-    fails_with(&["generate", "--preset", "tiny", "--device", "cuda"], &["CUDA backend"]);
-    fails_with(&["generate", "--preset", "tiny", "--mode", "fast"], &["fast"]);
-    fails_with(&["generate", "--preset", "tiny", "--mode", "dense", "--no-truncate"], &["sparse only"]);
-    fails_with(&["generate", "--preset", "tiny", "--task", "text", "--answer-len", "8", "--steps", "9"], &["steps"]);
+    fails_with(
+        &["generate", "--preset", "huge"],
+        &["unknown preset `huge`"],
+    );
+    fails_with(
+        &["generate", "--preset", "tiny", "--grid", "0x4"],
+        &["zero-size grid"],
+    );
+    fails_with(
+        &["generate", "--preset", "tiny", "--grid", "axb"],
+        &["grid"],
+    );
+    fails_with(
+        &[
+            "generate", "--preset", "tiny", "--grid", "2x2", "--steps", "5",
+        ],
+        &["steps"],
+    );
+    fails_with(
+        &["generate", "--preset", "tiny", "--temperature=-1"],
+        &["temperature"],
+    );
+    fails_with(
+        &["generate", "--preset", "tiny", "--guidance", "NaN"],
+        &["guidance"],
+    );
+    fails_with(
+        &["generate", "--preset", "tiny", "--prompt", "1,99999"],
+        &["prompt token 1 is 99999"],
+    );
+    fails_with(
+        &["generate", "--preset", "tiny", "--device", "cuda"],
+        &["CUDA backend"],
+    );
+    fails_with(
+        &["generate", "--preset", "tiny", "--mode", "fast"],
+        &["fast"],
+    );
+    fails_with(
+        &[
+            "generate",
+            "--preset",
+            "tiny",
+            "--mode",
+            "dense",
+            "--no-truncate",
+        ],
+        &["sparse only"],
+    );
+    fails_with(
+        &[
+            "generate",
+            "--preset",
+            "tiny",
+            "--task",
+            "text",
+            "--answer-len",
+            "8",
+            "--steps",
+            "9",
+        ],
+        &["steps"],
+    );
     fails_with(&["bench", "--preset", "tiny", "--repeat", "0"], &["repeat"]);
 }
 
@@ -138,7 +275,10 @@ fn lavida_o_on_cpu_is_refused_with_its_size_when_it_does_not_fit() {
     let need = Config::preset("lavida-o").unwrap().param_count() * 4;
     match sparse_lavida::config::available_memory_bytes() {
         Some(avail) if avail < need => {
-            fails_with(&["generate", "--preset", "lavida-o"], &["out of memory", "43.0 GB"]);
+            fails_with(
+                &["generate", "--preset", "lavida-o"],
+                &["out of memory", "43.0 GB"],
+            );
         }
         _ => eprintln!("this machine has room for lavida-o in f32: nothing to refuse"),
     }
@@ -149,43 +289,136 @@ fn bad_config_weights_and_case_files_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     std::fs::write(p("bad.json"), "{not json").unwrap();
-    fails_with(&["generate", "--config", &p("bad.json")], &["invalid config", "bad.json"]);
+    fails_with(
+        &["generate", "--config", &p("bad.json")],
+        &["invalid config", "bad.json"],
+    );
     let mut cfg = Config::preset("tiny").unwrap();
     cfg.n_kv_heads = 3;
     std::fs::write(p("gqa.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
     fails_with(&["generate", "--config", &p("gqa.json")], &["n_kv_heads"]);
-    fails_with(&["generate", "--config", &p("missing.json")], &["missing.json"]);
+    fails_with(
+        &["generate", "--config", &p("missing.json")],
+        &["missing.json"],
+    );
 
     let cfg = Config::preset("tiny").unwrap();
     let mut w = HostWeights::random(&cfg, 1);
-    w.save(Path::new(&p("w.safetensors")), SaveDtype::Bf16).unwrap();
+    w.save(Path::new(&p("w.safetensors")), SaveDtype::Bf16)
+        .unwrap();
     let bytes = std::fs::read(p("w.safetensors")).unwrap();
     std::fs::write(p("trunc.safetensors"), &bytes[..bytes.len() - 100]).unwrap();
-    fails_with(&["generate", "--preset", "tiny", "--weights", &p("trunc.safetensors")], &["trunc.safetensors"]);
+    fails_with(
+        &[
+            "generate",
+            "--preset",
+            "tiny",
+            "--weights",
+            &p("trunc.safetensors"),
+        ],
+        &["trunc.safetensors"],
+    );
+    // `save` refuses non-finite values, so this file is written with safetensors directly.
     w.tensors.get_mut("layers.1.image.up").unwrap().data[7] = f32::NAN;
-    w.save(Path::new(&p("nan.safetensors")), SaveDtype::F32).unwrap();
-    fails_with(&["generate", "--preset", "tiny", "--weights", &p("nan.safetensors")], &["layers.1.image.up"]);
-    fails_with(&["generate", "--preset", "small", "--weights", &p("w.safetensors")], &["shape"]);
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = w
+        .tensors
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                t.shape.clone(),
+                t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views = bytes.iter().map(|(n, shape, b)| {
+        (
+            n.as_str(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                .unwrap(),
+        )
+    });
+    safetensors::tensor::serialize_to_file(views, &None, Path::new(&p("nan.safetensors"))).unwrap();
+    fails_with(
+        &[
+            "generate",
+            "--preset",
+            "tiny",
+            "--weights",
+            &p("nan.safetensors"),
+        ],
+        &["layers.1.image.up"],
+    );
+    fails_with(
+        &[
+            "generate",
+            "--preset",
+            "small",
+            "--weights",
+            &p("w.safetensors"),
+        ],
+        &["shape"],
+    );
 
     let case = |name: &str, text: &str| {
         std::fs::write(p(name), text).unwrap();
         p(name)
     };
     let out = p("o.safetensors");
-    let row = |b: &str, id: &str| format!(r#"{{"branch":"{b}","id":{id},"pos":0,"block":0,"masked":false}}"#);
+    let row = |b: &str, id: &str| {
+        format!(r#"{{"branch":"{b}","id":{id},"pos":0,"block":0,"masked":false}}"#)
+    };
     for (name, text, needle) in [
         ("c1.json", "[1,2".to_string(), "case file"),
-        ("c2.json", format!(r#"{{"rows":[{}],"logits_for":[0]}}"#, row("text", "300")), "id 300"),
-        ("c3.json", format!(r#"{{"rows":[{}],"logits_for":[1]}}"#, row("text", "3")), "row 1 does not exist"),
+        (
+            "c2.json",
+            format!(r#"{{"rows":[{}],"logits_for":[0]}}"#, row("text", "300")),
+            "id 300",
+        ),
+        (
+            "c3.json",
+            format!(r#"{{"rows":[{}],"logits_for":[1]}}"#, row("text", "3")),
+            "row 1 does not exist",
+        ),
         (
             "c4.json",
-            format!(r#"{{"rows":[{},{}],"logits_for":[0,1]}}"#, row("text", "3"), row("image", "3")),
+            format!(
+                r#"{{"rows":[{},{}],"logits_for":[0,1]}}"#,
+                row("text", "3"),
+                row("image", "3")
+            ),
             "both branches",
         ),
-        ("c5.json", format!(r#"{{"rows":[{}],"logits_for":[0]}}"#, row("audio", "3")), "audio"),
-        ("c6.json", r#"{"rows":[],"logits_for":[]}"#.to_string(), "no rows"),
-        ("c7.json", format!(r#"{{"rows":[{}],"logits_for":[0]}}"#, row("text", "\"reg\"")), "register"),
+        (
+            "c5.json",
+            format!(r#"{{"rows":[{}],"logits_for":[0]}}"#, row("audio", "3")),
+            "audio",
+        ),
+        (
+            "c6.json",
+            r#"{"rows":[],"logits_for":[]}"#.to_string(),
+            "no rows",
+        ),
+        (
+            "c7.json",
+            format!(
+                r#"{{"rows":[{}],"logits_for":[0]}}"#,
+                row("text", "\"reg\"")
+            ),
+            "register",
+        ),
     ] {
-        fails_with(&["forward", "--preset", "tiny", "--case", &case(name, &text), "--out", &out], &[needle]);
+        fails_with(
+            &[
+                "forward",
+                "--preset",
+                "tiny",
+                "--case",
+                &case(name, &text),
+                "--out",
+                &out,
+            ],
+            &[needle],
+        );
     }
 }

@@ -15,13 +15,23 @@ fn random_case(cfg: &Config, rng: &mut impl Rng) -> Case {
     let n = rng.gen_range(2..24);
     let mut rows: Vec<CaseRow> = (0..n)
         .map(|_| {
-            let branch = if rng.gen_bool(0.5) { Branch::Text } else { Branch::Image };
+            let branch = if rng.gen_bool(0.5) {
+                Branch::Text
+            } else {
+                Branch::Image
+            };
             let id = if rng.gen_bool(0.15) {
                 CaseId::Register(RegisterMarker::Reg)
             } else {
                 CaseId::Token(rng.gen_range(0..cfg.embed_rows(branch) as u32))
             };
-            CaseRow { branch, id, pos: rng.gen_range(0..200), block: rng.gen_range(0..4), masked: rng.gen_bool(0.4) }
+            CaseRow {
+                branch,
+                id,
+                pos: rng.gen_range(0..200),
+                block: rng.gen_range(0..4),
+                masked: rng.gen_bool(0.4),
+            }
         })
         .collect();
     // At least one token row to ask logits for.
@@ -40,7 +50,9 @@ fn forward_matches_numpy_reference() {
     let cfg = Config::preset("tiny").unwrap();
     let weights_path = dir.path().join("w.safetensors");
     let config_path = dir.path().join("config.json");
-    HostWeights::random(&cfg, 77).save(&weights_path, SaveDtype::F32).unwrap();
+    HostWeights::random(&cfg, 77)
+        .save(&weights_path, SaveDtype::F32)
+        .unwrap();
     std::fs::write(&config_path, serde_json::to_string(&cfg).unwrap()).unwrap();
     let model = tiny_model(77);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/reference.py");
@@ -50,18 +62,20 @@ fn forward_matches_numpy_reference() {
         let case_path = dir.path().join(format!("case{case_no}.json"));
         let out_path = dir.path().join(format!("ref{case_no}.safetensors"));
         std::fs::write(&case_path, serde_json::to_string(&case).unwrap()).unwrap();
-        let status = Command::new(std::env::var("SPARSE_LAVIDA_PYTHON").unwrap_or_else(|_| "python3".into()))
-            .arg(script)
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--weights")
-            .arg(&weights_path)
-            .arg("--case")
-            .arg(&case_path)
-            .arg("--out")
-            .arg(&out_path)
-            .output()
-            .expect("python3 must be installed (see .ci/run)");
+        let status = Command::new(
+            std::env::var("SPARSE_LAVIDA_PYTHON").unwrap_or_else(|_| "python3".into()),
+        )
+        .arg(script)
+        .arg("--config")
+        .arg(&config_path)
+        .arg("--weights")
+        .arg(&weights_path)
+        .arg("--case")
+        .arg(&case_path)
+        .arg("--out")
+        .arg(&out_path)
+        .output()
+        .expect("python3 must be installed (see .ci/run)");
         assert!(
             status.status.success(),
             "reference.py failed (numpy and safetensors needed: see .ci/run): {}",
@@ -70,13 +84,22 @@ fn forward_matches_numpy_reference() {
         let bytes = std::fs::read(&out_path).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let t = st.tensor("logits").unwrap();
-        let expected: Vec<f32> =
-            t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let expected: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
 
         let plan = case.plan(&cfg).unwrap();
         let mut cache = model.new_cache(plan.pool_slots).unwrap();
-        let got = model.forward(&model.prepare(plan).unwrap(), &mut cache).unwrap().unwrap();
-        assert_eq!(t.shape(), &[case.logits_for.len(), cfg.vocab(case.rows[0].branch)]);
+        let got = model
+            .forward(&model.prepare(plan).unwrap(), &mut cache)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            t.shape(),
+            &[case.logits_for.len(), cfg.vocab(case.rows[0].branch)]
+        );
         let err = rel_l2(&got.data, &expected);
         assert!(err <= 1e-4, "case {case_no}: relative L2 {err:e}");
     }

@@ -7,11 +7,26 @@ use common::{max_rel_err, tiny_model};
 use proptest::prelude::*;
 use sparse_lavida::case::{Case, CaseId, CaseRow, RegisterMarker};
 use sparse_lavida::config::Branch;
-use sparse_lavida::sampler::{self, Generation, Mode, RunOptions, Switches, T2iRequest, Task, TextRequest};
+use sparse_lavida::sampler::{
+    self, Generation, Mode, RunOptions, Switches, T2iRequest, Task, TextRequest,
+};
 use sparse_lavida::schedule::Order;
 
-fn run(model: &sparse_lavida::model::Model<sparse_lavida::backend::cpu::CpuBackend>, task: &Task, mode: Mode) -> Generation {
-    sampler::generate(model, task, mode, RunOptions { record_logits: true, progress: None }).unwrap()
+fn run(
+    model: &sparse_lavida::model::Model<sparse_lavida::backend::cpu::CpuBackend>,
+    task: &Task,
+    mode: Mode,
+) -> Generation {
+    sampler::generate(
+        model,
+        task,
+        mode,
+        RunOptions {
+            record_logits: true,
+            progress: None,
+        },
+    )
+    .unwrap()
 }
 
 /// All eight switch combinations against the all-on run, step by step.
@@ -22,10 +37,22 @@ fn assert_all_switches_agree(weights_seed: u64, task: &Task) {
         let g = run(&model, task, Mode::Sparse(sw));
         assert_eq!(g.steps.len(), reference.steps.len());
         for (a, b) in g.steps.iter().zip(&reference.steps) {
-            assert_eq!(a.query_positions, b.query_positions, "{sw:?} step {}", a.step);
+            assert_eq!(
+                a.query_positions, b.query_positions,
+                "{sw:?} step {}",
+                a.step
+            );
             let err = max_rel_err(a.logits.as_ref().unwrap(), b.logits.as_ref().unwrap());
-            assert!(err <= 1e-4, "{sw:?} step {}: logits max rel err {err:e}", a.step);
-            assert_eq!(a.decoded_positions, b.decoded_positions, "{sw:?} step {}", a.step);
+            assert!(
+                err <= 1e-4,
+                "{sw:?} step {}: logits max rel err {err:e}",
+                a.step
+            );
+            assert_eq!(
+                a.decoded_positions, b.decoded_positions,
+                "{sw:?} step {}",
+                a.step
+            );
             assert_eq!(a.tokens, b.tokens, "{sw:?} step {}", a.step);
         }
         assert_eq!(g.tokens, reference.tokens, "{sw:?}");
@@ -33,7 +60,9 @@ fn assert_all_switches_agree(weights_seed: u64, task: &Task) {
 }
 
 fn prompt(len: usize, seed: u64) -> Vec<u32> {
-    (0..len as u64).map(|i| ((i * 7919 + seed * 104729) % 299) as u32).collect()
+    (0..len as u64)
+        .map(|i| ((i * 7919 + seed * 104729) % 299) as u32)
+        .collect()
 }
 
 proptest! {
@@ -92,30 +121,60 @@ fn full_case(
     let p = prompt.len() as u32;
     let mut rows = Vec::new();
     for (j, &id) in prompt.iter().enumerate() {
-        rows.push(CaseRow { branch: Branch::Text, id: CaseId::Token(id), pos: j as u32, block: 0, masked: false });
+        rows.push(CaseRow {
+            branch: Branch::Text,
+            id: CaseId::Token(id),
+            pos: j as u32,
+            block: 0,
+            masked: false,
+        });
     }
     for (j, s) in g.steps[..k].iter().enumerate() {
         for (&i, &t) in s.decoded_positions.iter().zip(&s.tokens) {
-            rows.push(CaseRow { branch, id: CaseId::Token(t), pos: p + i, block: j as u32 + 1, masked: false });
+            rows.push(CaseRow {
+                branch,
+                id: CaseId::Token(t),
+                pos: p + i,
+                block: j as u32 + 1,
+                masked: false,
+            });
         }
     }
     let mut logits_for = Vec::new();
     let block = k as u32 + 1;
     for &i in &g.steps[k].query_positions {
         logits_for.push(rows.len());
-        rows.push(CaseRow { branch, id: CaseId::Token(cfg.mask_id(branch)), pos: p + i, block, masked: true });
+        rows.push(CaseRow {
+            branch,
+            id: CaseId::Token(cfg.mask_id(branch)),
+            pos: p + i,
+            block,
+            masked: true,
+        });
     }
     for r in 0..cfg.n_registers as u32 {
         let id = CaseId::Register(RegisterMarker::Reg);
-        rows.push(CaseRow { branch, id, pos: p + n as u32 + r, block, masked: true });
+        rows.push(CaseRow {
+            branch,
+            id,
+            pos: p + n as u32 + r,
+            block,
+            masked: true,
+        });
     }
     Case { rows, logits_for }
 }
 
-fn forward_logits(model: &sparse_lavida::model::Model<sparse_lavida::backend::cpu::CpuBackend>, case: &Case) -> Vec<f32> {
+fn forward_logits(
+    model: &sparse_lavida::model::Model<sparse_lavida::backend::cpu::CpuBackend>,
+    case: &Case,
+) -> Vec<f32> {
     let plan = case.plan(model.config()).unwrap();
     let mut cache = model.new_cache(plan.pool_slots).unwrap();
-    let out = model.forward(&model.prepare(plan).unwrap(), &mut cache).unwrap().unwrap();
+    let out = model
+        .forward(&model.prepare(plan).unwrap(), &mut cache)
+        .unwrap()
+        .unwrap();
     out.data
 }
 
@@ -140,11 +199,20 @@ fn incremental_t2i_with_cfg_equals_full_forward() {
     for k in 0..g.steps.len() {
         let logits = g.steps[k].logits.as_ref().unwrap();
         let half = logits.len() / 2;
-        let cond = forward_logits(&model, &full_case(&cfg, &prompt, Branch::Image, h * w, &g, k));
-        let unc = forward_logits(&model, &full_case(&cfg, &uncond, Branch::Image, h * w, &g, k));
+        let cond = forward_logits(
+            &model,
+            &full_case(&cfg, &prompt, Branch::Image, h * w, &g, k),
+        );
+        let unc = forward_logits(
+            &model,
+            &full_case(&cfg, &uncond, Branch::Image, h * w, &g, k),
+        );
         let e1 = max_rel_err(&logits[..half], &cond);
         let e2 = max_rel_err(&logits[half..], &unc);
-        assert!(e1 <= 1e-4 && e2 <= 1e-4, "step {k}: cond {e1:e}, uncond {e2:e}");
+        assert!(
+            e1 <= 1e-4 && e2 <= 1e-4,
+            "step {k}: cond {e1:e}, uncond {e2:e}"
+        );
     }
 }
 
@@ -197,9 +265,17 @@ fn dense_and_sparse_decode_every_position_once() {
     ] {
         for mode in [Mode::Dense, Mode::Sparse(Switches::ALL_ON)] {
             let g = run(&model, &task, mode);
-            let mut seen: Vec<u32> = g.steps.iter().flat_map(|s| s.decoded_positions.clone()).collect();
+            let mut seen: Vec<u32> = g
+                .steps
+                .iter()
+                .flat_map(|s| s.decoded_positions.clone())
+                .collect();
             seen.sort();
-            assert_eq!(seen, (0..g.tokens.len() as u32).collect::<Vec<_>>(), "{mode}");
+            assert_eq!(
+                seen,
+                (0..g.tokens.len() as u32).collect::<Vec<_>>(),
+                "{mode}"
+            );
             let dense_rows = matches!(mode, Mode::Dense);
             // Dense feeds every row every step; sparse feeds fewer per step than dense would.
             let p = 4;

@@ -84,7 +84,10 @@ fn check_shape(what: &str, m: &CpuMatrix, rows: usize, cols: usize) -> Result<()
 
 fn check_weight(what: &str, w: &HostTensor, shape: &[usize]) -> Result<()> {
     if w.shape != shape {
-        return Err(Error::Input(format!("{what}: weight shape {:?}, expected {shape:?}", w.shape)));
+        return Err(Error::Input(format!(
+            "{what}: weight shape {:?}, expected {shape:?}",
+            w.shape
+        )));
     }
     Ok(())
 }
@@ -126,7 +129,11 @@ impl Backend for CpuBackend {
     }
 
     fn matrix(&self, rows: usize, cols: usize) -> Result<CpuMatrix> {
-        Ok(CpuMatrix { rows, cols, data: vec![0.0; rows * cols] })
+        Ok(CpuMatrix {
+            rows,
+            cols,
+            data: vec![0.0; rows * cols],
+        })
     }
 
     fn to_host(&self, m: &CpuMatrix) -> Result<Vec<f32>> {
@@ -152,11 +159,25 @@ impl Backend for CpuBackend {
         ops::rmsnorm(&x.data, &w.data, eps, &mut out.data)
     }
 
-    fn matmul(&self, x: &CpuMatrix, w: &HostTensor, out: &mut CpuMatrix, accumulate: bool) -> Result<()> {
+    fn matmul(
+        &self,
+        x: &CpuMatrix,
+        w: &HostTensor,
+        out: &mut CpuMatrix,
+        accumulate: bool,
+    ) -> Result<()> {
         let n = w.shape.first().copied().unwrap_or(0);
         check_weight("matmul weight", w, &[n, x.cols])?;
         check_shape("matmul output", out, x.rows, n)?;
-        ops::matmul_t(&x.data, x.rows, x.cols, &w.data, n, &mut out.data, accumulate)
+        ops::matmul_t(
+            &x.data,
+            x.rows,
+            x.cols,
+            &w.data,
+            n,
+            &mut out.data,
+            accumulate,
+        )
     }
 
     fn rope_store_kv(
@@ -169,7 +190,11 @@ impl Backend for CpuBackend {
         v: &CpuMatrix,
         cache: &mut CpuCache,
     ) -> Result<()> {
-        let AttnShape { n_heads, n_kv_heads, head_dim } = cache.shape;
+        let AttnShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = cache.shape;
         let theta = cache.rope_theta;
         let rows = plan.rows(b);
         let n = rows.len();
@@ -177,7 +202,10 @@ impl Backend for CpuBackend {
         check_shape("rope k", k, n, cache.kv_dim)?;
         check_shape("rope v", v, n, cache.kv_dim)?;
         if layer >= cache.k.len() {
-            return Err(Error::Input(format!("layer {layer} beyond the pool's {}", cache.k.len())));
+            return Err(Error::Input(format!(
+                "layer {layer} beyond the pool's {}",
+                cache.k.len()
+            )));
         }
         ops::rope(&mut q.data, n_heads, head_dim, &rows.pos, theta)?;
         let mut k_rot = k.data.clone();
@@ -186,7 +214,10 @@ impl Backend for CpuBackend {
         for (i, &slot) in rows.slots.iter().enumerate() {
             let slot = slot as usize;
             if slot >= cache.slots {
-                return Err(Error::Input(format!("row {i}: slot {slot} beyond the pool's {}", cache.slots)));
+                return Err(Error::Input(format!(
+                    "row {i}: slot {slot} beyond the pool's {}",
+                    cache.slots
+                )));
             }
             cache.k[layer][slot * d..(slot + 1) * d].copy_from_slice(&k_rot[i * d..(i + 1) * d]);
             cache.v[layer][slot * d..(slot + 1) * d].copy_from_slice(&v.data[i * d..(i + 1) * d]);
@@ -206,9 +237,17 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let shape = cache.shape;
         let rows = plan.rows(b);
-        check_shape("attention output", out, rows.len(), shape.n_heads * shape.head_dim)?;
+        check_shape(
+            "attention output",
+            out,
+            rows.len(),
+            shape.n_heads * shape.head_dim,
+        )?;
         if layer >= cache.k.len() {
-            return Err(Error::Input(format!("layer {layer} beyond the pool's {}", cache.k.len())));
+            return Err(Error::Input(format!(
+                "layer {layer} beyond the pool's {}",
+                cache.k.len()
+            )));
         }
         let inp = AttnInputs {
             q: &q.data,
@@ -222,10 +261,15 @@ impl Backend for CpuBackend {
             joint,
             shape,
         };
-        let max_keys = plan.kv_indptr.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
-        let tiling = self
-            .tiling
-            .unwrap_or_else(|| AttnTiling::heuristic(rows.len(), max_keys, shape.n_heads, self.threads()));
+        let max_keys = plan
+            .kv_indptr
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0);
+        let tiling = self.tiling.unwrap_or_else(|| {
+            AttnTiling::heuristic(rows.len(), max_keys, shape.n_heads, self.threads())
+        });
         attention::attention_tiled(&inp, tiling, &mut out.data, None)
     }
 
@@ -241,7 +285,10 @@ impl Backend for CpuBackend {
         for (j, &r) in plan.logits_rows.iter().enumerate() {
             let r = r as usize;
             if r >= x.rows {
-                return Err(Error::Input(format!("logits row {r} beyond {} rows", x.rows)));
+                return Err(Error::Input(format!(
+                    "logits row {r} beyond {} rows",
+                    x.rows
+                )));
             }
             out.data[j * d..(j + 1) * d].copy_from_slice(&x.data[r * d..(r + 1) * d]);
         }
