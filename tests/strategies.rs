@@ -93,8 +93,10 @@ proptest! {
         wseed in 0u64..1000, seed in 0u64..1000, plen in 1usize..6, answer in 1usize..24,
         block in 1usize..10, steps_frac in 0.0f64..1.0, hot in any::<bool>(),
     ) {
+        // Every block gets the same number of steps, at most the smallest (last) block's size.
         let nblocks = answer.div_ceil(block);
-        let steps = nblocks + ((answer - nblocks) as f64 * steps_frac) as usize;
+        let smallest = answer - (nblocks - 1) * block;
+        let steps = nblocks * (1 + ((smallest - 1) as f64 * steps_frac) as usize);
         let task = Task::Text(TextRequest {
             prompt: prompt(plen, seed),
             answer_len: answer,
