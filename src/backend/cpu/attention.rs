@@ -45,6 +45,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use crate::backend::cpu::ops::gemm_block;
 use crate::bail_input;
 use crate::config::Branch;
 use crate::error::Result;
@@ -463,7 +464,14 @@ fn attend_split(
     let mut m = vec![f32::NEG_INFINITY; n_rows];
     let mut l = vec![0.0f32; n_rows];
     let mut acc = vec![0.0f32; n_rows * d];
-    // Score tile `[n_rows, tile_k]` (shared memory / registers on the GPU).
+    // The query tile of this head, and per key tile the gathered K (`[n_keys, d]`), Vᵀ
+    // (`[d, n_keys]`) and scores/probabilities (`[n_rows, n_keys]`): shared memory on the GPU.
+    let mut q_tile = Vec::with_capacity(n_rows * d);
+    for r in 0..n_rows {
+        q_tile.extend_from_slice(q_row(r));
+    }
+    let mut k_tile = vec![0.0f32; tiling.tile_k * d];
+    let mut vt_tile = vec![0.0f32; d * tiling.tile_k];
     let mut s = vec![0.0f32; n_rows * tiling.tile_k];
 
     for k0 in keys.clone().step_by(tiling.tile_k) {
@@ -474,45 +482,59 @@ fn attend_split(
         if class == TileClass::AllHidden {
             continue;
         }
+        // Gather the tile through the index list (cp.async on the GPU; the pool is never copied
+        // whole).
         let slots = &inp.kv_indices[tile_keys];
-        let k_row = |j: usize| &inp.k_pool[slots[j] as usize * kv_dim + kv_head * d..][..d];
-        let v_row = |j: usize| &inp.v_pool[slots[j] as usize * kv_dim + kv_head * d..][..d];
+        let (k_tile, vt_tile, s) = (
+            &mut k_tile[..n_keys * d],
+            &mut vt_tile[..d * n_keys],
+            &mut s[..n_rows * n_keys],
+        );
+        for (j, &slot) in slots.iter().enumerate() {
+            let base = slot as usize * kv_dim + kv_head * d;
+            k_tile[j * d..][..d].copy_from_slice(&inp.k_pool[base..][..d]);
+            for (c, &v) in inp.v_pool[base..][..d].iter().enumerate() {
+                vt_tile[c * n_keys + j] = v;
+            }
+        }
 
         // S = Q·Kᵀ, scaled to base 2; hidden pairs of a Mixed tile get −inf.
+        gemm_block(&q_tile, n_rows, d, k_tile, n_keys, s, false);
         for r in 0..n_rows {
             for j in 0..n_keys {
                 let shown =
                     class == TileClass::AllVisible || visible(q_tags[r], k_tags[j], inp.joint);
-                s[r * tiling.tile_k + j] = if shown {
-                    dot(q_row(r), k_row(j)) * scale_log2
+                let x = &mut s[r * n_keys + j];
+                *x = if shown {
+                    *x * scale_log2
                 } else {
                     f32::NEG_INFINITY
                 };
             }
         }
 
-        // Online softmax update, then acc += P·V. Hidden keys have p = 0 exactly and are still
-        // multiplied in, as the tensor-core P·V product does.
+        // Online softmax: S becomes P = 2^(S − m_new), `l` and `acc` are rescaled; then
+        // acc += P·V. Hidden keys have p = 0 exactly and are still multiplied in, as the
+        // tensor-core P·V product does.
         for r in 0..n_rows {
-            let s_row = &s[r * tiling.tile_k..][..n_keys];
+            let s_row = &mut s[r * n_keys..][..n_keys];
             let m_tile = s_row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            if m_tile == f32::NEG_INFINITY {
+            let m_new = m[r].max(m_tile);
+            if m_new == f32::NEG_INFINITY {
+                // Nothing visible yet: p = 0 for the whole row (2^(−inf − −inf) would be NaN).
+                s_row.iter_mut().for_each(|x| *x = 0.0);
                 continue;
             }
-            let m_new = m[r].max(m_tile);
             let alpha = (m[r] - m_new).exp2();
-            let acc_row = &mut acc[r * d..][..d];
             l[r] *= alpha;
-            acc_row.iter_mut().for_each(|a| *a *= alpha);
-            for (j, &sj) in s_row.iter().enumerate() {
-                let p = (sj - m_new).exp2();
-                l[r] += p;
-                for (a, &v) in acc_row.iter_mut().zip(v_row(j)) {
-                    *a += p * v;
-                }
+            acc[r * d..][..d].iter_mut().for_each(|a| *a *= alpha);
+            for x in s_row.iter_mut() {
+                *x = (*x - m_new).exp2();
+                l[r] += *x;
             }
             m[r] = m_new;
         }
+        gemm_block(s, n_rows, n_keys, vt_tile, d, &mut acc, true);
     }
 
     // Epilogue: normalise. `l >= 1` whenever a visible key was seen (its own term is 2^0).
@@ -526,10 +548,6 @@ fn attend_split(
         lse2[r] = m[r] + l[r].log2();
     }
     Partial { o: acc, lse2 }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 /// Tiled split-KV attention. out: [rows, n_heads*head_dim]; lse (optional): [rows, n_heads],

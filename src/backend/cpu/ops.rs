@@ -77,8 +77,17 @@ pub fn matmul_t(
     Ok(())
 }
 
-/// One contiguous block: `out[m, nc] (+)= x[m, k] · w[nc, k]ᵀ`.
-fn gemm_block(x: &[f32], m: usize, k: usize, w: &[f32], nc: usize, out: &mut [f32], acc: bool) {
+/// One contiguous block on the calling thread: `out[m, nc] (+)= x[m, k] · w[nc, k]ᵀ` (the
+/// attention kernel calls it inside its own parallel work items).
+pub(crate) fn gemm_block(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    nc: usize,
+    out: &mut [f32],
+    acc: bool,
+) {
     assert!(x.len() == m * k && w.len() == nc * k && out.len() == m * nc);
     let beta = if acc { 1.0 } else { 0.0 };
     // Slice lengths are at most isize::MAX elements, so these strides fit.
