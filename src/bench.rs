@@ -36,6 +36,8 @@ pub struct BenchRun {
 pub struct BenchReport {
     /// Backend name.
     pub backend: String,
+    /// The machine (CPU model and threads; the card for a GPU backend).
+    pub machine: String,
     /// Free-form description of the workload.
     pub workload: String,
     /// Every run, dense first.
@@ -118,6 +120,7 @@ pub fn run_bench<B: Backend>(
         .wall_s;
     Ok(BenchReport {
         backend: model.backend().name(),
+        machine: crate::runtime::cpu_description(),
         workload,
         runs,
         speedup_sparse_vs_dense: dense / sparse,

@@ -19,6 +19,20 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+/// `println!` that never panics: a closed pipe (`| head`) ends the program quietly.
+macro_rules! say {
+    ($($arg:tt)*) => { write_stdout(format_args!($($arg)*)) };
+}
+
+fn write_stdout(args: std::fmt::Arguments) {
+    use std::io::Write;
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{args}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "sparse-lavida",
@@ -415,13 +429,13 @@ fn print_summary(
     mode: Mode,
     g: &Generation,
 ) {
-    println!("backend   {}", model.backend().name());
-    println!("task      {}", describe(task));
-    println!("mode      {mode}");
-    println!("steps     {}", g.steps.len());
-    println!("forwards  {}", g.forwards);
-    println!("rows fed  {} ({:.1} per step)", g.rows_fed, g.mean_rows());
-    println!("time      {:.3} s", g.wall_s);
+    say!("backend   {}", model.backend().name());
+    say!("task      {}", describe(task));
+    say!("mode      {mode}");
+    say!("steps     {}", g.steps.len());
+    say!("forwards  {}", g.forwards);
+    say!("rows fed  {} ({:.1} per step)", g.rows_fed, g.mean_rows());
+    say!("time      {:.3} s", g.wall_s);
 }
 
 fn cmd_forward(a: ForwardArgs) -> Result<()> {
@@ -447,7 +461,7 @@ fn cmd_forward(a: ForwardArgs) -> Result<()> {
         },
     );
     HostWeights { tensors }.save(&a.out, SaveDtype::F32)?;
-    println!("wrote logits [{n}, {vocab}] to {}", a.out.display());
+    say!("wrote logits [{n}, {vocab}] to {}", a.out.display());
     Ok(())
 }
 
@@ -464,9 +478,10 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                 .display()
                 .to_string())
     );
-    println!("backend   {}", model.backend().name());
-    println!("workload  {workload}");
-    println!("{}", bench::table_header());
+    say!("backend   {}", model.backend().name());
+    say!("machine   {}", runtime::cpu_description());
+    say!("workload  {workload}");
+    say!("{}", bench::table_header());
     let mut dense_wall = None;
     let report = bench::run_bench(
         &model,
@@ -476,10 +491,10 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         a.repeat as usize,
         |r| {
             let d = *dense_wall.get_or_insert(r.wall_s);
-            println!("{}", bench::table_row(r, d));
+            say!("{}", bench::table_row(r, d));
         },
     )?;
-    println!(
+    say!(
         "speedup sparse vs dense: {:.2}x",
         report.speedup_sparse_vs_dense
     );
@@ -507,7 +522,7 @@ fn cmd_init(a: InitArgs) -> Result<()> {
         DtypeArg::Bf16 => SaveDtype::Bf16,
     };
     w.save(&a.out, dtype)?;
-    println!(
+    say!(
         "wrote {} parameters to {}",
         cfg.param_count(),
         a.out.display()
@@ -517,8 +532,8 @@ fn cmd_init(a: InitArgs) -> Result<()> {
 
 fn cmd_info() -> Result<()> {
     let be = sparse_lavida::backend::cpu::CpuBackend::new();
-    println!("sparse-lavida {}", env!("CARGO_PKG_VERSION"));
-    println!(
+    say!("sparse-lavida {}", env!("CARGO_PKG_VERSION"));
+    say!(
         "build     {} ({})",
         if cfg!(debug_assertions) {
             "debug"
@@ -527,10 +542,10 @@ fn cmd_info() -> Result<()> {
         },
         std::env::consts::ARCH
     );
-    println!("backends  cpu (f32); cuda: not in this build");
-    println!("cpu       {} threads", be.threads());
+    say!("backends  cpu (f32); cuda: not in this build");
+    say!("cpu       {} threads", be.threads());
     if let Some(b) = sparse_lavida::config::available_memory_bytes() {
-        println!("memory    {:.1} GB available", b as f64 / 1e9);
+        say!("memory    {:.1} GB available", b as f64 / 1e9);
     }
     Ok(())
 }

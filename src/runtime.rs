@@ -58,3 +58,17 @@ pub fn cpu_model(cfg: Config, source: &WeightSource) -> Result<Model<CpuBackend>
     };
     Model::new(CpuBackend::new(), cfg, weights)
 }
+
+/// The host CPU's model name and thread count, for benchmark reports.
+pub fn cpu_description() -> String {
+    let name = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    format!("{name}, {} threads", rayon::current_num_threads())
+}
