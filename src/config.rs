@@ -63,9 +63,9 @@ pub struct Config {
     pub norm_eps: f64,
     /// Text embedding rows and text head width.
     pub text_vocab: usize,
-    /// Id of the text [MASK] token.
+    /// Id of the text `[MASK]` token.
     pub text_mask_id: u32,
-    /// Image codes; the image [MASK] is id `image_vocab`.
+    /// Image codes; the image `[MASK]` is id `image_vocab`.
     pub image_vocab: usize,
     /// Register tokens per masked block.
     pub n_registers: usize,
@@ -232,7 +232,7 @@ impl Config {
         }
     }
 
-    /// Embedding rows of `b` (the image table has one extra row for its [MASK]).
+    /// Embedding rows of `b` (the image table has one extra row for its `[MASK]`).
     pub fn embed_rows(&self, b: Branch) -> usize {
         match b {
             Branch::Text => self.text_vocab,
@@ -248,7 +248,7 @@ impl Config {
         }
     }
 
-    /// The [MASK] id of `b`.
+    /// The `[MASK]` id of `b`.
     pub fn mask_id(&self, b: Branch) -> u32 {
         match b {
             Branch::Text => self.text_mask_id,

@@ -3,7 +3,7 @@
 //! trait that the CUDA backend implements.
 //!
 //! Data flow: [`config`] → [`weights`] → [`schedule`] → [`plan`] → [`backend`] → [`model`] →
-//! [`sampler`] → CLI (`src/main.rs`, with [`case`], [`bench`] and [`runtime`]).
+//! [`sampler`] → CLI (`src/main.rs`, with [`case`], [`bench`](mod@bench) and [`runtime`]).
 #![warn(missing_docs)]
 
 pub mod backend;

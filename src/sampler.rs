@@ -112,7 +112,7 @@ pub struct TextRequest {
     pub steps: usize,
     /// Gumbel temperature (0 = argmax).
     pub temperature: f32,
-    /// Ids that never win besides the text [MASK].
+    /// Ids that never win besides the text `[MASK]`.
     pub banned: Vec<u32>,
     /// Philox seed.
     pub seed: u64,
@@ -183,7 +183,7 @@ pub struct RunOptions<'a> {
 /// The fixed facts of one generation: sequence set, lengths, branches, slot layout.
 #[derive(Debug, Clone)]
 pub struct Layout {
-    /// Prompt ids per sequence (the unconditional one is all text [MASK]).
+    /// Prompt ids per sequence (the unconditional one is all text `[MASK]`).
     pub prompts: Vec<Vec<u32>>,
     /// Response length `N`.
     pub n: usize,
@@ -191,7 +191,7 @@ pub struct Layout {
     pub r: usize,
     /// The response's branch.
     pub branch: Branch,
-    /// The response's [MASK] id.
+    /// The response's `[MASK]` id.
     pub mask_id: u32,
     /// Branch skipped after the joint layers.
     pub skip: Option<Branch>,

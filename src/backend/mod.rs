@@ -20,7 +20,7 @@ pub struct SampleParams {
     pub guidance: Option<f32>,
     /// Gumbel temperature; 0 is plain argmax (ties to the lower id).
     pub temperature: f32,
-    /// Ids that never win (e.g. the text [MASK]).
+    /// Ids that never win (e.g. the text `[MASK]`).
     pub banned: Vec<u32>,
     /// Philox key (`seed_lo`, `seed_hi`).
     pub seed: u64,

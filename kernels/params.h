@@ -1,0 +1,271 @@
+/*
+ * sparse-lavida kernel ABI: the one definition of every kernel's parameter struct and launch
+ * constants. Rust sees this file through bindgen (src/cuda/bindings.rs, committed; regenerate
+ * with scripts/gen-bindings and never edit by hand). Kernels take one struct by value.
+ *
+ * Conventions
+ * - Matrices are row-major; `*_stride` is the distance between rows in elements.
+ * - bf16 is storage only; all arithmetic accumulates in f32.
+ * - Attention tags are one u32: bit 0 masked, bit 1 branch (1 = image), bits 2..31 block
+ *   (SPEC §3; src/plan.rs `Tag`).
+ * - Index arrays are u32. Pointers marked "nullable" may be 0.
+ * - Every kernel is `extern "C"` and named here; launch geometry is fixed here too, so the
+ *   host wrappers and the kernels cannot disagree.
+ */
+#ifndef SPARSE_LAVIDA_PARAMS_H
+#define SPARSE_LAVIDA_PARAMS_H
+
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+typedef __nv_bfloat16 sl_bf16;
+#else
+/* Host side (bindgen): a bf16 is its 16 raw bits. */
+typedef uint16_t sl_bf16;
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------------------------------
+ * Gathered-token attention (kernels/attention.cu)
+ *
+ * Kernels: sl_attention_hd64, sl_attention_hd128 (one per head_dim), sl_attention_merge.
+ * Grid (attention): (n_qtiles, n_heads, n_splits); block: SL_ATTN_THREADS threads; dynamic
+ * shared memory: SL_ATTN_SMEM_BYTES(head_dim) (needs the opt-in attribute above 48 KiB).
+ * A query tile is up to SL_ATTN_BLOCK_M consecutive rows of ONE sequence; the host plan lists
+ * the tiles (qtile_seq, qtile_row0). Keys of sequence s are kv_indices[kv_indptr[s] ..
+ * kv_indptr[s+1]] (pool slots), with kv_tags in parallel; split `z` of n_splits covers the
+ * keys SL_SPLIT_RANGE (below) of that list.
+ * With n_splits == 1 the kernel writes `o` (and `lse`) directly. With n_splits > 1 it writes
+ * partial_o / partial_lse, and sl_attention_merge (grid: n_rows, block: SL_MERGE_THREADS)
+ * combines them into `o` / `lse` by log-sum-exp weights.
+ * A row that sees no key gets o = 0 and lse = -inf.
+ * ------------------------------------------------------------------------------------- */
+#define SL_ATTN_BLOCK_M 64
+#define SL_ATTN_BLOCK_N 64
+#define SL_ATTN_THREADS 128
+/* Q tile + double-buffered K and V tiles, bf16. */
+#define SL_ATTN_SMEM_BYTES(head_dim) \
+    ((SL_ATTN_BLOCK_M + 4 * SL_ATTN_BLOCK_N) * (head_dim) * 2 + 2 * SL_ATTN_BLOCK_N * 4)
+#define SL_MERGE_THREADS 128
+/* Keys per split: ceil(n_keys / n_splits) rounded up to a multiple of SL_ATTN_BLOCK_N. */
+#define SL_SPLIT_CHUNK(n_keys, n_splits) \
+    (((((n_keys) + (n_splits) - 1) / (n_splits)) + SL_ATTN_BLOCK_N - 1) / SL_ATTN_BLOCK_N * SL_ATTN_BLOCK_N)
+
+typedef struct SlAttnParams {
+    const sl_bf16 *q;          /* [n_rows, q_stride]; head h at columns h*head_dim.. */
+    const sl_bf16 *k_pool;     /* [slots, kv_stride]; kv head g at columns g*head_dim.. */
+    const sl_bf16 *v_pool;     /* same layout as k_pool */
+    sl_bf16 *o;                /* [n_rows, o_stride]; written when n_splits == 1 */
+    float *lse;                /* nullable [n_rows, n_heads], natural log */
+    float *partial_o;          /* [n_splits, n_rows, n_heads, head_dim] when n_splits > 1 */
+    float *partial_lse;        /* [n_splits, n_rows, n_heads], base 2, when n_splits > 1 */
+    const uint32_t *row_tags;  /* [n_rows] */
+    const uint32_t *qtile_seq; /* [n_qtiles] sequence of each query tile */
+    const uint32_t *qtile_row0;/* [n_qtiles] first row of each tile */
+    const uint32_t *seq_indptr;/* [n_seqs + 1] rows of sequence s */
+    const uint32_t *kv_indptr; /* [n_seqs + 1] */
+    const uint32_t *kv_indices;/* [n_keys_total] pool slots */
+    const uint32_t *kv_tags;   /* [n_keys_total] */
+    uint32_t n_rows;
+    uint32_t n_qtiles;
+    uint32_t n_seqs;
+    uint32_t n_slots;          /* pool rows (bounds are the host's job; kept for asserts) */
+    uint32_t q_stride;
+    uint32_t kv_stride;
+    uint32_t o_stride;
+    uint32_t n_heads;
+    uint32_t n_kv_heads;
+    uint32_t head_dim;
+    uint32_t n_splits;
+    uint32_t joint;            /* 1: cross-branch layer */
+    float scale_log2;          /* log2(e) / sqrt(head_dim) */
+    uint32_t _pad;
+} SlAttnParams;
+
+/* ---------------------------------------------------------------------------------------
+ * Mask-aware softmax (kernels/softmax.cu)
+ *
+ * (a) sl_masked_softmax: probabilities of a score matrix under the SPEC §3 rule (row_tags /
+ *     col_tags, `joint`) or, when row_tags is null, a per-row visible-prefix length
+ *     (prefix_len[r]: columns < prefix_len[r] are visible). Scores are multiplied by `scale`
+ *     first. Fully hidden rows give zeros. Grid: n_rows; block: SL_SOFTMAX_THREADS.
+ * (b) sl_sample: the sampler pass over f32 logits: CFG combine, banned ids, temperature,
+ *     Philox-Gumbel argmax, confidence and LSE, reading each logit once. One block per sampled
+ *     row (grid: n), block: SL_SAMPLE_THREADS. Bit-exact rules (match src/backend/cpu/ops.rs):
+ *     l = (1+g)*cond - g*uncond in f32 without FMA contraction; s = l / tau (IEEE division)
+ *     when tau > 0 else l; score = s + gumbel (f32 add); argmax ties -> lower id;
+ *     gumbel: Philox4x32-10, key (seed_lo, seed_hi), counter (v/4, position, step, request),
+ *     word v%4 = w, u = ((w >> 8) + 0.5) * 2^-24 in f64, g = (float)(-log(-log(u))) in f64;
+ *     lse = ln sum exp(s') over allowed ids with s' = s (tau > 0) or l (tau = 0), accumulated
+ *     in f64 (per-thread online max/sum, merged); confidence = exp(s'_token - lse).
+ *     A non-finite s' anywhere sets *error_flag = 1 (the host reports it).
+ * ------------------------------------------------------------------------------------- */
+#define SL_SOFTMAX_THREADS 256
+#define SL_SAMPLE_THREADS 512
+
+typedef struct SlMaskedSoftmaxParams {
+    const float *scores;       /* [n_rows, stride] */
+    float *probs;              /* [n_rows, stride] */
+    const uint32_t *row_tags;  /* nullable [n_rows]: rule mode when set */
+    const uint32_t *col_tags;  /* [n_cols] in rule mode */
+    const uint32_t *prefix_len;/* [n_rows] in prefix mode */
+    uint32_t n_rows;
+    uint32_t n_cols;
+    uint32_t stride;
+    uint32_t joint;
+    float scale;
+    uint32_t _pad;
+} SlMaskedSoftmaxParams;
+
+typedef struct SlSampleParams {
+    const float *logits;       /* [n or 2n, stride] (cond rows 0..n, uncond rows n..2n) */
+    const uint32_t *positions; /* [n] Philox counter word 1 */
+    const uint8_t *banned;     /* nullable [vocab] 1 = banned */
+    uint32_t *out_token;       /* [n] */
+    float *out_confidence;     /* [n] */
+    float *out_lse;            /* [n] */
+    uint32_t *error_flag;      /* [1], set to 1 on a non-finite logit */
+    uint32_t n;
+    uint32_t vocab;
+    uint32_t stride;
+    uint32_t cfg;              /* 1: rows n..2n are the unconditional pair */
+    float guidance;
+    float temperature;
+    uint32_t seed_lo;
+    uint32_t seed_hi;
+    uint32_t step;
+    uint32_t request;
+} SlSampleParams;
+
+/* ---------------------------------------------------------------------------------------
+ * Support kernels (kernels/support.cu)
+ *
+ * sl_embed: x[i] = (float) table[ids[i]] or register (ids[i] == SL_REGISTER); optionally fused
+ *   with the first RMSNorm: when norm_w is set, normed[i] = bf16(rmsnorm(x[i]) * norm_w).
+ *   Grid: n_rows; block: SL_ROW_THREADS. An id >= table_rows sets *error_flag.
+ * sl_rmsnorm: x += add (when add is set, in f32, written back), then
+ *   out = bf16(x / sqrt(mean(x^2) + eps) * w). Grid: n_rows; block: SL_ROW_THREADS.
+ * sl_rope_kv: RoPE on q in place (n_heads heads) and on k (n_kv_heads), then stores the rotated
+ *   k and v rows into k_pool / v_pool at slots[i]. theta_i = pos * rope_theta^(-2i/head_dim)
+ *   computed in f64, sin/cos in f64, rotation in f32: (a, b) = (x_i, x_{i+hd/2}) ->
+ *   (a cos - b sin, a sin + b cos). Grid: n_rows; block: SL_ROW_THREADS.
+ * sl_swiglu: out = bf16(silu(gate) * up), silu(g) = g / (1 + exp(-g)), f32 math. Grid-stride
+ *   loop; block: SL_ELEM_THREADS.
+ * ------------------------------------------------------------------------------------- */
+#define SL_ROW_THREADS 256
+#define SL_ELEM_THREADS 256
+#define SL_REGISTER 0xFFFFFFFFu
+
+typedef struct SlEmbedParams {
+    const sl_bf16 *table;      /* [table_rows, d] */
+    const sl_bf16 *reg;        /* [d] the register embedding */
+    const uint32_t *ids;       /* [n_rows] */
+    float *x;                  /* [n_rows, d] residual stream */
+    const sl_bf16 *norm_w;     /* nullable [d]: fuse the first RMSNorm */
+    sl_bf16 *normed;           /* [n_rows, d] when norm_w is set */
+    uint32_t *error_flag;      /* [1] */
+    uint32_t n_rows;
+    uint32_t d;
+    uint32_t table_rows;
+    float eps;
+} SlEmbedParams;
+
+typedef struct SlRmsNormParams {
+    float *x;                  /* [n_rows, d] residual stream (updated when add is set) */
+    const sl_bf16 *add;        /* nullable [n_rows, d] */
+    const sl_bf16 *w;          /* [d] */
+    sl_bf16 *out;              /* [n_rows, d] */
+    uint32_t n_rows;
+    uint32_t d;
+    float eps;
+    uint32_t _pad;
+} SlRmsNormParams;
+
+typedef struct SlRopeKvParams {
+    sl_bf16 *q;                /* [n_rows, q_stride] rotated in place */
+    const sl_bf16 *k;          /* [n_rows, kv_stride] */
+    const sl_bf16 *v;          /* [n_rows, kv_stride] */
+    sl_bf16 *k_pool;           /* [slots, pool_stride] */
+    sl_bf16 *v_pool;           /* [slots, pool_stride] */
+    const uint32_t *positions; /* [n_rows] */
+    const uint32_t *slots;     /* [n_rows] */
+    uint32_t n_rows;
+    uint32_t n_heads;
+    uint32_t n_kv_heads;
+    uint32_t head_dim;
+    uint32_t q_stride;
+    uint32_t kv_stride;
+    uint32_t pool_stride;
+    uint32_t _pad;
+    double rope_theta;
+} SlRopeKvParams;
+
+typedef struct SlSwigluParams {
+    const sl_bf16 *gate;       /* [n_rows, gate_stride] */
+    const sl_bf16 *up;         /* [n_rows, up_stride] */
+    sl_bf16 *out;              /* [n_rows, width] */
+    uint32_t n_rows;
+    uint32_t width;
+    uint32_t gate_stride;
+    uint32_t up_stride;
+} SlSwigluParams;
+
+/* ---------------------------------------------------------------------------------------
+ * Register-token aggregation (kernels/aggregate.cu)
+ *
+ * sl_aggregate_sparse builds, on the device, the plan of sparse step k with all three savings
+ * on, exactly as src/sampler.rs `sparse_plan(.., Switches::ALL_ON, prefilled = P > 0)` does for
+ * the response branch: per sequence s (rows sorted by sequence), in this order,
+ *   - the group decoded at step k-1 (response indices decoded_order[group_indptr[k-1] ..
+ *     group_indptr[k]], k > 0), id tokens[i], pos P+i, tag (branch, block k, clean), slot
+ *     base_s + P + i;
+ *   - the query (query[0..n_query]), id mask_id, pos P+i, tag (branch, block k+1, masked),
+ *     slot base_s + P + N + j (j = index in the query);
+ *   - R registers, id SL_REGISTER, pos P+N+r, same tag, slot base_s + P + N + n_query + r;
+ * with base_s = s * slots_per_seq. Keys of sequence s, sorted by slot: the prompt slots
+ * base_s + 0..P (tag text, block 0, clean), every decoded response slot (tag branch, block
+ * j+1 for the group j it was decoded in, clean), then the fed masked-block slots. Logit rows:
+ * the query rows of every sequence, sequence-major. One block per sequence
+ * (grid: n_seqs, block: SL_AGG_THREADS); outputs are laid out for all sequences at once, so
+ * the row and key counts of a sequence are known from the inputs:
+ *   rows_per_seq = |group k-1| + n_query + R, keys_per_seq = P + (decoded so far) + n_query + R.
+ * decoded_step[i] is the step at which response index i was decoded (UINT32_MAX: not yet).
+ * ------------------------------------------------------------------------------------- */
+#define SL_AGG_THREADS 256
+
+typedef struct SlAggregateParams {
+    const uint32_t *tokens;        /* [N] decoded ids (valid where decoded_step[i] < k) */
+    const uint32_t *decoded_step;  /* [N] */
+    const uint32_t *decoded_order; /* [N] response indices in decode order */
+    const uint32_t *group_indptr;  /* [k + 1] groups 0..k-1 in decoded_order */
+    const uint32_t *query;         /* [n_query] response indices of the masked block */
+    uint32_t *row_ids;             /* [n_seqs * rows_per_seq] */
+    uint32_t *row_pos;
+    uint32_t *row_tags;
+    uint32_t *row_slots;
+    uint32_t *kv_indices;          /* [n_seqs * keys_per_seq] */
+    uint32_t *kv_tags;
+    uint32_t *logits_rows;         /* [n_seqs * n_query] */
+    uint32_t k;                    /* the step */
+    uint32_t n_seqs;
+    uint32_t prompt_len;           /* P */
+    uint32_t n_response;           /* N */
+    uint32_t n_registers;          /* R */
+    uint32_t n_query;
+    uint32_t slots_per_seq;
+    uint32_t mask_id;
+    uint32_t branch;               /* 0 text, 1 image */
+    uint32_t rows_per_seq;
+    uint32_t keys_per_seq;
+    uint32_t _pad;
+} SlAggregateParams;
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SPARSE_LAVIDA_PARAMS_H */
