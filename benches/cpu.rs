@@ -1,0 +1,141 @@
+//! CPU backend micro-benchmarks (criterion): the baseline each CUDA kernel is measured against,
+//! at `small`-preset shapes. `cargo bench --bench cpu`.
+//!
+//! - attention at a sparse-step shape (2 × (16 registers + C_k + C_{k-1}) query rows against up
+//!   to 1088 keys) and at the dense shape (2 × 1088 rows, all visible), 4 heads × 64;
+//! - the sampler pass at V = 512 and 2048 (rows × V logits, CFG pairs);
+//! - the matrix product of a sparse step's QKV projection.
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use rand::{Rng, SeedableRng};
+use sparse_lavida::backend::SampleParams;
+use sparse_lavida::backend::cpu::attention::{AttnInputs, AttnShape, AttnTiling, attention_tiled};
+use sparse_lavida::backend::cpu::ops;
+use sparse_lavida::config::Branch;
+use sparse_lavida::plan::Tag;
+use std::hint::black_box;
+
+fn random(n: usize, rng: &mut impl Rng) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect()
+}
+
+/// One attention problem: `rows` queries per sequence (2 sequences) over `keys` keys each.
+struct Problem {
+    q: Vec<f32>,
+    row_tags: Vec<Tag>,
+    seq_indptr: Vec<u32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    kv_indptr: Vec<u32>,
+    kv_indices: Vec<u32>,
+    kv_tags: Vec<Tag>,
+    shape: AttnShape,
+}
+
+impl Problem {
+    /// Dense: every row clean block 0. Sparse: `rows` masked rows of block 1 over `keys - rows`
+    /// clean cached keys plus their own.
+    fn new(rows: usize, keys: usize, sparse: bool, rng: &mut impl Rng) -> Problem {
+        let shape = AttnShape {
+            n_heads: 4,
+            n_kv_heads: 4,
+            head_dim: 64,
+        };
+        let slots = 2 * keys;
+        let (mut kv_indices, mut kv_tags, mut kv_indptr) = (Vec::new(), Vec::new(), vec![0]);
+        for s in 0..2 {
+            for j in 0..keys {
+                kv_indices.push((s * keys + j) as u32);
+                let fresh = sparse && j >= keys - rows;
+                kv_tags.push(Tag::new(Branch::Image, fresh as u32, fresh));
+            }
+            kv_indptr.push(kv_indices.len() as u32);
+        }
+        let row_tag = Tag::new(Branch::Image, sparse as u32, sparse);
+        Problem {
+            q: random(2 * rows * 256, rng),
+            row_tags: vec![row_tag; 2 * rows],
+            seq_indptr: vec![0, rows as u32, 2 * rows as u32],
+            k: random(slots * 256, rng),
+            v: random(slots * 256, rng),
+            kv_indptr,
+            kv_indices,
+            kv_tags,
+            shape,
+        }
+    }
+
+    fn inputs(&self) -> AttnInputs<'_> {
+        AttnInputs {
+            q: &self.q,
+            row_tags: &self.row_tags,
+            seq_indptr: &self.seq_indptr,
+            k_pool: &self.k,
+            v_pool: &self.v,
+            kv_indptr: &self.kv_indptr,
+            kv_indices: &self.kv_indices,
+            kv_tags: &self.kv_tags,
+            joint: false,
+            shape: self.shape,
+        }
+    }
+}
+
+fn attention(c: &mut Criterion) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let mut g = c.benchmark_group("attention");
+    for (name, rows, keys, sparse) in [
+        ("sparse_step", 48, 1088, true),
+        ("dense_step", 1088, 1088, false),
+    ] {
+        let p = Problem::new(rows, keys, sparse, &mut rng);
+        let inp = p.inputs();
+        let tiling = AttnTiling::heuristic(2 * rows, keys, 4, rayon::current_num_threads());
+        let mut out = vec![0.0; 2 * rows * 256];
+        // QKᵀ and P·V: 2 · 2 · rows · keys · head_dim · heads multiply-adds per sequence pair.
+        g.throughput(Throughput::Elements((2 * 2 * 2 * rows * keys * 256) as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| attention_tiled(black_box(&inp), tiling, &mut out, None).unwrap())
+        });
+    }
+    g.finish();
+}
+
+fn sampler(c: &mut Criterion) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+    let mut g = c.benchmark_group("sampler");
+    for vocab in [512usize, 2048] {
+        let n = 64;
+        let logits = random(2 * n * vocab, &mut rng);
+        let params = SampleParams {
+            guidance: Some(4.0),
+            temperature: 1.0,
+            banned: vec![],
+            seed: 7,
+            step: 3,
+            request: 0,
+            positions: (0..n as u32).collect(),
+        };
+        g.throughput(Throughput::Bytes((logits.len() * 4) as u64));
+        g.bench_function(format!("cfg_v{vocab}"), |b| {
+            b.iter(|| ops::sample_rows(black_box(&logits), vocab, &params).unwrap())
+        });
+    }
+    g.finish();
+}
+
+fn matmul(c: &mut Criterion) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let (rows, k, n) = (96, 128, 256);
+    let (x, w) = (random(rows * k, &mut rng), random(n * k, &mut rng));
+    let mut out = vec![0.0; rows * n];
+    let mut g = c.benchmark_group("matmul");
+    g.throughput(Throughput::Elements((2 * rows * k * n) as u64));
+    g.bench_function("sparse_step_q_proj", |b| {
+        b.iter(|| ops::matmul_t(black_box(&x), rows, k, &w, n, &mut out, false).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, attention, sampler, matmul);
+criterion_main!(benches);
