@@ -174,13 +174,13 @@ impl Config {
                 return Err(Error::Config(format!("{name} must be positive")));
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(Error::Config(format!(
                 "n_heads ({}) must be a multiple of n_kv_heads ({})",
                 self.n_heads, self.n_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(Error::Config(format!(
                 "head_dim ({}) must be even: RoPE rotates pairs",
                 self.head_dim
@@ -313,14 +313,14 @@ pub fn available_memory_bytes() -> Option<u64> {
 
 /// Refuses a run needing `needed` bytes when the machine has less available.
 pub fn ensure_fits(what: &str, needed: u64) -> Result<()> {
-    if let Some(avail) = available_memory_bytes() {
-        if needed > avail {
-            return Err(Error::OutOfMemory(format!(
-                "{what} needs {:.1} GB but only {:.1} GB is available",
-                needed as f64 / 1e9,
-                avail as f64 / 1e9
-            )));
-        }
+    if let Some(avail) = available_memory_bytes()
+        && needed > avail
+    {
+        return Err(Error::OutOfMemory(format!(
+            "{what} needs {:.1} GB but only {:.1} GB is available",
+            needed as f64 / 1e9,
+            avail as f64 / 1e9
+        )));
     }
     Ok(())
 }

@@ -616,14 +616,15 @@ fn run<B: Backend>(
     };
     let (mut forwards, mut rows_fed) = (0, 0);
     let mut prefilled = false;
-    if let Mode::Sparse(sw) = mode {
-        if sw.cache_prompt && l.p() > 0 {
-            let plan = prefill_plan(l)?;
-            rows_fed += plan.n_rows();
-            model.forward(&model.prepare(plan)?, &mut cache)?;
-            forwards += 1;
-            prefilled = true;
-        }
+    if let Mode::Sparse(sw) = mode
+        && sw.cache_prompt
+        && l.p() > 0
+    {
+        let plan = prefill_plan(l)?;
+        rows_fed += plan.n_rows();
+        model.forward(&model.prepare(plan)?, &mut cache)?;
+        forwards += 1;
+        prefilled = true;
     }
     let mut steps = Vec::with_capacity(dec.steps());
     for k in 0..dec.steps() {

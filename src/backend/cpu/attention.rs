@@ -227,7 +227,7 @@ impl AttnInputs<'_> {
             );
         }
         let kv_dim = self.shape.kv_dim();
-        if self.k_pool.len() % kv_dim != 0 {
+        if !self.k_pool.len().is_multiple_of(kv_dim) {
             bail_input!(
                 "attention: k_pool has {} values, not a multiple of n_kv_heads·head_dim {kv_dim}",
                 self.k_pool.len()
@@ -569,13 +569,13 @@ pub fn attention_tiled(
             out.len()
         );
     }
-    if let Some(lse) = &lse {
-        if lse.len() != rows * n_heads {
-            bail_input!(
-                "attention: lse has {} values, expected rows {rows} × n_heads {n_heads}",
-                lse.len()
-            );
-        }
+    if let Some(lse) = &lse
+        && lse.len() != rows * n_heads
+    {
+        bail_input!(
+            "attention: lse has {} values, expected rows {rows} × n_heads {n_heads}",
+            lse.len()
+        );
     }
 
     // Work item `(t, h, sp)` has index `(t·n_heads + h)·n_splits + sp`.

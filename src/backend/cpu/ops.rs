@@ -125,7 +125,7 @@ pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) -> Result<()> {
     if d == 0 {
         bail_input!("rmsnorm: w is empty (row width 0)");
     }
-    if x.len() % d != 0 {
+    if !x.len().is_multiple_of(d) {
         bail_input!(
             "rmsnorm: x has {} elements, not a multiple of the width d = {d}",
             x.len()
@@ -161,7 +161,7 @@ pub fn rope(
     positions: &[u32],
     theta: f64,
 ) -> Result<()> {
-    if head_dim == 0 || head_dim % 2 != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
         bail_input!("rope: head_dim ({head_dim}) must be even and > 0");
     }
     if !(theta.is_finite() && theta > 0.0) {
@@ -241,7 +241,7 @@ pub fn embed(
     if d == 0 {
         bail_input!("embed: width d is 0");
     }
-    if table.len() % d != 0 {
+    if !table.len().is_multiple_of(d) {
         bail_input!(
             "embed: table has {} elements, not a multiple of d = {d}",
             table.len()
@@ -349,7 +349,7 @@ pub fn sample_rows(logits: &[f32], vocab: usize, p: &SampleParams) -> Result<Vec
         Some(_) => 2 * n,
         None => n,
     };
-    if logits.len() % vocab != 0 || logits.len() / vocab != rows {
+    if !logits.len().is_multiple_of(vocab) || logits.len() / vocab != rows {
         let cfg = if p.guidance.is_some() {
             " × 2 for CFG"
         } else {
