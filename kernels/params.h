@@ -38,7 +38,7 @@ extern "C" {
  * A query tile is up to SL_ATTN_BLOCK_M consecutive rows of ONE sequence; the host plan lists
  * the tiles (qtile_seq, qtile_row0). Keys of sequence s are kv_indices[kv_indptr[s] ..
  * kv_indptr[s+1]] (pool slots), with kv_tags in parallel; split `z` of n_splits covers the
- * keys SL_SPLIT_RANGE (below) of that list.
+ * keys [z*chunk, min((z+1)*chunk, n_keys)) of that list, chunk = SL_SPLIT_CHUNK (below).
  * With n_splits == 1 the kernel writes `o` (and `lse`) directly. With n_splits > 1 it writes
  * partial_o / partial_lse, and sl_attention_merge (grid: n_rows, block: SL_MERGE_THREADS)
  * combines them into `o` / `lse` by log-sum-exp weights.
