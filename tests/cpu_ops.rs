@@ -1,15 +1,20 @@
 //! The CPU kernels (`backend::cpu::ops`) against naive f64 oracles written here, plus invariants
-//! (RoPE relative positions, Gumbel-max frequencies) and Random123 known answers for Philox.
+//! (RoPE relative positions, Gumbel-max frequencies), Random123 known answers for Philox, and the
+//! tie between `masked_softmax` and the attention oracle.
 
 use proptest::prelude::*;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sparse_lavida::Error;
+use sparse_lavida::backend::cpu::attention::{AttnInputs, AttnShape, attention_naive};
 use sparse_lavida::backend::cpu::ops::{
-    embed, gumbel, matmul_t, philox4x32_10, rmsnorm, rope, sample_rows, swiglu,
+    SoftmaxMask, embed, gumbel, masked_softmax, matmul_t, philox4x32_10, rmsnorm, rope,
+    sample_rows, swiglu,
 };
 use sparse_lavida::backend::{SampleParams, Sampled};
-use sparse_lavida::plan::REGISTER;
+use sparse_lavida::config::Branch;
+use sparse_lavida::plan::{REGISTER, Tag, visible};
 
 /// f32 unit roundoff.
 const U: f64 = 1.0 / (1u64 << 24) as f64;
@@ -747,4 +752,358 @@ fn sample_rows_errors() {
             .unwrap()
             .is_empty()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// masked_softmax
+
+fn random_tag(r: &mut ChaCha8Rng) -> Tag {
+    let branch = if r.gen_bool(0.5) {
+        Branch::Image
+    } else {
+        Branch::Text
+    };
+    Tag::new(branch, r.gen_range(0..4), r.gen_bool(0.4))
+}
+
+/// f64 oracle of one row: `exp(x − max)/Σ` over the visible columns with `x = scale·score` in
+/// f64, 0 elsewhere (all zeros when nothing is visible).
+fn softmax_oracle(row: &[f32], vis: &[bool], scale: f32) -> Vec<f64> {
+    let x: Vec<f64> = row
+        .iter()
+        .map(|&v| f64::from(scale) * f64::from(v))
+        .collect();
+    let m = (0..row.len())
+        .filter(|&c| vis[c])
+        .map(|c| x[c])
+        .fold(f64::NEG_INFINITY, f64::max);
+    if m == f64::NEG_INFINITY {
+        return vec![0.0; row.len()];
+    }
+    let sum: f64 = (0..row.len())
+        .filter(|&c| vis[c])
+        .map(|c| (x[c] - m).exp())
+        .sum();
+    (0..row.len())
+        .map(|c| if vis[c] { (x[c] - m).exp() / sum } else { 0.0 })
+        .collect()
+}
+
+/// Runs `masked_softmax` and checks it against the oracle: hidden columns exactly 0, visible
+/// ones within the f32 rounding of `x` (u·|x| each for `x` and the max, plus the f32 `exp`),
+/// no NaN, each row with a visible column summing to 1. Returns the output.
+fn check_masked_softmax(
+    scores: &[f32],
+    n_rows: usize,
+    n_cols: usize,
+    mask: SoftmaxMask,
+    scale: f32,
+) -> Vec<f32> {
+    let mut out = vec![f32::NAN; n_rows * n_cols];
+    masked_softmax(scores, n_rows, n_cols, mask, scale, &mut out).unwrap();
+    let xmax = scores
+        .iter()
+        .map(|&v| f64::from(scale * v).abs())
+        .fold(1.0, f64::max);
+    let rel = 8.0 * U * (xmax + 1.0);
+    for r in 0..n_rows {
+        let vis: Vec<bool> = (0..n_cols)
+            .map(|c| match mask {
+                SoftmaxMask::Rule {
+                    row_tags,
+                    col_tags,
+                    joint,
+                } => visible(row_tags[r], col_tags[c], joint),
+                SoftmaxMask::Prefix(p) => c < p[r] as usize,
+            })
+            .collect();
+        let row = &scores[r * n_cols..][..n_cols];
+        let want = softmax_oracle(row, &vis, scale);
+        let got = &out[r * n_cols..][..n_cols];
+        for c in 0..n_cols {
+            let (g, w) = (f64::from(got[c]), want[c]);
+            if !vis[c] {
+                assert_eq!(got[c].to_bits(), 0, "row {r} col {c}: hidden but {g}");
+            } else {
+                assert!(
+                    (g - w).abs() <= rel * w + 1e-30,
+                    "row {r} col {c}: {g} vs {w} (rel tol {rel})"
+                );
+            }
+        }
+        if vis.iter().any(|&v| v) {
+            let total: f64 = got.iter().map(|&v| f64::from(v)).sum();
+            assert!((total - 1.0).abs() <= rel * 2.0, "row {r} sums to {total}");
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Rule mode: random tags (fully hidden rows happen often with few columns), joint or not.
+    #[test]
+    fn masked_softmax_rule_matches_f64_oracle(
+        n_rows in 0usize..12, n_cols in 0usize..40, joint: bool, seed: u64,
+    ) {
+        let mut r = rng(seed);
+        let scores = random_vec(&mut r, n_rows * n_cols, 8.0);
+        let row_tags: Vec<Tag> = (0..n_rows).map(|_| random_tag(&mut r)).collect();
+        let col_tags: Vec<Tag> = (0..n_cols).map(|_| random_tag(&mut r)).collect();
+        let scale = r.gen_range(0.05f32..2.0);
+        let mask = SoftmaxMask::Rule { row_tags: &row_tags, col_tags: &col_tags, joint };
+        check_masked_softmax(&scores, n_rows, n_cols, mask, scale);
+    }
+
+    /// Prefix mode, prefixes anywhere in 0..=n_cols (0: a zero row).
+    #[test]
+    fn masked_softmax_prefix_matches_f64_oracle(
+        n_rows in 0usize..12, n_cols in 0usize..70, seed: u64,
+    ) {
+        let mut r = rng(seed);
+        let scores = random_vec(&mut r, n_rows * n_cols, 8.0);
+        let prefix: Vec<u32> = (0..n_rows).map(|_| r.gen_range(0..=n_cols as u32)).collect();
+        let scale = r.gen_range(0.05f32..2.0);
+        check_masked_softmax(&scores, n_rows, n_cols, SoftmaxMask::Prefix(&prefix), scale);
+    }
+}
+
+#[test]
+fn masked_softmax_hidden_rows_are_zeros_and_hidden_scores_unread() {
+    // Clean queries of blocks 0 and 1 against masked keys and a later clean block: nothing is
+    // visible. Hidden columns hold NaN, which must never reach the output.
+    let t = |b, block, masked| Tag::new(b, block, masked);
+    let (text, image) = (Branch::Text, Branch::Image);
+    let row_tags = [
+        t(image, 0, false), // sees nothing
+        t(image, 1, false), // sees only column 3
+        t(image, 2, true),  // sees its own masked block (column 1) and the clean columns 0, 3
+        t(text, 5, false),  // non-joint: other branch hidden; sees only column 4
+    ];
+    let col_tags = [
+        t(image, 2, false),
+        t(image, 2, true),
+        t(image, 3, true),
+        t(image, 1, false),
+        t(text, 4, false),
+    ];
+    let n_cols = col_tags.len();
+    let mut scores = vec![f32::NAN; row_tags.len() * n_cols];
+    let visible_cells = [(1, 3), (2, 0), (2, 1), (2, 3), (3, 4)];
+    for (k, &(r, c)) in visible_cells.iter().enumerate() {
+        scores[r * n_cols + c] = 0.25 * k as f32 - 0.3;
+    }
+    // Row 0's first column is clean block 2 > 0: hidden, even with a real score there.
+    scores[0] = 1.0;
+    let mask = SoftmaxMask::Rule {
+        row_tags: &row_tags,
+        col_tags: &col_tags,
+        joint: false,
+    };
+    let out = check_masked_softmax(&scores, row_tags.len(), n_cols, mask, 0.7);
+    assert!(out[..n_cols].iter().all(|&v| v.to_bits() == 0));
+    assert_eq!(out[n_cols + 3], 1.0);
+    assert_eq!(out[3 * n_cols + 4], 1.0);
+
+    // Visible scores all −inf: zeros, not NaN. A −inf next to finite scores: probability 0.
+    let scores = [f32::NEG_INFINITY, f32::NEG_INFINITY, 1.0, f32::NEG_INFINITY];
+    let mut out = [f32::NAN; 4];
+    masked_softmax(&scores, 2, 2, SoftmaxMask::Prefix(&[2, 2]), 1.0, &mut out).unwrap();
+    assert_eq!(out, [0.0, 0.0, 1.0, 0.0]);
+}
+
+#[test]
+fn masked_softmax_errors() {
+    let mut out = vec![0.0; 6];
+    let s = [0.5f32; 6];
+    let m = input_message(masked_softmax(
+        &s[..5],
+        2,
+        3,
+        SoftmaxMask::Prefix(&[1, 1]),
+        1.0,
+        &mut out,
+    ));
+    assert!(m.contains("scores has 5"), "{m}");
+    let m = input_message(masked_softmax(
+        &s,
+        2,
+        3,
+        SoftmaxMask::Prefix(&[1, 1]),
+        1.0,
+        &mut out[..4],
+    ));
+    assert!(m.contains("out has 4"), "{m}");
+    let m = input_message(masked_softmax(
+        &s,
+        2,
+        3,
+        SoftmaxMask::Prefix(&[3, 4]),
+        1.0,
+        &mut out,
+    ));
+    assert!(
+        m.contains("prefix[1] = 4") && m.contains("n_cols = 3"),
+        "{m}"
+    );
+    let m = input_message(masked_softmax(
+        &s,
+        2,
+        3,
+        SoftmaxMask::Prefix(&[3]),
+        1.0,
+        &mut out,
+    ));
+    assert!(m.contains("prefix has 1"), "{m}");
+    let tag = Tag::new(Branch::Text, 0, false);
+    let m = input_message(masked_softmax(
+        &s,
+        2,
+        3,
+        SoftmaxMask::Rule {
+            row_tags: &[tag, tag],
+            col_tags: &[tag, tag],
+            joint: true,
+        },
+        1.0,
+        &mut out,
+    ));
+    assert!(m.contains("col_tags has 2"), "{m}");
+    let m = input_message(masked_softmax(
+        &s,
+        2,
+        3,
+        SoftmaxMask::Rule {
+            row_tags: &[tag],
+            col_tags: &[tag, tag, tag],
+            joint: true,
+        },
+        1.0,
+        &mut out,
+    ));
+    assert!(m.contains("row_tags has 1"), "{m}");
+    let m = input_message(masked_softmax(
+        &s,
+        2,
+        3,
+        SoftmaxMask::Prefix(&[1, 1]),
+        f32::NAN,
+        &mut out,
+    ));
+    assert!(m.contains("scale"), "{m}");
+}
+
+/// The two CPU attention paths agree: `attention_naive` (f64) equals softmax(Q·Kᵀ/√d)·V built
+/// from `masked_softmax` with the same tags, per sequence and head, GQA included, over a
+/// shuffled pool whose unused slots hold NaN.
+#[test]
+fn attention_oracle_equals_masked_softmax_times_v() {
+    for (case, &(n_heads, n_kv_heads, head_dim, joint)) in [
+        (2usize, 1usize, 16usize, true),
+        (4, 2, 8, false),
+        (3, 3, 32, true),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut r = rng(1000 + case as u64);
+        let shape = AttnShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        };
+        let (q_dim, kv_dim, group) = (shape.q_dim(), shape.kv_dim(), shape.group());
+        let seqs = [(5usize, 9usize), (0, 3), (7, 0), (3, 14)]; // (rows, keys)
+        let n_keys: usize = seqs.iter().map(|s| s.1).sum();
+        let slots = n_keys + 4;
+        let mut free: Vec<u32> = (0..slots as u32).collect();
+        free.shuffle(&mut r);
+        let mut k_pool = vec![f32::NAN; slots * kv_dim];
+        let mut v_pool = vec![f32::NAN; slots * kv_dim];
+        let (mut seq_indptr, mut kv_indptr) = (vec![0u32], vec![0u32]);
+        let (mut row_tags, mut kv_indices, mut kv_tags) = (vec![], vec![], vec![]);
+        for &(rows, keys) in &seqs {
+            row_tags.extend((0..rows).map(|_| random_tag(&mut r)));
+            for _ in 0..keys {
+                let slot = free.pop().unwrap() as usize;
+                k_pool[slot * kv_dim..][..kv_dim].copy_from_slice(&random_vec(&mut r, kv_dim, 1.5));
+                v_pool[slot * kv_dim..][..kv_dim].copy_from_slice(&random_vec(&mut r, kv_dim, 2.0));
+                kv_indices.push(slot as u32);
+                kv_tags.push(random_tag(&mut r));
+            }
+            seq_indptr.push(row_tags.len() as u32);
+            kv_indptr.push(kv_indices.len() as u32);
+        }
+        let q = random_vec(&mut r, row_tags.len() * q_dim, 1.5);
+        let inputs = AttnInputs {
+            q: &q,
+            row_tags: &row_tags,
+            seq_indptr: &seq_indptr,
+            k_pool: &k_pool,
+            v_pool: &v_pool,
+            kv_indptr: &kv_indptr,
+            kv_indices: &kv_indices,
+            kv_tags: &kv_tags,
+            joint,
+            shape,
+        };
+        let (want, _) = attention_naive(&inputs).unwrap();
+
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let mut got = vec![0f64; want.len()];
+        let mut hidden_rows = 0;
+        for s in 0..seqs.len() {
+            let rows = seq_indptr[s] as usize..seq_indptr[s + 1] as usize;
+            let keys = kv_indptr[s] as usize..kv_indptr[s + 1] as usize;
+            let (nr, nk) = (rows.len(), keys.len());
+            for h in 0..n_heads {
+                let col = (h / group) * head_dim;
+                let kv = |j: usize, pool: &[f32]| -> Vec<f32> {
+                    let slot = kv_indices[j] as usize;
+                    pool[slot * kv_dim + col..][..head_dim].to_vec()
+                };
+                // S = Q_h·K_gᵀ (unscaled; masked_softmax applies the scale).
+                let mut scores = vec![0f32; nr * nk];
+                for (i, row) in rows.clone().enumerate() {
+                    let qh = &q[row * q_dim + h * head_dim..][..head_dim];
+                    for (jj, j) in keys.clone().enumerate() {
+                        scores[i * nk + jj] = dot(qh, &kv(j, &k_pool)) as f32;
+                    }
+                }
+                let mut probs = vec![f32::NAN; nr * nk];
+                let mask = SoftmaxMask::Rule {
+                    row_tags: &row_tags[rows.clone()],
+                    col_tags: &kv_tags[keys.clone()],
+                    joint,
+                };
+                masked_softmax(&scores, nr, nk, mask, scale, &mut probs).unwrap();
+                for (i, row) in rows.clone().enumerate() {
+                    let o = &mut got[row * q_dim + h * head_dim..][..head_dim];
+                    if probs[i * nk..][..nk].iter().all(|&p| p == 0.0) {
+                        hidden_rows += 1;
+                    }
+                    for (jj, j) in keys.clone().enumerate() {
+                        let p = f64::from(probs[i * nk + jj]);
+                        if p != 0.0 {
+                            for (dst, &v) in o.iter_mut().zip(&kv(j, &v_pool)) {
+                                *dst += p * f64::from(v);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            hidden_rows > 0,
+            "case {case}: no fully hidden row exercised"
+        );
+        for (idx, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            assert!(!g.is_nan(), "case {case}: NaN at {idx}");
+            assert!(
+                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "case {case}: out[{idx}] = {g}, oracle {w}"
+            );
+        }
+    }
 }
