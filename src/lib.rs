@@ -4,12 +4,14 @@
 //!
 //! Data flow: [`config`] → [`weights`] → [`schedule`] → [`plan`] → [`backend`] → [`model`] →
 //! [`sampler`] → CLI (`src/main.rs`, with [`case`], [`bench`](mod@bench) and [`runtime`]).
+//! [`cuda`] holds the CUDA kernels' ABI and the kernel images `build.rs` compiles.
 #![warn(missing_docs)]
 
 pub mod backend;
 pub mod bench;
 pub mod case;
 pub mod config;
+pub mod cuda;
 pub mod error;
 pub mod model;
 pub mod plan;
