@@ -293,10 +293,10 @@ fn needs_sm90a(source: &Path) -> bool {
 /// job's nvcc stderr (the ptxas report), in job order. A failed compile fails the build with
 /// nvcc's output; nvcc warnings become cargo warnings.
 fn run_jobs(nvcc: &Path, kernel_dir: &Path, jobs: &[Job]) -> Vec<String> {
-    if let Some(dir) = jobs.first().and_then(|job| job.output.parent()) {
-        if let Err(e) = fs::create_dir_all(dir) {
-            fail(&format!("cannot create {}: {e}", dir.display()));
-        }
+    if let Some(dir) = jobs.first().and_then(|job| job.output.parent())
+        && let Err(e) = fs::create_dir_all(dir)
+    {
+        fail(&format!("cannot create {}: {e}", dir.display()));
     }
     let threads = env::var("NUM_JOBS")
         .ok()
@@ -427,12 +427,13 @@ fn parse_ptxas(report: &str) -> Vec<FunctionReport> {
                 f.spill_stores = number_before(line, "bytes spill stores");
                 f.spill_loads = number_before(line, "bytes spill loads");
             }
-        } else if line.contains("Used ") && line.contains(" registers") {
-            if let Some(name) = entry.take() {
-                let f = function(&mut functions, &name);
-                f.registers = Some(number_before(line, "registers") as u32);
-                f.smem = number_before(line, "bytes smem");
-            }
+        } else if line.contains("Used ")
+            && line.contains(" registers")
+            && let Some(name) = entry.take()
+        {
+            let f = function(&mut functions, &name);
+            f.registers = Some(number_before(line, "registers") as u32);
+            f.smem = number_before(line, "bytes smem");
         }
     }
     functions

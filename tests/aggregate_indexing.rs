@@ -100,7 +100,7 @@ fn make_tag(branch: u32, block: u32, masked: bool) -> u32 {
 /// thread's exclusive prefix and the block total, computed the way the kernel does (Hillis-Steele
 /// shuffles within each warp, warp 0 scanning the warp totals).
 fn block_exclusive_scan(v: &[u32]) -> (Vec<u32>, u32) {
-    assert!(v.len() % 32 == 0 && v.len() <= 1024);
+    assert!(v.len().is_multiple_of(32) && v.len() <= 1024);
     let n_warps = v.len() / 32;
     let warp_inclusive = |x: &[u32]| -> Vec<u32> {
         let mut inc = x.to_vec();
