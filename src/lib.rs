@@ -10,6 +10,7 @@ pub mod backend;
 pub mod bench;
 pub mod case;
 pub mod config;
+pub mod cuda;
 pub mod error;
 pub mod model;
 pub mod plan;
