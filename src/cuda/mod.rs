@@ -6,6 +6,9 @@
 //! pointers) and [`ops`] (safe, validated ops on owned device buffers).
 
 pub mod abi;
+pub mod device;
+pub mod ops;
+pub mod raw;
 
 /// STAND-IN: the compiled kernels embedded by build.rs (`$OUT_DIR/kernels.rs`).
 pub mod images {
