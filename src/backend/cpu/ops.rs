@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use crate::backend::{SampleParams, Sampled};
 use crate::bail_input;
 use crate::error::{Error, Result};
-use crate::plan::REGISTER;
+use crate::plan::{REGISTER, Tag, visible};
 
 /// Multiply-adds below which one chunk of `matmul_t` is not worth a rayon task.
 const MATMUL_MIN_CHUNK_MACS: usize = 1 << 16;
@@ -482,6 +482,104 @@ fn non_finite(i: usize, v: usize, l: f32, p: &RowParams) -> Error {
             "sample_rows: non-finite logit at row {i}, id {v}{from}: {l}"
         ))
     }
+}
+
+/// Which columns of a score row [`masked_softmax`] may use.
+#[derive(Debug, Clone, Copy)]
+pub enum SoftmaxMask<'a> {
+    /// SPEC §3: column `c` of row `r` is visible iff `visible(row_tags[r], col_tags[c], joint)`.
+    Rule {
+        /// Tag of each row (`n_rows` entries).
+        row_tags: &'a [Tag],
+        /// Tag of each column (`n_cols` entries).
+        col_tags: &'a [Tag],
+        /// Cross-branch (joint) layer: branches see each other.
+        joint: bool,
+    },
+    /// Row `r` sees the columns `0..prefix[r]` (`n_rows` entries, each at most `n_cols`).
+    Prefix(&'a [u32]),
+}
+
+/// Mask-aware row softmax (SPEC §5, form (a)); the CPU twin of `sl_masked_softmax`.
+///
+/// `scores` and `out` are `[n_rows, n_cols]`. For each row, with `x_c = scale · scores[r, c]`
+/// (f32) over the visible columns (`mask`): `out[r, c] = exp(x_c − max x) / Σ exp(x − max x)`;
+/// hidden columns get 0 and their scores are never read. A row with no visible column, or whose
+/// visible `x` are all −inf, is all zeros (never NaN). The terms are f32 `exp`, their sum is
+/// f64. NaN or +inf scores are not errors: they propagate as NaN into their row, as on the GPU.
+/// Rows are processed in parallel; the result does not depend on the thread count.
+///
+/// Errors: wrong `scores`/`out`/tag/prefix lengths, a prefix longer than `n_cols` (naming the
+/// row), a non-finite `scale`.
+pub fn masked_softmax(
+    scores: &[f32],
+    n_rows: usize,
+    n_cols: usize,
+    mask: SoftmaxMask,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    let shape = [("n_rows", n_rows), ("n_cols", n_cols)];
+    check_len("masked_softmax", "scores", scores.len(), &shape)?;
+    check_len("masked_softmax", "out", out.len(), &shape)?;
+    if !scale.is_finite() {
+        bail_input!("masked_softmax: scale ({scale}) is not finite");
+    }
+    match mask {
+        SoftmaxMask::Rule {
+            row_tags, col_tags, ..
+        } => {
+            check_len("masked_softmax", "row_tags", row_tags.len(), &shape[..1])?;
+            check_len("masked_softmax", "col_tags", col_tags.len(), &shape[1..])?;
+        }
+        SoftmaxMask::Prefix(prefix) => {
+            check_len("masked_softmax", "prefix", prefix.len(), &shape[..1])?;
+            if let Some((r, &len)) = prefix
+                .iter()
+                .enumerate()
+                .find(|&(_, &len)| len as usize > n_cols)
+            {
+                bail_input!("masked_softmax: prefix[{r}] = {len} exceeds n_cols = {n_cols}");
+            }
+        }
+    }
+    if n_rows == 0 || n_cols == 0 {
+        return Ok(());
+    }
+
+    out.par_chunks_mut(n_cols)
+        .zip(scores.par_chunks(n_cols))
+        .enumerate()
+        .with_min_len(rows_per_task(n_cols))
+        .for_each(|(r, (o, row))| {
+            let vis = |c: usize| match mask {
+                SoftmaxMask::Rule {
+                    row_tags,
+                    col_tags,
+                    joint,
+                } => visible(row_tags[r], col_tags[c], joint),
+                SoftmaxMask::Prefix(prefix) => c < prefix[r] as usize,
+            };
+            let max = (0..n_cols)
+                .filter(|&c| vis(c))
+                .map(|c| scale * row[c])
+                .fold(f32::NEG_INFINITY, f32::max);
+            o.fill(0.0);
+            if max == f32::NEG_INFINITY {
+                return; // nothing visible (or only −inf): zeros
+            }
+            let mut sum = 0f64;
+            for c in (0..n_cols).filter(|&c| vis(c)) {
+                let e = (scale * row[c] - max).exp();
+                o[c] = e;
+                sum += f64::from(e);
+            }
+            // `sum >= 1` unless a NaN reached it (the max's own term is exp(0)).
+            for c in (0..n_cols).filter(|&c| vis(c)) {
+                o[c] = (f64::from(o[c]) / sum) as f32;
+            }
+        });
+    Ok(())
 }
 
 /// Checks `got == Π dims`, naming the op, the argument and the shape.
