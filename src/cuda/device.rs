@@ -322,7 +322,7 @@ impl Kernels {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(cuda_err("reading the shared-memory opt-in limit"))?;
         for (kernel, head_dim) in [(&self.attention_hd64, 64), (&self.attention_hd128, 128)] {
-            let bytes = abi::attn_smem_bytes(head_dim);
+            let bytes = abi::attn_smem_bytes(head_dim).unwrap_or(u32::MAX);
             if i64::from(bytes) > i64::from(optin) {
                 return Err(Error::Unavailable(format!(
                     "attention with head_dim {head_dim} needs {bytes} bytes of shared memory per \

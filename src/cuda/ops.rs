@@ -48,7 +48,7 @@ fn bad<T>(op: &str, msg: impl std::fmt::Display) -> Result<T> {
 }
 
 /// Checks that a buffer of `len` values holds a `[rows, width]` matrix with row stride `stride`
-/// (`stride >= width`, a multiple of `align`, `rows · stride <= len`).
+/// (`stride >= width`, a multiple of `align`, `(rows − 1) · stride + width <= len`).
 fn check_matrix(
     op: &str,
     name: &str,
@@ -71,13 +71,32 @@ fn check_matrix(
             ),
         );
     }
-    match rows.checked_mul(stride) {
-        Some(need) if need <= len => Ok(()),
-        Some(need) => bad(
+    // The last row needs only its width: a matrix may be a view ending at its last element.
+    let need = match rows.checked_sub(1) {
+        None => 0,
+        Some(r) => match r.checked_mul(stride).and_then(|v| v.checked_add(width)) {
+            Some(need) => need,
+            None => return bad(op, format_args!("{name} shape {rows} × {stride} overflows")),
+        },
+    };
+    if need > len {
+        return bad(
             op,
-            format_args!("{name} holds {len} values, needs rows {rows} × stride {stride} = {need}"),
-        ),
-        None => bad(op, format_args!("{name} shape {rows} × {stride} overflows")),
+            format_args!(
+                "{name} holds {len} values, needs {need} ({rows} rows of {width} at stride \
+                 {stride})"
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Rows of `width` at `stride` that fit in `len` values (`stride >= width >= 1`).
+fn rows_in(len: usize, width: usize, stride: usize) -> usize {
+    if len < width {
+        0
+    } else {
+        (len - width) / stride.max(1) + 1
     }
 }
 
@@ -562,7 +581,7 @@ pub fn attention(
         (plan.n_slots, kv_dim, args.kv_stride),
         VEC,
     )?;
-    let pool_rows = args.k_pool.len() / args.kv_stride.max(1);
+    let pool_rows = rows_in(args.k_pool.len(), kv_dim, args.kv_stride);
     if let Some(lse) = &out.lse {
         check_matrix(op, "lse", lse.len(), (rows, s.n_heads, s.n_heads), 1)?;
     }
@@ -944,16 +963,19 @@ pub fn embed(
     }
     if dev.download(&flag)?[0] != 0 {
         let host_ids = dev.download(ids)?;
-        let (i, id) = host_ids[..n_rows]
+        let bad_id = host_ids[..n_rows]
             .iter()
             .enumerate()
-            .find(|&(_, &id)| id != REGISTER && id as usize >= table_rows)
-            .map(|(i, &id)| (i, id))
-            .unwrap_or((0, 0));
-        return bad(
-            op,
-            format_args!("ids[{i}] = {id} is out of range for a table of {table_rows} rows"),
-        );
+            .find(|&(_, &id)| id != REGISTER && id as usize >= table_rows);
+        return match bad_id {
+            Some((i, id)) => bad(
+                op,
+                format_args!("ids[{i}] = {id} is out of range for a table of {table_rows} rows"),
+            ),
+            None => Err(Error::Cuda(
+                "embed: the kernel flagged an id, but every id is in range".into(),
+            )),
+        };
     }
     Ok(())
 }
@@ -1076,7 +1098,7 @@ pub fn rope_kv(dev: &CudaDevice, a: RopeKv, pool: KvPool) -> Result<()> {
         );
     }
     check_matrix(op, "k pool", pool.k.len(), (0, kv_dim, pool.stride), 1)?;
-    let pool_rows = pool.k.len() / pool.stride.max(1);
+    let pool_rows = rows_in(pool.k.len(), kv_dim, pool.stride);
     if a.positions.len() < n {
         return bad(
             op,
@@ -1468,8 +1490,9 @@ impl Aggregated {
 
 /// Builds sparse step `k`'s rows, keys and logits rows on the device, exactly as
 /// [`crate::sampler::sparse_plan`] with [`crate::sampler::Switches::ALL_ON`] and a prefilled
-/// prompt does for the response branch. The output arrays are freshly allocated; the kernel
-/// writes every entry.
+/// prompt does for the response branch. The output arrays are freshly allocated and filled with
+/// `u32::MAX` before the launch: the kernel writes every entry, and one it missed would be an
+/// impossible index rather than a plausible 0.
 pub fn aggregate(dev: &CudaDevice, inp: &AggregateInputs) -> Result<Aggregated> {
     let op = "aggregate";
     let counts = inp.validate()?;
@@ -1481,16 +1504,17 @@ pub fn aggregate(dev: &CudaDevice, inp: &AggregateInputs) -> Result<Aggregated> 
     let decoded_order = upload_padded(dev, inp.decoded_order)?;
     let group_indptr = dev.upload(inp.group_indptr)?;
     let query = upload_padded(dev, inp.query)?;
+    let poisoned = |dev: &CudaDevice, len: usize| dev.upload(&vec![u32::MAX; len.max(1)]);
     let mut out = Aggregated {
         counts,
         n_seqs: inp.n_seqs,
-        row_ids: zeros_padded(dev, rows)?,
-        row_pos: zeros_padded(dev, rows)?,
-        row_tags: zeros_padded(dev, rows)?,
-        row_slots: zeros_padded(dev, rows)?,
-        kv_indices: zeros_padded(dev, keys)?,
-        kv_tags: zeros_padded(dev, keys)?,
-        logits_rows: zeros_padded(dev, n_logits)?,
+        row_ids: poisoned(dev, rows)?,
+        row_pos: poisoned(dev, rows)?,
+        row_tags: poisoned(dev, rows)?,
+        row_slots: poisoned(dev, rows)?,
+        kv_indices: poisoned(dev, keys)?,
+        kv_tags: poisoned(dev, keys)?,
+        logits_rows: poisoned(dev, n_logits)?,
         logits_rows_len: n_logits,
     };
     {
@@ -1543,7 +1567,14 @@ mod tests {
         assert!(check_matrix("op", "x", 64, (4, 16, 16), VEC).is_ok());
         assert!(check_matrix("op", "x", 100, (4, 16, 24), VEC).is_ok());
         let m = msg(check_matrix("op", "x", 63, (4, 16, 16), VEC));
-        assert!(m.contains("x holds 63") && m.contains("= 64"), "{m}");
+        assert!(m.contains("x holds 63") && m.contains("needs 64"), "{m}");
+        // A view: the last row stops at its width.
+        assert!(check_matrix("op", "x", 3 * 24 + 16, (4, 16, 24), VEC).is_ok());
+        assert!(check_matrix("op", "x", 3 * 24 + 15, (4, 16, 24), VEC).is_err());
+        assert!(check_matrix("op", "x", 0, (0, 16, 24), VEC).is_ok());
+        assert_eq!(rows_in(3 * 24 + 16, 16, 24), 4);
+        assert_eq!(rows_in(3 * 24 + 15, 16, 24), 3);
+        assert_eq!(rows_in(15, 16, 24), 0);
         let m = msg(check_matrix("op", "x", 64, (4, 16, 12), 1));
         assert!(m.contains("below its row width 16"), "{m}");
         let m = msg(check_matrix("op", "x", 1000, (4, 16, 20), VEC));
