@@ -20,6 +20,9 @@ pub enum Error {
     /// The requested backend is not available in this build or on this machine.
     #[error("backend unavailable: {0}")]
     Unavailable(String),
+    /// A CUDA driver call failed (or a kernel reported a fault); says which call and why.
+    #[error("CUDA: {0}")]
+    Cuda(String),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -50,6 +53,12 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+impl From<cudarc::driver::DriverError> for Error {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        Error::Cuda(e.to_string())
     }
 }
 

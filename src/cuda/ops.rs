@@ -1,0 +1,1815 @@
+//! The safe layer: one function per kernel on owned device buffers ([`CudaSlice`] of
+//! [`bf16`], `f32`, `u32`), queued on the [`CudaDevice`]'s stream.
+//!
+//! Every function checks, before anything is queued, everything the kernel relies on: buffer
+//! lengths against the shape (buffers may be longer than needed, so a backend can reuse them),
+//! row strides (at least the row width; for attention also a multiple of 8 elements, so every
+//! row starts 16-byte aligned for its `cp.async` loads — the support kernels pick 16-byte or
+//! scalar accesses themselves at launch), index ranges, and that every buffer belongs to the
+//! device's context. A violation is [`Error::Input`] naming the op, the argument and the
+//! sizes; nothing is launched then. Index arrays whose values matter for memory safety (pool
+//! slots, prefix lengths) are passed as an [`IndexBuf`], which records their maximum and
+//! distinctness when it is uploaded; the attention and aggregation inputs are validated on the
+//! host when their plan is built ([`AttnPlan`], [`aggregate`]).
+//!
+//! Attention follows FlashInfer's plan/run split: [`AttnPlan::new`] validates the ragged layout,
+//! cuts it into query tiles, picks the split count and allocates the split workspace once per
+//! step; [`attention`] then only checks the per-layer buffers and launches.
+
+use std::ptr::{null, null_mut};
+
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop,
+};
+use half::bf16;
+
+use crate::backend::cpu::attention::{AttnShape, AttnTiling};
+use crate::backend::{SampleParams, Sampled};
+use crate::config::Branch;
+use crate::cuda::abi::{
+    SL_ATTN_BLOCK_M, SlAggregateParams, SlAttnParams, SlEmbedParams, SlMaskedSoftmaxParams,
+    SlRmsNormParams, SlRopeKvParams, SlSampleParams, SlSwigluParams,
+};
+use crate::cuda::device::CudaDevice;
+use crate::cuda::raw;
+use crate::error::{Error, Result};
+use crate::plan::{MAX_BLOCK, REGISTER, Tag};
+use crate::sampler::DecodeState;
+
+/// bf16 elements per 16-byte vector: attention row strides must be a multiple of this.
+pub const VEC: usize = 8;
+
+/// The largest split count [`AttnPlan::new`] accepts when forced (the heuristic stays at or
+/// below [`AttnTiling::MAX_SPLITS`]).
+pub const MAX_FORCED_SPLITS: usize = 256;
+
+fn bad<T>(op: &str, msg: impl std::fmt::Display) -> Result<T> {
+    Err(Error::Input(format!("{op}: {msg}")))
+}
+
+/// Checks that a buffer of `len` values holds a `[rows, width]` matrix with row stride `stride`
+/// (`stride >= width`, a multiple of `align`, `(rows − 1) · stride + width <= len`).
+fn check_matrix(
+    op: &str,
+    name: &str,
+    len: usize,
+    (rows, width, stride): (usize, usize, usize),
+    align: usize,
+) -> Result<()> {
+    if stride < width {
+        return bad(
+            op,
+            format_args!("{name} row stride {stride} is below its row width {width}"),
+        );
+    }
+    if stride % align != 0 {
+        return bad(
+            op,
+            format_args!(
+                "{name} row stride {stride} is not a multiple of {align} (rows must be 16-byte \
+                 aligned)"
+            ),
+        );
+    }
+    // The last row needs only its width: a matrix may be a view ending at its last element.
+    let need = match rows.checked_sub(1) {
+        None => 0,
+        Some(r) => match r.checked_mul(stride).and_then(|v| v.checked_add(width)) {
+            Some(need) => need,
+            None => return bad(op, format_args!("{name} shape {rows} × {stride} overflows")),
+        },
+    };
+    if need > len {
+        return bad(
+            op,
+            format_args!(
+                "{name} holds {len} values, needs {need} ({rows} rows of {width} at stride \
+                 {stride})"
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Rows of `width` at `stride` that fit in `len` values (`stride >= width >= 1`).
+fn rows_in(len: usize, width: usize, stride: usize) -> usize {
+    if len < width {
+        0
+    } else {
+        (len - width) / stride.max(1) + 1
+    }
+}
+
+/// `v` as a u32 kernel argument, or an error naming it.
+fn to_u32(op: &str, name: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).or_else(|_| bad(op, format_args!("{name} = {v} does not fit in u32")))
+}
+
+/// Checks a CSR offset array: `n + 1` entries from 0, non-decreasing, ending at `total`.
+fn check_indptr(op: &str, name: &str, indptr: &[u32], total: usize) -> Result<()> {
+    let Some(&last) = indptr.last() else {
+        return bad(
+            op,
+            format_args!("{name} is empty (it needs n_seqs + 1 entries)"),
+        );
+    };
+    if indptr[0] != 0 {
+        return bad(op, format_args!("{name}[0] = {}, expected 0", indptr[0]));
+    }
+    if let Some(s) = indptr.windows(2).position(|w| w[0] > w[1]) {
+        return bad(
+            op,
+            format_args!(
+                "{name} decreases at sequence {s}: {} > {}",
+                indptr[s],
+                indptr[s + 1]
+            ),
+        );
+    }
+    if last as usize != total {
+        return bad(op, format_args!("{name} ends at {last}, expected {total}"));
+    }
+    Ok(())
+}
+
+/// Element types of device buffers and the type a params struct's pointer has for them.
+pub trait DeviceElem {
+    /// The params.h element type (`sl_bf16` is `u16` on the host).
+    type C;
+}
+impl DeviceElem for bf16 {
+    type C = u16;
+}
+impl DeviceElem for f32 {
+    type C = f32;
+}
+impl DeviceElem for u32 {
+    type C = u32;
+}
+impl DeviceElem for u8 {
+    type C = u8;
+}
+
+/// Collects the device pointers of one launch: checks each buffer's context and keeps the
+/// cudarc read/write records alive until the launch is queued (dropping them after the launch
+/// orders later work on other streams after this kernel).
+struct Bufs<'a> {
+    op: &'static str,
+    stream: &'a CudaStream,
+    ctx: &'a CudaContext,
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> Bufs<'a> {
+    fn new(dev: &'a CudaDevice, op: &'static str) -> Self {
+        Bufs {
+            op,
+            stream: dev.stream(),
+            ctx: dev.context(),
+            guards: Vec::new(),
+        }
+    }
+
+    fn check_ctx<T>(&self, name: &str, buf: &impl DeviceSlice<T>) -> Result<()> {
+        if **buf.stream().context() != *self.ctx {
+            return bad(
+                self.op,
+                format_args!("{name} was allocated in another CUDA context"),
+            );
+        }
+        Ok(())
+    }
+
+    /// A buffer the kernel only reads.
+    fn read<T: DeviceElem>(
+        &mut self,
+        name: &str,
+        buf: &'a impl DevicePtr<T>,
+    ) -> Result<*const T::C> {
+        self.check_ctx(name, buf)?;
+        let (ptr, guard) = buf.device_ptr(self.stream);
+        self.guards.push(guard);
+        Ok(ptr as usize as *const T::C)
+    }
+
+    /// A buffer the kernel writes (or reads and writes).
+    fn write<T: DeviceElem>(&mut self, name: &str, buf: &'a mut CudaSlice<T>) -> Result<*mut T::C> {
+        self.check_ctx(name, buf)?;
+        let (ptr, guard) = buf.device_ptr_mut(self.stream);
+        self.guards.push(guard);
+        Ok(ptr as usize as *mut T::C)
+    }
+}
+
+/// Uploads `host`, or one zero when it is empty (a zero-byte allocation is not portable); the
+/// logical length is kept by the caller.
+fn upload_padded<T: cudarc::driver::DeviceRepr + Copy + Default>(
+    dev: &CudaDevice,
+    host: &[T],
+) -> Result<CudaSlice<T>> {
+    if host.is_empty() {
+        dev.upload(&[T::default()])
+    } else {
+        dev.upload(host)
+    }
+}
+
+/// A zeroed buffer of `len` values (at least one).
+fn zeros_padded<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    dev: &CudaDevice,
+    len: usize,
+) -> Result<CudaSlice<T>> {
+    dev.alloc_zeros(len.max(1))
+}
+
+// ------------------------------------------------------------------------------------------
+// Index buffers
+// ------------------------------------------------------------------------------------------
+
+/// A u32 index array on the device together with facts about its values recorded when it was
+/// uploaded (its maximum, whether the values are distinct), so ops can bounds-check indices
+/// without reading the device. The buffer cannot be written through this type, so the facts
+/// stay true.
+#[derive(Debug)]
+pub struct IndexBuf {
+    buf: CudaSlice<u32>,
+    len: usize,
+    max: Option<u32>,
+    distinct: bool,
+}
+
+impl IndexBuf {
+    /// Uploads `host` and records its facts.
+    pub fn upload(dev: &CudaDevice, host: &[u32]) -> Result<IndexBuf> {
+        let mut sorted = host.to_vec();
+        sorted.sort_unstable();
+        let distinct = sorted.windows(2).all(|w| w[0] != w[1]);
+        Ok(IndexBuf {
+            buf: upload_padded(dev, host)?,
+            len: host.len(),
+            max: sorted.last().copied(),
+            distinct,
+        })
+    }
+
+    /// Number of indices.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no indices.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The largest index (`None` when empty).
+    pub fn max(&self) -> Option<u32> {
+        self.max
+    }
+
+    /// Whether no value occurs twice.
+    pub fn distinct(&self) -> bool {
+        self.distinct
+    }
+
+    /// The device buffer (at least one element long even when empty).
+    pub fn device(&self) -> &CudaSlice<u32> {
+        &self.buf
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Attention
+// ------------------------------------------------------------------------------------------
+
+/// The host-side ragged layout of one attention call (the rows of one branch of a step and the
+/// keys of their sequences), as in [`crate::backend::cpu::attention::AttnInputs`].
+#[derive(Debug, Clone, Copy)]
+pub struct AttnLayout<'a> {
+    /// Head geometry; head_dim must be 64 or 128 (the compiled kernels).
+    pub shape: AttnShape,
+    /// Tag of each query row.
+    pub row_tags: &'a [Tag],
+    /// `n_seqs + 1` offsets: rows of sequence `s` are `seq_indptr[s]..seq_indptr[s+1]`.
+    pub seq_indptr: &'a [u32],
+    /// `n_seqs + 1` offsets into `kv_indices`.
+    pub kv_indptr: &'a [u32],
+    /// Pool slot of each key.
+    pub kv_indices: &'a [u32],
+    /// Tag of each key.
+    pub kv_tags: &'a [Tag],
+    /// Pool rows: every `kv_indices` entry must be below this, and the pools passed to
+    /// [`attention`] must hold at least this many rows.
+    pub n_slots: usize,
+}
+
+impl AttnLayout<'_> {
+    /// Query rows.
+    pub fn rows(&self) -> usize {
+        self.row_tags.len()
+    }
+
+    /// Checks the head geometry, both CSR offset arrays, the tag lengths and every key's slot.
+    pub fn validate(&self) -> Result<()> {
+        let op = "attention plan";
+        let AttnShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = self.shape;
+        if head_dim != 64 && head_dim != 128 {
+            return bad(
+                op,
+                format_args!("head_dim {head_dim} has no kernel (64 and 128 are compiled)"),
+            );
+        }
+        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+            return bad(
+                op,
+                format_args!(
+                    "n_heads {n_heads} must be a positive multiple of n_kv_heads {n_kv_heads}"
+                ),
+            );
+        }
+        if n_heads > 65_535 {
+            return bad(op, format_args!("n_heads {n_heads} exceeds the grid limit"));
+        }
+        check_indptr(op, "seq_indptr", self.seq_indptr, self.rows())?;
+        check_indptr(op, "kv_indptr", self.kv_indptr, self.kv_indices.len())?;
+        if self.kv_indptr.len() != self.seq_indptr.len() {
+            return bad(
+                op,
+                format_args!(
+                    "kv_indptr has {} entries but seq_indptr has {}",
+                    self.kv_indptr.len(),
+                    self.seq_indptr.len()
+                ),
+            );
+        }
+        if self.kv_tags.len() != self.kv_indices.len() {
+            return bad(
+                op,
+                format_args!(
+                    "kv_tags has {} entries but kv_indices has {}",
+                    self.kv_tags.len(),
+                    self.kv_indices.len()
+                ),
+            );
+        }
+        to_u32(op, "n_slots", self.n_slots)?;
+        to_u32(op, "rows", self.rows())?;
+        if let Some((i, &slot)) = self
+            .kv_indices
+            .iter()
+            .enumerate()
+            .find(|&(_, &s)| s as usize >= self.n_slots)
+        {
+            return bad(
+                op,
+                format_args!(
+                    "kv_indices[{i}] = {slot} is not below the pool's {} slots",
+                    self.n_slots
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Query tiles of a ragged row set: each tile is up to `block_m` consecutive rows of one
+/// sequence; returns `(qtile_seq, qtile_row0)` (sequence and first row of each tile), tiles in
+/// row order. Tiles never cross a sequence boundary and cover every row exactly once.
+/// `seq_indptr` must be valid CSR offsets (see [`AttnLayout::validate`]); `block_m >= 1`.
+pub fn query_tiles(seq_indptr: &[u32], block_m: u32) -> (Vec<u32>, Vec<u32>) {
+    let block_m = block_m.max(1);
+    let (mut seq, mut row0) = (Vec::new(), Vec::new());
+    for (s, w) in seq_indptr.windows(2).enumerate() {
+        let mut r = w[0];
+        while r < w[1] {
+            seq.push(s as u32);
+            row0.push(r);
+            r = r.saturating_add(block_m);
+        }
+    }
+    (seq, row0)
+}
+
+/// Split count for `n_qtiles` query tiles of `n_heads` heads over at most `max_keys` keys per
+/// sequence on `workers` SMs: the rule of [`AttnTiling::heuristic`] with the real tile count
+/// (`SL_ATTN_BLOCK_M`-row tiles, broken at sequence boundaries) — 1 when the grid already has
+/// `workers` blocks, else `min(ceil(workers / items), ceil(max_keys / MIN_KEYS_PER_SPLIT),
+/// MAX_SPLITS)`, at least 1.
+pub fn choose_splits(n_qtiles: usize, n_heads: usize, max_keys: usize, workers: usize) -> usize {
+    let items = (n_qtiles * n_heads).max(1);
+    if items >= workers {
+        1
+    } else {
+        workers
+            .div_ceil(items)
+            .min(max_keys.div_ceil(AttnTiling::MIN_KEYS_PER_SPLIT))
+            .clamp(1, AttnTiling::MAX_SPLITS)
+    }
+}
+
+/// An attention call planned and uploaded: the ragged layout, its query tiles, the split count
+/// and the split workspace. Build once per step and branch; run once per layer with
+/// [`attention`].
+#[derive(Debug)]
+pub struct AttnPlan {
+    shape: AttnShape,
+    n_rows: usize,
+    n_seqs: usize,
+    n_slots: usize,
+    n_splits: usize,
+    host_qtile_seq: Vec<u32>,
+    host_qtile_row0: Vec<u32>,
+    row_tags: CudaSlice<u32>,
+    seq_indptr: CudaSlice<u32>,
+    kv_indptr: CudaSlice<u32>,
+    kv_indices: CudaSlice<u32>,
+    kv_tags: CudaSlice<u32>,
+    qtile_seq: CudaSlice<u32>,
+    qtile_row0: CudaSlice<u32>,
+    /// `(partial_o, partial_lse)` when `n_splits > 1`.
+    workspace: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
+}
+
+impl AttnPlan {
+    /// Validates `layout`, builds the query tiles, picks the split count ([`choose_splits`]
+    /// with the device's SM count, or `n_splits` when given: 1..=[`MAX_FORCED_SPLITS`]) and
+    /// uploads everything.
+    pub fn new(dev: &CudaDevice, layout: &AttnLayout, n_splits: Option<usize>) -> Result<Self> {
+        let op = "attention plan";
+        layout.validate()?;
+        let (qtile_seq, qtile_row0) = query_tiles(layout.seq_indptr, SL_ATTN_BLOCK_M);
+        let max_keys = layout
+            .kv_indptr
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0);
+        let n_heads = layout.shape.n_heads;
+        let n_splits = match n_splits {
+            Some(n) if n == 0 || n > MAX_FORCED_SPLITS => {
+                return bad(
+                    op,
+                    format_args!("n_splits {n} outside 1..={MAX_FORCED_SPLITS}"),
+                );
+            }
+            Some(n) => n,
+            None => choose_splits(
+                qtile_seq.len(),
+                n_heads,
+                max_keys,
+                dev.info().sm_count as usize,
+            ),
+        };
+        let rows = layout.rows();
+        let workspace = if n_splits > 1 {
+            let lse_len = n_splits
+                .checked_mul(rows)
+                .and_then(|v| v.checked_mul(n_heads));
+            let o_len = lse_len.and_then(|v| v.checked_mul(layout.shape.head_dim));
+            let (Some(lse_len), Some(o_len)) = (lse_len, o_len) else {
+                return bad(op, "split workspace size overflows");
+            };
+            Some((zeros_padded(dev, o_len)?, zeros_padded(dev, lse_len)?))
+        } else {
+            None
+        };
+        let tags = |t: &[Tag]| t.iter().map(|t| t.0).collect::<Vec<u32>>();
+        Ok(AttnPlan {
+            shape: layout.shape,
+            n_rows: rows,
+            n_seqs: layout.seq_indptr.len() - 1,
+            n_slots: layout.n_slots,
+            n_splits,
+            row_tags: upload_padded(dev, &tags(layout.row_tags))?,
+            seq_indptr: dev.upload(layout.seq_indptr)?,
+            kv_indptr: dev.upload(layout.kv_indptr)?,
+            kv_indices: upload_padded(dev, layout.kv_indices)?,
+            kv_tags: upload_padded(dev, &tags(layout.kv_tags))?,
+            qtile_seq: upload_padded(dev, &qtile_seq)?,
+            qtile_row0: upload_padded(dev, &qtile_row0)?,
+            host_qtile_seq: qtile_seq,
+            host_qtile_row0: qtile_row0,
+            workspace,
+        })
+    }
+
+    /// Head geometry.
+    pub fn shape(&self) -> AttnShape {
+        self.shape
+    }
+
+    /// Query rows.
+    pub fn rows(&self) -> usize {
+        self.n_rows
+    }
+
+    /// The split count chosen (or forced).
+    pub fn n_splits(&self) -> usize {
+        self.n_splits
+    }
+
+    /// Sequence of each query tile.
+    pub fn qtile_seq(&self) -> &[u32] {
+        &self.host_qtile_seq
+    }
+
+    /// First row of each query tile.
+    pub fn qtile_row0(&self) -> &[u32] {
+        &self.host_qtile_row0
+    }
+}
+
+/// Per-layer inputs of [`attention`].
+#[derive(Debug, Clone, Copy)]
+pub struct AttnArgs<'a> {
+    /// Queries `[rows, q_stride]`, head `h` at columns `h·head_dim..`.
+    pub q: &'a CudaSlice<bf16>,
+    /// Row stride of `q` (≥ n_heads·head_dim, a multiple of 8).
+    pub q_stride: usize,
+    /// Keys `[slots, kv_stride]`, K/V head `g` at columns `g·head_dim..`.
+    pub k_pool: &'a CudaSlice<bf16>,
+    /// Values, same layout as `k_pool`.
+    pub v_pool: &'a CudaSlice<bf16>,
+    /// Row stride of the pools (≥ n_kv_heads·head_dim, a multiple of 8).
+    pub kv_stride: usize,
+    /// Cross-branch layer.
+    pub joint: bool,
+}
+
+/// Outputs of [`attention`].
+#[derive(Debug)]
+pub struct AttnOut<'a> {
+    /// `[rows, o_stride]`; row `r`, head `h` at columns `h·head_dim..`; other columns untouched.
+    pub o: &'a mut CudaSlice<bf16>,
+    /// Row stride of `o` (≥ n_heads·head_dim, a multiple of 8).
+    pub o_stride: usize,
+    /// `[rows, n_heads]` natural-log LSE (−inf for a row that sees no key), when wanted.
+    pub lse: Option<&'a mut CudaSlice<f32>>,
+}
+
+/// Gathered-token attention of the planned rows over their sequences' keys (SPEC §5), merging
+/// splits when the plan has more than one. Rows that see no key get zeros and lse −inf.
+pub fn attention(
+    dev: &CudaDevice,
+    plan: &mut AttnPlan,
+    args: &AttnArgs,
+    out: AttnOut,
+) -> Result<()> {
+    let op = "attention";
+    let s = plan.shape;
+    let (rows, q_dim, kv_dim) = (plan.n_rows, s.q_dim(), s.kv_dim());
+    check_matrix(op, "q", args.q.len(), (rows, q_dim, args.q_stride), VEC)?;
+    check_matrix(op, "o", out.o.len(), (rows, q_dim, out.o_stride), VEC)?;
+    if args.k_pool.len() != args.v_pool.len() {
+        return bad(
+            op,
+            format_args!(
+                "k_pool holds {} values but v_pool {}",
+                args.k_pool.len(),
+                args.v_pool.len()
+            ),
+        );
+    }
+    check_matrix(
+        op,
+        "k_pool",
+        args.k_pool.len(),
+        (plan.n_slots, kv_dim, args.kv_stride),
+        VEC,
+    )?;
+    let pool_rows = rows_in(args.k_pool.len(), kv_dim, args.kv_stride);
+    if let Some(lse) = &out.lse {
+        check_matrix(op, "lse", lse.len(), (rows, s.n_heads, s.n_heads), 1)?;
+    }
+    let mut b = Bufs::new(dev, op);
+    let (partial_o, partial_lse) = match &mut plan.workspace {
+        Some((o, l)) => (b.write("partial_o", o)?, b.write("partial_lse", l)?),
+        None => (null_mut(), null_mut()),
+    };
+    let p = SlAttnParams {
+        q: b.read("q", args.q)?,
+        k_pool: b.read("k_pool", args.k_pool)?,
+        v_pool: b.read("v_pool", args.v_pool)?,
+        o: b.write("o", out.o)?,
+        lse: match out.lse {
+            Some(l) => b.write("lse", l)?,
+            None => null_mut(),
+        },
+        partial_o,
+        partial_lse,
+        row_tags: b.read("row_tags", &plan.row_tags)?,
+        qtile_seq: b.read("qtile_seq", &plan.qtile_seq)?,
+        qtile_row0: b.read("qtile_row0", &plan.qtile_row0)?,
+        seq_indptr: b.read("seq_indptr", &plan.seq_indptr)?,
+        kv_indptr: b.read("kv_indptr", &plan.kv_indptr)?,
+        kv_indices: b.read("kv_indices", &plan.kv_indices)?,
+        kv_tags: b.read("kv_tags", &plan.kv_tags)?,
+        n_rows: to_u32(op, "rows", rows)?,
+        n_qtiles: to_u32(op, "query tiles", plan.host_qtile_seq.len())?,
+        n_seqs: to_u32(op, "sequences", plan.n_seqs)?,
+        n_slots: to_u32(op, "pool rows", pool_rows)?,
+        q_stride: to_u32(op, "q_stride", args.q_stride)?,
+        kv_stride: to_u32(op, "kv_stride", args.kv_stride)?,
+        o_stride: to_u32(op, "o_stride", out.o_stride)?,
+        n_heads: to_u32(op, "n_heads", s.n_heads)?,
+        n_kv_heads: to_u32(op, "n_kv_heads", s.n_kv_heads)?,
+        head_dim: to_u32(op, "head_dim", s.head_dim)?,
+        n_splits: to_u32(op, "n_splits", plan.n_splits)?,
+        joint: args.joint as u32,
+        scale_log2: std::f32::consts::LOG2_E / (s.head_dim as f32).sqrt(),
+        _pad: 0,
+    };
+    // SAFETY: the plan validated the CSR layout, the tiles (built by `query_tiles`) and every
+    // key's slot against `n_slots`; the checks above ensure q / o / lse hold `rows` rows of their
+    // strides, the pools at least `n_slots` rows, strides are 8-aligned and cover the heads, the
+    // workspace was sized for this plan's splits; every pointer comes from a live buffer of this
+    // context borrowed for the launch (`b` holds the borrows), and the outputs are borrowed
+    // mutably, so they alias no input.
+    unsafe { raw::attention(dev.kernels(), &p, dev.stream()) }
+}
+
+// ------------------------------------------------------------------------------------------
+// Mask-aware softmax and the sampler
+// ------------------------------------------------------------------------------------------
+
+/// The visibility rule of [`masked_softmax`], on device buffers.
+#[derive(Debug, Clone, Copy)]
+pub enum DeviceMask<'a> {
+    /// SPEC §3 on tags: `row_tags` (≥ n_rows) and `col_tags` (≥ n_cols), `joint` layer or not.
+    Rule {
+        /// Tag of each row.
+        row_tags: &'a CudaSlice<u32>,
+        /// Tag of each column.
+        col_tags: &'a CudaSlice<u32>,
+        /// Cross-branch layer.
+        joint: bool,
+    },
+    /// Per row, the number of leading visible columns (each ≤ n_cols).
+    Prefix(&'a IndexBuf),
+}
+
+/// Shape of a score matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScoreShape {
+    /// Rows.
+    pub n_rows: usize,
+    /// Columns.
+    pub n_cols: usize,
+    /// Row stride of both `scores` and `probs` (≥ n_cols).
+    pub stride: usize,
+}
+
+/// Row softmax of `scale · scores` over the visible columns (SPEC §5 mask-aware softmax (a));
+/// hidden columns and fully hidden rows get zeros.
+pub fn masked_softmax(
+    dev: &CudaDevice,
+    scores: &CudaSlice<f32>,
+    shape: ScoreShape,
+    mask: DeviceMask,
+    scale: f32,
+    probs: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let op = "masked_softmax";
+    let ScoreShape {
+        n_rows,
+        n_cols,
+        stride,
+    } = shape;
+    check_matrix(op, "scores", scores.len(), (n_rows, n_cols, stride), 1)?;
+    check_matrix(op, "probs", probs.len(), (n_rows, n_cols, stride), 1)?;
+    if !scale.is_finite() {
+        return bad(op, format_args!("scale ({scale}) is not finite"));
+    }
+    let mut b = Bufs::new(dev, op);
+    let (row_tags, col_tags, prefix_len, joint) = match mask {
+        DeviceMask::Rule {
+            row_tags,
+            col_tags,
+            joint,
+        } => {
+            if row_tags.len() < n_rows || col_tags.len() < n_cols {
+                return bad(
+                    op,
+                    format_args!(
+                        "{} row tags and {} column tags for a {n_rows} × {n_cols} matrix",
+                        row_tags.len(),
+                        col_tags.len()
+                    ),
+                );
+            }
+            let r = b.read("row_tags", row_tags)?;
+            let c = b.read("col_tags", col_tags)?;
+            (r, c, null(), joint)
+        }
+        DeviceMask::Prefix(prefix) => {
+            if prefix.len() < n_rows {
+                return bad(
+                    op,
+                    format_args!("{} prefix lengths for {n_rows} rows", prefix.len()),
+                );
+            }
+            if let Some(m) = prefix.max().filter(|&m| m as usize > n_cols) {
+                return bad(
+                    op,
+                    format_args!("a prefix length ({m}) exceeds the {n_cols} columns"),
+                );
+            }
+            (
+                null(),
+                null(),
+                b.read("prefix_len", prefix.device())?,
+                false,
+            )
+        }
+    };
+    let p = SlMaskedSoftmaxParams {
+        scores: b.read("scores", scores)?,
+        probs: b.write("probs", probs)?,
+        row_tags,
+        col_tags,
+        prefix_len,
+        n_rows: to_u32(op, "n_rows", n_rows)?,
+        n_cols: to_u32(op, "n_cols", n_cols)?,
+        stride: to_u32(op, "stride", stride)?,
+        joint: joint as u32,
+        scale,
+        _pad: 0,
+    };
+    // SAFETY: scores / probs hold n_rows rows of `stride >= n_cols`; the tags cover the rows and
+    // columns, or every prefix length is at most n_cols (recorded at upload); all pointers are
+    // live buffers of this context borrowed for the launch, `probs` mutably (no aliasing).
+    unsafe { raw::masked_softmax(dev.kernels(), &p, dev.stream()) }
+}
+
+/// Validates a sampler call (the rules of [`crate::backend::cpu::ops::sample_rows`]) and
+/// returns the number of logit rows it reads.
+fn check_sample(logits_len: usize, vocab: usize, stride: usize, p: &SampleParams) -> Result<usize> {
+    let op = "sample";
+    let n = p.positions.len();
+    if vocab == 0 || vocab > u32::MAX as usize {
+        return bad(
+            op,
+            format_args!("vocab ({vocab}) must be in 1..=u32::MAX (ids are u32)"),
+        );
+    }
+    let rows = match p.guidance {
+        Some(g) if !g.is_finite() => return bad(op, format_args!("guidance ({g}) is not finite")),
+        Some(_) => n.saturating_mul(2),
+        None => n,
+    };
+    check_matrix(op, "logits", logits_len, (rows, vocab, stride), 1)?;
+    to_u32(op, "stride", stride)?;
+    to_u32(op, "rows", rows)?;
+    let tau = p.temperature;
+    if !(tau.is_finite() && tau >= 0.0) {
+        return bad(
+            op,
+            format_args!("temperature ({tau}) must be finite and >= 0"),
+        );
+    }
+    if let Some(&id) = p.banned.iter().find(|&&id| id as usize >= vocab) {
+        return bad(
+            op,
+            format_args!("banned id {id} is out of range for vocab {vocab}"),
+        );
+    }
+    let mut banned = p.banned.clone();
+    banned.sort_unstable();
+    banned.dedup();
+    if banned.len() == vocab {
+        return bad(
+            op,
+            format_args!("every id of the vocabulary ({vocab}) is banned"),
+        );
+    }
+    Ok(rows)
+}
+
+/// The sampler pass (SPEC §4, mask-aware softmax (b)) over `logits` (`[n or 2n, stride]`,
+/// `n = p.positions.len()`, the first `vocab` columns used): the same tokens, confidences and
+/// LSEs as [`crate::backend::cpu::ops::sample_rows`]. A non-finite logit (after the CFG combine
+/// and temperature) is [`Error::Input`] naming "non-finite logit". Waits for the result.
+pub fn sample(
+    dev: &CudaDevice,
+    logits: &CudaSlice<f32>,
+    vocab: usize,
+    stride: usize,
+    p: &SampleParams,
+) -> Result<Vec<Sampled>> {
+    let op = "sample";
+    check_sample(logits.len(), vocab, stride, p)?;
+    let n = p.positions.len();
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let banned = if p.banned.is_empty() {
+        None
+    } else {
+        let mut mask = vec![0u8; vocab];
+        for &id in &p.banned {
+            mask[id as usize] = 1;
+        }
+        Some(dev.upload(&mask)?)
+    };
+    let positions = dev.upload(&p.positions)?;
+    let mut token = zeros_padded::<u32>(dev, n)?;
+    let mut confidence = zeros_padded::<f32>(dev, n)?;
+    let mut lse = zeros_padded::<f32>(dev, n)?;
+    let mut flag = zeros_padded::<u32>(dev, 1)?;
+    {
+        let mut b = Bufs::new(dev, op);
+        let params = SlSampleParams {
+            logits: b.read("logits", logits)?,
+            positions: b.read("positions", &positions)?,
+            banned: match &banned {
+                Some(m) => b.read("banned", m)?,
+                None => null(),
+            },
+            out_token: b.write("out_token", &mut token)?,
+            out_confidence: b.write("out_confidence", &mut confidence)?,
+            out_lse: b.write("out_lse", &mut lse)?,
+            error_flag: b.write("error_flag", &mut flag)?,
+            n: to_u32(op, "n", n)?,
+            vocab: vocab as u32,
+            stride: stride as u32,
+            cfg: p.guidance.is_some() as u32,
+            guidance: p.guidance.unwrap_or(0.0),
+            temperature: p.temperature,
+            seed_lo: p.seed as u32,
+            seed_hi: (p.seed >> 32) as u32,
+            step: p.step,
+            request: p.request,
+        };
+        // SAFETY: `check_sample` verified that logits hold n (2n with CFG) rows of `stride >=
+        // vocab`; `banned` has vocab bytes, positions and the outputs n entries, the flag one;
+        // all are live buffers of this context borrowed for the launch, outputs mutably.
+        unsafe { raw::sample(dev.kernels(), &params, dev.stream()) }?;
+    }
+    if dev.download(&flag)?[0] != 0 {
+        let cfg = if p.guidance.is_some() {
+            " (after the CFG combine)"
+        } else {
+            ""
+        };
+        return bad(
+            op,
+            format_args!(
+                "non-finite logit{cfg} in the {n} sampled rows (NaN, ±inf, or logit / \
+                 temperature {} overflowing)",
+                p.temperature
+            ),
+        );
+    }
+    let (token, confidence, lse) = (
+        dev.download(&token)?,
+        dev.download(&confidence)?,
+        dev.download(&lse)?,
+    );
+    Ok((0..n)
+        .map(|i| Sampled {
+            token: token[i],
+            confidence: confidence[i],
+            lse: lse[i],
+        })
+        .collect())
+}
+
+// ------------------------------------------------------------------------------------------
+// Support kernels
+// ------------------------------------------------------------------------------------------
+
+/// The first layer's RMSNorm fused into [`embed`].
+#[derive(Debug)]
+pub struct EmbedNorm<'a> {
+    /// Norm weight `[d]`.
+    pub w: &'a CudaSlice<bf16>,
+    /// Epsilon (finite, > 0).
+    pub eps: f32,
+    /// `[n_rows, d]`: `bf16(rmsnorm(x) · w)`.
+    pub out: &'a mut CudaSlice<bf16>,
+}
+
+/// `x[i] = table[ids[i]]` (or `register` for [`REGISTER`] ids) as f32, `d = register.len()`,
+/// for `i < n_rows`; with `norm`, also the normalised bf16 rows. An id outside the table is
+/// [`Error::Input`] naming the row and the id (found by the kernel, so this waits for it).
+pub fn embed(
+    dev: &CudaDevice,
+    table: &CudaSlice<bf16>,
+    register: &CudaSlice<bf16>,
+    ids: &CudaSlice<u32>,
+    n_rows: usize,
+    x: &mut CudaSlice<f32>,
+    norm: Option<EmbedNorm>,
+) -> Result<()> {
+    let op = "embed";
+    let d = register.len();
+    if d == 0 {
+        return bad(op, "width d (the register's length) is 0");
+    }
+    if !table.len().is_multiple_of(d) {
+        return bad(
+            op,
+            format_args!(
+                "table holds {} values, not a multiple of d = {d}",
+                table.len()
+            ),
+        );
+    }
+    let table_rows = table.len() / d;
+    if ids.len() < n_rows {
+        return bad(op, format_args!("{} ids for {n_rows} rows", ids.len()));
+    }
+    check_matrix(op, "x", x.len(), (n_rows, d, d), 1)?;
+    if let Some(nm) = &norm {
+        if nm.w.len() != d {
+            return bad(
+                op,
+                format_args!("norm weight has {} values, expected d = {d}", nm.w.len()),
+            );
+        }
+        check_matrix(op, "normed", nm.out.len(), (n_rows, d, d), 1)?;
+        if !(nm.eps.is_finite() && nm.eps > 0.0) {
+            return bad(op, format_args!("eps ({}) must be finite and > 0", nm.eps));
+        }
+    }
+    let mut flag = zeros_padded::<u32>(dev, 1)?;
+    {
+        let mut b = Bufs::new(dev, op);
+        let (norm_w, normed, eps) = match norm {
+            Some(nm) => (b.read("norm_w", nm.w)?, b.write("normed", nm.out)?, nm.eps),
+            None => (null(), null_mut(), 0.0),
+        };
+        let p = SlEmbedParams {
+            table: b.read("table", table)?,
+            reg: b.read("register", register)?,
+            ids: b.read("ids", ids)?,
+            x: b.write("x", x)?,
+            norm_w,
+            normed,
+            error_flag: b.write("error_flag", &mut flag)?,
+            n_rows: to_u32(op, "n_rows", n_rows)?,
+            d: to_u32(op, "d", d)?,
+            table_rows: to_u32(op, "table rows", table_rows)?,
+            eps,
+        };
+        // SAFETY: table holds table_rows rows of d, register d values, ids
+        // n_rows entries (the kernel range-checks them), x and normed n_rows rows of d; all are
+        // live buffers of this context borrowed for the launch, outputs mutably.
+        unsafe { raw::embed(dev.kernels(), &p, dev.stream()) }?;
+    }
+    if dev.download(&flag)?[0] != 0 {
+        let host_ids = dev.download(ids)?;
+        let bad_id = host_ids[..n_rows]
+            .iter()
+            .enumerate()
+            .find(|&(_, &id)| id != REGISTER && id as usize >= table_rows);
+        return match bad_id {
+            Some((i, id)) => bad(
+                op,
+                format_args!("ids[{i}] = {id} is out of range for a table of {table_rows} rows"),
+            ),
+            None => Err(Error::Cuda(
+                "embed: the kernel flagged an id, but every id is in range".into(),
+            )),
+        };
+    }
+    Ok(())
+}
+
+/// For the first `n_rows` rows of width `d = w.len()`: `x += add` (f32, written back) when `add`
+/// is given, then `out = bf16(x / sqrt(mean(x²) + eps) · w)`.
+pub fn rmsnorm(
+    dev: &CudaDevice,
+    x: &mut CudaSlice<f32>,
+    add: Option<&CudaSlice<bf16>>,
+    w: &CudaSlice<bf16>,
+    eps: f32,
+    n_rows: usize,
+    out: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    let op = "rmsnorm";
+    let d = w.len();
+    if d == 0 {
+        return bad(op, "width d (w's length) is 0");
+    }
+    if !(eps.is_finite() && eps > 0.0) {
+        return bad(op, format_args!("eps ({eps}) must be finite and > 0"));
+    }
+    check_matrix(op, "x", x.len(), (n_rows, d, d), 1)?;
+    check_matrix(op, "out", out.len(), (n_rows, d, d), 1)?;
+    if let Some(a) = add {
+        check_matrix(op, "add", a.len(), (n_rows, d, d), 1)?;
+    }
+    let mut b = Bufs::new(dev, op);
+    let p = SlRmsNormParams {
+        x: b.write("x", x)?,
+        add: match add {
+            Some(a) => b.read("add", a)?,
+            None => null(),
+        },
+        w: b.read("w", w)?,
+        out: b.write("out", out)?,
+        n_rows: to_u32(op, "n_rows", n_rows)?,
+        d: to_u32(op, "d", d)?,
+        eps,
+        _pad: 0,
+    };
+    // SAFETY: x, add and out hold n_rows rows of d, w holds d; live buffers of
+    // this context borrowed for the launch, x and out mutably (so neither aliases another).
+    unsafe { raw::rmsnorm(dev.kernels(), &p, dev.stream()) }
+}
+
+/// The K/V pool of one layer.
+#[derive(Debug)]
+pub struct KvPool<'a> {
+    /// Keys `[slots, stride]`.
+    pub k: &'a mut CudaSlice<bf16>,
+    /// Values, same layout.
+    pub v: &'a mut CudaSlice<bf16>,
+    /// Row stride (≥ n_kv_heads·head_dim).
+    pub stride: usize,
+}
+
+/// Inputs of [`rope_kv`].
+#[derive(Debug)]
+pub struct RopeKv<'a> {
+    /// Head geometry (head_dim even).
+    pub shape: AttnShape,
+    /// Rows.
+    pub n_rows: usize,
+    /// RoPE position of each row (≥ n_rows entries).
+    pub positions: &'a CudaSlice<u32>,
+    /// Pool slot of each row: exactly n_rows distinct slots of the pool.
+    pub slots: &'a IndexBuf,
+    /// RoPE base (finite, > 0).
+    pub rope_theta: f64,
+    /// Queries `[n_rows, q_stride]`, rotated in place.
+    pub q: &'a mut CudaSlice<bf16>,
+    /// Row stride of `q`.
+    pub q_stride: usize,
+    /// Keys `[n_rows, kv_stride]` (rotated on the way to the pool).
+    pub k: &'a CudaSlice<bf16>,
+    /// Values `[n_rows, kv_stride]`.
+    pub v: &'a CudaSlice<bf16>,
+    /// Row stride of `k` and `v`.
+    pub kv_stride: usize,
+}
+
+/// RoPE on `q` (in place) and `k`, then the rotated `k` and `v` rows stored into the pool at
+/// `slots` (SPEC §2.3; the CPU twin is [`crate::backend::cpu::ops::rope`] plus the store).
+pub fn rope_kv(dev: &CudaDevice, a: RopeKv, pool: KvPool) -> Result<()> {
+    let op = "rope_kv";
+    let AttnShape {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    } = a.shape;
+    if head_dim == 0 || head_dim % 2 != 0 || n_heads == 0 || n_kv_heads == 0 {
+        return bad(
+            op,
+            format_args!(
+                "shape {:?}: head_dim must be even and every size positive",
+                a.shape
+            ),
+        );
+    }
+    if !(a.rope_theta.is_finite() && a.rope_theta > 0.0) {
+        return bad(
+            op,
+            format_args!("rope_theta ({}) must be finite and > 0", a.rope_theta),
+        );
+    }
+    let (n, q_dim, kv_dim) = (a.n_rows, a.shape.q_dim(), a.shape.kv_dim());
+    check_matrix(op, "q", a.q.len(), (n, q_dim, a.q_stride), 1)?;
+    check_matrix(op, "k", a.k.len(), (n, kv_dim, a.kv_stride), 1)?;
+    check_matrix(op, "v", a.v.len(), (n, kv_dim, a.kv_stride), 1)?;
+    if pool.k.len() != pool.v.len() {
+        return bad(
+            op,
+            format_args!(
+                "k pool holds {} values but v pool {}",
+                pool.k.len(),
+                pool.v.len()
+            ),
+        );
+    }
+    check_matrix(op, "k pool", pool.k.len(), (0, kv_dim, pool.stride), 1)?;
+    let pool_rows = rows_in(pool.k.len(), kv_dim, pool.stride);
+    if a.positions.len() < n {
+        return bad(
+            op,
+            format_args!("{} positions for {n} rows", a.positions.len()),
+        );
+    }
+    if a.slots.len() != n {
+        return bad(op, format_args!("{} slots for {n} rows", a.slots.len()));
+    }
+    if let Some(m) = a.slots.max().filter(|&m| m as usize >= pool_rows) {
+        return bad(
+            op,
+            format_args!("slot {m} is not below the pool's {pool_rows} rows"),
+        );
+    }
+    if !a.slots.distinct() {
+        return bad(op, "two rows store to the same pool slot");
+    }
+    let mut b = Bufs::new(dev, op);
+    let p = SlRopeKvParams {
+        q: b.write("q", a.q)?,
+        k: b.read("k", a.k)?,
+        v: b.read("v", a.v)?,
+        k_pool: b.write("k pool", pool.k)?,
+        v_pool: b.write("v pool", pool.v)?,
+        positions: b.read("positions", a.positions)?,
+        slots: b.read("slots", a.slots.device())?,
+        n_rows: to_u32(op, "n_rows", n)?,
+        n_heads: to_u32(op, "n_heads", n_heads)?,
+        n_kv_heads: to_u32(op, "n_kv_heads", n_kv_heads)?,
+        head_dim: to_u32(op, "head_dim", head_dim)?,
+        q_stride: to_u32(op, "q_stride", a.q_stride)?,
+        kv_stride: to_u32(op, "kv_stride", a.kv_stride)?,
+        pool_stride: to_u32(op, "pool stride", pool.stride)?,
+        _pad: 0,
+        rope_theta: a.rope_theta,
+    };
+    // SAFETY: q, k, v hold n_rows rows of strides covering their heads; every
+    // slot is a distinct row of both pools (recorded at upload, checked above); positions cover
+    // the rows; live buffers of this context borrowed for the launch, q and the pools mutably.
+    unsafe { raw::rope_kv(dev.kernels(), &p, dev.stream()) }
+}
+
+/// Shape of a [`swiglu`] call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwigluShape {
+    /// Rows.
+    pub n_rows: usize,
+    /// Output width.
+    pub width: usize,
+    /// Row stride of `gate` (≥ width).
+    pub gate_stride: usize,
+    /// Row stride of `up` (≥ width).
+    pub up_stride: usize,
+}
+
+/// `out[n_rows, width] = bf16(silu(gate) · up)` in f32 math, `silu(g) = g / (1 + exp(−g))`.
+pub fn swiglu(
+    dev: &CudaDevice,
+    gate: &impl DevicePtr<bf16>,
+    up: &impl DevicePtr<bf16>,
+    shape: SwigluShape,
+    out: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    let op = "swiglu";
+    let SwigluShape {
+        n_rows,
+        width,
+        gate_stride,
+        up_stride,
+    } = shape;
+    check_matrix(op, "gate", gate.len(), (n_rows, width, gate_stride), 1)?;
+    check_matrix(op, "up", up.len(), (n_rows, width, up_stride), 1)?;
+    check_matrix(op, "out", out.len(), (n_rows, width, width), 1)?;
+    let mut b = Bufs::new(dev, op);
+    let p = SlSwigluParams {
+        gate: b.read("gate", gate)?,
+        up: b.read("up", up)?,
+        out: b.write("out", out)?,
+        n_rows: to_u32(op, "n_rows", n_rows)?,
+        width: to_u32(op, "width", width)?,
+        gate_stride: to_u32(op, "gate_stride", gate_stride)?,
+        up_stride: to_u32(op, "up_stride", up_stride)?,
+    };
+    // SAFETY: gate / up hold n_rows rows of their strides (≥ width), out n_rows·width; live
+    // buffers (or views) of this context, out borrowed mutably so it aliases neither input.
+    unsafe { raw::swiglu(dev.kernels(), &p, dev.stream()) }
+}
+
+// ------------------------------------------------------------------------------------------
+// Register-token aggregation
+// ------------------------------------------------------------------------------------------
+
+/// The decoding progress of a generation as the aggregation kernel reads it (params.h
+/// `SlAggregateParams`), derived from a [`DecodeState`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeArrays {
+    /// `[N]` decoded ids (0 where not decoded).
+    pub tokens: Vec<u32>,
+    /// `[N]` step at which each response index was decoded, `u32::MAX` if not yet.
+    pub decoded_step: Vec<u32>,
+    /// `[N]` response indices in decode order (group 0 first), padded with `u32::MAX`.
+    pub decoded_order: Vec<u32>,
+    /// `[k + 1]` offsets of the groups in `decoded_order`.
+    pub group_indptr: Vec<u32>,
+}
+
+impl DecodeArrays {
+    /// Flattens `st` (`st.groups[j]` decoded at step `j`).
+    pub fn from_state(st: &DecodeState) -> Result<DecodeArrays> {
+        let n = st.tokens.len();
+        let mut decoded_step = vec![u32::MAX; n];
+        let mut decoded_order = Vec::new();
+        let mut group_indptr = vec![0u32];
+        for (j, group) in st.groups.iter().enumerate() {
+            for &i in group {
+                match st.tokens.get(i as usize) {
+                    Some(Some(_)) if decoded_step[i as usize] == u32::MAX => {}
+                    _ => {
+                        return bad(
+                            "decode state",
+                            format_args!(
+                                "group {j} lists response index {i}, which is out of range, \
+                                 not decoded, or listed twice"
+                            ),
+                        );
+                    }
+                }
+                decoded_step[i as usize] = j as u32;
+                decoded_order.push(i);
+            }
+            group_indptr.push(decoded_order.len() as u32);
+        }
+        // params.h gives decoded_order N entries; the tail past group_indptr[k] is never read.
+        decoded_order.resize(n, u32::MAX);
+        Ok(DecodeArrays {
+            tokens: st.tokens.iter().map(|t| t.unwrap_or(0)).collect(),
+            decoded_step,
+            decoded_order,
+            group_indptr,
+        })
+    }
+}
+
+/// Inputs of [`aggregate`]: the decode arrays, the step's query, and the slot layout of
+/// [`crate::sampler::Layout`].
+#[derive(Debug, Clone, Copy)]
+pub struct AggregateInputs<'a> {
+    /// `[N]` decoded ids.
+    pub tokens: &'a [u32],
+    /// `[N]` decode step of each response index (≥ k: not decoded).
+    pub decoded_step: &'a [u32],
+    /// Response indices in decode order (at least `group_indptr[k]` entries).
+    pub decoded_order: &'a [u32],
+    /// `[k + 1]` group offsets; the step is `k = group_indptr.len() − 1`.
+    pub group_indptr: &'a [u32],
+    /// Response indices of the masked block, in logits order.
+    pub query: &'a [u32],
+    /// Sequences (1, or 2 for a CFG pair).
+    pub n_seqs: usize,
+    /// Prompt length `P` (the prompt's K/V is in the pool).
+    pub prompt_len: usize,
+    /// Registers `R`.
+    pub n_registers: usize,
+    /// Pool slots per sequence (≥ P + N + n_query + R).
+    pub slots_per_seq: usize,
+    /// The response's `[MASK]` id.
+    pub mask_id: u32,
+    /// The response's branch.
+    pub branch: Branch,
+}
+
+/// Sizes of one aggregation, per sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AggregateCounts {
+    /// The step.
+    pub k: u32,
+    /// Rows fed: `|group k−1| + n_query + R`.
+    pub rows_per_seq: usize,
+    /// Keys: `P + (decoded so far) + n_query + R`.
+    pub keys_per_seq: usize,
+}
+
+impl AggregateInputs<'_> {
+    /// Checks the decode arrays' consistency (everything the kernel indexes with), the query and
+    /// the slot layout; returns the sizes.
+    pub fn validate(&self) -> Result<AggregateCounts> {
+        let op = "aggregate";
+        let n = self.tokens.len();
+        if self.decoded_step.len() != n {
+            return bad(
+                op,
+                format_args!(
+                    "decoded_step has {} entries, tokens {n}",
+                    self.decoded_step.len()
+                ),
+            );
+        }
+        let Some(&decoded) = self.group_indptr.last() else {
+            return bad(op, "group_indptr is empty (it needs k + 1 entries)");
+        };
+        let k = self.group_indptr.len() - 1;
+        if self.group_indptr[0] != 0 || self.group_indptr.windows(2).any(|w| w[0] > w[1]) {
+            return bad(op, "group_indptr must start at 0 and never decrease");
+        }
+        let decoded = decoded as usize;
+        if decoded > n || decoded > self.decoded_order.len() {
+            return bad(
+                op,
+                format_args!(
+                    "group_indptr ends at {decoded}, beyond the {} decode-order entries or the \
+                     {n} response positions",
+                    self.decoded_order.len()
+                ),
+            );
+        }
+        if k as u64 + 1 > u64::from(MAX_BLOCK) {
+            return bad(op, format_args!("step {k} is beyond the block range"));
+        }
+        // The step each index must have, from the groups.
+        let mut expected = vec![u32::MAX; n];
+        for g in 0..k {
+            let range = self.group_indptr[g] as usize..self.group_indptr[g + 1] as usize;
+            for &i in &self.decoded_order[range] {
+                match expected.get_mut(i as usize) {
+                    Some(e) if *e == u32::MAX => *e = g as u32,
+                    _ => {
+                        return bad(
+                            op,
+                            format_args!(
+                                "decoded_order lists {i} (group {g}) out of range or twice"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        for (i, (&e, &s)) in expected.iter().zip(self.decoded_step).enumerate() {
+            let ok = if e == u32::MAX {
+                s as usize >= k
+            } else {
+                s == e
+            };
+            if !ok {
+                return bad(
+                    op,
+                    format_args!(
+                        "decoded_step[{i}] = {s} disagrees with the groups (expected {})",
+                        if e == u32::MAX {
+                            format!(">= {k}")
+                        } else {
+                            e.to_string()
+                        }
+                    ),
+                );
+            }
+        }
+        let mut in_query = vec![false; n];
+        for &i in self.query {
+            match (expected.get(i as usize), in_query.get_mut(i as usize)) {
+                (Some(&u32::MAX), Some(q)) if !*q => *q = true,
+                _ => {
+                    return bad(
+                        op,
+                        format_args!(
+                            "query index {i} is out of range, already decoded, or repeated"
+                        ),
+                    );
+                }
+            }
+        }
+        if self.n_seqs == 0 {
+            return bad(op, "no sequences");
+        }
+        let (p, r, nq) = (self.prompt_len, self.n_registers, self.query.len());
+        let need = p + n + nq + r;
+        if self.slots_per_seq < need {
+            return bad(
+                op,
+                format_args!(
+                    "slots_per_seq {} is below P + N + n_query + R = {need}",
+                    self.slots_per_seq
+                ),
+            );
+        }
+        let last_group = if k > 0 {
+            (self.group_indptr[k] - self.group_indptr[k - 1]) as usize
+        } else {
+            0
+        };
+        let counts = AggregateCounts {
+            k: k as u32,
+            rows_per_seq: last_group + nq + r,
+            keys_per_seq: p + decoded + nq + r,
+        };
+        let total_slots = self.n_seqs.checked_mul(self.slots_per_seq);
+        let total_keys = self.n_seqs.checked_mul(counts.keys_per_seq);
+        match (total_slots, total_keys) {
+            (Some(s), Some(kk)) if s <= u32::MAX as usize && kk <= u32::MAX as usize => {}
+            _ => return bad(op, "the pool layout overflows u32 slot numbers"),
+        }
+        if p + n + r > u32::MAX as usize {
+            return bad(op, "positions overflow u32");
+        }
+        Ok(counts)
+    }
+}
+
+/// The step's sparse representation built on the device by [`aggregate`] (params.h
+/// `SlAggregateParams`): per-row ids, positions, tags and slots (sequence-major,
+/// `rows_per_seq` each), keys (`keys_per_seq` per sequence), and the logits rows.
+#[derive(Debug)]
+pub struct Aggregated {
+    /// Sizes.
+    pub counts: AggregateCounts,
+    /// Sequences.
+    pub n_seqs: usize,
+    /// Token id of each row ([`REGISTER`] for registers).
+    pub row_ids: CudaSlice<u32>,
+    /// RoPE position of each row.
+    pub row_pos: CudaSlice<u32>,
+    /// Tag of each row.
+    pub row_tags: CudaSlice<u32>,
+    /// Pool slot of each row.
+    pub row_slots: CudaSlice<u32>,
+    /// Pool slot of each key.
+    pub kv_indices: CudaSlice<u32>,
+    /// Tag of each key.
+    pub kv_tags: CudaSlice<u32>,
+    /// Row (index into the rows above) of each logits output.
+    pub logits_rows: CudaSlice<u32>,
+    logits_rows_len: usize,
+}
+
+/// [`Aggregated`] copied to the host, each array cut to its logical length.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AggregatedHost {
+    /// See [`Aggregated::row_ids`].
+    pub row_ids: Vec<u32>,
+    /// See [`Aggregated::row_pos`].
+    pub row_pos: Vec<u32>,
+    /// See [`Aggregated::row_tags`].
+    pub row_tags: Vec<u32>,
+    /// See [`Aggregated::row_slots`].
+    pub row_slots: Vec<u32>,
+    /// See [`Aggregated::kv_indices`].
+    pub kv_indices: Vec<u32>,
+    /// See [`Aggregated::kv_tags`].
+    pub kv_tags: Vec<u32>,
+    /// See [`Aggregated::logits_rows`].
+    pub logits_rows: Vec<u32>,
+}
+
+impl Aggregated {
+    /// Rows in total.
+    pub fn rows(&self) -> usize {
+        self.n_seqs * self.counts.rows_per_seq
+    }
+
+    /// Keys in total.
+    pub fn keys(&self) -> usize {
+        self.n_seqs * self.counts.keys_per_seq
+    }
+
+    /// Logits rows in total.
+    pub fn logits(&self) -> usize {
+        self.logits_rows_len
+    }
+
+    /// Copies everything to the host (waits for the kernel).
+    pub fn download(&self, dev: &CudaDevice) -> Result<AggregatedHost> {
+        let get = |b: &CudaSlice<u32>, len: usize| -> Result<Vec<u32>> {
+            let mut v = dev.download(b)?;
+            v.truncate(len);
+            Ok(v)
+        };
+        let (rows, keys) = (self.rows(), self.keys());
+        Ok(AggregatedHost {
+            row_ids: get(&self.row_ids, rows)?,
+            row_pos: get(&self.row_pos, rows)?,
+            row_tags: get(&self.row_tags, rows)?,
+            row_slots: get(&self.row_slots, rows)?,
+            kv_indices: get(&self.kv_indices, keys)?,
+            kv_tags: get(&self.kv_tags, keys)?,
+            logits_rows: get(&self.logits_rows, self.logits())?,
+        })
+    }
+}
+
+/// Builds sparse step `k`'s rows, keys and logits rows on the device, exactly as
+/// [`crate::sampler::sparse_plan`] with [`crate::sampler::Switches::ALL_ON`] and a prefilled
+/// prompt does for the response branch. The output arrays are freshly allocated and filled with
+/// `u32::MAX` before the launch: the kernel writes every entry, and one it missed would be an
+/// impossible index rather than a plausible 0.
+pub fn aggregate(dev: &CudaDevice, inp: &AggregateInputs) -> Result<Aggregated> {
+    let op = "aggregate";
+    let counts = inp.validate()?;
+    let rows = inp.n_seqs * counts.rows_per_seq;
+    let keys = inp.n_seqs * counts.keys_per_seq;
+    let n_logits = inp.n_seqs * inp.query.len();
+    let tokens = upload_padded(dev, inp.tokens)?;
+    let decoded_step = upload_padded(dev, inp.decoded_step)?;
+    let decoded_order = upload_padded(dev, inp.decoded_order)?;
+    let group_indptr = dev.upload(inp.group_indptr)?;
+    let query = upload_padded(dev, inp.query)?;
+    let poisoned = |dev: &CudaDevice, len: usize| dev.upload(&vec![u32::MAX; len.max(1)]);
+    let mut out = Aggregated {
+        counts,
+        n_seqs: inp.n_seqs,
+        row_ids: poisoned(dev, rows)?,
+        row_pos: poisoned(dev, rows)?,
+        row_tags: poisoned(dev, rows)?,
+        row_slots: poisoned(dev, rows)?,
+        kv_indices: poisoned(dev, keys)?,
+        kv_tags: poisoned(dev, keys)?,
+        logits_rows: poisoned(dev, n_logits)?,
+        logits_rows_len: n_logits,
+    };
+    {
+        let mut b = Bufs::new(dev, op);
+        let p = SlAggregateParams {
+            tokens: b.read("tokens", &tokens)?,
+            decoded_step: b.read("decoded_step", &decoded_step)?,
+            decoded_order: b.read("decoded_order", &decoded_order)?,
+            group_indptr: b.read("group_indptr", &group_indptr)?,
+            query: b.read("query", &query)?,
+            row_ids: b.write("row_ids", &mut out.row_ids)?,
+            row_pos: b.write("row_pos", &mut out.row_pos)?,
+            row_tags: b.write("row_tags", &mut out.row_tags)?,
+            row_slots: b.write("row_slots", &mut out.row_slots)?,
+            kv_indices: b.write("kv_indices", &mut out.kv_indices)?,
+            kv_tags: b.write("kv_tags", &mut out.kv_tags)?,
+            logits_rows: b.write("logits_rows", &mut out.logits_rows)?,
+            k: counts.k,
+            n_seqs: to_u32(op, "n_seqs", inp.n_seqs)?,
+            prompt_len: to_u32(op, "prompt_len", inp.prompt_len)?,
+            n_response: to_u32(op, "n_response", inp.tokens.len())?,
+            n_registers: to_u32(op, "n_registers", inp.n_registers)?,
+            n_query: to_u32(op, "n_query", inp.query.len())?,
+            slots_per_seq: to_u32(op, "slots_per_seq", inp.slots_per_seq)?,
+            mask_id: inp.mask_id,
+            branch: inp.branch as u32,
+            rows_per_seq: to_u32(op, "rows_per_seq", counts.rows_per_seq)?,
+            keys_per_seq: to_u32(op, "keys_per_seq", counts.keys_per_seq)?,
+            _pad: 0,
+        };
+        // SAFETY: `validate` checked the decode arrays' consistency (every index the kernel
+        // follows is in range, groups and steps agree, the query is undecoded and distinct) and
+        // that the slot layout fits; the outputs were sized from the same counts; all buffers
+        // are live in this context and borrowed for the launch, outputs mutably.
+        unsafe { raw::aggregate_sparse(dev.kernels(), &p, dev.stream()) }?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg<T: std::fmt::Debug>(r: Result<T>) -> String {
+        r.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn matrix_checks_name_the_problem() {
+        assert!(check_matrix("op", "x", 64, (4, 16, 16), VEC).is_ok());
+        assert!(check_matrix("op", "x", 100, (4, 16, 24), VEC).is_ok());
+        let m = msg(check_matrix("op", "x", 63, (4, 16, 16), VEC));
+        assert!(m.contains("x holds 63") && m.contains("needs 64"), "{m}");
+        // A view: the last row stops at its width.
+        assert!(check_matrix("op", "x", 3 * 24 + 16, (4, 16, 24), VEC).is_ok());
+        assert!(check_matrix("op", "x", 3 * 24 + 15, (4, 16, 24), VEC).is_err());
+        assert!(check_matrix("op", "x", 0, (0, 16, 24), VEC).is_ok());
+        assert_eq!(rows_in(3 * 24 + 16, 16, 24), 4);
+        assert_eq!(rows_in(3 * 24 + 15, 16, 24), 3);
+        assert_eq!(rows_in(15, 16, 24), 0);
+        let m = msg(check_matrix("op", "x", 64, (4, 16, 12), 1));
+        assert!(m.contains("below its row width 16"), "{m}");
+        let m = msg(check_matrix("op", "x", 1000, (4, 16, 20), VEC));
+        assert!(m.contains("not a multiple of 8"), "{m}");
+        assert!(check_matrix("op", "x", 1, (usize::MAX, 2, 2), 1).is_err());
+        // f32 matrices need no alignment.
+        assert!(check_matrix("op", "x", 21, (3, 7, 7), 1).is_ok());
+    }
+
+    #[test]
+    fn indptr_checks() {
+        assert!(check_indptr("op", "p", &[0, 2, 2, 5], 5).is_ok());
+        assert!(msg(check_indptr("op", "p", &[], 0)).contains("empty"));
+        assert!(msg(check_indptr("op", "p", &[1, 2], 2)).contains("expected 0"));
+        assert!(msg(check_indptr("op", "p", &[0, 3, 2], 2)).contains("decreases"));
+        assert!(msg(check_indptr("op", "p", &[0, 3], 4)).contains("ends at 3"));
+    }
+
+    fn sp(n: usize) -> SampleParams {
+        SampleParams {
+            guidance: None,
+            temperature: 1.0,
+            banned: vec![],
+            seed: 7,
+            step: 0,
+            request: 0,
+            positions: (0..n as u32).collect(),
+        }
+    }
+
+    #[test]
+    fn sample_checks_follow_the_cpu_rules() {
+        assert_eq!(check_sample(3 * 12, 10, 12, &sp(3)).unwrap(), 3);
+        let cfg = SampleParams {
+            guidance: Some(2.0),
+            ..sp(3)
+        };
+        assert_eq!(check_sample(6 * 10, 10, 10, &cfg).unwrap(), 6);
+        assert!(msg(check_sample(5 * 10, 10, 10, &cfg)).contains("logits holds 50"));
+        assert!(msg(check_sample(30, 10, 9, &sp(3))).contains("below its row width"));
+        let t = SampleParams {
+            temperature: -1.0,
+            ..sp(1)
+        };
+        assert!(msg(check_sample(10, 10, 10, &t)).contains("temperature"));
+        let g = SampleParams {
+            guidance: Some(f32::NAN),
+            ..sp(1)
+        };
+        assert!(msg(check_sample(20, 10, 10, &g)).contains("guidance"));
+        let b = SampleParams {
+            banned: vec![10],
+            ..sp(1)
+        };
+        assert!(msg(check_sample(10, 10, 10, &b)).contains("banned id 10"));
+        let all = SampleParams {
+            banned: vec![0, 1, 1],
+            ..sp(1)
+        };
+        assert!(msg(check_sample(2, 2, 2, &all)).contains("every id"));
+        assert!(msg(check_sample(0, 0, 0, &sp(0))).contains("vocab"));
+    }
+
+    fn layout<'a>(
+        row_tags: &'a [Tag],
+        seq_indptr: &'a [u32],
+        kv_indptr: &'a [u32],
+        kv_indices: &'a [u32],
+        kv_tags: &'a [Tag],
+    ) -> AttnLayout<'a> {
+        AttnLayout {
+            shape: AttnShape {
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 64,
+            },
+            row_tags,
+            seq_indptr,
+            kv_indptr,
+            kv_indices,
+            kv_tags,
+            n_slots: 8,
+        }
+    }
+
+    #[test]
+    fn attention_layout_checks() {
+        let t = Tag(0);
+        let rows = [t; 3];
+        let keys = [t; 4];
+        assert!(
+            layout(&rows, &[0, 1, 3], &[0, 2, 4], &[0, 1, 2, 7], &keys)
+                .validate()
+                .is_ok()
+        );
+        let m = msg(layout(&rows, &[0, 1, 3], &[0, 2, 4], &[0, 1, 2, 8], &keys).validate());
+        assert!(
+            m.contains("kv_indices[3] = 8") && m.contains("8 slots"),
+            "{m}"
+        );
+        let m = msg(layout(&rows, &[0, 1, 2], &[0, 2, 4], &[0, 1, 2, 3], &keys).validate());
+        assert!(m.contains("seq_indptr ends at 2"), "{m}");
+        let m = msg(layout(&rows, &[0, 3], &[0, 2, 4], &[0, 1, 2, 3], &keys).validate());
+        assert!(m.contains("kv_indptr has 3 entries"), "{m}");
+        let m = msg(layout(&rows, &[0, 1, 3], &[0, 2, 4], &[0, 1, 2, 3], &keys[..3]).validate());
+        assert!(m.contains("kv_tags has 3"), "{m}");
+        let mut l = layout(&rows, &[0, 1, 3], &[0, 2, 4], &[0, 1, 2, 3], &keys);
+        l.shape.head_dim = 96;
+        assert!(msg(l.validate()).contains("head_dim 96"));
+        l.shape.head_dim = 128;
+        l.shape.n_kv_heads = 3;
+        assert!(msg(l.validate()).contains("multiple of n_kv_heads"));
+    }
+
+    #[test]
+    fn query_tiles_stay_in_their_sequence_and_cover_rows_once() {
+        let seq_indptr = [0u32, 0, 130, 131, 131, 200, 264];
+        let (seq, row0) = query_tiles(&seq_indptr, 64);
+        assert_eq!(seq, vec![1, 1, 1, 2, 4, 4, 5]);
+        assert_eq!(row0, vec![0, 64, 128, 130, 131, 195, 200]);
+        assert_eq!(query_tiles(&[0], 64), (vec![], vec![]));
+    }
+
+    #[test]
+    fn split_rule_matches_the_cpu_heuristic_shape() {
+        // A full grid: no split.
+        assert_eq!(choose_splits(132, 1, 100_000, 132), 1);
+        // One tile of 32 heads on 132 SMs: ceil(132/32) = 5, if the keys allow it.
+        assert_eq!(choose_splits(1, 32, 10_000, 132), 5);
+        assert_eq!(choose_splits(1, 32, 512, 132), 2);
+        assert_eq!(choose_splits(1, 32, 10, 132), 1);
+        // Capped at MAX_SPLITS.
+        assert_eq!(choose_splits(1, 1, 1 << 20, 1000), AttnTiling::MAX_SPLITS);
+        // Same answer as the CPU rule when tiles = ceil(rows / 64).
+        for (rows, keys, heads, workers) in
+            [(100, 5000, 4, 132), (17, 300, 2, 64), (640, 9000, 8, 132)]
+        {
+            let cpu = AttnTiling::heuristic(rows, keys, heads, workers);
+            assert_eq!(
+                choose_splits(rows.div_ceil(64), heads, keys, workers),
+                cpu.n_splits
+            );
+        }
+    }
+
+    fn state(n: usize, groups: &[&[u32]]) -> DecodeState {
+        let mut tokens = vec![None; n];
+        for g in groups {
+            for &i in *g {
+                tokens[i as usize] = Some(100 + i);
+            }
+        }
+        DecodeState {
+            tokens,
+            groups: groups.iter().map(|g| g.to_vec()).collect(),
+        }
+    }
+
+    #[test]
+    fn decode_arrays_and_aggregate_checks() {
+        let st = state(6, &[&[2, 0], &[5]]);
+        let d = DecodeArrays::from_state(&st).unwrap();
+        assert_eq!(d.tokens, vec![100, 0, 102, 0, 0, 105]);
+        assert_eq!(d.decoded_step, vec![0, u32::MAX, 0, u32::MAX, u32::MAX, 1]);
+        assert_eq!(d.decoded_order, vec![2, 0, 5, u32::MAX, u32::MAX, u32::MAX]);
+        assert_eq!(d.group_indptr, vec![0, 2, 3]);
+        let inp = AggregateInputs {
+            tokens: &d.tokens,
+            decoded_step: &d.decoded_step,
+            decoded_order: &d.decoded_order,
+            group_indptr: &d.group_indptr,
+            query: &[1, 4],
+            n_seqs: 2,
+            prompt_len: 3,
+            n_registers: 2,
+            slots_per_seq: 3 + 12 + 2,
+            mask_id: 99,
+            branch: Branch::Image,
+        };
+        let c = inp.validate().unwrap();
+        assert_eq!(
+            c,
+            AggregateCounts {
+                k: 2,
+                rows_per_seq: 1 + 2 + 2,
+                keys_per_seq: 3 + 3 + 2 + 2
+            }
+        );
+        let m = msg(AggregateInputs {
+            query: &[1, 5],
+            ..inp
+        }
+        .validate());
+        assert!(m.contains("query index 5"), "{m}");
+        let m = msg(AggregateInputs {
+            query: &[1, 1],
+            ..inp
+        }
+        .validate());
+        assert!(m.contains("query index 1"), "{m}");
+        let bad_step = [0, u32::MAX, 1, u32::MAX, u32::MAX, 1];
+        let m = msg(AggregateInputs {
+            decoded_step: &bad_step,
+            ..inp
+        }
+        .validate());
+        assert!(m.contains("decoded_step[2] = 1"), "{m}");
+        let early = [0, 1, 0, u32::MAX, u32::MAX, 1];
+        let m = msg(AggregateInputs {
+            decoded_step: &early,
+            ..inp
+        }
+        .validate());
+        assert!(m.contains("decoded_step[1]"), "{m}");
+        let m = msg(AggregateInputs {
+            group_indptr: &[0, 3, 2],
+            ..inp
+        }
+        .validate());
+        assert!(m.contains("never decrease"), "{m}");
+        let m = msg(AggregateInputs {
+            slots_per_seq: 10,
+            ..inp
+        }
+        .validate());
+        assert!(m.contains("slots_per_seq 10"), "{m}");
+        let m = msg(AggregateInputs {
+            decoded_order: &[2, 2, 5, 0, 0, 0],
+            ..inp
+        }
+        .validate());
+        assert!(m.contains("twice"), "{m}");
+        // A state whose group names an undecoded index is rejected.
+        let mut st = state(3, &[&[0]]);
+        st.tokens[0] = None;
+        assert!(DecodeArrays::from_state(&st).is_err());
+    }
+}

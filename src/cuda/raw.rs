@@ -1,0 +1,333 @@
+//! The low-level layer: one `unsafe fn` per kernel, taking the kernel's parameter struct from
+//! `kernels/params.h` (raw device pointers inside) and the stream to queue it on, and launching
+//! with the geometry params.h fixes. Nothing is validated beyond what picks the launch (a
+//! head_dim without a kernel, an empty grid); [`crate::cuda::ops`] is the checked layer above.
+//!
+//! # Use from another engine
+//! Load the kernels into your context with [`Kernels::load`] (or use a
+//! [`crate::cuda::device::CudaDevice`]), fill the params struct with device pointers you own,
+//! and call the function with a [`CudaStream`] of that context (a stream created elsewhere can
+//! be wrapped with `CudaContext::wrap_borrowed_stream`). Launches are asynchronous: the buffers
+//! must stay allocated, and untouched by other streams, until the stream reaches the launch.
+//! Every function binds the stream's context to the calling thread before launching.
+//!
+//! # Common safety contract
+//! For every function here the caller guarantees:
+//! 1. `kernels` was loaded into the context of `stream`;
+//! 2. every non-null pointer in the params struct points into a live device allocation of that
+//!    context holding at least the elements params.h documents for it (with the struct's
+//!    counts and strides), and nullable pointers are either null or such a pointer;
+//! 3. output buffers are not read or written by other work until this launch completes on
+//!    `stream`, and no output overlaps another buffer of the same launch (except where params.h
+//!    says a buffer is updated in place);
+//! 4. the additional conditions listed in the function's own `# Safety` section.
+
+use std::ffi::c_void;
+
+use cudarc::driver::{CudaStream, result};
+
+use crate::cuda::abi::{
+    self, SL_AGG_THREADS, SL_ATTN_THREADS, SL_ELEM_THREADS, SL_MERGE_THREADS, SL_ROW_THREADS,
+    SL_SAMPLE_THREADS, SL_SOFTMAX_THREADS, SlAggregateParams, SlAttnParams, SlEmbedParams,
+    SlMaskedSoftmaxParams, SlRmsNormParams, SlRopeKvParams, SlSampleParams, SlSwigluParams,
+};
+use crate::cuda::device::{Kernel, Kernels, cuda_err};
+use crate::error::{Error, Result};
+
+/// Largest `gridDim.y` / `gridDim.z`.
+const MAX_GRID_YZ: u32 = 65_535;
+/// Blocks of the grid-stride elementwise kernels: enough to fill any current GPU, few enough
+/// that each thread loops a few times on large inputs.
+const ELEM_MAX_BLOCKS: u32 = 65_535;
+
+/// Queues `kernel<<<grid, block, smem, stream>>>(*params)`.
+///
+/// # Safety
+/// The raw-layer contract (module docs) for `params` and the kernel's geometry.
+unsafe fn launch<P>(
+    kernel: &Kernel,
+    grid: (u32, u32, u32),
+    block: u32,
+    smem: u32,
+    stream: &CudaStream,
+    params: &P,
+) -> Result<()> {
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(cuda_err("binding the CUDA context"))?;
+    // cuLaunchKernel reads the argument through this pointer during the call (it copies the
+    // struct into the launch), so pointing at a borrowed value is enough.
+    let mut args = [params as *const P as *mut c_void];
+    // SAFETY: the kernel takes exactly one argument, the params struct `P` by value (params.h),
+    // and `args[0]` points at a live `P`; the caller guarantees the pointers inside it (module
+    // docs); the context of `stream` is current (bound above).
+    unsafe {
+        result::launch_kernel(
+            kernel.cu_function(),
+            grid,
+            (block, 1, 1),
+            smem,
+            stream.cu_stream(),
+            &mut args,
+        )
+    }
+    .map_err(cuda_err(format_args!("launching {}", kernel.name())))
+}
+
+/// Gathered-token attention (`sl_attention_hd64` / `sl_attention_hd128`), followed by
+/// `sl_attention_merge` when `p.n_splits > 1`. Grid `(n_qtiles, n_heads, n_splits)`,
+/// `SL_ATTN_THREADS` threads, `SL_ATTN_SMEM_BYTES(head_dim)` dynamic shared memory.
+///
+/// Errors: a head_dim other than 64 or 128, `n_splits == 0`, or `n_heads` / `n_splits` above
+/// the grid limit; a launch failure.
+///
+/// # Safety
+/// The module's common contract, and:
+/// - `qtile_seq` / `qtile_row0` list `n_qtiles` tiles, each at most `SL_ATTN_BLOCK_M` rows of
+///   one sequence (`qtile_row0[t] + SL_ATTN_BLOCK_M` may pass the sequence's end; the kernel
+///   stops there), every row in exactly one tile;
+/// - `seq_indptr` and `kv_indptr` are valid CSR offsets over `n_seqs` sequences (`n_rows` rows,
+///   `kv_indices` / `kv_tags` keys), every `kv_indices` entry is below `n_slots`, and `k_pool` /
+///   `v_pool` hold `n_slots` rows of `kv_stride`;
+/// - `n_heads` is a multiple of `n_kv_heads`; `q_stride >= n_heads·head_dim`,
+///   `o_stride >= n_heads·head_dim`, `kv_stride >= n_kv_heads·head_dim`; `q_stride` and
+///   `kv_stride` are multiples of 8 and `q`, `k_pool`, `v_pool` 16-byte aligned (16-byte
+///   `cp.async`), `o_stride` is even and `o` 4-byte aligned (bf16x2 stores), `partial_o` 8-byte
+///   aligned;
+/// - with `n_splits > 1`, `partial_o` / `partial_lse` hold `[n_splits, n_rows, n_heads,
+///   head_dim]` / `[n_splits, n_rows, n_heads]` f32.
+pub unsafe fn attention(kernels: &Kernels, p: &SlAttnParams, stream: &CudaStream) -> Result<()> {
+    let Some(kernel) = kernels.attention(p.head_dim) else {
+        return Err(Error::Input(format!(
+            "attention: no kernel for head_dim {} (64 and 128 are compiled)",
+            p.head_dim
+        )));
+    };
+    if p.n_splits == 0 || p.n_splits > MAX_GRID_YZ || p.n_heads > MAX_GRID_YZ {
+        return Err(Error::Input(format!(
+            "attention: n_splits {} / n_heads {} outside 1..={MAX_GRID_YZ}",
+            p.n_splits, p.n_heads
+        )));
+    }
+    if p.n_qtiles == 0 || p.n_heads == 0 {
+        return Ok(());
+    }
+    let grid = (p.n_qtiles, p.n_heads, p.n_splits);
+    // head_dim is 64 or 128 here (it picked the kernel), so the size fits.
+    let smem = abi::attn_smem_bytes(p.head_dim).unwrap_or(u32::MAX);
+    // SAFETY: the caller's contract above covers every pointer and count the kernel reads; the
+    // geometry is the one params.h documents and the shared memory was opted into at load.
+    unsafe { launch(kernel, grid, SL_ATTN_THREADS, smem, stream, p) }?;
+    if p.n_splits > 1 {
+        // SAFETY: same params; the partials were just written by the launch above, in stream
+        // order.
+        unsafe { attention_merge(kernels, p, stream) }?;
+    }
+    Ok(())
+}
+
+/// `sl_attention_merge`: combines the split partials of [`attention`] into `o` / `lse`. Grid
+/// `n_rows`, `SL_MERGE_THREADS` threads. [`attention`] calls it; it is public for engines that
+/// schedule the two launches themselves.
+///
+/// # Safety
+/// As for [`attention`] with `n_splits > 1`, and the partials were written by the attention
+/// kernel with the same params earlier in stream order.
+pub unsafe fn attention_merge(
+    kernels: &Kernels,
+    p: &SlAttnParams,
+    stream: &CudaStream,
+) -> Result<()> {
+    if p.n_rows == 0 {
+        return Ok(());
+    }
+    // SAFETY: the caller's contract; geometry from params.h.
+    unsafe {
+        launch(
+            kernels.attention_merge(),
+            (p.n_rows, 1, 1),
+            SL_MERGE_THREADS,
+            0,
+            stream,
+            p,
+        )
+    }
+}
+
+/// `sl_masked_softmax`. Grid `n_rows`, `SL_SOFTMAX_THREADS` threads.
+///
+/// # Safety
+/// The module's common contract, and: `stride >= n_cols`; in rule mode (`row_tags` set)
+/// `col_tags` holds `n_cols` tags; in prefix mode every `prefix_len[r]` is at most `n_cols`.
+pub unsafe fn masked_softmax(
+    kernels: &Kernels,
+    p: &SlMaskedSoftmaxParams,
+    stream: &CudaStream,
+) -> Result<()> {
+    if p.n_rows == 0 {
+        return Ok(());
+    }
+    // SAFETY: the caller's contract; geometry from params.h.
+    unsafe {
+        launch(
+            kernels.masked_softmax(),
+            (p.n_rows, 1, 1),
+            SL_SOFTMAX_THREADS,
+            0,
+            stream,
+            p,
+        )
+    }
+}
+
+/// `sl_sample`: the fused sampler pass. Grid `n`, `SL_SAMPLE_THREADS` threads.
+///
+/// # Safety
+/// The module's common contract, and: `logits` holds `n` (or `2n` with `cfg`) rows of `stride
+/// >= vocab`; `banned`, when set, holds `vocab` bytes; `error_flag` points at one u32.
+pub unsafe fn sample(kernels: &Kernels, p: &SlSampleParams, stream: &CudaStream) -> Result<()> {
+    if p.n == 0 {
+        return Ok(());
+    }
+    // SAFETY: the caller's contract; geometry from params.h.
+    unsafe {
+        launch(
+            kernels.sample(),
+            (p.n, 1, 1),
+            SL_SAMPLE_THREADS,
+            0,
+            stream,
+            p,
+        )
+    }
+}
+
+/// `sl_embed` (optionally fused with the first RMSNorm). Grid `n_rows`, `SL_ROW_THREADS`
+/// threads.
+///
+/// # Safety
+/// The module's common contract, and: `table` holds `table_rows` rows of `d`, `reg` holds `d`;
+/// `error_flag` points at one u32. Ids need not be valid (a bad id sets
+/// the flag).
+pub unsafe fn embed(kernels: &Kernels, p: &SlEmbedParams, stream: &CudaStream) -> Result<()> {
+    if p.n_rows == 0 {
+        return Ok(());
+    }
+    // SAFETY: the caller's contract; geometry from params.h.
+    unsafe {
+        launch(
+            kernels.embed(),
+            (p.n_rows, 1, 1),
+            SL_ROW_THREADS,
+            0,
+            stream,
+            p,
+        )
+    }
+}
+
+/// `sl_rmsnorm` (optionally fused with the residual add). Grid `n_rows`, `SL_ROW_THREADS`
+/// threads.
+///
+/// # Safety
+/// The module's common contract, and: `x`, `add` (when set) and `out` hold `n_rows` rows of
+/// `d` and `w` holds `d`.
+pub unsafe fn rmsnorm(kernels: &Kernels, p: &SlRmsNormParams, stream: &CudaStream) -> Result<()> {
+    if p.n_rows == 0 {
+        return Ok(());
+    }
+    // SAFETY: the caller's contract; geometry from params.h.
+    unsafe {
+        launch(
+            kernels.rmsnorm(),
+            (p.n_rows, 1, 1),
+            SL_ROW_THREADS,
+            0,
+            stream,
+            p,
+        )
+    }
+}
+
+/// `sl_rope_kv`: RoPE on `q` in place and on `k`, then `k` / `v` rows stored at their pool
+/// slots. Grid `n_rows`, `SL_ROW_THREADS` threads.
+///
+/// # Safety
+/// The module's common contract, and: `head_dim` is even; the strides cover their heads
+/// (`q_stride >= n_heads·head_dim`, `kv_stride` and `pool_stride >= n_kv_heads·head_dim`);
+/// every `slots[i]` is a row of both pools, and the slots of the launch are
+/// distinct (two rows storing to one slot race).
+pub unsafe fn rope_kv(kernels: &Kernels, p: &SlRopeKvParams, stream: &CudaStream) -> Result<()> {
+    if p.n_rows == 0 {
+        return Ok(());
+    }
+    // SAFETY: the caller's contract; geometry from params.h.
+    unsafe {
+        launch(
+            kernels.rope_kv(),
+            (p.n_rows, 1, 1),
+            SL_ROW_THREADS,
+            0,
+            stream,
+            p,
+        )
+    }
+}
+
+/// `sl_swiglu`, grid-stride over `n_rows·width` elements, `SL_ELEM_THREADS` threads.
+///
+/// # Safety
+/// The module's common contract, and: `gate` / `up` hold `n_rows` rows of their strides (each
+/// `>= width`), `out` holds `n_rows·width`.
+pub unsafe fn swiglu(kernels: &Kernels, p: &SlSwigluParams, stream: &CudaStream) -> Result<()> {
+    let total = u64::from(p.n_rows) * u64::from(p.width);
+    if total == 0 {
+        return Ok(());
+    }
+    let blocks = total
+        .div_ceil(u64::from(SL_ELEM_THREADS))
+        .min(u64::from(ELEM_MAX_BLOCKS)) as u32;
+    // SAFETY: the caller's contract; the kernel loops over all elements whatever the grid size.
+    unsafe {
+        launch(
+            kernels.swiglu(),
+            (blocks, 1, 1),
+            SL_ELEM_THREADS,
+            0,
+            stream,
+            p,
+        )
+    }
+}
+
+/// `sl_aggregate_sparse`: builds sparse step `k`'s rows and keys on the device. Grid `n_seqs`,
+/// `SL_AGG_THREADS` threads.
+///
+/// # Safety
+/// The module's common contract, and: the decode arrays are consistent (every
+/// `decoded_order[0..group_indptr[k]]` entry is a distinct response index below `n_response`
+/// whose `decoded_step` is its group; every other index has `decoded_step >= k`; `query` lists
+/// distinct undecoded indices); `rows_per_seq` / `keys_per_seq` are the values params.h
+/// defines and the outputs hold `n_seqs` times that many entries (`logits_rows`: `n_seqs ·
+/// n_query`); `prompt_len + n_response + n_query + n_registers <= slots_per_seq`.
+pub unsafe fn aggregate_sparse(
+    kernels: &Kernels,
+    p: &SlAggregateParams,
+    stream: &CudaStream,
+) -> Result<()> {
+    if p.n_seqs == 0 {
+        return Ok(());
+    }
+    // SAFETY: the caller's contract; geometry from params.h.
+    unsafe {
+        launch(
+            kernels.aggregate_sparse(),
+            (p.n_seqs, 1, 1),
+            SL_AGG_THREADS,
+            0,
+            stream,
+            p,
+        )
+    }
+}
