@@ -6,6 +6,7 @@
 //! (text rows during text-to-image).
 
 use crate::backend::Backend;
+use crate::backend::MatrixKind::{Activation, Logits, Residual};
 use crate::config::{Branch, Config};
 use crate::error::Result;
 use crate::plan::StepPlan;
@@ -155,19 +156,19 @@ impl<B: Backend> Model<B> {
                 continue;
             }
             let (d, f) = (cfg.d_model(b), cfg.d_mlp(b));
-            let mut x = be.matrix(n, d)?;
+            let mut x = be.matrix(n, d, Residual)?;
             let bw = &self.branches[b as usize];
             be.embed(&p.dev, b, &bw.embed, &bw.register, &mut x)?;
             scratch[b as usize] = Some(Scratch {
                 x,
-                h: be.matrix(n, d)?,
-                q: be.matrix(n, cfg.attn_dim())?,
-                k: be.matrix(n, cfg.kv_dim())?,
-                v: be.matrix(n, cfg.kv_dim())?,
-                att: be.matrix(n, cfg.attn_dim())?,
-                gate: be.matrix(n, f)?,
-                up: be.matrix(n, f)?,
-                act: be.matrix(n, f)?,
+                h: be.matrix(n, d, Activation)?,
+                q: be.matrix(n, cfg.attn_dim(), Activation)?,
+                k: be.matrix(n, cfg.kv_dim(), Activation)?,
+                v: be.matrix(n, cfg.kv_dim(), Activation)?,
+                att: be.matrix(n, cfg.attn_dim(), Activation)?,
+                gate: be.matrix(n, f, Activation)?,
+                up: be.matrix(n, f, Activation)?,
+                act: be.matrix(n, f, Activation)?,
             });
         }
         for (layer, weights) in self.layers.iter().enumerate() {
@@ -209,16 +210,16 @@ impl<B: Backend> Model<B> {
         let s = scratch[lb as usize].as_ref().expect("logits rows exist");
         let n = plan.logits_rows.len();
         let d = cfg.d_model(lb);
-        let mut rows = be.matrix(n, d)?;
+        let mut rows = be.matrix(n, d, Residual)?;
         be.gather_logit_rows(&p.dev, &s.x, &mut rows)?;
-        let mut normed = be.matrix(n, d)?;
+        let mut normed = be.matrix(n, d, Activation)?;
         be.rmsnorm(
             &rows,
             &self.branches[lb as usize].final_norm,
             eps,
             &mut normed,
         )?;
-        let mut logits = be.matrix(n, cfg.vocab(lb))?;
+        let mut logits = be.matrix(n, cfg.vocab(lb), Logits)?;
         be.matmul(
             &normed,
             &self.branches[lb as usize].head,

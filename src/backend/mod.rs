@@ -43,6 +43,19 @@ pub struct Sampled {
     pub lse: f32,
 }
 
+/// What a matrix holds, so that a backend can choose its storage: the CUDA backend keeps the
+/// residual stream and the logits in f32 and every other activation in bf16 (the inputs of its
+/// tensor-core products); the CPU backend computes in f32 throughout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatrixKind {
+    /// The residual stream `x` (read by RMSNorm, accumulated into by the output projections).
+    Residual,
+    /// Normalised inputs, projections, attention outputs, MLP activations.
+    Activation,
+    /// Logits for the sampler.
+    Logits,
+}
+
 /// Operations the model graph needs. Matrices are row-major `[rows, cols]`; "rows of branch `b`"
 /// means `plan.rows(b)` in order.
 pub trait Backend {
@@ -63,8 +76,8 @@ pub trait Backend {
     fn upload_plan(&self, plan: &StepPlan) -> Result<Self::Plan>;
     /// Allocates a zeroed K/V pool for `slots` slots.
     fn new_cache(&self, cfg: &Config, slots: usize) -> Result<Self::Cache>;
-    /// Allocates a `[rows, cols]` matrix (contents unspecified).
-    fn matrix(&self, rows: usize, cols: usize) -> Result<Self::Matrix>;
+    /// Allocates a `[rows, cols]` matrix of `kind` (contents unspecified).
+    fn matrix(&self, rows: usize, cols: usize, kind: MatrixKind) -> Result<Self::Matrix>;
     /// Copies a matrix to the host as f32.
     fn to_host(&self, m: &Self::Matrix) -> Result<Vec<f32>>;
 
@@ -121,7 +134,7 @@ pub trait Backend {
     ) -> Result<()>;
     /// `out = silu(gate) ⊙ up`.
     fn swiglu(&self, gate: &Self::Matrix, up: &Self::Matrix, out: &mut Self::Matrix) -> Result<()>;
-    /// `out[j] = x[plan.logits_rows[j]]`: the rows that need logits.
+    /// `out[j] = x[plan.logits_rows[j]]`: the rows of the residual stream that need logits.
     fn gather_logit_rows(
         &self,
         plan: &Self::Plan,

@@ -5,7 +5,7 @@
 pub mod attention;
 pub mod ops;
 
-use crate::backend::{Backend, SampleParams, Sampled};
+use crate::backend::{Backend, MatrixKind, SampleParams, Sampled};
 use crate::config::{Branch, Config};
 use crate::error::{Error, Result};
 use crate::plan::StepPlan;
@@ -128,7 +128,7 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn matrix(&self, rows: usize, cols: usize) -> Result<CpuMatrix> {
+    fn matrix(&self, rows: usize, cols: usize, _kind: MatrixKind) -> Result<CpuMatrix> {
         Ok(CpuMatrix {
             rows,
             cols,
