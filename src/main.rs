@@ -7,7 +7,8 @@ use sparse_lavida::backend::Backend;
 use sparse_lavida::bench;
 use sparse_lavida::case::Case;
 use sparse_lavida::config::Config;
-use sparse_lavida::runtime::{self, Device, WeightSource};
+use sparse_lavida::model::Model;
+use sparse_lavida::runtime::{self, AnyModel, Device, WeightSource};
 use sparse_lavida::sampler::{
     self, Generation, Mode, RunOptions, Switches, T2iRequest, Task, TextRequest,
 };
@@ -22,6 +23,22 @@ use std::time::Instant;
 /// `println!` that never panics: a closed pipe (`| head`) ends the program quietly.
 macro_rules! say {
     ($($arg:tt)*) => { write_stdout(format_args!($($arg)*)) };
+}
+
+/// Runs `$body` with `$m` bound to the model of whichever backend `$any` holds.
+macro_rules! with_model {
+    ($any:expr, $m:ident => $body:expr) => {
+        match $any {
+            AnyModel::Cpu($m) => {
+                let $m = &**$m;
+                $body
+            }
+            AnyModel::Cuda($m) => {
+                let $m = &**$m;
+                $body
+            }
+        }
+    };
 }
 
 fn write_stdout(args: std::fmt::Arguments) {
@@ -244,19 +261,17 @@ fn load_config(preset: &str, config: Option<&Path>) -> Result<Config> {
     }
 }
 
-fn build_model(
-    args: &ModelArgs,
-) -> Result<sparse_lavida::model::Model<sparse_lavida::backend::cpu::CpuBackend>> {
+fn build_model(args: &ModelArgs) -> Result<AnyModel> {
     let cfg = load_config(&args.preset, args.config.as_deref())?;
-    let (_, note) = runtime::resolve_device(args.device)?;
-    if let Some(note) = note {
-        eprintln!("{note}");
-    }
     let source = match &args.weights {
         Some(p) => WeightSource::File(p.clone()),
         None => WeightSource::Random(args.weights_seed),
     };
-    runtime::cpu_model(cfg, &source)
+    let (model, note) = runtime::build_model(cfg, args.device, &source)?;
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
+    Ok(model)
 }
 
 fn build_task(w: &WorkArgs, cfg: &Config) -> Result<Task> {
@@ -376,6 +391,10 @@ impl LazyProgress {
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let model = build_model(&a.model)?;
+    with_model!(&model, m => generate_on(m, &a))
+}
+
+fn generate_on<B: Backend>(model: &Model<B>, a: &GenerateArgs) -> Result<()> {
     let task = build_task(&a.work, model.config())?;
     let mode = match a.mode {
         ModeKind::Dense => {
@@ -395,16 +414,16 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let mut progress = LazyProgress::new();
     let mut tick = |d, t| progress.update(d, t);
     let g = sampler::generate(
-        &model,
+        model,
         &task,
         mode,
         RunOptions {
-            record_logits: false,
             progress: Some(&mut tick),
+            ..RunOptions::default()
         },
     )?;
     progress.finish();
-    print_summary(&model, &task, mode, &g);
+    print_summary(model, &task, mode, &g);
     if let Some(path) = &a.trace {
         let trace = serde_json::json!({
             "backend": model.backend().name(),
@@ -423,12 +442,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_summary(
-    model: &sparse_lavida::model::Model<impl Backend>,
-    task: &Task,
-    mode: Mode,
-    g: &Generation,
-) {
+fn print_summary(model: &Model<impl Backend>, task: &Task, mode: Mode, g: &Generation) {
     say!("backend   {}", model.backend().name());
     say!("task      {}", describe(task));
     say!("mode      {mode}");
@@ -440,6 +454,10 @@ fn print_summary(
 
 fn cmd_forward(a: ForwardArgs) -> Result<()> {
     let model = build_model(&a.model)?;
+    with_model!(&model, m => forward_on(m, &a))
+}
+
+fn forward_on<B: Backend>(model: &Model<B>, a: &ForwardArgs) -> Result<()> {
     let case = Case::load(&a.case)?;
     let plan = case.plan(model.config())?;
     let vocab = plan
@@ -467,6 +485,10 @@ fn cmd_forward(a: ForwardArgs) -> Result<()> {
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
     let model = build_model(&a.model)?;
+    with_model!(&model, m => bench_on(m, &a))
+}
+
+fn bench_on<B: Backend>(model: &Model<B>, a: &BenchArgs) -> Result<()> {
     let task = build_task(&a.work, model.config())?;
     let workload = format!(
         "{} ({})",
@@ -483,17 +505,10 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     say!("workload  {workload}");
     say!("{}", bench::table_header());
     let mut dense_wall = None;
-    let report = bench::run_bench(
-        &model,
-        &task,
-        workload,
-        a.ablation,
-        a.repeat as usize,
-        |r| {
-            let d = *dense_wall.get_or_insert(r.wall_s);
-            say!("{}", bench::table_row(r, d));
-        },
-    )?;
+    let report = bench::run_bench(model, &task, workload, a.ablation, a.repeat as usize, |r| {
+        let d = *dense_wall.get_or_insert(r.wall_s);
+        say!("{}", bench::table_row(r, d));
+    })?;
     say!(
         "speedup sparse vs dense: {:.2}x",
         report.speedup_sparse_vs_dense
@@ -542,8 +557,20 @@ fn cmd_info() -> Result<()> {
         },
         std::env::consts::ARCH
     );
-    say!("backends  cpu (f32); cuda: not in this build");
+    say!("backends  cpu (f32), cuda (bf16)");
     say!("cpu       {} threads", be.threads());
+    match sparse_lavida::backend::cuda::CudaBackend::new() {
+        Ok(cuda) => {
+            let info = cuda.device().info();
+            say!(
+                "cuda      {}, {} SMs, {:.1} GB",
+                cuda.name(),
+                info.sm_count,
+                info.total_mem as f64 / 1e9
+            );
+        }
+        Err(e) => say!("cuda      unavailable: {}", runtime::reason(&e)),
+    }
     if let Some(b) = sparse_lavida::config::available_memory_bytes() {
         say!("memory    {:.1} GB available", b as f64 / 1e9);
     }

@@ -1,6 +1,8 @@
 //! Choosing a device and building a ready model from a config and a weight source.
 
+use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{self, CudaBackend};
 use crate::config::{Config, ensure_fits};
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -10,7 +12,8 @@ use std::path::PathBuf;
 /// Where to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Device {
-    /// The best available: CPU in this build (the CUDA backend is not built yet).
+    /// The CUDA backend when a GPU, its driver, the compiled kernels and cuBLASLt are there and
+    /// the model's head_dim has an attention kernel; the CPU backend otherwise.
     Auto,
     /// The f32 CPU backend.
     Cpu,
@@ -27,17 +30,98 @@ pub enum WeightSource {
     Random(u64),
 }
 
-/// Resolves `device` to the backend this build can run, explaining the choice for `auto`.
-pub fn resolve_device(device: Device) -> Result<(Device, Option<String>)> {
+/// The backend a [`Device`] resolved to.
+#[derive(Debug)]
+pub enum Resolved {
+    /// The CPU backend.
+    Cpu,
+    /// The CUDA backend, opened.
+    Cuda(Box<CudaBackend>),
+}
+
+/// Resolves `device` for a model of `cfg`: opens the CUDA backend when asked for (or when `auto`
+/// finds it usable) and explains the choice of `auto` in the returned note. `cuda` that cannot
+/// run is an error saying why: no driver, no device, no compiled kernels, no cuBLASLt, or an
+/// unsupported head_dim.
+pub fn resolve_device(device: Device, cfg: &Config) -> Result<(Resolved, Option<String>)> {
     match device {
-        Device::Cpu => Ok((Device::Cpu, None)),
-        Device::Auto => Ok((
-            Device::Cpu,
-            Some("device auto: using the CPU backend (this build has no CUDA backend)".into()),
-        )),
-        Device::Cuda => Err(Error::Unavailable(
-            "the CUDA backend is not part of this build yet; use --device cpu (or auto)".into(),
-        )),
+        Device::Cpu => Ok((Resolved::Cpu, None)),
+        Device::Cuda => {
+            let why = |e: Error| match e {
+                Error::Unavailable(m) => {
+                    Error::Unavailable(format!("--device cuda: the CUDA backend cannot run: {m}"))
+                }
+                other => other,
+            };
+            let backend = CudaBackend::new().map_err(why)?;
+            cuda::check_config(cfg).map_err(why)?;
+            Ok((Resolved::Cuda(Box::new(backend)), None))
+        }
+        Device::Auto => {
+            let cpu = |why: String| {
+                Ok((
+                    Resolved::Cpu,
+                    Some(format!("device auto: using the CPU backend ({why})")),
+                ))
+            };
+            let backend = match CudaBackend::new() {
+                Ok(b) => b,
+                Err(e) => return cpu(format!("CUDA unavailable: {}", reason(&e))),
+            };
+            if let Err(e) = cuda::check_config(cfg) {
+                return cpu(reason(&e));
+            }
+            let note = format!("device auto: using the CUDA backend, {}", backend.name());
+            Ok((Resolved::Cuda(Box::new(backend)), Some(note)))
+        }
+    }
+}
+
+/// Why a backend is unavailable, without the error kind's prefix.
+pub fn reason(e: &Error) -> String {
+    match e {
+        Error::Unavailable(m) => m.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A model on whichever backend [`resolve_device`] chose.
+pub enum AnyModel {
+    /// On the CPU backend.
+    Cpu(Box<Model<CpuBackend>>),
+    /// On the CUDA backend.
+    Cuda(Box<Model<CudaBackend>>),
+}
+
+impl AnyModel {
+    /// The model's config.
+    pub fn config(&self) -> &Config {
+        match self {
+            AnyModel::Cpu(m) => m.config(),
+            AnyModel::Cuda(m) => m.config(),
+        }
+    }
+}
+
+/// Resolves `device` and builds the model there; also returns the note of [`resolve_device`].
+pub fn build_model(
+    cfg: Config,
+    device: Device,
+    source: &WeightSource,
+) -> Result<(AnyModel, Option<String>)> {
+    cfg.validate()?;
+    let (resolved, note) = resolve_device(device, &cfg)?;
+    let model = match resolved {
+        Resolved::Cpu => AnyModel::Cpu(Box::new(cpu_model(cfg, source)?)),
+        Resolved::Cuda(backend) => AnyModel::Cuda(Box::new(cuda_model(*backend, cfg, source)?)),
+    };
+    Ok((model, note))
+}
+
+fn host_weights(cfg: &Config, source: &WeightSource) -> Result<HostWeights> {
+    match source {
+        WeightSource::File(path) => HostWeights::load(path, cfg),
+        WeightSource::Random(seed) => Ok(HostWeights::random(cfg, *seed)),
     }
 }
 
@@ -52,11 +136,39 @@ pub fn cpu_model(cfg: Config, source: &WeightSource) -> Result<Model<CpuBackend>
         ),
         bytes,
     )?;
-    let weights = match source {
-        WeightSource::File(path) => HostWeights::load(path, &cfg)?,
-        WeightSource::Random(seed) => HostWeights::random(&cfg, *seed),
-    };
+    let weights = host_weights(&cfg, source)?;
     Model::new(CpuBackend::new(), cfg, weights)
+}
+
+/// Builds a model on `backend`: the weights are read (or drawn) on the host in f32, then
+/// uploaded as bf16. Refuses up front a model whose bf16 weights do not fit in the device's free
+/// memory, or whose f32 host copy does not fit in the machine's memory; the K/V pool is checked
+/// against what is left when a generation allocates it.
+pub fn cuda_model(
+    backend: CudaBackend,
+    cfg: Config,
+    source: &WeightSource,
+) -> Result<Model<CudaBackend>> {
+    cfg.validate()?;
+    cuda::check_config(&cfg)?;
+    let params = cfg.param_count();
+    backend.ensure_fits(
+        &format!(
+            "the model's {:.2} B parameters in bf16 ({:.2} GB)",
+            params as f64 / 1e9,
+            params as f64 * 2.0 / 1e9
+        ),
+        params * 2,
+    )?;
+    ensure_fits(
+        &format!(
+            "the host copy of the model's {:.2} B parameters in f32 (before the upload)",
+            params as f64 / 1e9
+        ),
+        params * 4,
+    )?;
+    let weights = host_weights(&cfg, source)?;
+    Model::new(backend, cfg, weights)
 }
 
 /// The host CPU's model name and thread count, for benchmark reports.

@@ -171,13 +171,20 @@ impl Generation {
     }
 }
 
-/// Options that do not change the result.
+/// Options of a run: recording and progress (which do not change the result) and teacher
+/// forcing (which does).
 #[derive(Default)]
 pub struct RunOptions<'a> {
     /// Keep each step's logits in the trace (tests).
     pub record_logits: bool,
     /// Called after each step with (steps done, steps in total).
     pub progress: Option<&'a mut dyn FnMut(usize, usize)>,
+    /// Teacher forcing: step `k` commits `teacher[k]`'s `decoded_positions` / `tokens` instead
+    /// of its own choice (the sampler still runs first), so that two backends see identical
+    /// inputs at every step and their logits can be compared step by step. Every teacher
+    /// position must be one the step computes logits for, and every token inside the
+    /// response's vocabulary.
+    pub teacher: Option<&'a [StepTrace]>,
 }
 
 /// The fixed facts of one generation: sequence set, lengths, branches, slot layout.
@@ -599,6 +606,49 @@ fn generate_text<B: Backend>(
     run(model, &layout, &dec, mode, opts)
 }
 
+/// The (index, token) pairs a teacher trace commits at step `k`, checked against the step:
+/// every position in `query` (so in range and not yet decoded) and listed once, every token
+/// below `vocab`.
+fn teacher_commit(
+    teacher: &[StepTrace],
+    k: usize,
+    query: &[u32],
+    vocab: usize,
+) -> Result<Vec<(u32, u32)>> {
+    let bad = |m: String| Err(Error::Input(format!("teacher trace, step {k}: {m}")));
+    let Some(t) = teacher.get(k) else {
+        return bad(format!("the trace has only {} steps", teacher.len()));
+    };
+    if t.decoded_positions.len() != t.tokens.len() {
+        return bad(format!(
+            "{} positions but {} tokens",
+            t.decoded_positions.len(),
+            t.tokens.len()
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (&i, &tok) in t.decoded_positions.iter().zip(&t.tokens) {
+        if !query.contains(&i) {
+            return bad(format!(
+                "position {i} is not among the positions this step decodes"
+            ));
+        }
+        if !seen.insert(i) {
+            return bad(format!("position {i} is listed twice"));
+        }
+        if tok as usize >= vocab {
+            return bad(format!(
+                "token {tok} is outside the vocabulary (0..{vocab})"
+            ));
+        }
+    }
+    Ok(t.decoded_positions
+        .iter()
+        .copied()
+        .zip(t.tokens.iter().copied())
+        .collect())
+}
+
 /// The loop shared by both tasks: plan, forward, sample, commit.
 fn run<B: Backend>(
     model: &Model<B>,
@@ -639,7 +689,10 @@ fn run<B: Backend>(
             .forward(&model.prepare(plan)?, &mut cache)?
             .ok_or_else(|| Error::Input(format!("step {k} has no position to decode")))?;
         let sampled = be.sample(&logits, &dec.params(k, &query, l.p()))?;
-        let committed = dec.commit(k, &query, &sampled);
+        let committed = match opts.teacher {
+            Some(teacher) => teacher_commit(teacher, k, &query, model.config().vocab(l.branch))?,
+            None => dec.commit(k, &query, &sampled),
+        };
         for &(i, tok) in &committed {
             st.tokens[i as usize] = Some(tok);
         }

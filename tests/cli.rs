@@ -1,7 +1,9 @@
 //! The CLI end to end: successful runs write what they promise, and every kind of bad input
 //! exits non-zero with a message naming the problem, never a panic.
 
+use sparse_lavida::backend::cuda::CudaBackend;
 use sparse_lavida::config::Config;
+use sparse_lavida::runtime::reason;
 use sparse_lavida::weights::{HostWeights, SaveDtype};
 use std::path::Path;
 use std::process::{Command, Output};
@@ -235,10 +237,6 @@ fn bad_cli_values_are_named() {
         &["prompt token 1 is 99999"],
     );
     fails_with(
-        &["generate", "--preset", "tiny", "--device", "cuda"],
-        &["CUDA backend"],
-    );
-    fails_with(
         &["generate", "--preset", "tiny", "--mode", "fast"],
         &["fast"],
     );
@@ -421,4 +419,30 @@ fn bad_config_weights_and_case_files_are_named() {
             &[needle],
         );
     }
+}
+
+/// `--device cuda` where it cannot run fails naming the reason (here: no CUDA driver; on a GPU
+/// machine: `tiny`'s head_dim 16 has no attention kernel), never with a panic; `auto` falls
+/// back to the CPU and says why.
+#[test]
+fn device_cuda_names_the_reason_and_auto_falls_back() {
+    let why = match CudaBackend::new() {
+        Err(e) => reason(&e),
+        Ok(_) => "head_dim 16".to_string(),
+    };
+    fails_with(
+        &["generate", "--preset", "tiny", "--device", "cuda"],
+        &["the CUDA backend cannot run", &why],
+    );
+    let o = cli(&[
+        "generate", "--preset", "tiny", "--grid", "2x2", "--steps", "2", "--device", "auto",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("device auto: using the CPU backend") && err.contains(&why),
+        "{err}"
+    );
+    assert!(stdout(&o).contains("backend   cpu"), "{}", stdout(&o));
+    assert!(stdout(&cli(&["info"])).contains("cuda "));
 }

@@ -23,7 +23,7 @@ fn run(
         mode,
         RunOptions {
             record_logits: true,
-            progress: None,
+            ..RunOptions::default()
         },
     )
     .unwrap()
@@ -287,6 +287,93 @@ fn dense_and_sparse_decode_every_position_once() {
                     assert!(s.rows_fed >= full, "{mode}: {} < {full}", s.rows_fed);
                 }
             }
+        }
+    }
+}
+
+fn run_forced(
+    model: &sparse_lavida::model::Model<sparse_lavida::backend::cpu::CpuBackend>,
+    task: &Task,
+    mode: Mode,
+    teacher: &[sampler::StepTrace],
+) -> sparse_lavida::Result<Generation> {
+    sampler::generate(
+        model,
+        task,
+        mode,
+        RunOptions {
+            record_logits: true,
+            teacher: Some(teacher),
+            ..RunOptions::default()
+        },
+    )
+}
+
+/// Teacher forcing: a run forced by its own trace reproduces it exactly (positions, tokens and
+/// logits, bit for bit); a run forced by another seed's trace commits that trace's tokens; a
+/// trace that does not fit the run is an error naming the step.
+#[test]
+fn teacher_forcing_reproduces_its_trace_and_forces_another() {
+    let model = tiny_model(21);
+    let t2i = |seed| {
+        Task::T2i(T2iRequest {
+            prompt: prompt(4, 3),
+            height: 4,
+            width: 4,
+            steps: 5,
+            guidance: 2.0,
+            temperature: 1.0,
+            // Raster: the groups do not depend on the seed, only the noise does.
+            order: Order::Raster,
+            seed,
+        })
+    };
+    let text = |seed| {
+        Task::Text(TextRequest {
+            prompt: prompt(4, 3),
+            answer_len: 12,
+            block_len: 5,
+            steps: 6,
+            temperature: 1.0,
+            banned: vec![],
+            seed,
+        })
+    };
+    for make in [&t2i as &dyn Fn(u64) -> Task, &text] {
+        for mode in [Mode::Dense, Mode::Sparse(Switches::ALL_ON)] {
+            let (task, other_task) = (make(1), make(2));
+            let base = run(&model, &task, mode);
+            let forced = run_forced(&model, &task, mode, &base.steps).unwrap();
+            assert_eq!(forced.tokens, base.tokens, "{mode}");
+            for (a, b) in forced.steps.iter().zip(&base.steps) {
+                assert_eq!(a.query_positions, b.query_positions, "{mode}");
+                assert_eq!(a.decoded_positions, b.decoded_positions, "{mode}");
+                assert_eq!(a.tokens, b.tokens, "{mode}");
+                assert_eq!(a.logits, b.logits, "{mode} step {}", a.step);
+            }
+            let other = run(&model, &other_task, mode);
+            assert_ne!(other.tokens, base.tokens, "{mode}: the seeds should differ");
+            let forced = run_forced(&model, &task, mode, &other.steps).unwrap();
+            assert_eq!(forced.tokens, other.tokens, "{mode}");
+            for (a, b) in forced.steps.iter().zip(&other.steps) {
+                assert_eq!(a.decoded_positions, b.decoded_positions, "{mode}");
+            }
+
+            // A short trace, a position the step does not decode, a token outside the vocabulary.
+            let e = run_forced(&model, &task, mode, &base.steps[..2]).unwrap_err();
+            assert!(
+                e.to_string().contains("step 2: the trace has only 2"),
+                "{e}"
+            );
+            let mut wrong = base.steps.clone();
+            let last = *base.steps.last().unwrap().decoded_positions.last().unwrap();
+            wrong[0].decoded_positions[0] = last;
+            let e = run_forced(&model, &task, mode, &wrong).unwrap_err();
+            assert!(e.to_string().contains("step 0: position"), "{e}");
+            let mut wrong = base.steps.clone();
+            wrong[1].tokens[0] = 1_000_000;
+            let e = run_forced(&model, &task, mode, &wrong).unwrap_err();
+            assert!(e.to_string().contains("token 1000000"), "{e}");
         }
     }
 }

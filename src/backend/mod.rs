@@ -2,9 +2,11 @@
 //!
 //! The model graph ([`crate::model`]) and the samplers ([`crate::sampler`]) are written once against
 //! [`Backend`]. A backend owns its activation matrices, weights, uploaded plans and K/V pool; the
-//! CPU backend ([`cpu`]) computes in f32 and is the oracle, the CUDA backend (bf16) comes later.
+//! CPU backend ([`cpu`]) computes in f32 and is the oracle; the CUDA backend ([`cuda`]) stores
+//! bf16 (f32 for the residual stream and logits) and accumulates in f32.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::config::{Branch, Config};
 use crate::error::Result;

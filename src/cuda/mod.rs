@@ -2,6 +2,7 @@
 //! ([`images`], embedded by `build.rs`), and the layers that run them, cudarc-style:
 //! [`device`] (probe, context, module loading) → [`raw`] (one `unsafe` launch per kernel on raw
 //! device pointers and a stream, for other engines) → [`ops`] (validated, safe, on owned buffers).
+//! Matrix products go to cuBLASLt through [`blas`].
 //!
 //! `build.rs` compiles every `kernels/*.cu` with nvcc into a cubin per architecture of
 //! `CUDA_ARCHS` (default `80;90`) plus PTX for the newest one. Without nvcc, or with
@@ -11,6 +12,7 @@
 //! `scripts/check-kernels` checks it.
 
 pub mod abi;
+pub mod blas;
 pub mod device;
 pub mod ops;
 pub mod raw;

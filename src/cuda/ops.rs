@@ -1023,6 +1023,44 @@ pub fn rmsnorm(
     unsafe { raw::rmsnorm(dev.kernels(), &p, dev.stream()) }
 }
 
+/// [`rmsnorm`] without the residual add: `out = bf16(x / sqrt(mean(x²) + eps) · w)` for the first
+/// `n_rows` rows of width `d = w.len()`, reading `x` only.
+pub fn rmsnorm_ro(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<bf16>,
+    eps: f32,
+    n_rows: usize,
+    out: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    let op = "rmsnorm";
+    let d = w.len();
+    if d == 0 {
+        return bad(op, "width d (w's length) is 0");
+    }
+    if !(eps.is_finite() && eps > 0.0) {
+        return bad(op, format_args!("eps ({eps}) must be finite and > 0"));
+    }
+    check_matrix(op, "x", x.len(), (n_rows, d, d), 1)?;
+    check_matrix(op, "out", out.len(), (n_rows, d, d), 1)?;
+    let mut b = Bufs::new(dev, op);
+    let p = SlRmsNormParams {
+        // The kernel writes x only when `add` is set (params.h); here it is null.
+        x: b.read("x", x)?.cast_mut(),
+        add: null(),
+        w: b.read("w", w)?,
+        out: b.write("out", out)?,
+        n_rows: to_u32(op, "n_rows", n_rows)?,
+        d: to_u32(op, "d", d)?,
+        eps,
+        _pad: 0,
+    };
+    // SAFETY: x and out hold n_rows rows of d, w holds d; `add` is null, so the kernel only
+    // reads x (the const-to-mut cast is never written through); live buffers of this context
+    // borrowed for the launch, out mutably (so it aliases neither input).
+    unsafe { raw::rmsnorm(dev.kernels(), &p, dev.stream()) }
+}
+
 /// The K/V pool of one layer.
 #[derive(Debug)]
 pub struct KvPool<'a> {

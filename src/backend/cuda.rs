@@ -1,0 +1,649 @@
+//! The CUDA bf16 backend: the model graph on one GPU, op by op (eager, one stream).
+//!
+//! Storage follows [`MatrixKind`]: the residual stream and the logits are f32, every other
+//! activation, the weights and the K/V pool are bf16; all arithmetic accumulates in f32. The ops
+//! are the validated kernels of [`crate::cuda::ops`] and the cuBLASLt products of
+//! [`crate::cuda::blas`]:
+//!
+//! | trait op | device op | in → out |
+//! |---|---|---|
+//! | `embed` | `ops::embed` | ids → f32 |
+//! | `rmsnorm` | `ops::rmsnorm_ro` | f32 → bf16 |
+//! | `matmul` | `Gemm::matmul` | bf16 → bf16, or f32 (`accumulate`: the residual add, beta = 1) |
+//! | `rope_store_kv` | `ops::rope_kv` | bf16 q (in place), k, v → pool |
+//! | `attention` | `ops::attention` | bf16 → bf16 |
+//! | `swiglu` | `ops::swiglu` | bf16 → bf16 |
+//! | `gather_logit_rows` | device-to-device copies | f32 → f32 |
+//! | `sample` | `ops::sample` | f32 → host [`Sampled`] |
+//!
+//! Every op checks the shapes and element types it is given and returns [`Error::Input`] naming
+//! the problem before anything is queued. An uploaded plan keeps its host [`StepPlan`] (shapes
+//! live there) and its index arrays on the device; its attention plan ([`AttnPlan`], the
+//! FlashInfer-style plan of one branch's rows over their keys) is built by the first attention
+//! call of the step, where the pool's head geometry is known, and reused by every later layer.
+
+use std::sync::Mutex;
+
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::backend::cpu::attention::AttnShape;
+use crate::backend::{Backend, MatrixKind, SampleParams, Sampled};
+use crate::config::{Branch, Config};
+use crate::cuda::blas::{Gemm, GemmOut, GemmShape};
+use crate::cuda::device::{CudaDevice, cuda_err};
+use crate::cuda::ops::{self, AttnArgs, AttnLayout, AttnOut, AttnPlan, IndexBuf, KvPool, RopeKv};
+use crate::error::{Error, Result};
+use crate::plan::StepPlan;
+use crate::weights::HostTensor;
+
+/// Head widths the compiled attention kernels support.
+pub const SUPPORTED_HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Checks that `cfg` can run on the CUDA backend (its head_dim has an attention kernel);
+/// [`Error::Unavailable`] saying why not.
+pub fn check_config(cfg: &Config) -> Result<()> {
+    if !SUPPORTED_HEAD_DIMS.contains(&cfg.head_dim) {
+        return Err(Error::Unavailable(format!(
+            "the CUDA backend's attention kernels are compiled for head_dim 64 and 128; this \
+             model has head_dim {}",
+            cfg.head_dim
+        )));
+    }
+    Ok(())
+}
+
+/// Device storage of a [`CudaMatrix`].
+#[derive(Debug)]
+pub enum DeviceBuf {
+    /// f32 values (the residual stream, logits).
+    F32(CudaSlice<f32>),
+    /// bf16 values (every other activation).
+    Bf16(CudaSlice<bf16>),
+}
+
+/// A row-major `[rows, cols]` matrix on the device. The buffer holds at least one value (a
+/// zero-byte allocation is not portable), so its length may exceed `rows · cols`.
+#[derive(Debug)]
+pub struct CudaMatrix {
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// The values.
+    pub buf: DeviceBuf,
+}
+
+impl CudaMatrix {
+    fn dtype(&self) -> &'static str {
+        match self.buf {
+            DeviceBuf::F32(_) => "f32",
+            DeviceBuf::Bf16(_) => "bf16",
+        }
+    }
+
+    fn f32(&self, what: &str) -> Result<&CudaSlice<f32>> {
+        match &self.buf {
+            DeviceBuf::F32(b) => Ok(b),
+            DeviceBuf::Bf16(_) => Err(dtype_err(what, "f32", "bf16")),
+        }
+    }
+
+    fn f32_mut(&mut self, what: &str) -> Result<&mut CudaSlice<f32>> {
+        match &mut self.buf {
+            DeviceBuf::F32(b) => Ok(b),
+            DeviceBuf::Bf16(_) => Err(dtype_err(what, "f32", "bf16")),
+        }
+    }
+
+    fn bf16(&self, what: &str) -> Result<&CudaSlice<bf16>> {
+        match &self.buf {
+            DeviceBuf::Bf16(b) => Ok(b),
+            DeviceBuf::F32(_) => Err(dtype_err(what, "bf16", "f32")),
+        }
+    }
+
+    fn bf16_mut(&mut self, what: &str) -> Result<&mut CudaSlice<bf16>> {
+        match &mut self.buf {
+            DeviceBuf::Bf16(b) => Ok(b),
+            DeviceBuf::F32(_) => Err(dtype_err(what, "bf16", "f32")),
+        }
+    }
+}
+
+fn dtype_err(what: &str, want: &str, got: &str) -> Error {
+    Error::Input(format!("{what}: the matrix holds {got}, expected {want}"))
+}
+
+/// A bf16 weight tensor on the device with its shape.
+#[derive(Debug)]
+pub struct CudaWeight {
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    /// `shape.iter().product()` values.
+    pub buf: CudaSlice<bf16>,
+}
+
+/// The device side of one branch's rows.
+#[derive(Debug)]
+struct BranchPlan {
+    ids: CudaSlice<u32>,
+    pos: CudaSlice<u32>,
+    slots: IndexBuf,
+    /// Built by the first attention call (it needs the pool's head geometry).
+    attn: Mutex<Option<AttnPlan>>,
+}
+
+/// A [`StepPlan`] uploaded: per branch with rows, its ids, positions and pool slots on the
+/// device and its attention plan; the host plan for shapes.
+#[derive(Debug)]
+pub struct CudaPlan {
+    host: StepPlan,
+    branches: [Option<BranchPlan>; 2],
+}
+
+impl CudaPlan {
+    /// The host plan.
+    pub fn host(&self) -> &StepPlan {
+        &self.host
+    }
+
+    fn branch(&self, b: Branch) -> Result<&BranchPlan> {
+        self.branches[b as usize]
+            .as_ref()
+            .ok_or_else(|| Error::Input(format!("the plan has no {} rows", b.name())))
+    }
+}
+
+/// The K/V pool: per layer, bf16 `[slots, kv_dim]` keys and values (zero-initialised, so a slot
+/// never written holds no NaN), plus the head geometry and RoPE base of the model it serves.
+#[derive(Debug)]
+pub struct CudaCache {
+    slots: usize,
+    kv_dim: usize,
+    shape: AttnShape,
+    rope_theta: f64,
+    k: Vec<CudaSlice<bf16>>,
+    v: Vec<CudaSlice<bf16>>,
+}
+
+impl CudaCache {
+    /// Slots in the pool.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<()> {
+        if layer >= self.k.len() {
+            return Err(Error::Input(format!(
+                "layer {layer} beyond the pool's {}",
+                self.k.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The CUDA bf16 backend on one GPU.
+#[derive(Debug)]
+pub struct CudaBackend {
+    // Field order is drop order: the cuBLASLt handle goes before the device's context.
+    gemm: Gemm,
+    dev: CudaDevice,
+}
+
+impl CudaBackend {
+    /// Opens device 0. [`Error::Unavailable`] (never a panic) when there is no driver, no
+    /// device, no compiled kernels, or no cuBLASLt library, saying which.
+    pub fn new() -> Result<CudaBackend> {
+        Self::on_device(0)
+    }
+
+    /// Opens device `ordinal`.
+    pub fn on_device(ordinal: usize) -> Result<CudaBackend> {
+        let dev = CudaDevice::new(ordinal)?;
+        let gemm = Gemm::new(&dev)?;
+        Ok(CudaBackend { gemm, dev })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &CudaDevice {
+        &self.dev
+    }
+
+    /// Bytes of device memory free now.
+    pub fn free_memory(&self) -> Result<usize> {
+        self.dev
+            .context()
+            .mem_get_info()
+            .map(|(free, _)| free)
+            .map_err(cuda_err("reading the free device memory"))
+    }
+
+    /// Refuses an allocation of `bytes` for `what` when the device has less memory free.
+    pub fn ensure_fits(&self, what: &str, bytes: u64) -> Result<()> {
+        let free = self.free_memory()? as u64;
+        if bytes > free {
+            return Err(Error::OutOfMemory(format!(
+                "{what} needs {:.2} GB of GPU memory but only {:.2} GB is free on {} ({:.1} GB \
+                 in total)",
+                bytes as f64 / 1e9,
+                free as f64 / 1e9,
+                self.dev.info().name,
+                self.dev.info().total_mem as f64 / 1e9
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_shape(what: &str, m: &CudaMatrix, rows: usize, cols: usize) -> Result<()> {
+        if m.rows != rows || m.cols != cols {
+            return Err(Error::Input(format!(
+                "{what}: expected [{rows}, {cols}], got [{}, {}] ({})",
+                m.rows,
+                m.cols,
+                m.dtype()
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_weight(what: &str, w: &CudaWeight, shape: &[usize]) -> Result<()> {
+        if w.shape != shape {
+            return Err(Error::Input(format!(
+                "{what}: weight shape {:?}, expected {shape:?}",
+                w.shape
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Backend for CudaBackend {
+    type Matrix = CudaMatrix;
+    type Weight = CudaWeight;
+    type Plan = CudaPlan;
+    type Cache = CudaCache;
+
+    fn name(&self) -> String {
+        let info = self.dev.info();
+        format!("cuda (bf16, {}, sm_{}{})", info.name, info.cc.0, info.cc.1)
+    }
+
+    fn upload_weight(&self, t: HostTensor) -> Result<CudaWeight> {
+        let len = t
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| Error::Input(format!("weight shape {:?} overflows", t.shape)))?;
+        if len != t.data.len() {
+            return Err(Error::Input(format!(
+                "weight of shape {:?} has {} values, expected {len}",
+                t.shape,
+                t.data.len()
+            )));
+        }
+        if len == 0 {
+            return Err(Error::Input(format!(
+                "weight of shape {:?} is empty",
+                t.shape
+            )));
+        }
+        // Round to nearest even, as the safetensors writer does.
+        let host: Vec<bf16> = t.data.par_iter().map(|&v| bf16::from_f32(v)).collect();
+        Ok(CudaWeight {
+            shape: t.shape,
+            buf: self.dev.upload(&host)?,
+        })
+    }
+
+    fn upload_plan(&self, plan: &StepPlan) -> Result<CudaPlan> {
+        let mut branches: [Option<BranchPlan>; 2] = [None, None];
+        for b in Branch::ALL {
+            let rows = plan.rows(b);
+            if rows.is_empty() {
+                continue;
+            }
+            branches[b as usize] = Some(BranchPlan {
+                ids: self.dev.upload(&rows.ids)?,
+                pos: self.dev.upload(&rows.pos)?,
+                slots: IndexBuf::upload(&self.dev, &rows.slots)?,
+                attn: Mutex::new(None),
+            });
+        }
+        Ok(CudaPlan {
+            host: plan.clone(),
+            branches,
+        })
+    }
+
+    fn new_cache(&self, cfg: &Config, slots: usize) -> Result<CudaCache> {
+        check_config(cfg)?;
+        let kv_dim = cfg.kv_dim();
+        let per_layer = slots
+            .checked_mul(kv_dim)
+            .ok_or_else(|| Error::Input(format!("a pool of {slots} slots overflows")))?;
+        let bytes = 2 * cfg.n_layers as u64 * per_layer as u64 * 2;
+        self.ensure_fits(
+            &format!(
+                "the bf16 K/V pool ({slots} slots × {} layers × {kv_dim} × K and V)",
+                cfg.n_layers
+            ),
+            bytes,
+        )?;
+        let mut k = Vec::with_capacity(cfg.n_layers);
+        let mut v = Vec::with_capacity(cfg.n_layers);
+        for _ in 0..cfg.n_layers {
+            k.push(self.dev.alloc_zeros::<bf16>(per_layer.max(1))?);
+            v.push(self.dev.alloc_zeros::<bf16>(per_layer.max(1))?);
+        }
+        Ok(CudaCache {
+            slots,
+            kv_dim,
+            shape: AttnShape {
+                n_heads: cfg.n_heads,
+                n_kv_heads: cfg.n_kv_heads,
+                head_dim: cfg.head_dim,
+            },
+            rope_theta: cfg.rope_theta,
+            k,
+            v,
+        })
+    }
+
+    fn matrix(&self, rows: usize, cols: usize, kind: MatrixKind) -> Result<CudaMatrix> {
+        let len = rows
+            .checked_mul(cols)
+            .ok_or_else(|| Error::Input(format!("matrix [{rows}, {cols}] overflows")))?
+            .max(1);
+        let buf = match kind {
+            MatrixKind::Residual | MatrixKind::Logits => {
+                DeviceBuf::F32(self.dev.alloc_zeros::<f32>(len)?)
+            }
+            MatrixKind::Activation => DeviceBuf::Bf16(self.dev.alloc_zeros::<bf16>(len)?),
+        };
+        Ok(CudaMatrix { rows, cols, buf })
+    }
+
+    fn to_host(&self, m: &CudaMatrix) -> Result<Vec<f32>> {
+        let len = m.rows * m.cols;
+        let mut out = match &m.buf {
+            DeviceBuf::F32(b) => self.dev.download(b)?,
+            DeviceBuf::Bf16(b) => self
+                .dev
+                .download(b)?
+                .into_iter()
+                .map(bf16::to_f32)
+                .collect(),
+        };
+        out.truncate(len);
+        Ok(out)
+    }
+
+    fn embed(
+        &self,
+        plan: &CudaPlan,
+        b: Branch,
+        table: &CudaWeight,
+        register: &CudaWeight,
+        out: &mut CudaMatrix,
+    ) -> Result<()> {
+        let n = plan.host.rows(b).len();
+        let d = register.buf.len();
+        Self::check_weight("register embedding", register, &[d])?;
+        let table_rows = table.shape.first().copied().unwrap_or(0);
+        Self::check_weight("embedding table", table, &[table_rows, d])?;
+        Self::check_shape("embed output", out, n, d)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let bp = plan.branch(b)?;
+        let x = out.f32_mut("embed output")?;
+        ops::embed(&self.dev, &table.buf, &register.buf, &bp.ids, n, x, None)
+    }
+
+    fn rmsnorm(
+        &self,
+        x: &CudaMatrix,
+        w: &CudaWeight,
+        eps: f32,
+        out: &mut CudaMatrix,
+    ) -> Result<()> {
+        Self::check_weight("rmsnorm gain", w, &[x.cols])?;
+        Self::check_shape("rmsnorm output", out, x.rows, x.cols)?;
+        if x.rows == 0 {
+            return Ok(());
+        }
+        let xb = x.f32("rmsnorm input")?;
+        let ob = out.bf16_mut("rmsnorm output")?;
+        ops::rmsnorm_ro(&self.dev, xb, &w.buf, eps, x.rows, ob)
+    }
+
+    fn matmul(
+        &self,
+        x: &CudaMatrix,
+        w: &CudaWeight,
+        out: &mut CudaMatrix,
+        accumulate: bool,
+    ) -> Result<()> {
+        let n = w.shape.first().copied().unwrap_or(0);
+        Self::check_weight("matmul weight", w, &[n, x.cols])?;
+        Self::check_shape("matmul output", out, x.rows, n)?;
+        let xb = x.bf16("matmul input")?;
+        let shape = GemmShape {
+            m: x.rows,
+            n,
+            k: x.cols,
+        };
+        let out = match &mut out.buf {
+            DeviceBuf::F32(o) => GemmOut::F32(o),
+            DeviceBuf::Bf16(o) => GemmOut::Bf16(o),
+        };
+        self.gemm.matmul(xb, &w.buf, shape, out, accumulate)
+    }
+
+    fn rope_store_kv(
+        &self,
+        plan: &CudaPlan,
+        b: Branch,
+        layer: usize,
+        q: &mut CudaMatrix,
+        k: &CudaMatrix,
+        v: &CudaMatrix,
+        cache: &mut CudaCache,
+    ) -> Result<()> {
+        let shape = cache.shape;
+        let n = plan.host.rows(b).len();
+        Self::check_shape("rope q", q, n, shape.q_dim())?;
+        Self::check_shape("rope k", k, n, cache.kv_dim)?;
+        Self::check_shape("rope v", v, n, cache.kv_dim)?;
+        cache.check_layer(layer)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let bp = plan.branch(b)?;
+        let args = RopeKv {
+            shape,
+            n_rows: n,
+            positions: &bp.pos,
+            slots: &bp.slots,
+            rope_theta: cache.rope_theta,
+            q: q.bf16_mut("rope q")?,
+            q_stride: shape.q_dim(),
+            k: k.bf16("rope k")?,
+            v: v.bf16("rope v")?,
+            kv_stride: cache.kv_dim,
+        };
+        let pool = KvPool {
+            k: &mut cache.k[layer],
+            v: &mut cache.v[layer],
+            stride: cache.kv_dim,
+        };
+        ops::rope_kv(&self.dev, args, pool)
+    }
+
+    fn attention(
+        &self,
+        plan: &CudaPlan,
+        b: Branch,
+        layer: usize,
+        joint: bool,
+        q: &CudaMatrix,
+        cache: &CudaCache,
+        out: &mut CudaMatrix,
+    ) -> Result<()> {
+        let shape = cache.shape;
+        let rows = plan.host.rows(b);
+        let n = rows.len();
+        Self::check_shape("attention q", q, n, shape.q_dim())?;
+        Self::check_shape("attention output", out, n, shape.q_dim())?;
+        cache.check_layer(layer)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let bp = plan.branch(b)?;
+        // The plan's contents are scratch (the split workspace) plus tables derived from the
+        // host plan, so a panic elsewhere cannot leave them inconsistent: ignore poisoning.
+        let mut attn = bp.attn.lock().unwrap_or_else(|e| e.into_inner());
+        if attn.as_ref().is_none_or(|a| a.shape() != shape) {
+            let layout = AttnLayout {
+                shape,
+                row_tags: &rows.tags,
+                seq_indptr: &rows.seq_indptr,
+                kv_indptr: &plan.host.kv_indptr,
+                kv_indices: &plan.host.kv_indices,
+                kv_tags: &plan.host.kv_tags,
+                n_slots: plan.host.pool_slots,
+            };
+            *attn = Some(AttnPlan::new(&self.dev, &layout, None)?);
+        }
+        let Some(attn) = attn.as_mut() else {
+            return Err(Error::Cuda(
+                "attention plan missing after it was built".into(),
+            ));
+        };
+        let args = AttnArgs {
+            q: q.bf16("attention q")?,
+            q_stride: shape.q_dim(),
+            k_pool: &cache.k[layer],
+            v_pool: &cache.v[layer],
+            kv_stride: cache.kv_dim,
+            joint,
+        };
+        let o = AttnOut {
+            o: out.bf16_mut("attention output")?,
+            o_stride: shape.q_dim(),
+            lse: None,
+        };
+        ops::attention(&self.dev, attn, &args, o)
+    }
+
+    fn swiglu(&self, gate: &CudaMatrix, up: &CudaMatrix, out: &mut CudaMatrix) -> Result<()> {
+        Self::check_shape("swiglu up", up, gate.rows, gate.cols)?;
+        Self::check_shape("swiglu output", out, gate.rows, gate.cols)?;
+        if gate.rows == 0 || gate.cols == 0 {
+            return Ok(());
+        }
+        let shape = ops::SwigluShape {
+            n_rows: gate.rows,
+            width: gate.cols,
+            gate_stride: gate.cols,
+            up_stride: gate.cols,
+        };
+        ops::swiglu(
+            &self.dev,
+            gate.bf16("swiglu gate")?,
+            up.bf16("swiglu up")?,
+            shape,
+            out.bf16_mut("swiglu output")?,
+        )
+    }
+
+    fn gather_logit_rows(
+        &self,
+        plan: &CudaPlan,
+        x: &CudaMatrix,
+        out: &mut CudaMatrix,
+    ) -> Result<()> {
+        let wanted = &plan.host.logits_rows;
+        Self::check_shape("logit rows", out, wanted.len(), x.cols)?;
+        if let Some(&r) = wanted.iter().find(|&&r| r as usize >= x.rows) {
+            return Err(Error::Input(format!(
+                "logits row {r} beyond {} rows",
+                x.rows
+            )));
+        }
+        let d = x.cols;
+        let src = x.f32("logit rows input")?;
+        let dst = out.f32_mut("logit rows output")?;
+        // One copy per run of consecutive source rows (the query rows of a sequence are
+        // consecutive, so a step usually needs one copy per sequence).
+        let mut j = 0;
+        while j < wanted.len() {
+            let r0 = wanted[j] as usize;
+            let mut len = 1;
+            while j + len < wanted.len() && wanted[j + len] as usize == r0 + len {
+                len += 1;
+            }
+            let from = src.try_slice(r0 * d..(r0 + len) * d);
+            let to = dst.try_slice_mut(j * d..(j + len) * d);
+            let (Some(from), Some(mut to)) = (from, to) else {
+                return Err(Error::Input(format!(
+                    "logit rows: rows {r0}..{} → {j}..{} outside the buffers",
+                    r0 + len,
+                    j + len
+                )));
+            };
+            self.dev
+                .stream()
+                .memcpy_dtod(&from, &mut to)
+                .map_err(cuda_err("copying logit rows"))?;
+            j += len;
+        }
+        Ok(())
+    }
+
+    fn sample(&self, logits: &CudaMatrix, params: &SampleParams) -> Result<Vec<Sampled>> {
+        let n = params.positions.len();
+        let rows = if params.guidance.is_some() { 2 * n } else { n };
+        if logits.rows != rows {
+            return Err(Error::Input(format!(
+                "sample: logits has {} rows, expected {rows} ({n} positions{})",
+                logits.rows,
+                if params.guidance.is_some() {
+                    " × 2 for CFG"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let buf = logits.f32("sample logits")?;
+        ops::sample(&self.dev, buf, logits.cols, logits.cols, params)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_check_names_the_head_dim() {
+        let mut cfg = Config::preset("small").unwrap();
+        assert!(check_config(&cfg).is_ok());
+        cfg.head_dim = 128;
+        assert!(check_config(&cfg).is_ok());
+        let tiny = Config::preset("tiny").unwrap();
+        let e = check_config(&tiny).unwrap_err();
+        assert!(matches!(e, Error::Unavailable(_)));
+        assert!(e.to_string().contains("head_dim 16"), "{e}");
+    }
+
+    #[test]
+    fn new_is_an_error_not_a_panic_without_a_gpu() {
+        match CudaBackend::new() {
+            Ok(be) => assert!(be.name().starts_with("cuda (bf16, ")),
+            Err(e) => assert!(matches!(e, Error::Unavailable(_)), "{e}"),
+        }
+    }
+}
