@@ -432,8 +432,17 @@ trait Decoder {
     fn steps(&self) -> usize;
     /// Response indices whose logits step `k` needs.
     fn query(&self, k: usize, st: &DecodeState) -> Vec<u32>;
-    /// Sampler parameters for step `k`.
-    fn params(&self, k: usize, query: &[u32], p: usize) -> SampleParams;
+    /// Sampler parameters shared by every step (step and positions are filled per step).
+    fn base_params(&self) -> &SampleParams;
+    /// Sampler parameters for step `k`: the Philox step and the sampled rows' positions.
+    fn params(&self, k: usize, query: &[u32], p: usize) -> SampleParams {
+        let positions = query.iter().map(|&i| (p + i as usize) as u32).collect();
+        SampleParams {
+            step: k as u32,
+            positions,
+            ..self.base_params().clone()
+        }
+    }
     /// Picks the (index, token) pairs to commit, in decode order.
     fn commit(
         &self,
@@ -455,13 +464,8 @@ impl Decoder for T2iDecoder {
     fn query(&self, k: usize, _: &DecodeState) -> Vec<u32> {
         self.groups[k].clone()
     }
-    fn params(&self, k: usize, query: &[u32], p: usize) -> SampleParams {
-        let positions = query.iter().map(|&i| (p + i as usize) as u32).collect();
-        SampleParams {
-            step: k as u32,
-            positions,
-            ..self.params.clone()
-        }
+    fn base_params(&self) -> &SampleParams {
+        &self.params
     }
     fn commit(
         &self,
@@ -496,13 +500,8 @@ impl Decoder for TextDecoder {
             .map(|i| i as u32)
             .collect()
     }
-    fn params(&self, k: usize, query: &[u32], p: usize) -> SampleParams {
-        let positions = query.iter().map(|&i| (p + i as usize) as u32).collect();
-        SampleParams {
-            step: k as u32,
-            positions,
-            ..self.params.clone()
-        }
+    fn base_params(&self) -> &SampleParams {
+        &self.params
     }
     fn commit(
         &self,
