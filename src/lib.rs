@@ -4,7 +4,8 @@
 //!
 //! Data flow: [`config`] → [`weights`] → [`schedule`] → [`plan`] → [`backend`] → [`model`] →
 //! [`sampler`] → CLI (`src/main.rs`, with [`case`], [`bench`](mod@bench) and [`runtime`]).
-//! [`cuda`] holds the CUDA kernels' ABI and the kernel images `build.rs` compiles.
+//! [`cuda`] holds the CUDA kernels' ABI and the kernel images `build.rs` compiles; [`profile`]
+//! the NVTX ranges and the Nsight capture region.
 #![warn(missing_docs)]
 
 pub mod backend;
@@ -15,6 +16,7 @@ pub mod cuda;
 pub mod error;
 pub mod model;
 pub mod plan;
+pub mod profile;
 pub mod runtime;
 pub mod sampler;
 pub mod schedule;

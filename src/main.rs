@@ -7,7 +7,9 @@ use sparse_lavida::backend::Backend;
 use sparse_lavida::bench;
 use sparse_lavida::case::Case;
 use sparse_lavida::config::Config;
+use sparse_lavida::cuda::device::CudaDevice;
 use sparse_lavida::model::Model;
+use sparse_lavida::profile;
 use sparse_lavida::runtime::{self, AnyModel, Device, WeightSource};
 use sparse_lavida::sampler::{
     self, Generation, Mode, RunOptions, Switches, T2iRequest, Task, TextRequest,
@@ -180,6 +182,11 @@ struct GenerateArgs {
     /// Write the response token ids (JSON array) here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// CUDA only: run the generation once untimed (warm-up), then again between
+    /// cuProfilerStart/Stop, for `nsys --capture-range=cudaProfilerApi` and
+    /// `ncu --profile-from-start off`.
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Args)]
@@ -391,10 +398,26 @@ impl LazyProgress {
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let model = build_model(&a.model)?;
-    with_model!(&model, m => generate_on(m, &a))
+    match &model {
+        AnyModel::Cuda(m) => generate_on(&**m, &a, a.profile.then(|| m.backend().device())),
+        AnyModel::Cpu(m) if a.profile => Err(Error::Input(format!(
+            "--profile needs --device cuda (it brackets the CUDA work with cuProfilerStart/Stop \
+             for nsys and ncu); this run is on the {} backend; for the CPU use perf (README, \
+             \"Profiling\")",
+            m.backend().name()
+        ))),
+        AnyModel::Cpu(m) => generate_on(&**m, &a, None),
+    }
 }
 
-fn generate_on<B: Backend>(model: &Model<B>, a: &GenerateArgs) -> Result<()> {
+/// Runs `a`'s generation on `model` and reports it. With `capture` (`--profile`), a first,
+/// untimed run warms up (module loading, cuBLASLt algorithm choice for every shape), and the
+/// reported run is bracketed by cuProfilerStart/Stop on that device.
+fn generate_on<B: Backend>(
+    model: &Model<B>,
+    a: &GenerateArgs,
+    capture: Option<&CudaDevice>,
+) -> Result<()> {
     let task = build_task(&a.work, model.config())?;
     let mode = match a.mode {
         ModeKind::Dense => {
@@ -411,6 +434,17 @@ fn generate_on<B: Backend>(model: &Model<B>, a: &GenerateArgs) -> Result<()> {
             truncate: !a.no_truncate,
         }),
     };
+    let region = match capture {
+        Some(dev) => {
+            let warm = sampler::generate(model, &task, mode, RunOptions::default())?;
+            eprintln!(
+                "profile: warm-up run {:.3} s; the run below is inside cuProfilerStart/Stop",
+                warm.wall_s
+            );
+            Some(profile::Capture::start(dev)?)
+        }
+        None => None,
+    };
     let mut progress = LazyProgress::new();
     let mut tick = |d, t| progress.update(d, t);
     let g = sampler::generate(
@@ -422,6 +456,9 @@ fn generate_on<B: Backend>(model: &Model<B>, a: &GenerateArgs) -> Result<()> {
             ..RunOptions::default()
         },
     )?;
+    if let Some(region) = region {
+        region.stop()?;
+    }
     progress.finish();
     print_summary(model, &task, mode, &g);
     if let Some(path) = &a.trace {

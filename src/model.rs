@@ -10,6 +10,7 @@ use crate::backend::MatrixKind::{Activation, Logits, Residual};
 use crate::config::{Branch, Config};
 use crate::error::Result;
 use crate::plan::StepPlan;
+use crate::profile;
 use crate::weights::HostWeights;
 
 /// Per-branch weights outside the layers.
@@ -172,6 +173,7 @@ impl<B: Backend> Model<B> {
             });
         }
         for (layer, weights) in self.layers.iter().enumerate() {
+            let _r = profile::range(format_args!("layer {layer}"));
             let joint = layer < cfg.n_joint_layers;
             let active: Vec<Branch> = Branch::ALL
                 .into_iter()

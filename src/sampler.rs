@@ -18,6 +18,7 @@ use crate::config::{Branch, Config};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::plan::{MAX_BLOCK, PlanBuilder, REGISTER, Row, StepPlan, Tag};
+use crate::profile;
 use crate::schedule::{self, Order, TextStep};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -669,6 +670,7 @@ fn run<B: Backend>(
         && sw.cache_prompt
         && l.p() > 0
     {
+        let _r = profile::range("prefill");
         let plan = prefill_plan(l)?;
         rows_fed += plan.n_rows();
         model.forward(&model.prepare(plan)?, &mut cache)?;
@@ -677,6 +679,7 @@ fn run<B: Backend>(
     }
     let mut steps = Vec::with_capacity(dec.steps());
     for k in 0..dec.steps() {
+        let _r = profile::range(format_args!("step {k}"));
         let t0 = Instant::now();
         let query = dec.query(k, &st);
         let plan = match mode {

@@ -446,3 +446,18 @@ fn device_cuda_names_the_reason_and_auto_falls_back() {
     assert!(stdout(&o).contains("backend   cpu"), "{}", stdout(&o));
     assert!(stdout(&cli(&["info"])).contains("cuda "));
 }
+
+/// `generate --profile` brackets CUDA work for nsys/ncu: on the CPU backend (asked for, or
+/// chosen by `auto`, as it always is for `tiny`, whose head_dim 16 has no CUDA kernel) it is an
+/// error that says so, never a silent unprofiled run.
+#[test]
+fn profile_on_the_cpu_asks_for_device_cuda() {
+    let base = [
+        "generate", "--preset", "tiny", "--grid", "2x2", "--steps", "2",
+    ];
+    for device in ["cpu", "auto"] {
+        let mut args = base.to_vec();
+        args.extend(["--device", device, "--profile"]);
+        fails_with(&args, &["--profile needs --device cuda", "cpu (f32"]);
+    }
+}

@@ -16,6 +16,10 @@
 //! | `gather_logit_rows` | device-to-device copies | f32 → f32 |
 //! | `sample` | `ops::sample` | f32 → host [`Sampled`] |
 //!
+//! Each op but `gather_logit_rows` (copies, visible as such in Nsight) runs inside an NVTX range
+//! named after its kernel family: the trait op's name, `gemm` for `matmul`, `rope_kv` for
+//! `rope_store_kv` ([`crate::profile`]).
+//!
 //! Every op checks the shapes and element types it is given and returns [`Error::Input`] naming
 //! the problem before anything is queued. An uploaded plan keeps its host [`StepPlan`] (shapes
 //! live there) and its index arrays on the device; its attention plan ([`AttnPlan`], the
@@ -36,6 +40,7 @@ use crate::cuda::device::{CudaDevice, cuda_err};
 use crate::cuda::ops::{self, AttnArgs, AttnLayout, AttnOut, AttnPlan, IndexBuf, KvPool, RopeKv};
 use crate::error::{Error, Result};
 use crate::plan::StepPlan;
+use crate::profile;
 use crate::weights::HostTensor;
 
 /// Head widths the compiled attention kernels support.
@@ -389,6 +394,7 @@ impl Backend for CudaBackend {
         register: &CudaWeight,
         out: &mut CudaMatrix,
     ) -> Result<()> {
+        let _r = profile::range("embed");
         let n = plan.host.rows(b).len();
         let d = register.buf.len();
         Self::check_weight("register embedding", register, &[d])?;
@@ -410,6 +416,7 @@ impl Backend for CudaBackend {
         eps: f32,
         out: &mut CudaMatrix,
     ) -> Result<()> {
+        let _r = profile::range("rmsnorm");
         Self::check_weight("rmsnorm gain", w, &[x.cols])?;
         Self::check_shape("rmsnorm output", out, x.rows, x.cols)?;
         if x.rows == 0 {
@@ -427,6 +434,7 @@ impl Backend for CudaBackend {
         out: &mut CudaMatrix,
         accumulate: bool,
     ) -> Result<()> {
+        let _r = profile::range("gemm");
         let n = w.shape.first().copied().unwrap_or(0);
         Self::check_weight("matmul weight", w, &[n, x.cols])?;
         Self::check_shape("matmul output", out, x.rows, n)?;
@@ -453,6 +461,7 @@ impl Backend for CudaBackend {
         v: &CudaMatrix,
         cache: &mut CudaCache,
     ) -> Result<()> {
+        let _r = profile::range("rope_kv");
         let shape = cache.shape;
         let n = plan.host.rows(b).len();
         Self::check_shape("rope q", q, n, shape.q_dim())?;
@@ -493,6 +502,7 @@ impl Backend for CudaBackend {
         cache: &CudaCache,
         out: &mut CudaMatrix,
     ) -> Result<()> {
+        let _r = profile::range("attention");
         let shape = cache.shape;
         let rows = plan.host.rows(b);
         let n = rows.len();
@@ -540,6 +550,7 @@ impl Backend for CudaBackend {
     }
 
     fn swiglu(&self, gate: &CudaMatrix, up: &CudaMatrix, out: &mut CudaMatrix) -> Result<()> {
+        let _r = profile::range("swiglu");
         Self::check_shape("swiglu up", up, gate.rows, gate.cols)?;
         Self::check_shape("swiglu output", out, gate.rows, gate.cols)?;
         if gate.rows == 0 || gate.cols == 0 {
@@ -605,6 +616,7 @@ impl Backend for CudaBackend {
     }
 
     fn sample(&self, logits: &CudaMatrix, params: &SampleParams) -> Result<Vec<Sampled>> {
+        let _r = profile::range("sample");
         let n = params.positions.len();
         let rows = if params.guidance.is_some() { 2 * n } else { n };
         if logits.rows != rows {
