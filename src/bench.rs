@@ -1,11 +1,40 @@
 //! `bench`: dense vs sparse (and the eight-switch ablation) in one process, same weights and
-//! schedule, reported as a table and as JSON.
+//! schedule, reported as a table, as JSON and as an SVG plot of the per-step latency.
+//!
+//! Per run: wall time, forwards, rows fed, every step's latency on the backend's
+//! [`crate::backend::StepClock`] (CUDA events on the GPU, wall time on the CPU) with its median
+//! and 90th percentile, and on a device the peak device memory
+//! ([`DeviceStats::peak_memory`]).
+//!
+//! On a device the report also holds the *floor* of a sparse step: the bytes of the weights an
+//! all-on sparse step must read ([`active_weight_params`], the rule is in
+//! [`FLOOR_RULE`]) divided by the device-to-device copy bandwidth measured in the same process
+//! (read + write bytes per second, as `benches/kernels.rs` counts it), and the ratio of the
+//! all-on sparse step's median to it.
 
-use crate::backend::Backend;
-use crate::error::Result;
+use crate::backend::{Backend, DeviceStats};
+use crate::config::{Branch, Config};
+use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::sampler::{self, Generation, Mode, RunOptions, Switches, Task};
 use serde::Serialize;
+use std::path::Path;
+
+/// Bytes of the copy that measures the bandwidth for the floor (halved until two buffers of
+/// it take at most a quarter of the free device memory, down to [`MIN_COPY_BYTES`]).
+pub const COPY_BYTES: usize = 1 << 30;
+/// The smallest copy worth timing; below it the floor is not computed.
+pub const MIN_COPY_BYTES: usize = 64 << 20;
+
+/// How [`active_weight_params`] counts, for the report.
+pub const FLOOR_RULE: &str = "floor_step_s = active weight bytes of one all-on sparse step ÷ \
+    measured copy bandwidth (a device-to-device copy of copy_bytes, 1 GiB unless less memory is \
+    free, read + write bytes per second, in the same process). Active weights: every layer of the response branch (attn_norm, q, k, v, o, \
+    ffn_norm, gate, up, down) plus its final_norm and head; the other branch only when the step \
+    feeds its rows (text rows in t2i exist only when the prompt is not cached, and then only \
+    its joint layers compute them; a text answer feeds no image rows), so with the prompt \
+    cached a t2i step touches image weights only. Embedding tables (gathered by row), the K/V \
+    pool and activations are not counted.";
 
 /// One measured generation.
 #[derive(Debug, Clone, Serialize)]
@@ -26,9 +55,27 @@ pub struct BenchRun {
     pub mean_rows: f64,
     /// Rows fed over the generation.
     pub rows_fed: usize,
+    /// Median per-step latency of the best repeat, seconds.
+    pub step_median_s: f64,
+    /// 90th percentile (nearest rank) of the per-step latency of the best repeat, seconds.
+    pub step_p90_s: f64,
+    /// Every step's latency of the best repeat, seconds, in step order (the prefill of a
+    /// cached prompt is not a step: it is in `wall_s` only).
+    pub step_s: Vec<f64>,
+    /// Most device memory in use at once during the run's repeats (weights included), bytes;
+    /// absent on the CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_device_bytes: Option<u64>,
     /// Whether this run's tokens equal the all-on sparse run's (sparse runs only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_match_sparse: Option<bool>,
+}
+
+impl BenchRun {
+    /// Whether this is the sparse run with every saving on.
+    pub fn is_sparse_all_on(&self) -> bool {
+        self.mode == "sparse" && self.cache_prompt && self.cache_decoded && self.truncate
+    }
 }
 
 /// The whole report.
@@ -36,14 +83,128 @@ pub struct BenchRun {
 pub struct BenchReport {
     /// Backend name.
     pub backend: String,
-    /// The machine (CPU model and threads; the card for a GPU backend).
+    /// The card (`NVIDIA H100 80GB HBM3`) on a device backend, `cpu` on the CPU backend.
+    pub device: String,
+    /// The GPU driver (`570.133.20 (CUDA 12.8)`); null on the CPU backend.
+    pub driver: Option<String>,
+    /// The model: a preset name or the config file's path.
+    pub preset: String,
+    /// The host machine (CPU model and threads).
     pub machine: String,
     /// Free-form description of the workload.
     pub workload: String,
+    /// What timed each step: `cuda events` or `wall`.
+    pub step_clock: String,
     /// Every run, dense first.
     pub runs: Vec<BenchRun>,
     /// Dense wall time ÷ all-on sparse wall time.
     pub speedup_sparse_vs_dense: f64,
+    /// Dense median step ÷ all-on sparse median step.
+    pub speedup_step_median_sparse_vs_dense: f64,
+    /// How the peak device memory is measured; null on the CPU backend.
+    pub memory_source: Option<String>,
+    /// Device memory in use before the runs (weights, workspaces), bytes; null on the CPU.
+    pub resident_device_bytes: Option<u64>,
+    /// Measured device-to-device copy bandwidth, bytes read + written per second; null on the
+    /// CPU backend or when too little memory was free to measure it.
+    pub copy_bandwidth_bytes_per_s: Option<f64>,
+    /// Bytes of the copy that measured `copy_bandwidth_bytes_per_s`.
+    pub copy_bytes: Option<usize>,
+    /// How the floor is computed.
+    pub floor_rule: String,
+    /// Weight parameters an all-on sparse step reads ([`active_weight_params`]).
+    pub active_weight_params: u64,
+    /// `active_weight_params` × the device's bytes per parameter; null on the CPU backend.
+    pub active_weight_bytes: Option<u64>,
+    /// Active weight bytes ÷ copy bandwidth, seconds; null without a measured bandwidth.
+    pub floor_step_s: Option<f64>,
+    /// All-on sparse median step ÷ `floor_step_s`.
+    pub sparse_step_over_floor: Option<f64>,
+    /// The PyTorch peer's report (`--peer-json`), embedded as is; null without one.
+    pub peer: Option<serde_json::Value>,
+}
+
+impl BenchReport {
+    /// The dense run.
+    pub fn dense(&self) -> Option<&BenchRun> {
+        self.runs.iter().find(|r| r.mode == "dense")
+    }
+
+    /// The all-on sparse run.
+    pub fn sparse_all_on(&self) -> Option<&BenchRun> {
+        self.runs.iter().find(|r| r.is_sparse_all_on())
+    }
+}
+
+/// What to run: the workload's description, the model's name, and how much.
+#[derive(Debug, Clone)]
+pub struct BenchSpec {
+    /// Free-form description of the workload.
+    pub workload: String,
+    /// The model: a preset name or the config file's path.
+    pub preset: String,
+    /// Run all eight sparse switch combinations (else dense and all-on sparse).
+    pub ablation: bool,
+    /// Repeats per mode; the best wall time's repeat is kept.
+    pub repeat: usize,
+}
+
+/// Median of `v` (mean of the two middle values for an even count); 0 for none.
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => s[n / 2],
+        n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
+    }
+}
+
+/// The `p`-th percentile (0 < p ≤ 100) of `v` by nearest rank: the smallest value with at least
+/// `p`% of the values at or below it; 0 for none.
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    s[rank.clamp(1, s.len()) - 1]
+}
+
+/// Parameters of one layer of branch `b` (norms, attention projections, SwiGLU).
+fn layer_params(cfg: &Config, b: Branch) -> u64 {
+    let (d, f) = (cfg.d_model(b) as u64, cfg.d_mlp(b) as u64);
+    let (a, kv) = (cfg.attn_dim() as u64, cfg.kv_dim() as u64);
+    2 * d + a * d + 2 * kv * d + d * a + 3 * f * d
+}
+
+/// Weight parameters a step reads (see [`FLOOR_RULE`]): every layer of the `response` branch
+/// plus its final norm and head, and, when `text_rows_fed` with an image response, the text
+/// branch's joint layers (the only ones that compute text rows during text-to-image).
+pub fn active_weight_params(cfg: &Config, response: Branch, text_rows_fed: bool) -> u64 {
+    let d = cfg.d_model(response) as u64;
+    let mut n =
+        cfg.n_layers as u64 * layer_params(cfg, response) + d + cfg.vocab(response) as u64 * d;
+    if response == Branch::Image && text_rows_fed {
+        n += cfg.n_joint_layers as u64 * layer_params(cfg, Branch::Text);
+    }
+    n
+}
+
+/// The response branch of `task` and whether a sparse step under `sw` feeds text rows besides
+/// it (t2i with a non-empty prompt that is not cached).
+pub fn step_branches(task: &Task, sw: Switches) -> (Branch, bool) {
+    match task {
+        Task::T2i(r) => (Branch::Image, !sw.cache_prompt && !r.prompt.is_empty()),
+        Task::Text(_) => (Branch::Text, false),
+    }
+}
+
+struct Measured {
+    g: Generation,
+    wall_s: f64,
+    peak: Option<u64>,
 }
 
 fn measure<B: Backend>(
@@ -51,30 +212,67 @@ fn measure<B: Backend>(
     task: &Task,
     mode: Mode,
     repeat: usize,
-) -> Result<(Generation, f64)> {
-    let mut best = f64::INFINITY;
-    let mut last = None;
+) -> Result<Measured> {
+    let stats = model.backend().device_stats();
+    if let Some(s) = stats {
+        s.reset_peak_memory()?;
+    }
+    let mut best: Option<Generation> = None;
     for _ in 0..repeat.max(1) {
         let g = sampler::generate(model, task, mode, RunOptions::default())?;
-        best = best.min(g.wall_s);
-        last = Some(g);
+        if best.as_ref().is_none_or(|b| g.wall_s < b.wall_s) {
+            best = Some(g);
+        }
     }
-    Ok((last.expect("at least one repeat"), best))
+    let g = best.expect("at least one repeat");
+    let peak = match stats {
+        Some(s) => s.peak_memory()?,
+        None => None,
+    };
+    Ok(Measured {
+        wall_s: g.wall_s,
+        g,
+        peak,
+    })
+}
+
+/// Measures the copy bandwidth with the largest copy up to [`COPY_BYTES`] whose two buffers
+/// take at most a quarter of the free memory; `None` when even [`MIN_COPY_BYTES`] does not fit.
+fn measure_copy(stats: &dyn DeviceStats) -> Result<Option<(f64, usize)>> {
+    let free = stats.free_memory()?;
+    let mut bytes = COPY_BYTES;
+    while bytes >= MIN_COPY_BYTES {
+        if 2 * bytes <= free / 4 {
+            return Ok(Some((stats.copy_bandwidth(bytes)?, bytes)));
+        }
+        bytes /= 2;
+    }
+    Ok(None)
 }
 
 /// Runs dense, then sparse with all savings (and, with `ablation`, the other seven switch
-/// combinations), each `repeat` times keeping the best wall time. `on_run` sees each run as it
-/// finishes.
+/// combinations), each `repeat` times keeping the best wall time. On a device backend it first
+/// measures the copy bandwidth, and reads the peak device memory of each run. `on_run` sees
+/// each run as it finishes. The report's `peer` is left null.
 pub fn run_bench<B: Backend>(
     model: &Model<B>,
     task: &Task,
-    workload: String,
-    ablation: bool,
-    repeat: usize,
+    spec: &BenchSpec,
     mut on_run: impl FnMut(&BenchRun),
 ) -> Result<BenchReport> {
+    let be = model.backend();
+    let stats = be.device_stats();
+    let step_clock = be.step_clock()?.kind().to_string();
+    let copy = match stats {
+        Some(s) => measure_copy(s)?,
+        None => None,
+    };
+    let resident = match stats {
+        Some(s) => s.reset_peak_memory()?,
+        None => None,
+    };
     let mut modes = vec![Mode::Dense];
-    if ablation {
+    if spec.ablation {
         modes.extend(Switches::all_combinations().into_iter().map(Mode::Sparse));
     } else {
         modes.push(Mode::Sparse(Switches::ALL_ON));
@@ -82,7 +280,7 @@ pub fn run_bench<B: Backend>(
     let mut runs = Vec::new();
     let mut reference: Option<Vec<u32>> = None;
     for mode in modes {
-        let (g, wall_s) = measure(model, task, mode, repeat)?;
+        let m = measure(model, task, mode, spec.repeat)?;
         let (name, sw, matches) = match mode {
             Mode::Dense => (
                 "dense",
@@ -94,36 +292,62 @@ pub fn run_bench<B: Backend>(
                 None,
             ),
             Mode::Sparse(sw) => {
-                let r = reference.get_or_insert_with(|| g.tokens.clone());
-                ("sparse", sw, Some(*r == g.tokens))
+                let r = reference.get_or_insert_with(|| m.g.tokens.clone());
+                ("sparse", sw, Some(*r == m.g.tokens))
             }
         };
+        let step_s: Vec<f64> = m.g.steps.iter().map(|s| s.time_s).collect();
         let run = BenchRun {
             mode: name.into(),
             cache_prompt: sw.cache_prompt,
             cache_decoded: sw.cache_decoded,
             truncate: sw.truncate,
-            wall_s,
-            forwards: g.forwards,
-            mean_rows: g.mean_rows(),
-            rows_fed: g.rows_fed,
+            wall_s: m.wall_s,
+            forwards: m.g.forwards,
+            mean_rows: m.g.mean_rows(),
+            rows_fed: m.g.rows_fed,
+            step_median_s: median(&step_s),
+            step_p90_s: percentile(&step_s, 90.0),
+            step_s,
+            peak_device_bytes: m.peak,
             tokens_match_sparse: matches,
         };
         on_run(&run);
         runs.push(run);
     }
-    let dense = runs[0].wall_s;
+    let dense = &runs[0];
     let sparse = runs
         .iter()
-        .find(|r| r.mode == "sparse" && r.cache_prompt && r.cache_decoded && r.truncate)
-        .expect("all-on sparse run")
-        .wall_s;
+        .find(|r| r.is_sparse_all_on())
+        .expect("all-on sparse run");
+    let (response, text_rows) = step_branches(task, Switches::ALL_ON);
+    let params = active_weight_params(model.config(), response, text_rows);
+    let active_bytes = stats.map(|s| params * s.weight_bytes_per_param() as u64);
+    let floor = match (active_bytes, copy) {
+        (Some(b), Some((bw, _))) => Some(b as f64 / bw),
+        _ => None,
+    };
     Ok(BenchReport {
-        backend: model.backend().name(),
+        backend: be.name(),
+        device: stats.map_or("cpu".into(), |s| s.device_name()),
+        driver: stats.and_then(|s| s.driver_version()),
+        preset: spec.preset.clone(),
         machine: crate::runtime::cpu_description(),
-        workload,
+        workload: spec.workload.clone(),
+        step_clock,
+        speedup_sparse_vs_dense: dense.wall_s / sparse.wall_s,
+        speedup_step_median_sparse_vs_dense: dense.step_median_s / sparse.step_median_s,
+        memory_source: stats.map(|s| s.memory_source()),
+        resident_device_bytes: resident,
+        copy_bandwidth_bytes_per_s: copy.map(|(bw, _)| bw),
+        copy_bytes: copy.map(|(_, b)| b),
+        floor_rule: FLOOR_RULE.into(),
+        active_weight_params: params,
+        active_weight_bytes: active_bytes,
+        sparse_step_over_floor: floor.map(|f| sparse.step_median_s / f),
+        floor_step_s: floor,
         runs,
-        speedup_sparse_vs_dense: dense / sparse,
+        peer: None,
     })
 }
 
@@ -136,7 +360,7 @@ pub fn table_row(r: &BenchRun, dense_wall_s: f64) -> String {
         (sw(r.cache_prompt), sw(r.cache_decoded), sw(r.truncate))
     };
     format!(
-        "{:<7} {:>6} {:>6} {:>6} {:>9} {:>11.1} {:>10.3} {:>8.2}x",
+        "{:<7} {:>6} {:>6} {:>6} {:>9} {:>11.1} {:>10.3} {:>8.2}x {:>10.3} {:>10.3}",
         r.mode,
         p,
         d,
@@ -144,14 +368,308 @@ pub fn table_row(r: &BenchRun, dense_wall_s: f64) -> String {
         r.forwards,
         r.mean_rows,
         r.wall_s,
-        dense_wall_s / r.wall_s
+        dense_wall_s / r.wall_s,
+        r.step_median_s * 1e3,
+        r.step_p90_s * 1e3
     )
 }
 
 /// The table's header line.
 pub fn table_header() -> String {
     format!(
-        "{:<7} {:>6} {:>6} {:>6} {:>9} {:>11} {:>10} {:>9}",
-        "mode", "prompt", "decod", "trunc", "forwards", "rows/step", "wall_s", "speedup"
+        "{:<7} {:>6} {:>6} {:>6} {:>9} {:>11} {:>10} {:>9} {:>10} {:>10}",
+        "mode",
+        "prompt",
+        "decod",
+        "trunc",
+        "forwards",
+        "rows/step",
+        "wall_s",
+        "speedup",
+        "step_ms",
+        "p90_ms"
     )
+}
+
+/// Largest over smallest step latency of the plotted runs above which the y axis is
+/// logarithmic.
+pub const LOG_Y_RATIO: f64 = 20.0;
+
+/// Writes an SVG plot of the per-step latency (ms) of the dense run and the all-on sparse run
+/// of `report` to `path`: step on x, latency on y (logarithmic when the largest over the
+/// smallest step exceeds [`LOG_Y_RATIO`]), titled with the device and the workload.
+pub fn plot_steps_svg(report: &BenchReport, path: &Path) -> Result<()> {
+    let (Some(dense), Some(sparse)) = (report.dense(), report.sparse_all_on()) else {
+        return Err(Error::Input(
+            "plot: the report needs a dense and an all-on sparse run".into(),
+        ));
+    };
+    let svg = render_steps_svg(report, dense, sparse)
+        .map_err(|e| Error::io(path, std::io::Error::other(format!("plotting: {e}"))))?;
+    std::fs::write(path, svg).map_err(|e| Error::io(path, e))
+}
+
+type Series<'a> = (&'a str, Vec<(i32, f64)>, plotters::style::RGBColor);
+
+fn render_steps_svg(
+    report: &BenchReport,
+    dense: &BenchRun,
+    sparse: &BenchRun,
+) -> std::result::Result<String, String> {
+    use plotters::prelude::*;
+    // Latencies in ms, floored at 1 ns so that a log axis has a positive range.
+    let points = |r: &BenchRun| -> Vec<(i32, f64)> {
+        (r.step_s.iter().enumerate())
+            .map(|(k, &s)| (k as i32, (s * 1e3).max(1e-6)))
+            .collect()
+    };
+    let series: Vec<Series> = vec![
+        ("dense", points(dense), RGBColor(214, 39, 40)),
+        ("sparse (all on)", points(sparse), RGBColor(31, 119, 180)),
+    ];
+    let all = || {
+        series
+            .iter()
+            .flat_map(|(_, p, _)| p.iter().map(|&(_, y)| y))
+    };
+    let lo = all().fold(f64::INFINITY, f64::min);
+    let hi = all().fold(0.0, f64::max);
+    let (lo, hi) = if lo.is_finite() && hi > 0.0 {
+        (lo, hi)
+    } else {
+        (1e-3, 1.0)
+    };
+    let steps = series.iter().map(|(_, p, _)| p.len()).max().unwrap_or(0);
+    let x = 0i32..(steps.max(2) as i32 - 1);
+    let title = format!("{}: per-step latency, dense vs sparse", report.device);
+    let caption = format!("{} ({})", report.workload, report.step_clock);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (1000, 600)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let root = root
+            .titled(&title, ("sans-serif", 22))
+            .map_err(|e| e.to_string())?;
+        let mut chart = ChartBuilder::on(&root);
+        chart
+            .caption(&caption, ("sans-serif", 13))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70);
+        if hi / lo > LOG_Y_RATIO {
+            // Headroom above the curves for the legend (upper right).
+            let y = (lo / 1.5..hi * 4.0).log_scale();
+            let mut c = chart.build_cartesian_2d(x, y).map_err(|e| e.to_string())?;
+            c.configure_mesh()
+                .x_desc("step")
+                .y_desc("step latency (ms, log scale)")
+                .draw()
+                .map_err(|e| e.to_string())?;
+            for (name, pts, color) in &series {
+                c.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+                    .map_err(|e| e.to_string())?
+                    .label(*name)
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], *color));
+            }
+            c.configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| e.to_string())?;
+        } else {
+            let y = 0.0..hi * 1.3;
+            let mut c = chart.build_cartesian_2d(x, y).map_err(|e| e.to_string())?;
+            c.configure_mesh()
+                .x_desc("step")
+                .y_desc("step latency (ms)")
+                .draw()
+                .map_err(|e| e.to_string())?;
+            for (name, pts, color) in &series {
+                c.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+                    .map_err(|e| e.to_string())?
+                    .label(*name)
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], *color));
+            }
+            c.configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| e.to_string())?;
+        }
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(svg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_percentile() {
+        assert_eq!(median(&[]), 0.0);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        let v: Vec<f64> = (1..=10).map(f64::from).collect();
+        assert_eq!(percentile(&v, 90.0), 9.0);
+        assert_eq!(percentile(&v, 100.0), 10.0);
+        assert_eq!(percentile(&v, 1.0), 1.0);
+        assert_eq!(percentile(&[5.0], 90.0), 5.0);
+        assert_eq!(percentile(&[], 90.0), 0.0);
+    }
+
+    /// The floor's parameter count against the config's own tensor list: the response
+    /// branch's layer tensors plus its final norm and head, nothing of the other branch unless
+    /// its rows are fed.
+    #[test]
+    fn active_weights_follow_the_rule() {
+        for preset in ["tiny", "small", "lavida-o"] {
+            let cfg = Config::preset(preset).unwrap();
+            let count = |pred: &dyn Fn(&str) -> bool| -> u64 {
+                cfg.tensor_shapes()
+                    .iter()
+                    .filter(|(n, _)| pred(n))
+                    .map(|(_, s)| s.iter().product::<usize>() as u64)
+                    .sum()
+            };
+            let layer_of = |n: &str| -> Option<(usize, String)> {
+                let rest = n.strip_prefix("layers.")?;
+                let (i, rest) = rest.split_once('.')?;
+                Some((i.parse().ok()?, rest.split('.').next()?.to_string()))
+            };
+            for b in Branch::ALL {
+                let own = count(&|n| {
+                    layer_of(n).is_some_and(|(_, br)| br == b.name())
+                        || n == format!("{}.final_norm", b.name())
+                        || n == format!("{}.head", b.name())
+                });
+                assert_eq!(active_weight_params(&cfg, b, false), own, "{preset} {b:?}");
+            }
+            let joint_text = count(&|n| {
+                layer_of(n).is_some_and(|(i, br)| br == "text" && i < cfg.n_joint_layers)
+            });
+            assert_eq!(
+                active_weight_params(&cfg, Branch::Image, true),
+                active_weight_params(&cfg, Branch::Image, false) + joint_text
+            );
+            assert_eq!(
+                active_weight_params(&cfg, Branch::Text, true),
+                active_weight_params(&cfg, Branch::Text, false)
+            );
+        }
+        // lavida-o's image branch: 32 layers of 2·2048 + 2·4096·2048 + 2·4096·2048 + 3·8192·2048
+        // parameters, plus 2048 + 8192·2048: about 2.70 B (5.4 GB in bf16).
+        let cfg = Config::preset("lavida-o").unwrap();
+        let n = active_weight_params(&cfg, Branch::Image, false);
+        assert_eq!(
+            n,
+            32 * (2 * 2048 + 4 * 4096 * 2048 + 3 * 8192 * 2048) + 2048 + 8192 * 2048
+        );
+    }
+
+    #[test]
+    fn text_rows_are_fed_only_without_a_cached_prompt_in_t2i() {
+        use crate::sampler::{T2iRequest, TextRequest};
+        use crate::schedule::Order;
+        let t2i = |prompt: Vec<u32>| {
+            Task::T2i(T2iRequest {
+                prompt,
+                height: 4,
+                width: 4,
+                steps: 4,
+                guidance: 0.0,
+                temperature: 0.0,
+                order: Order::Raster,
+                seed: 0,
+            })
+        };
+        let off = Switches {
+            cache_prompt: false,
+            ..Switches::ALL_ON
+        };
+        assert_eq!(
+            step_branches(&t2i(vec![1]), Switches::ALL_ON),
+            (Branch::Image, false)
+        );
+        assert_eq!(step_branches(&t2i(vec![1]), off), (Branch::Image, true));
+        assert_eq!(step_branches(&t2i(vec![]), off), (Branch::Image, false));
+        let text = Task::Text(TextRequest {
+            prompt: vec![1],
+            answer_len: 4,
+            block_len: 4,
+            steps: 2,
+            temperature: 0.0,
+            banned: vec![],
+            seed: 0,
+        });
+        assert_eq!(step_branches(&text, off), (Branch::Text, false));
+    }
+
+    fn run(mode: &str, all_on: bool, steps: &[f64]) -> BenchRun {
+        BenchRun {
+            mode: mode.into(),
+            cache_prompt: all_on,
+            cache_decoded: all_on,
+            truncate: all_on,
+            wall_s: steps.iter().sum(),
+            forwards: steps.len(),
+            mean_rows: 1.0,
+            rows_fed: steps.len(),
+            step_median_s: median(steps),
+            step_p90_s: percentile(steps, 90.0),
+            step_s: steps.to_vec(),
+            peak_device_bytes: None,
+            tokens_match_sparse: None,
+        }
+    }
+
+    fn report(dense: &[f64], sparse: &[f64]) -> BenchReport {
+        BenchReport {
+            backend: "test".into(),
+            device: "Test Card".into(),
+            driver: None,
+            preset: "tiny".into(),
+            machine: "host".into(),
+            workload: "t2i 4x4 <&> test".into(),
+            step_clock: "wall".into(),
+            runs: vec![run("dense", false, dense), run("sparse", true, sparse)],
+            speedup_sparse_vs_dense: 1.0,
+            speedup_step_median_sparse_vs_dense: 1.0,
+            memory_source: None,
+            resident_device_bytes: None,
+            copy_bandwidth_bytes_per_s: None,
+            copy_bytes: None,
+            floor_rule: FLOOR_RULE.into(),
+            active_weight_params: 0,
+            active_weight_bytes: None,
+            floor_step_s: None,
+            sparse_step_over_floor: None,
+            peer: None,
+        }
+    }
+
+    /// Both axis kinds render a well-formed SVG with one polyline per run, the title naming
+    /// the card and the workload (escaped), and "log scale" exactly when the gap is large.
+    #[test]
+    fn plot_is_an_svg_with_both_runs_linear_or_log() {
+        let dir = tempfile::tempdir().unwrap();
+        for (sparse, log) in [(vec![0.5, 0.6, 0.4, 0.5], false), (vec![0.001; 4], true)] {
+            let r = report(&[1.0, 1.1, 0.9, 1.0], &sparse);
+            let path = dir.path().join("p.svg");
+            plot_steps_svg(&r, &path).unwrap();
+            let svg = std::fs::read_to_string(&path).unwrap();
+            assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);
+            assert!(svg.trim_end().ends_with("</svg>"));
+            assert!(svg.matches("<polyline").count() >= 2, "{svg}");
+            assert!(svg.contains("Test Card: per-step latency"));
+            assert!(svg.contains("t2i 4x4 &lt;&amp;&gt; test"), "{svg}");
+            assert_eq!(svg.contains("log scale"), log);
+        }
+        let mut r = report(&[1.0], &[1.0]);
+        r.runs.pop();
+        let e = plot_steps_svg(&r, &dir.path().join("q.svg")).unwrap_err();
+        assert!(e.to_string().contains("all-on sparse"), "{e}");
+    }
 }

@@ -216,6 +216,12 @@ struct BenchArgs {
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write an SVG plot of the per-step latency, dense vs all-on sparse, here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// The PyTorch peer's JSON report, embedded as the report's `peer`.
+    #[arg(long)]
+    peer_json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -527,29 +533,83 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
 
 fn bench_on<B: Backend>(model: &Model<B>, a: &BenchArgs) -> Result<()> {
     let task = build_task(&a.work, model.config())?;
-    let workload = format!(
-        "{} ({})",
-        describe(&task),
-        a.model
-            .config
-            .as_ref()
-            .map_or(format!("preset {}", a.model.preset), |p| p
-                .display()
-                .to_string())
-    );
+    let preset = a
+        .model
+        .config
+        .as_ref()
+        .map_or(a.model.preset.clone(), |p| p.display().to_string());
+    let model_name = if a.model.config.is_some() {
+        preset.clone()
+    } else {
+        format!("preset {preset}")
+    };
+    let workload = format!("{} ({model_name})", describe(&task));
+    // Read the peer's report first: a bad file should fail before minutes of benchmarking.
+    let peer = match &a.peer_json {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::Json {
+                    context: format!("reading the peer report {}", path.display()),
+                    source: e,
+                })?;
+            Some(value)
+        }
+        None => None,
+    };
     say!("backend   {}", model.backend().name());
     say!("machine   {}", runtime::cpu_description());
     say!("workload  {workload}");
     say!("{}", bench::table_header());
     let mut dense_wall = None;
-    let report = bench::run_bench(model, &task, workload, a.ablation, a.repeat as usize, |r| {
+    let spec = bench::BenchSpec {
+        workload,
+        preset,
+        ablation: a.ablation,
+        repeat: a.repeat as usize,
+    };
+    let mut report = bench::run_bench(model, &task, &spec, |r| {
         let d = *dense_wall.get_or_insert(r.wall_s);
         say!("{}", bench::table_row(r, d));
     })?;
+    report.peer = peer;
     say!(
         "speedup sparse vs dense: {:.2}x",
         report.speedup_sparse_vs_dense
     );
+    if let Some(driver) = &report.driver {
+        say!("device    {}, driver {driver}", report.device);
+    }
+    if let Some(resident) = report.resident_device_bytes {
+        let peak = report
+            .runs
+            .iter()
+            .filter_map(|r| r.peak_device_bytes)
+            .max()
+            .unwrap_or(resident);
+        say!(
+            "memory    {:.2} GB resident, {:.2} GB peak",
+            resident as f64 / 1e9,
+            peak as f64 / 1e9
+        );
+    }
+    match (
+        report.floor_step_s,
+        report.copy_bandwidth_bytes_per_s,
+        report.sparse_step_over_floor,
+    ) {
+        (Some(floor), Some(bw), Some(ratio)) => say!(
+            "floor     {:.3} ms per sparse step ({:.2} GB of weights at {:.0} GB/s copy); \
+             sparse step median is {ratio:.2}x the floor",
+            floor * 1e3,
+            report.active_weight_bytes.unwrap_or(0) as f64 / 1e9,
+            bw / 1e9
+        ),
+        _ if model.backend().device_stats().is_some() => eprintln!(
+            "warning: too little device memory free to measure the copy bandwidth: no floor"
+        ),
+        _ => {}
+    }
     if report
         .runs
         .iter()
@@ -561,6 +621,9 @@ fn bench_on<B: Backend>(model: &Model<B>, a: &BenchArgs) -> Result<()> {
     }
     if let Some(path) = &a.json {
         write_json(path, &report)?;
+    }
+    if let Some(path) = &a.plot {
+        bench::plot_steps_svg(&report, path)?;
     }
     Ok(())
 }

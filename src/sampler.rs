@@ -139,7 +139,10 @@ pub struct StepTrace {
     pub tokens: Vec<u32>,
     /// Rows fed to the forward pass of this step.
     pub rows_fed: usize,
-    /// Wall time of the step (forward + sampling), seconds.
+    /// Time of the step (plan, forward, sampling), seconds, on the backend's
+    /// [`crate::backend::StepClock`]: on the CUDA backend the stream's time between an event
+    /// recorded at the step's start and one after its last op (gaps while the stream waits for
+    /// the host included); wall time on the CPU.
     pub time_s: f64,
     /// Response indices whose logits were computed (the masked block), in logits row order.
     #[serde(skip)]
@@ -678,9 +681,11 @@ fn run<B: Backend>(
         prefilled = true;
     }
     let mut steps = Vec::with_capacity(dec.steps());
+    // Per-step time on the backend's clock (CUDA events on a GPU, wall time on the CPU).
+    let mut clock = be.step_clock()?;
     for k in 0..dec.steps() {
         let _r = profile::range(format_args!("step {k}"));
-        let t0 = Instant::now();
+        clock.start()?;
         let query = dec.query(k, &st);
         let plan = match mode {
             Mode::Dense => dense_plan(l, &st, &query)?,
@@ -701,12 +706,13 @@ fn run<B: Backend>(
         st.groups.push(committed.iter().map(|&(i, _)| i).collect());
         forwards += 1;
         rows_fed += n_rows;
+        let time_s = clock.stop()?;
         steps.push(StepTrace {
             step: k,
             decoded_positions: committed.iter().map(|&(i, _)| i).collect(),
             tokens: committed.iter().map(|&(_, t)| t).collect(),
             rows_fed: n_rows,
-            time_s: t0.elapsed().as_secs_f64(),
+            time_s,
             query_positions: query,
             logits: if opts.record_logits {
                 Some(be.to_host(&logits)?)

@@ -204,6 +204,115 @@ fn forward_bench_and_init_weights() {
     assert!(stdout(&cli(&["info"])).contains("threads"));
 }
 
+/// `bench --json --plot` on the CPU backend: per-step latencies for every run (wall clock), no
+/// device fields, the floor rule stated, and an SVG that parses with one polyline per plotted
+/// run; `--peer-json` embeds the peer's report as is, and a bad one is named.
+#[test]
+fn bench_writes_step_latencies_and_a_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (json, svg, peer) = (
+        dir.path().join("x.json"),
+        dir.path().join("x.svg"),
+        dir.path().join("peer.json"),
+    );
+    let peer_text = r#"{"device": "cpu", "runs": [{"mode": "dense", "step_median_s": 0.5}]}"#;
+    std::fs::write(&peer, peer_text).unwrap();
+    let o = cli(&[
+        "bench",
+        "--preset",
+        "tiny",
+        "--grid",
+        "8x8",
+        "--steps",
+        "8",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
+        "--peer-json",
+        peer.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("step_ms") && out.contains("p90_ms"), "{out}");
+    let r = read_json(&json);
+    assert_eq!(r["device"], "cpu");
+    assert!(r["driver"].is_null());
+    assert_eq!(r["preset"], "tiny");
+    assert_eq!(r["step_clock"], "wall");
+    assert!(r["machine"].as_str().unwrap().contains("threads"));
+    assert!(r["floor_step_s"].is_null() && r["copy_bandwidth_bytes_per_s"].is_null());
+    assert!(
+        r["floor_rule"]
+            .as_str()
+            .unwrap()
+            .contains("response branch")
+    );
+    let tiny = Config::preset("tiny").unwrap();
+    let image_layer = 2 * 32 + 2 * 64 * 32 + 2 * 64 * 32 + 3 * 64 * 32;
+    assert_eq!(
+        r["active_weight_params"].as_u64().unwrap(),
+        (tiny.n_layers * image_layer + 32 + 64 * 32) as u64
+    );
+    assert_eq!(
+        r["peer"],
+        serde_json::from_str::<serde_json::Value>(peer_text).unwrap()
+    );
+    assert!(r["speedup_step_median_sparse_vs_dense"].as_f64().unwrap() > 0.0);
+    let runs = r["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for run in runs {
+        let steps: Vec<f64> = run["step_s"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(steps.len(), 8);
+        assert!(steps.iter().all(|&t| t > 0.0));
+        let med = run["step_median_s"].as_f64().unwrap();
+        let p90 = run["step_p90_s"].as_f64().unwrap();
+        let max = steps.iter().cloned().fold(0.0, f64::max);
+        assert!(0.0 < med && med <= p90 && p90 <= max, "{med} {p90} {max}");
+        assert!(run.get("peak_device_bytes").is_none());
+    }
+    let text = std::fs::read_to_string(&svg).unwrap();
+    let doc = roxmltree::Document::parse(&text).unwrap();
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    let lines = doc
+        .descendants()
+        .filter(|n| n.tag_name().name() == "polyline")
+        .count();
+    assert!(lines >= 2, "{lines} polylines");
+    assert!(text.contains("cpu: per-step latency") && text.contains("t2i 8x8"));
+
+    std::fs::write(&peer, "{not json").unwrap();
+    fails_with(
+        &[
+            "bench",
+            "--preset",
+            "tiny",
+            "--grid",
+            "2x2",
+            "--steps",
+            "2",
+            "--peer-json",
+            peer.to_str().unwrap(),
+        ],
+        &["peer report", "peer.json"],
+    );
+    fails_with(
+        &[
+            "bench",
+            "--preset",
+            "tiny",
+            "--peer-json",
+            dir.path().join("missing.json").to_str().unwrap(),
+        ],
+        &["missing.json"],
+    );
+}
+
 #[test]
 fn bad_cli_values_are_named() {
     fails_with(

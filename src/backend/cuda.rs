@@ -33,10 +33,10 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::backend::cpu::attention::AttnShape;
-use crate::backend::{Backend, MatrixKind, SampleParams, Sampled};
+use crate::backend::{Backend, DeviceStats, MatrixKind, SampleParams, Sampled, StepClock};
 use crate::config::{Branch, Config};
 use crate::cuda::blas::{Gemm, GemmOut, GemmShape};
-use crate::cuda::device::{CudaDevice, cuda_err};
+use crate::cuda::device::{CudaDevice, EventClock, cuda_err};
 use crate::cuda::ops::{self, AttnArgs, AttnLayout, AttnOut, AttnPlan, IndexBuf, KvPool, RopeKv};
 use crate::error::{Error, Result};
 use crate::plan::StepPlan;
@@ -632,6 +632,70 @@ impl Backend for CudaBackend {
         }
         let buf = logits.f32("sample logits")?;
         ops::sample(&self.dev, buf, logits.cols, logits.cols, params)
+    }
+
+    /// CUDA events on the backend's stream (every op runs there).
+    fn step_clock(&self) -> Result<Box<dyn StepClock + '_>> {
+        Ok(Box::new(EventClock::new(&self.dev)?))
+    }
+
+    fn device_stats(&self) -> Option<&dyn DeviceStats> {
+        Some(self)
+    }
+}
+
+impl StepClock for EventClock {
+    fn kind(&self) -> &'static str {
+        "cuda events"
+    }
+
+    fn start(&mut self) -> Result<()> {
+        EventClock::start(self)
+    }
+
+    fn stop(&mut self) -> Result<f64> {
+        EventClock::stop(self)
+    }
+}
+
+impl DeviceStats for CudaBackend {
+    fn device_name(&self) -> String {
+        self.dev.info().name.clone()
+    }
+
+    fn driver_version(&self) -> Option<String> {
+        self.dev.driver_version().ok()
+    }
+
+    fn weight_bytes_per_param(&self) -> usize {
+        std::mem::size_of::<bf16>()
+    }
+
+    fn memory_source(&self) -> String {
+        if self.dev.context().has_async_alloc() {
+            "high watermark of the stream-ordered memory pool every device buffer of this \
+             process comes from (weights, K/V pool, activations, plans, workspaces; not the \
+             context or the loaded modules)"
+                .into()
+        } else {
+            "unavailable: the device has no stream-ordered memory pools".into()
+        }
+    }
+
+    fn reset_peak_memory(&self) -> Result<Option<u64>> {
+        self.dev.reset_peak_memory()
+    }
+
+    fn peak_memory(&self) -> Result<Option<u64>> {
+        self.dev.peak_memory()
+    }
+
+    fn copy_bandwidth(&self, bytes: usize) -> Result<f64> {
+        self.dev.copy_bandwidth(bytes)
+    }
+
+    fn free_memory(&self) -> Result<usize> {
+        CudaBackend::free_memory(self)
     }
 }
 

@@ -145,4 +145,76 @@ pub trait Backend {
     ) -> Result<()>;
     /// The sampler pass over `logits` (`[n or 2n, V]`), one result per sampled row.
     fn sample(&self, logits: &Self::Matrix, params: &SampleParams) -> Result<Vec<Sampled>>;
+
+    /// A clock for the sampler's per-step time: wall time by default; a GPU backend times its
+    /// stream with events, so the time is the device's, not the host's view of it.
+    fn step_clock(&self) -> Result<Box<dyn StepClock + '_>> {
+        Ok(Box::new(WallClock::default()))
+    }
+
+    /// What a benchmark can ask of the device beyond computing (its name, driver, memory high
+    /// watermark, copy bandwidth); `None` for a backend on the host.
+    fn device_stats(&self) -> Option<&dyn DeviceStats> {
+        None
+    }
+}
+
+/// Times one step at a time: [`StepClock::start`] before the step's work is queued,
+/// [`StepClock::stop`] after the last of it.
+pub trait StepClock {
+    /// What the clock measures, for reports: `wall` or `cuda events`.
+    fn kind(&self) -> &'static str;
+    /// Marks the start of a step.
+    fn start(&mut self) -> Result<()>;
+    /// Seconds since [`StepClock::start`], once the work queued since then has finished;
+    /// [`crate::Error::Input`] when the clock was not started.
+    fn stop(&mut self) -> Result<f64>;
+}
+
+/// Host wall time ([`std::time::Instant`]): the clock of backends that compute synchronously.
+#[derive(Debug, Default)]
+pub struct WallClock {
+    start: Option<std::time::Instant>,
+}
+
+impl StepClock for WallClock {
+    fn kind(&self) -> &'static str {
+        "wall"
+    }
+
+    fn start(&mut self) -> Result<()> {
+        self.start = Some(std::time::Instant::now());
+        Ok(())
+    }
+
+    fn stop(&mut self) -> Result<f64> {
+        let t0 = self
+            .start
+            .take()
+            .ok_or_else(|| crate::Error::Input("step clock stopped before it started".into()))?;
+        Ok(t0.elapsed().as_secs_f64())
+    }
+}
+
+/// Facts and measurements of a device backend for `bench`.
+pub trait DeviceStats {
+    /// The card, e.g. `NVIDIA H100 80GB HBM3`.
+    fn device_name(&self) -> String;
+    /// The driver's version (e.g. `13.0`), when it can be read.
+    fn driver_version(&self) -> Option<String>;
+    /// Bytes of one stored weight parameter (2 for bf16).
+    fn weight_bytes_per_param(&self) -> usize;
+    /// How [`DeviceStats::peak_memory`] is measured, for reports.
+    fn memory_source(&self) -> String;
+    /// Restarts the device-memory high watermark; returns the bytes in use now (weights and
+    /// workspaces), or `None` when the device cannot tell.
+    fn reset_peak_memory(&self) -> Result<Option<u64>>;
+    /// The most bytes in use at once since [`DeviceStats::reset_peak_memory`], or `None` when
+    /// the device cannot tell.
+    fn peak_memory(&self) -> Result<Option<u64>>;
+    /// Device-to-device copy bandwidth measured now with a copy of `bytes`: bytes read plus
+    /// bytes written per second.
+    fn copy_bandwidth(&self, bytes: usize) -> Result<f64>;
+    /// Bytes of device memory free now.
+    fn free_memory(&self) -> Result<usize>;
 }

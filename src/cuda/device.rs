@@ -13,9 +13,12 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::sys::{
+    CUdevice_attribute, CUevent_flags, CUfunction_attribute, CUmemPool_attribute,
+};
 use cudarc::driver::{
-    CudaContext, CudaSlice, CudaStream, DeviceRepr, DriverError, ValidAsZeroBits, result, sys,
+    CudaContext, CudaEvent, CudaSlice, CudaStream, DeviceRepr, DriverError, ValidAsZeroBits,
+    result, sys,
 };
 
 use crate::cuda::abi;
@@ -551,6 +554,206 @@ impl CudaDevice {
             .synchronize()
             .map_err(cuda_err("waiting for the stream"))
     }
+
+    /// The driver: the kernel module's version from `/proc/driver/nvidia/version` when it is
+    /// there (as `nvidia-smi` shows it) and the CUDA version the driver supports, e.g.
+    /// `570.133.20 (CUDA 12.8)`.
+    pub fn driver_version(&self) -> Result<String> {
+        let mut v = 0i32;
+        // SAFETY: the driver library is loaded (this device was opened through it) and the call
+        // only writes the version into `v`.
+        unsafe { sys::cuDriverGetVersion(&mut v) }
+            .result()
+            .map_err(cuda_err("reading the driver version"))?;
+        let cuda = format!("CUDA {}.{}", v / 1000, (v % 1000) / 10);
+        let module = std::fs::read_to_string("/proc/driver/nvidia/version")
+            .ok()
+            .and_then(|text| kernel_module_version(&text));
+        Ok(match module {
+            Some(m) => format!("{m} ({cuda})"),
+            None => cuda,
+        })
+    }
+
+    /// The stream-ordered memory pool the allocations of this device come from (cudarc
+    /// allocates with `cuMemAllocAsync` from the device's current pool when the device supports
+    /// memory pools), or `None` when it does not.
+    fn mem_pool(&self) -> Result<Option<sys::CUmemoryPool>> {
+        if !self.ctx.has_async_alloc() {
+            return Ok(None);
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(cuda_err("binding the CUDA context"))?;
+        // SAFETY: `cu_device` is the device this context was created on.
+        let pool = unsafe { result::device::get_mem_pool(self.ctx.cu_device()) }
+            .map_err(cuda_err("reading the device's memory pool"))?;
+        Ok(Some(pool))
+    }
+
+    fn pool_attribute(pool: sys::CUmemoryPool, attr: CUmemPool_attribute) -> Result<u64> {
+        let mut value: u64 = 0;
+        // SAFETY: `pool` is the device's live pool and the usage attributes are `cuuint64_t`,
+        // which `value` is.
+        unsafe { result::mem_pool::get_attribute(pool, attr, (&mut value as *mut u64).cast()) }
+            .map_err(cuda_err(format_args!("reading the memory pool's {attr:?}")))?;
+        Ok(value)
+    }
+
+    /// Restarts the memory pool's high watermark (after the queued work, so queued frees
+    /// count) and returns the bytes in use now; `None` without memory-pool support.
+    pub fn reset_peak_memory(&self) -> Result<Option<u64>> {
+        let Some(pool) = self.mem_pool()? else {
+            return Ok(None);
+        };
+        self.synchronize()?;
+        let mut zero: u64 = 0;
+        // SAFETY: `pool` is the device's live pool; USED_MEM_HIGH takes a `cuuint64_t` and may
+        // only be set to zero, which `zero` is.
+        unsafe {
+            result::mem_pool::set_attribute(
+                pool,
+                CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut zero as *mut u64).cast(),
+            )
+        }
+        .map_err(cuda_err("resetting the memory pool's high watermark"))?;
+        Self::pool_attribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT).map(Some)
+    }
+
+    /// The most bytes of the memory pool in use at once since [`CudaDevice::reset_peak_memory`]
+    /// (after the queued work), never below what is in use now; `None` without memory-pool
+    /// support.
+    pub fn peak_memory(&self) -> Result<Option<u64>> {
+        let Some(pool) = self.mem_pool()? else {
+            return Ok(None);
+        };
+        self.synchronize()?;
+        let high = Self::pool_attribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
+        let now =
+            Self::pool_attribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+        Ok(Some(high.max(now)))
+    }
+
+    /// Device-to-device copy bandwidth, bytes read plus bytes written per second: a copy of
+    /// `bytes` between two fresh buffers, 3 untimed, then the median of 10 timed with events
+    /// (as `benches/kernels.rs` measures its copy ceiling, there with 1 GiB). Refuses, naming
+    /// the sizes, when the two buffers do not fit in the free memory.
+    pub fn copy_bandwidth(&self, bytes: usize) -> Result<f64> {
+        if bytes == 0 {
+            return Err(Error::Input("copy bandwidth: a copy of 0 bytes".into()));
+        }
+        let (free, _) = self
+            .ctx
+            .mem_get_info()
+            .map_err(cuda_err("reading the free device memory"))?;
+        if bytes.saturating_mul(2) > free {
+            return Err(Error::OutOfMemory(format!(
+                "measuring the copy bandwidth needs 2 × {:.2} GB but only {:.2} GB is free",
+                bytes as f64 / 1e9,
+                free as f64 / 1e9
+            )));
+        }
+        let src = self.alloc_zeros::<u8>(bytes)?;
+        let mut dst = self.alloc_zeros::<u8>(bytes)?;
+        let mut copy = || {
+            self.stream
+                .memcpy_dtod(&src, &mut dst)
+                .map_err(cuda_err(format_args!(
+                    "copying {bytes} bytes on the device"
+                )))
+        };
+        for _ in 0..3 {
+            copy()?;
+        }
+        let mut clock = EventClock::new(self)?;
+        let mut times = Vec::with_capacity(10);
+        for _ in 0..10 {
+            times.push(clock.time(&mut copy)?);
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        if median.is_nan() || median <= 0.0 {
+            return Err(Error::Cuda(format!(
+                "copy bandwidth: a copy of {bytes} bytes timed at {median} s"
+            )));
+        }
+        Ok(2.0 * bytes as f64 / median)
+    }
+}
+
+/// The version in the first line of `/proc/driver/nvidia/version` (`NVRM version: NVIDIA UNIX
+/// x86_64 Kernel Module  570.133.20  Tue ...`): the first word after `Kernel Module` that starts
+/// with a digit.
+fn kernel_module_version(text: &str) -> Option<String> {
+    let line = text.lines().next()?;
+    let (_, rest) = line.split_once("Kernel Module")?;
+    rest.split_whitespace()
+        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))
+        .map(str::to_string)
+}
+
+/// Two timing events on a device's stream: the GPU time between two points of its queue.
+#[derive(Debug)]
+pub struct EventClock {
+    start: CudaEvent,
+    end: CudaEvent,
+    stream: Arc<CudaStream>,
+    started: bool,
+}
+
+impl EventClock {
+    /// Two timing events in `dev`'s context, timing `dev`'s stream.
+    pub fn new(dev: &CudaDevice) -> Result<EventClock> {
+        let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let ctx = dev.context();
+        Ok(EventClock {
+            start: ctx
+                .new_event(timing)
+                .map_err(cuda_err("creating an event"))?,
+            end: ctx
+                .new_event(timing)
+                .map_err(cuda_err("creating an event"))?,
+            stream: dev.stream().clone(),
+            started: false,
+        })
+    }
+
+    /// Records the start event after the work queued so far.
+    pub fn start(&mut self) -> Result<()> {
+        self.start
+            .record(&self.stream)
+            .map_err(cuda_err("recording the start event"))?;
+        self.started = true;
+        Ok(())
+    }
+
+    /// Records the end event after the work queued so far, waits for it, and returns the GPU
+    /// seconds since the start event; [`Error::Input`] when [`EventClock::start`] was not
+    /// called since the last stop.
+    pub fn stop(&mut self) -> Result<f64> {
+        if !std::mem::take(&mut self.started) {
+            return Err(Error::Input("event clock stopped before it started".into()));
+        }
+        self.end
+            .record(&self.stream)
+            .map_err(cuda_err("recording the end event"))?;
+        let ms = self
+            .start
+            .elapsed_ms(&self.end)
+            .map_err(cuda_err("reading the event timer"))?;
+        Ok(f64::from(ms) * 1e-3)
+    }
+
+    /// GPU seconds of the work `queue` queues (waits for it).
+    pub fn time(&mut self, queue: impl FnOnce() -> Result<()>) -> Result<f64> {
+        self.start()?;
+        if let Err(e) = queue() {
+            self.started = false;
+            return Err(e);
+        }
+        self.stop()
+    }
 }
 
 #[cfg(test)]
@@ -643,6 +846,51 @@ mod tests {
             choose_image(&imgs, "support", (8, 9)).unwrap().target,
             "sm_86"
         );
+    }
+
+    #[test]
+    fn kernel_module_version_is_read_from_the_proc_line() {
+        let text = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.133.20  Fri Mar 14 \
+                    02:13:16 UTC 2025\nGCC version:  gcc version 12.2.0\n";
+        assert_eq!(kernel_module_version(text).as_deref(), Some("570.133.20"));
+        let open = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  575.51.03  Release \
+                    Build\n";
+        assert_eq!(kernel_module_version(open).as_deref(), Some("575.51.03"));
+        assert_eq!(kernel_module_version(""), None);
+        assert_eq!(kernel_module_version("something else\n"), None);
+    }
+
+    /// On a GPU machine: events time a copy, the copy bandwidth is plausible, and the pool's
+    /// high watermark sees a buffer allocated and freed after a reset. Without one: nothing to
+    /// check (the probe test covers the error).
+    #[test]
+    fn clock_bandwidth_and_peak_memory_on_a_gpu() {
+        let Ok(dev) = CudaDevice::new(0) else {
+            return;
+        };
+        assert!(dev.driver_version().unwrap().contains("CUDA "));
+        let bw = dev.copy_bandwidth(64 << 20).unwrap();
+        // Any card this crate runs on copies between 50 GB/s and 50 TB/s.
+        assert!((5e10..5e13).contains(&bw), "{bw}");
+        let mut clock = EventClock::new(&dev).unwrap();
+        assert!(clock.stop().is_err());
+        let buf = dev.alloc_zeros::<u8>(16 << 20).unwrap();
+        let mut other = dev.alloc_zeros::<u8>(16 << 20).unwrap();
+        let t = clock
+            .time(|| {
+                dev.stream()
+                    .memcpy_dtod(&buf, &mut other)
+                    .map_err(cuda_err("copy"))
+            })
+            .unwrap();
+        assert!(t > 0.0 && t < 1.0, "{t}");
+        drop((buf, other));
+        if let Some(before) = dev.reset_peak_memory().unwrap() {
+            let extra = dev.alloc_zeros::<u8>(256 << 20).unwrap();
+            drop(extra);
+            let peak = dev.peak_memory().unwrap().unwrap();
+            assert!(peak >= before + (256 << 20), "{before} → {peak}");
+        }
     }
 
     #[test]
