@@ -411,6 +411,42 @@ pub fn plot_steps_svg(report: &BenchReport, path: &Path) -> Result<()> {
 
 type Series<'a> = (&'a str, Vec<(i32, f64)>, plotters::style::RGBColor);
 
+/// Mesh, curves and legend of the per-step plot, for either y axis (linear or log).
+fn draw_steps<'a, DB, Y>(
+    mut c: plotters::chart::ChartContext<
+        'a,
+        DB,
+        plotters::coord::cartesian::Cartesian2d<plotters::coord::types::RangedCoordi32, Y>,
+    >,
+    y_desc: &str,
+    series: &[Series],
+) -> std::result::Result<(), String>
+where
+    DB: plotters::prelude::DrawingBackend + 'a,
+    Y: plotters::coord::ranged1d::Ranged<ValueType = f64>
+        + plotters::coord::ranged1d::ValueFormatter<f64>,
+{
+    use plotters::prelude::*;
+    c.configure_mesh()
+        .x_desc("step")
+        .y_desc(y_desc)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    for (name, pts, color) in series {
+        let color = *color;
+        c.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
+    }
+    c.configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())
+}
+
 fn render_steps_svg(
     report: &BenchReport,
     dense: &BenchRun,
@@ -458,45 +494,15 @@ fn render_steps_svg(
             .y_label_area_size(70);
         if hi / lo > LOG_Y_RATIO {
             // Headroom above the curves for the legend (upper right).
-            let y = (lo / 1.5..hi * 4.0).log_scale();
-            let mut c = chart.build_cartesian_2d(x, y).map_err(|e| e.to_string())?;
-            c.configure_mesh()
-                .x_desc("step")
-                .y_desc("step latency (ms, log scale)")
-                .draw()
+            let c = chart
+                .build_cartesian_2d(x, (lo / 1.5..hi * 4.0).log_scale())
                 .map_err(|e| e.to_string())?;
-            for (name, pts, color) in &series {
-                c.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
-                    .map_err(|e| e.to_string())?
-                    .label(*name)
-                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], *color));
-            }
-            c.configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|e| e.to_string())?;
+            draw_steps(c, "step latency (ms, log scale)", &series)?;
         } else {
-            let y = 0.0..hi * 1.3;
-            let mut c = chart.build_cartesian_2d(x, y).map_err(|e| e.to_string())?;
-            c.configure_mesh()
-                .x_desc("step")
-                .y_desc("step latency (ms)")
-                .draw()
+            let c = chart
+                .build_cartesian_2d(x, 0.0..hi * 1.3)
                 .map_err(|e| e.to_string())?;
-            for (name, pts, color) in &series {
-                c.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
-                    .map_err(|e| e.to_string())?
-                    .label(*name)
-                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], *color));
-            }
-            c.configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|e| e.to_string())?;
+            draw_steps(c, "step latency (ms)", &series)?;
         }
         root.present().map_err(|e| e.to_string())?;
     }
