@@ -264,6 +264,36 @@ typedef struct SlAggregateParams {
     uint32_t _pad;
 } SlAggregateParams;
 
+/* ---------------------------------------------------------------------------------------
+ * Random weight init (kernels/init.cu)
+ *
+ * sl_init_uniform: out[i] = bf16(offset + scale * u_i) for i < n, u_i uniform on (-1, 1), so
+ *   seeded random weights are generated on the device (no host copy). Bit-exact rule (CPU twin:
+ *   src/backend/cpu/ops.rs `init_uniform`, which computes the f32 value v below):
+ *     Philox4x32-10 with key (seed_lo, seed_hi) and counter (i/4 low 32 bits, i/4 high 32 bits,
+ *     tensor_index, SL_INIT_COUNTER_TAG) gives four words (x, y, z, w); word i%4 of them = w;
+ *     u = ((w >> 8) + 0.5) * 2^-23 - 1, exact in f32 (it is (2*(w >> 8) + 1 - 2^24) * 2^-24,
+ *     an odd integer of magnitude < 2^24 times a power of two), so u lies in [1 - 2^24, 2^24 - 1]
+ *     * 2^-24, strictly inside (-1, 1) and symmetric;
+ *     v = offset + scale * u in f32 with two roundings (no FMA contraction);
+ *     out[i] = bf16(v), round to nearest even.
+ *   Grid-stride loop over groups of 4 consecutive elements (one Philox call each; group g is
+ *   elements 4g .. min(4g + 4, n)); block: SL_ELEM_THREADS. A full group is one 8-byte store
+ *   when `out` is 8-byte aligned.
+ * ------------------------------------------------------------------------------------- */
+#define SL_INIT_COUNTER_TAG 0x1A17u
+
+typedef struct SlInitParams {
+    sl_bf16 *out;              /* [n] */
+    uint64_t n;                /* elements */
+    float offset;
+    float scale;
+    uint32_t seed_lo;          /* Philox key word 0 */
+    uint32_t seed_hi;          /* Philox key word 1 */
+    uint32_t tensor_index;     /* Philox counter word 2 */
+    uint32_t _pad;
+} SlInitParams;
+
 #ifdef __cplusplus
 }
 #endif

@@ -89,7 +89,8 @@ struct ModelArgs {
     /// Weights (safetensors); random weights from --weights-seed when absent.
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// Seed of the random weights used when --weights is absent.
+    /// Seed of the random weights used when --weights is absent (on CUDA they are generated on
+    /// the device: the same distributions as on the CPU, not the same numbers).
     #[arg(long, default_value_t = 0)]
     weights_seed: u64,
     /// Backend.

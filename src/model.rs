@@ -12,6 +12,7 @@ use crate::error::Result;
 use crate::plan::StepPlan;
 use crate::profile;
 use crate::weights::HostWeights;
+use std::collections::HashMap;
 
 /// Per-branch weights outside the layers.
 pub struct BranchWeights<W> {
@@ -82,11 +83,35 @@ impl<B: Backend> Model<B> {
         cfg.validate()?;
         weights.validate(&cfg)?;
         let mut tensors = weights.tensors;
-        let mut take = |name: String| -> Result<B::Weight> {
+        Self::from_uploaded(backend, cfg, |be, _, name, _| {
             let t = tensors
-                .remove(&name)
+                .remove(name)
                 .ok_or_else(|| crate::Error::Weights(format!("missing tensor `{name}`")))?;
-            backend.upload_weight(t)
+            be.upload_weight(t)
+        })
+    }
+
+    /// Builds a model whose weights `tensor` puts on `backend`, one call per tensor of
+    /// [`Config::tensor_shapes`]: `tensor(backend, index, name, shape)`, `index` being the
+    /// tensor's position in that list. [`Model::new`] uploads host tensors this way; a backend
+    /// can also generate them in place (`CudaBackend`'s device-side random weights).
+    pub fn from_uploaded(
+        backend: B,
+        cfg: Config,
+        mut tensor: impl FnMut(&B, usize, &str, &[usize]) -> Result<B::Weight>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let shapes = cfg.tensor_shapes();
+        let index: HashMap<&str, usize> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| (name.as_str(), i))
+            .collect();
+        let mut take = |name: String| -> Result<B::Weight> {
+            let &i = index.get(name.as_str()).ok_or_else(|| {
+                crate::Error::Weights(format!("`{name}` is not a tensor of the config"))
+            })?;
+            tensor(&backend, i, &name, &shapes[i].1)
         };
         let mut branch = |b: Branch| -> Result<BranchWeights<B::Weight>> {
             let n = b.name();
@@ -132,6 +157,16 @@ impl<B: Backend> Model<B> {
     /// The backend the model runs on.
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    /// The per-branch weights outside the layers, text then image.
+    pub fn branch_weights(&self) -> &[BranchWeights<B::Weight>; 2] {
+        &self.branches
+    }
+
+    /// The weights of every layer, per branch (text then image).
+    pub fn layer_weights(&self) -> &[[LayerWeights<B::Weight>; 2]] {
+        &self.layers
     }
 
     /// Uploads a plan for [`Model::forward`].

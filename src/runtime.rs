@@ -26,7 +26,9 @@ pub enum Device {
 pub enum WeightSource {
     /// A safetensors file.
     File(PathBuf),
-    /// Seeded random weights ([`HostWeights::random`]).
+    /// Seeded random weights: [`HostWeights::random`] on the CPU backend, generated on the
+    /// device on the CUDA backend ([`Model::random_on_device`]: same distributions, other
+    /// numbers).
     Random(u64),
 }
 
@@ -140,10 +142,12 @@ pub fn cpu_model(cfg: Config, source: &WeightSource) -> Result<Model<CpuBackend>
     Model::new(CpuBackend::new(), cfg, weights)
 }
 
-/// Builds a model on `backend`: the weights are read (or drawn) on the host in f32, then
-/// uploaded as bf16. Refuses up front a model whose bf16 weights do not fit in the device's free
-/// memory, or whose f32 host copy does not fit in the machine's memory; the K/V pool is checked
-/// against what is left when a generation allocates it.
+/// Builds a model on `backend`. Weights from a file are read on the host in f32, then uploaded
+/// as bf16; seeded random weights are generated on the device
+/// ([`Model::random_on_device`]: the distributions of [`HostWeights::random`], other numbers),
+/// with no host copy. Refuses up front a model whose bf16 weights do not fit in the device's
+/// free memory, or (from a file) whose f32 host copy does not fit in the machine's memory; the
+/// K/V pool is checked against what is left when a generation allocates it.
 pub fn cuda_model(
     backend: CudaBackend,
     cfg: Config,
@@ -160,6 +164,9 @@ pub fn cuda_model(
         ),
         params * 2,
     )?;
+    if let WeightSource::Random(seed) = source {
+        return Model::random_on_device(backend, cfg, *seed);
+    }
     ensure_fits(
         &format!(
             "the host copy of the model's {:.2} B parameters in f32 (before the upload)",

@@ -332,6 +332,18 @@ enum Init {
     NearOne,
 }
 
+/// The init distribution of tensor `name` (shape `shape`, a [`Config::tensor_shapes`] entry) as
+/// `(offset, scale)`: values are `offset + U(-scale, scale)`, the distributions documented at
+/// [`HostWeights::random`] (`(0, sqrt(3/in))` for linear maps and heads, `(0, 1)` for
+/// embeddings and registers, `(1, 0.1)` for norm gains). Device-side generators (the CUDA
+/// backend's random weights) draw from these too.
+pub fn init_range(name: &str, shape: &[usize]) -> (f32, f32) {
+    match init_for(name, shape) {
+        Init::Uniform(a) => (0.0, a),
+        Init::NearOne => (1.0, 0.1),
+    }
+}
+
 fn init_for(name: &str, shape: &[usize]) -> Init {
     if name.ends_with("_norm") {
         Init::NearOne

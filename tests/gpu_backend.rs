@@ -627,6 +627,74 @@ fn gpu_same_seed_twice_gives_identical_tokens() {
     }
 }
 
+/// Device-side random weights (`Model::random_on_device`, what `--device cuda` without
+/// `--weights` uses): the same seed gives bit-identical weights and tokens twice, another seed
+/// other weights; every tensor follows its distribution (range and mean of
+/// `weights::init_range`); and a generation runs on them in every mode.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_device_random_weights_are_seeded_and_run() {
+    let cfg = tiny_hd64();
+    let a = Model::random_on_device(backend(), cfg.clone(), 11).unwrap();
+    let b = runtime::cuda_model(backend(), cfg.clone(), &WeightSource::Random(11)).unwrap();
+    let c = Model::random_on_device(backend(), cfg.clone(), 12).unwrap();
+    let weights = |m: &Model<CudaBackend>| -> Vec<Vec<bf16>> {
+        let dev = m.backend().device();
+        let mut out = Vec::new();
+        for bw in m.branch_weights() {
+            for w in [&bw.embed, &bw.register, &bw.final_norm, &bw.head] {
+                out.push(dev.download(&w.buf).unwrap());
+            }
+        }
+        for lw in m.layer_weights().iter().flatten() {
+            for w in [
+                &lw.attn_norm,
+                &lw.q,
+                &lw.k,
+                &lw.v,
+                &lw.o,
+                &lw.ffn_norm,
+                &lw.gate,
+            ] {
+                out.push(dev.download(&w.buf).unwrap());
+            }
+            out.push(dev.download(&lw.up.buf).unwrap());
+            out.push(dev.download(&lw.down.buf).unwrap());
+        }
+        out
+    };
+    let (wa, wb, wc) = (weights(&a), weights(&b), weights(&c));
+    assert_eq!(wa, wb, "same seed, same weights");
+    assert_ne!(wa, wc, "another seed, other weights");
+    // Text branch: embed U(-1, 1), register U(-1, 1), final_norm 1 + U(-0.1, 0.1), head
+    // U(-a, a) with a = sqrt(3 / d).
+    let d = cfg.d_model(Branch::Text) as f32;
+    let ranges = [(0.0, 1.0), (0.0, 1.0), (1.0, 0.1), (0.0, (3.0 / d).sqrt())];
+    for (t, &(offset, scale)) in wa.iter().zip(&ranges) {
+        let vals: Vec<f32> = t.iter().map(|v| v.to_f32()).collect();
+        // bf16 rounding may reach the bound itself.
+        assert!(
+            vals.iter()
+                .all(|&v| (v - offset).abs() <= scale * (1.0 + 1.0 / 128.0)),
+            "values outside {offset} ± {scale}"
+        );
+        let mean = vals.iter().map(|&v| f64::from(v)).sum::<f64>() / vals.len() as f64;
+        let tol = 5.0 * f64::from(scale) / (3.0 * vals.len() as f64).sqrt() + 1e-2;
+        assert!(
+            (mean - f64::from(offset)).abs() < tol,
+            "mean {mean}, want {offset}"
+        );
+    }
+    for task in tasks(&cfg, 3) {
+        for mode in [Mode::Dense, Mode::Sparse(Switches::ALL_ON)] {
+            let ga = generate(&a, &task, mode, None);
+            let gb = generate(&b, &task, mode, None);
+            assert_eq!(ga.tokens, gb.tokens, "{} {mode}", task_name(&task));
+            assert!(!ga.tokens.is_empty());
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // forward on random cases
 // ------------------------------------------------------------------------------------------

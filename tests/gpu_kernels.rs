@@ -272,8 +272,63 @@ fn gpu_device_opens_and_loads_every_kernel_file() {
     let info = dev.info();
     assert!(info.sm_count > 0 && info.cc.0 >= 8, "{info:?}");
     let files: Vec<&str> = dev.kernels().images().iter().map(|&(f, _)| f).collect();
-    assert_eq!(files.len(), 4, "{files:?}");
+    assert_eq!(files.len(), 5, "{files:?}");
     eprintln!("{info:?}: images {:?}", dev.kernels().images());
+}
+
+// ------------------------------------------------------------------------------------------
+// GPU: random weight init
+// ------------------------------------------------------------------------------------------
+
+/// `sl_init_uniform` equals `bf16(cpu::init_uniform)` bit for bit, for lengths that end on a
+/// full group of 4 (8-byte stores only) and on a partial one (element stores for the tail),
+/// seeds whose two key words both matter, and a large tensor (timed: the rate of device-side
+/// random weights).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_init_uniform_equals_the_cpu_twin_in_bf16() {
+    let dev = device();
+    let cases: [(usize, u64, u32, f32, f32); 7] = [
+        (1, 0, 0, 0.0, 1.0),
+        (3, 1, 1, 1.0, 0.1),
+        (4, 0xdead_beef_0000_0001, 2, 0.0, 0.5),
+        (5, 0x0000_0001_dead_beef, 3, -0.25, 0.75),
+        (1023, 7, 17, 0.0, 0.0625),
+        (4099, 7, 18, 1.0, 0.1),
+        ((1 << 26) + 3, 0x0123_4567_89ab_cdef, 1234, 0.0, 0.027),
+    ];
+    for (n, seed, index, offset, scale) in cases {
+        let mut buf = dev.upload(&vec![bf16::NAN; n]).unwrap();
+        dev.synchronize().unwrap();
+        let t0 = std::time::Instant::now();
+        ops::init_uniform(&dev, seed, index, offset, scale, &mut buf).unwrap();
+        dev.synchronize().unwrap();
+        let secs = t0.elapsed().as_secs_f64();
+        let got = dev.download(&buf).unwrap();
+        let mut want = vec![0f32; n];
+        cpu::init_uniform(seed, index, offset, scale, &mut want);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let w = bf16::from_f32(*w);
+            assert_eq!(
+                g.to_bits(),
+                w.to_bits(),
+                "n {n}, seed {seed:#x}, tensor {index}: element {i} is {g}, want {w}"
+            );
+        }
+        if n > 1 << 20 {
+            eprintln!(
+                "init_uniform: {n} values in {:.2} ms ({:.0} GB/s written)",
+                secs * 1e3,
+                n as f64 * 2.0 / secs / 1e9
+            );
+        }
+    }
+    // Non-finite parameters are refused before the launch.
+    let mut buf = dev.upload(&[bf16::ZERO; 4]).unwrap();
+    assert!(matches!(
+        ops::init_uniform(&dev, 0, 0, f32::NAN, 1.0, &mut buf),
+        Err(Error::Input(_))
+    ));
 }
 
 // ------------------------------------------------------------------------------------------

@@ -39,9 +39,10 @@ use crate::cuda::blas::{Gemm, GemmOut, GemmShape};
 use crate::cuda::device::{CudaDevice, EventClock, cuda_err};
 use crate::cuda::ops::{self, AttnArgs, AttnLayout, AttnOut, AttnPlan, IndexBuf, KvPool, RopeKv};
 use crate::error::{Error, Result};
+use crate::model::Model;
 use crate::plan::StepPlan;
 use crate::profile;
-use crate::weights::HostTensor;
+use crate::weights::{HostTensor, init_range};
 
 /// Head widths the compiled attention kernels support.
 pub const SUPPORTED_HEAD_DIMS: [usize; 2] = [64, 128];
@@ -242,6 +243,31 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// A bf16 weight of `shape` generated on the device (no host copy): element `i` is
+    /// `bf16(offset + scale·u_i)` with `u_i` the Philox uniform of `ops::init_uniform` for
+    /// `(seed, tensor_index, i)` (CPU twin: `cpu::ops::init_uniform`).
+    pub fn random_weight(
+        &self,
+        shape: &[usize],
+        seed: u64,
+        tensor_index: u32,
+        (offset, scale): (f32, f32),
+    ) -> Result<CudaWeight> {
+        let len = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| Error::Input(format!("weight shape {shape:?} overflows")))?;
+        if len == 0 {
+            return Err(Error::Input(format!("weight of shape {shape:?} is empty")));
+        }
+        let mut buf = self.dev.alloc_zeros::<bf16>(len)?;
+        ops::init_uniform(&self.dev, seed, tensor_index, offset, scale, &mut buf)?;
+        Ok(CudaWeight {
+            shape: shape.to_vec(),
+            buf,
+        })
+    }
+
     fn check_shape(what: &str, m: &CudaMatrix, rows: usize, cols: usize) -> Result<()> {
         if m.rows != rows || m.cols != cols {
             return Err(Error::Input(format!(
@@ -262,6 +288,27 @@ impl CudaBackend {
             )));
         }
         Ok(())
+    }
+}
+
+impl Model<CudaBackend> {
+    /// A model of `cfg` on `backend` with seeded random weights generated on the device: no
+    /// host copy, so only the bf16 weights (2 bytes a parameter) need room, on the device.
+    ///
+    /// Tensor `i` of [`Config::tensor_shapes`] is filled by `sl_init_uniform` with key `seed`
+    /// and tensor index `i`, from the distribution of [`crate::weights::init_range`] — the same
+    /// distributions as [`crate::weights::HostWeights::random`], not the same numbers (that one
+    /// draws from ChaCha8 on the host). The same `(cfg, seed)` gives the same weights on every
+    /// run and device.
+    pub fn random_on_device(backend: CudaBackend, cfg: Config, seed: u64) -> Result<Self> {
+        let model = Model::from_uploaded(backend, cfg, |be, index, name, shape| {
+            let index = u32::try_from(index)
+                .map_err(|_| Error::Input(format!("tensor index {index} beyond u32")))?;
+            be.random_weight(shape, seed, index, init_range(name, shape))
+        })?;
+        // Launch errors of the init kernels surface here, not at the first forward.
+        model.backend().dev.synchronize()?;
+        Ok(model)
     }
 }
 

@@ -145,6 +145,10 @@ mod tests {
             n_registers: 112, n_query: 116, slots_per_seq: 120, mask_id: 124, branch: 128,
             rows_per_seq: 132, keys_per_seq: 136, _pad: 140,
         }
+        SlInitParams { size: 40, align: 8 } {
+            out: 0, n: 8, offset: 16, scale: 20, seed_lo: 24, seed_hi: 28, tensor_index: 32,
+            _pad: 36,
+        }
     }
 
     /// `(n_keys, n_splits)` cases the C probe evaluates `SL_SPLIT_CHUNK` on.

@@ -12,6 +12,7 @@ pub const SL_ROW_THREADS: u32 = 256;
 pub const SL_ELEM_THREADS: u32 = 256;
 pub const SL_REGISTER: u32 = 4294967295;
 pub const SL_AGG_THREADS: u32 = 256;
+pub const SL_INIT_COUNTER_TAG: u32 = 6679;
 #[doc = " Host side (bindgen): a bf16 is its 16 raw bits."]
 pub type sl_bf16 = u16;
 #[repr(C)]
@@ -296,6 +297,32 @@ pub struct SlAggregateParams {
     pub _pad: u32,
 }
 impl Default for SlAggregateParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct SlInitParams {
+    #[doc = " [n]"]
+    pub out: *mut sl_bf16,
+    #[doc = " elements"]
+    pub n: u64,
+    pub offset: f32,
+    pub scale: f32,
+    #[doc = " Philox key word 0"]
+    pub seed_lo: u32,
+    #[doc = " Philox key word 1"]
+    pub seed_hi: u32,
+    #[doc = " Philox counter word 2"]
+    pub tensor_index: u32,
+    pub _pad: u32,
+}
+impl Default for SlInitParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -26,7 +26,7 @@ use crate::cuda::images::{KERNEL_IMAGES, KERNELS_MISSING, KernelImage};
 use crate::error::{Error, Result};
 
 /// The kernel files (stem of `KernelImage::file`) and the functions each must define.
-const KERNEL_FILES: [(&str, &[&str]); 4] = [
+const KERNEL_FILES: [(&str, &[&str]); 5] = [
     (
         "attention",
         &[
@@ -41,6 +41,7 @@ const KERNEL_FILES: [(&str, &[&str]); 4] = [
         &["sl_embed", "sl_rmsnorm", "sl_rope_kv", "sl_swiglu"],
     ),
     ("aggregate", &["sl_aggregate_sparse"]),
+    ("init", &["sl_init_uniform"]),
 ];
 
 /// Message of the probe when the driver library cannot be loaded.
@@ -257,6 +258,7 @@ pub struct Kernels {
     rope_kv: Kernel,
     swiglu: Kernel,
     aggregate_sparse: Kernel,
+    init_uniform: Kernel,
     /// (file, target) of each loaded image.
     images: Vec<(&'static str, &'static str)>,
     /// Owns the modules the handles above point into.
@@ -311,6 +313,7 @@ impl Kernels {
             rope_kv: take("sl_rope_kv"),
             swiglu: take("sl_swiglu"),
             aggregate_sparse: take("sl_aggregate_sparse"),
+            init_uniform: take("sl_init_uniform"),
             images: used,
             _modules: modules,
         };
@@ -395,6 +398,11 @@ impl Kernels {
     /// `sl_aggregate_sparse`.
     pub fn aggregate_sparse(&self) -> &Kernel {
         &self.aggregate_sparse
+    }
+
+    /// `sl_init_uniform`.
+    pub fn init_uniform(&self) -> &Kernel {
+        &self.init_uniform
     }
 
     /// `(file, target)` of every loaded image, e.g. `("attention.cu", "sm_90a")`.

@@ -27,8 +27,8 @@ use crate::backend::cpu::attention::{AttnShape, AttnTiling};
 use crate::backend::{SampleParams, Sampled};
 use crate::config::Branch;
 use crate::cuda::abi::{
-    SL_ATTN_BLOCK_M, SlAggregateParams, SlAttnParams, SlEmbedParams, SlMaskedSoftmaxParams,
-    SlRmsNormParams, SlRopeKvParams, SlSampleParams, SlSwigluParams,
+    SL_ATTN_BLOCK_M, SlAggregateParams, SlAttnParams, SlEmbedParams, SlInitParams,
+    SlMaskedSoftmaxParams, SlRmsNormParams, SlRopeKvParams, SlSampleParams, SlSwigluParams,
 };
 use crate::cuda::device::CudaDevice;
 use crate::cuda::raw;
@@ -1224,6 +1224,43 @@ pub fn swiglu(
     // SAFETY: gate / up hold n_rows rows of their strides (≥ width), out n_rows·width; live
     // buffers (or views) of this context, out borrowed mutably so it aliases neither input.
     unsafe { raw::swiglu(dev.kernels(), &p, dev.stream()) }
+}
+
+/// Seeded uniform init (params.h `sl_init_uniform`): every element `i` of `out` becomes
+/// `bf16(offset + scale·u_i)`, `u_i` uniform on (−1, 1) from Philox4x32-10 with key `seed`
+/// and counter `(i/4, tensor_index, 0x1A17)`. The f32 values before the bf16 rounding are
+/// exactly [`crate::backend::cpu::ops::init_uniform`]'s.
+///
+/// Errors: a non-finite `offset` or `scale`.
+pub fn init_uniform(
+    dev: &CudaDevice,
+    seed: u64,
+    tensor_index: u32,
+    offset: f32,
+    scale: f32,
+    out: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    let op = "init_uniform";
+    if !offset.is_finite() || !scale.is_finite() {
+        return bad(
+            op,
+            format_args!("offset {offset} and scale {scale} must be finite"),
+        );
+    }
+    let n = out.len() as u64;
+    let mut b = Bufs::new(dev, op);
+    let p = SlInitParams {
+        out: b.write("out", out)?,
+        n,
+        offset,
+        scale,
+        seed_lo: seed as u32,
+        seed_hi: (seed >> 32) as u32,
+        tensor_index,
+        _pad: 0,
+    };
+    // SAFETY: out is a live buffer of this context holding n elements, borrowed mutably.
+    unsafe { raw::init_uniform(dev.kernels(), &p, dev.stream()) }
 }
 
 // ------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ use cudarc::driver::{CudaStream, result};
 use crate::cuda::abi::{
     self, SL_AGG_THREADS, SL_ATTN_THREADS, SL_ELEM_THREADS, SL_MERGE_THREADS, SL_ROW_THREADS,
     SL_SAMPLE_THREADS, SL_SOFTMAX_THREADS, SlAggregateParams, SlAttnParams, SlEmbedParams,
-    SlMaskedSoftmaxParams, SlRmsNormParams, SlRopeKvParams, SlSampleParams, SlSwigluParams,
+    SlInitParams, SlMaskedSoftmaxParams, SlRmsNormParams, SlRopeKvParams, SlSampleParams,
+    SlSwigluParams,
 };
 use crate::cuda::device::{Kernel, Kernels, cuda_err};
 use crate::error::{Error, Result};
@@ -325,6 +326,32 @@ pub unsafe fn aggregate_sparse(
             kernels.aggregate_sparse(),
             (p.n_seqs, 1, 1),
             SL_AGG_THREADS,
+            0,
+            stream,
+            p,
+        )
+    }
+}
+
+/// `sl_init_uniform`: `out[i] = bf16(offset + scale·u_i)` for `i < n` (params.h), grid-stride
+/// over groups of 4 elements, `SL_ELEM_THREADS` threads.
+///
+/// # Safety
+/// The module's common contract, and: `out` holds `n` elements.
+pub unsafe fn init_uniform(kernels: &Kernels, p: &SlInitParams, stream: &CudaStream) -> Result<()> {
+    let groups = p.n.div_ceil(4);
+    if groups == 0 {
+        return Ok(());
+    }
+    let blocks = groups
+        .div_ceil(u64::from(SL_ELEM_THREADS))
+        .min(u64::from(ELEM_MAX_BLOCKS)) as u32;
+    // SAFETY: the caller's contract; the kernel loops over all groups whatever the grid size.
+    unsafe {
+        launch(
+            kernels.init_uniform(),
+            (blocks, 1, 1),
+            SL_ELEM_THREADS,
             0,
             stream,
             p,

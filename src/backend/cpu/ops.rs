@@ -321,6 +321,40 @@ fn gumbel_of_word(w: u32) -> f32 {
     (-(-u.ln()).ln()) as f32
 }
 
+/// Third Philox counter word of [`init_uniform`] (`SL_INIT_COUNTER_TAG` in params.h): keeps
+/// its streams apart from the sampler's Gumbel noise.
+pub const INIT_COUNTER_TAG: u32 = 0x1A17;
+
+/// Seeded uniform init, the CPU twin of the `sl_init_uniform` kernel: `out[i] = offset +
+/// scale·u_i` with `u_i` uniform on (−1, 1). Philox4x32-10 with key `(seed_lo, seed_hi)` and
+/// counter `(i/4 low 32 bits, i/4 high 32 bits, tensor_index, 0x1A17)`; word `i % 4` is `w`;
+/// `u = ((w >> 8) + 0.5)·2^-23 − 1`, exact in f32 (an odd multiple of 2^-24 strictly inside
+/// (−1, 1), symmetric about 0); the value is `offset + scale·u` in f32 with two roundings (no
+/// FMA). The kernel stores `bf16(value)` (round to nearest even) of exactly these values.
+/// Groups of four elements are computed in parallel.
+pub fn init_uniform(seed: u64, tensor_index: u32, offset: f32, scale: f32, out: &mut [f32]) {
+    let key = seed_key(seed);
+    out.par_chunks_mut(4 * 1024)
+        .enumerate()
+        .for_each(|(chunk, vals)| {
+            for (j, group) in vals.chunks_mut(4).enumerate() {
+                let g = (chunk * 1024 + j) as u64;
+                let counter = [g as u32, (g >> 32) as u32, tensor_index, INIT_COUNTER_TAG];
+                let words = philox4x32_10(counter, key);
+                for (v, &w) in group.iter_mut().zip(&words) {
+                    *v = offset + scale * uniform_of_word(w);
+                }
+            }
+        });
+}
+
+/// `u = ((w >> 8) + 0.5)·2^-23 − 1` of one Philox word (see [`init_uniform`]), computed
+/// exactly as `(2·(w >> 8) + 1 − 2^24)·2^-24`.
+fn uniform_of_word(w: u32) -> f32 {
+    let k = (((w >> 8) << 1) | 1) as i32 - (1 << 24);
+    k as f32 * (-24f32).exp2()
+}
+
 /// The sampler pass (SPEC §4, mask-aware softmax form (b)) over `logits [r, vocab]`.
 ///
 /// `n = p.positions.len()`; `r` is `2n` with guidance `g` (rows `0..n` conditional, `n..2n`
@@ -633,6 +667,75 @@ mod tests {
                 gumbel(seed, v, 17, 3, 2),
                 gumbel_of_word(words[(v % 4) as usize])
             );
+        }
+    }
+
+    #[test]
+    fn uniform_of_word_is_exact_and_symmetric() {
+        // Extremes: (2^24 − 1)·2^-24 away from 0 on both sides, never ±1.
+        let lo = uniform_of_word(0);
+        let hi = uniform_of_word(u32::MAX);
+        assert_eq!(f64::from(lo), -1.0 + (-24f64).exp2());
+        assert_eq!(f64::from(hi), 1.0 - (-24f64).exp2());
+        // The documented formula, in f64 (exact there), equals the f32 value for many words.
+        for w in (0..=u32::MAX)
+            .step_by(9_973_211)
+            .chain([0x7fff_ff00, 0x8000_0000])
+        {
+            let want = (f64::from(w >> 8) + 0.5) * (-23f64).exp2() - 1.0;
+            assert_eq!(f64::from(uniform_of_word(w)), want, "w {w:#x}");
+        }
+        // Symmetry: the complementary word gives the negated value.
+        assert_eq!(uniform_of_word(0x1234_5678), -uniform_of_word(!0x1234_5678));
+        // The low 8 bits are discarded.
+        assert_eq!(uniform_of_word(0xabcd_ef00), uniform_of_word(0xabcd_efff));
+    }
+
+    #[test]
+    fn init_uniform_range_mean_and_determinism() {
+        let n = 100_003;
+        let (offset, scale) = (1.0f32, 0.1f32);
+        let mut a = vec![0f32; n];
+        init_uniform(42, 7, offset, scale, &mut a);
+        assert!(a.iter().all(|&v| v > offset - scale && v < offset + scale));
+        let mean = a.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
+        // Standard error of the mean: scale / sqrt(3n) ≈ 1.8e-4.
+        assert!((mean - 1.0).abs() < 1e-3, "mean {mean}");
+        let var = a
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / n as f64;
+        let want = f64::from(scale).powi(2) / 3.0;
+        assert!(
+            (var / want - 1.0).abs() < 0.02,
+            "variance {var}, want {want}"
+        );
+        let mut b = vec![0f32; n];
+        init_uniform(42, 7, offset, scale, &mut b);
+        assert_eq!(a, b, "same seed and tensor index, same values");
+        init_uniform(42, 8, offset, scale, &mut b);
+        assert_ne!(a, b, "another tensor index, another stream");
+        init_uniform(43, 7, offset, scale, &mut b);
+        assert_ne!(a, b, "another seed, another stream");
+        // A prefix is a prefix: element i depends only on (seed, tensor_index, i).
+        let mut short = vec![0f32; 4097];
+        init_uniform(42, 7, offset, scale, &mut short);
+        assert_eq!(short[..], a[..4097]);
+    }
+
+    #[test]
+    fn init_uniform_uses_the_documented_counter_and_word() {
+        let seed = 0x0123_4567_89ab_cdef_u64;
+        let key = [0x89ab_cdef, 0x0123_4567];
+        let (offset, scale) = (-0.25f32, 0.75f32);
+        let mut out = vec![0f32; 4103];
+        init_uniform(seed, 5, offset, scale, &mut out);
+        for i in [0usize, 1, 2, 3, 4, 7, 4095, 4096, 4097, 4102] {
+            let words = philox4x32_10([(i / 4) as u32, 0, 5, 0x1A17], key);
+            let u = (f64::from(words[i % 4] >> 8) + 0.5) * (-23f64).exp2() - 1.0;
+            let want = offset + scale * (u as f32);
+            assert_eq!(out[i].to_bits(), want.to_bits(), "element {i}");
         }
     }
 
