@@ -23,6 +23,9 @@ use crate::schedule::{self, Order, TextStep};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
+mod upfront;
+pub use upfront::{PLACEHOLDER, TokenFill, UpfrontPlans, t2i_upfront_plans};
+
 /// The three independent savings of Sparse-LaViDa (SPEC §4.3, the paper's Table 6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Switches {
@@ -175,6 +178,9 @@ impl Generation {
     }
 }
 
+/// A callback seeing each plan a run executes: `None` for the prefill, `Some(k)` for step `k`.
+pub type PlanHook<'a> = dyn FnMut(Option<usize>, &StepPlan) + 'a;
+
 /// Options of a run: recording and progress (which do not change the result) and teacher
 /// forcing (which does).
 #[derive(Default)]
@@ -189,6 +195,9 @@ pub struct RunOptions<'a> {
     /// position must be one the step computes logits for, and every token inside the
     /// response's vocabulary.
     pub teacher: Option<&'a [StepTrace]>,
+    /// Called with every plan the run executes, before its forward pass: `None` for the
+    /// prefill, `Some(k)` for step `k` (tests compare them with [`t2i_upfront_plans`]).
+    pub on_plan: Option<&'a mut PlanHook<'a>>,
 }
 
 /// The fixed facts of one generation: sequence set, lengths, branches, slot layout.
@@ -535,7 +544,13 @@ fn generate_t2i<B: Backend>(
     mode: Mode,
     opts: RunOptions,
 ) -> Result<Generation> {
-    let cfg = model.config();
+    let (layout, dec) = t2i_setup(model.config(), req)?;
+    run(model, &layout, &dec, mode, opts)
+}
+
+/// Checks a t2i request and fixes everything known before sampling: the layout, and the decoder
+/// with its groups (the response indices each step decodes, in decode order).
+fn t2i_setup(cfg: &Config, req: &T2iRequest) -> Result<(Layout, T2iDecoder)> {
     check_prompt(cfg, &req.prompt)?;
     check_sampling(req.temperature)?;
     if !(req.guidance.is_finite() && req.guidance >= 0.0) {
@@ -567,7 +582,7 @@ fn generate_t2i<B: Backend>(
         request: 0,
         positions: Vec::new(),
     };
-    run(model, &layout, &T2iDecoder { groups, params }, mode, opts)
+    Ok((layout, T2iDecoder { groups, params }))
 }
 
 fn generate_text<B: Backend>(
@@ -675,6 +690,9 @@ fn run<B: Backend>(
     {
         let _r = profile::range("prefill");
         let plan = prefill_plan(l)?;
+        if let Some(f) = opts.on_plan.as_mut() {
+            f(None, &plan);
+        }
         rows_fed += plan.n_rows();
         model.forward(&model.prepare(plan)?, &mut cache)?;
         forwards += 1;
@@ -691,6 +709,9 @@ fn run<B: Backend>(
             Mode::Dense => dense_plan(l, &st, &query)?,
             Mode::Sparse(sw) => sparse_plan(l, &st, &query, k, sw, prefilled)?,
         };
+        if let Some(f) = opts.on_plan.as_mut() {
+            f(Some(k), &plan);
+        }
         let n_rows = plan.n_rows();
         let logits = model
             .forward(&model.prepare(plan)?, &mut cache)?
