@@ -980,6 +980,27 @@ pub fn embed(
     Ok(())
 }
 
+/// The checks [`rmsnorm`] and [`rmsnorm_ro`] share; returns the width `d = w.len()`.
+fn check_rmsnorm(
+    x_len: usize,
+    w: &CudaSlice<bf16>,
+    eps: f32,
+    n_rows: usize,
+    out_len: usize,
+) -> Result<usize> {
+    let op = "rmsnorm";
+    let d = w.len();
+    if d == 0 {
+        return bad(op, "width d (w's length) is 0");
+    }
+    if !(eps.is_finite() && eps > 0.0) {
+        return bad(op, format_args!("eps ({eps}) must be finite and > 0"));
+    }
+    check_matrix(op, "x", x_len, (n_rows, d, d), 1)?;
+    check_matrix(op, "out", out_len, (n_rows, d, d), 1)?;
+    Ok(d)
+}
+
 /// For the first `n_rows` rows of width `d = w.len()`: `x += add` (f32, written back) when `add`
 /// is given, then `out = bf16(x / sqrt(mean(x²) + eps) · w)`.
 pub fn rmsnorm(
@@ -992,15 +1013,7 @@ pub fn rmsnorm(
     out: &mut CudaSlice<bf16>,
 ) -> Result<()> {
     let op = "rmsnorm";
-    let d = w.len();
-    if d == 0 {
-        return bad(op, "width d (w's length) is 0");
-    }
-    if !(eps.is_finite() && eps > 0.0) {
-        return bad(op, format_args!("eps ({eps}) must be finite and > 0"));
-    }
-    check_matrix(op, "x", x.len(), (n_rows, d, d), 1)?;
-    check_matrix(op, "out", out.len(), (n_rows, d, d), 1)?;
+    let d = check_rmsnorm(x.len(), w, eps, n_rows, out.len())?;
     if let Some(a) = add {
         check_matrix(op, "add", a.len(), (n_rows, d, d), 1)?;
     }
@@ -1034,15 +1047,7 @@ pub fn rmsnorm_ro(
     out: &mut CudaSlice<bf16>,
 ) -> Result<()> {
     let op = "rmsnorm";
-    let d = w.len();
-    if d == 0 {
-        return bad(op, "width d (w's length) is 0");
-    }
-    if !(eps.is_finite() && eps > 0.0) {
-        return bad(op, format_args!("eps ({eps}) must be finite and > 0"));
-    }
-    check_matrix(op, "x", x.len(), (n_rows, d, d), 1)?;
-    check_matrix(op, "out", out.len(), (n_rows, d, d), 1)?;
+    let d = check_rmsnorm(x.len(), w, eps, n_rows, out.len())?;
     let mut b = Bufs::new(dev, op);
     let p = SlRmsNormParams {
         // The kernel writes x only when `add` is set (params.h); here it is null.
