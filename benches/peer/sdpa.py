@@ -28,6 +28,9 @@ import math
 import statistics
 import sys
 
+# The t2i schedule comes from the peer model beside this file (it imports torch only to run).
+from model import shift_counts
+
 HEADS = 32
 HEAD_DIM = 128
 N_SEQS = 2
@@ -37,27 +40,6 @@ T2I_POSITIONS = 1024
 T2I_STEPS = 64
 CK_TARGETS = (4, 16, 64)
 SPARSE_KEYS = (128, 1024, 5000)
-SHIFT = 5.0
-
-
-def shift_counts(n, k):
-    """src/schedule.rs shift_counts: positions decoded at each of the k steps (same f64 math)."""
-    cumulative = []
-    for j in range(k + 1):
-        t = j / k
-        sigma = SHIFT * t / (1.0 + (SHIFT - 1.0) * t)
-        cumulative.append(math.floor(sigma * n))
-    counts = [max(1, cumulative[j + 1] - cumulative[j]) for j in range(k)]
-    excess = sum(counts) - n
-    j = 0
-    while excess > 0:
-        if counts[j] > 1:
-            counts[j] -= 1
-            excess -= 1
-        j = (j + 1) % k
-    counts.reverse()
-    return counts
-
 
 def sparse_steps():
     """(k, C_k, C_k-1) of the first steps whose C_k reaches each target (as the Rust bench)."""
