@@ -41,6 +41,7 @@ T2I_STEPS = 64
 CK_TARGETS = (4, 16, 64)
 SPARSE_KEYS = (128, 1024, 5000)
 
+
 def sparse_steps():
     """(k, C_k, C_k-1) of the first steps whose C_k reaches each target (as the Rust bench)."""
     counts = shift_counts(T2I_POSITIONS, T2I_STEPS)
