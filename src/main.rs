@@ -631,7 +631,10 @@ fn bench_on<B: Backend>(model: &Model<B>, a: &BenchArgs) -> Result<()> {
 
 fn cmd_init(a: InitArgs) -> Result<()> {
     let cfg = load_config(&a.preset, a.config.as_deref())?;
-    sparse_lavida::config::ensure_fits("random weights in f32", cfg.param_count() * 4)?;
+    sparse_lavida::config::ensure_fits(
+        "random weights in f32",
+        sparse_lavida::weights::f32_bytes(&cfg),
+    )?;
     let w = HostWeights::random(&cfg, a.seed);
     let dtype = match a.dtype {
         DtypeArg::F32 => SaveDtype::F32,

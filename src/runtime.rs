@@ -130,7 +130,7 @@ fn host_weights(cfg: &Config, source: &WeightSource) -> Result<HostWeights> {
 /// Builds a CPU model, refusing up front a model whose f32 weights would not fit in memory.
 pub fn cpu_model(cfg: Config, source: &WeightSource) -> Result<Model<CpuBackend>> {
     cfg.validate()?;
-    let bytes = cfg.param_count() * 4;
+    let bytes = crate::weights::f32_bytes(&cfg);
     ensure_fits(
         &format!(
             "the model's {:.2} B parameters in f32 on the CPU backend",
