@@ -23,6 +23,7 @@ use crate::schedule::{self, Order, TextStep};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
+pub mod patch;
 mod upfront;
 pub use upfront::{PLACEHOLDER, TokenFill, UpfrontPlans, t2i_upfront_plans};
 
