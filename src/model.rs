@@ -64,7 +64,7 @@ pub struct Model<B: Backend> {
     layers: Vec<[LayerWeights<B::Weight>; 2]>,
 }
 
-/// Per-branch activation buffers, allocated once per forward.
+/// Per-branch activation buffers.
 struct Scratch<M> {
     x: M,
     h: M,
@@ -75,6 +75,67 @@ struct Scratch<M> {
     gate: M,
     up: M,
     act: M,
+}
+
+/// The matrices after the last layer: the gathered logits rows, their final norm, the logits.
+struct Head<M> {
+    rows: M,
+    normed: M,
+    logits: M,
+}
+
+/// The activation matrices of forward passes, allocated for up to a number of rows per branch
+/// (and of logits rows) and reused by every pass that fits: a generation allocates them once.
+///
+/// A growable workspace reallocates when a plan needs more rows; a [`Workspace::freeze`]d one
+/// refuses instead, so that work queued for later replay (a captured CUDA graph) never
+/// allocates.
+pub struct Workspace<B: Backend> {
+    scratch: [Option<Scratch<B::Matrix>>; 2],
+    head: Option<Head<B::Matrix>>,
+    rows: [usize; 2],
+    logits_rows: usize,
+    frozen: bool,
+}
+
+impl<B: Backend> Workspace<B> {
+    /// An empty, growable workspace: the first pass allocates what it needs.
+    pub fn new() -> Self {
+        Workspace {
+            scratch: [None, None],
+            head: None,
+            rows: [0, 0],
+            logits_rows: 0,
+            frozen: false,
+        }
+    }
+
+    /// Refuses to grow from now on: a pass needing more rows than allocated is an error.
+    pub fn freeze(&mut self) {
+        self.frozen = true;
+    }
+
+    /// Rows allocated per branch (text, image) and logits rows.
+    pub fn capacity(&self) -> ([usize; 2], usize) {
+        (self.rows, self.logits_rows)
+    }
+
+    /// The logits of the last pass that computed any (`[logits rows, V]`).
+    pub fn logits(&self) -> Option<&B::Matrix> {
+        self.head.as_ref().map(|h| &h.logits)
+    }
+
+    fn grow_error(&self, what: &str, need: usize, have: usize) -> crate::Error {
+        crate::Error::Input(format!(
+            "forward pass: {need} {what} but the frozen workspace holds {have}"
+        ))
+    }
+}
+
+impl<B: Backend> Default for Workspace<B> {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl<B: Backend> Model<B> {
@@ -180,23 +241,27 @@ impl<B: Backend> Model<B> {
         self.backend.new_cache(&self.cfg, slots)
     }
 
-    /// One forward pass: writes the K/V of every fed row into `cache` and returns the logits
-    /// `[plan.logits_rows.len(), V]` of the logits branch (`None` when no logits are asked for).
-    pub fn forward(&self, p: &Prepared<B>, cache: &mut B::Cache) -> Result<Option<B::Matrix>> {
-        let (cfg, be, plan) = (&self.cfg, &self.backend, &p.plan);
-        let eps = cfg.norm_eps as f32;
-        let mut scratch: [Option<Scratch<B::Matrix>>; 2] = [None, None];
+    /// A workspace allocated for up to `rows[b]` rows of branch `b` and `logits_rows` logits
+    /// rows.
+    pub fn workspace(&self, rows: [usize; 2], logits_rows: usize) -> Result<Workspace<B>> {
+        let mut ws = Workspace::new();
         for b in Branch::ALL {
-            let n = plan.rows(b).len();
-            if n == 0 {
-                continue;
+            self.fit_branch(&mut ws, b, rows[b as usize])?;
+        }
+        self.fit_head(&mut ws, logits_rows)?;
+        Ok(ws)
+    }
+
+    fn fit_branch(&self, ws: &mut Workspace<B>, b: Branch, n: usize) -> Result<()> {
+        let (cfg, be) = (&self.cfg, &self.backend);
+        let i = b as usize;
+        if n > ws.rows[i] {
+            if ws.frozen {
+                return Err(ws.grow_error(&format!("{} rows", b.name()), n, ws.rows[i]));
             }
             let (d, f) = (cfg.d_model(b), cfg.d_mlp(b));
-            let mut x = be.matrix(n, d, Residual)?;
-            let bw = &self.branches[b as usize];
-            be.embed(&p.dev, b, &bw.embed, &bw.register, &mut x)?;
-            scratch[b as usize] = Some(Scratch {
-                x,
+            ws.scratch[i] = Some(Scratch {
+                x: be.matrix(n, d, Residual)?,
                 h: be.matrix(n, d, Activation)?,
                 q: be.matrix(n, cfg.attn_dim(), Activation)?,
                 k: be.matrix(n, cfg.kv_dim(), Activation)?,
@@ -206,7 +271,83 @@ impl<B: Backend> Model<B> {
                 up: be.matrix(n, f, Activation)?,
                 act: be.matrix(n, f, Activation)?,
             });
+            ws.rows[i] = n;
         }
+        if let Some(s) = ws.scratch[i].as_mut() {
+            let (d, f, a, kv) = (cfg.d_model(b), cfg.d_mlp(b), cfg.attn_dim(), cfg.kv_dim());
+            be.reshape(&mut s.x, n, d)?;
+            be.reshape(&mut s.h, n, d)?;
+            be.reshape(&mut s.q, n, a)?;
+            be.reshape(&mut s.k, n, kv)?;
+            be.reshape(&mut s.v, n, kv)?;
+            be.reshape(&mut s.att, n, a)?;
+            be.reshape(&mut s.gate, n, f)?;
+            be.reshape(&mut s.up, n, f)?;
+            be.reshape(&mut s.act, n, f)?;
+        }
+        Ok(())
+    }
+
+    fn fit_head(&self, ws: &mut Workspace<B>, n: usize) -> Result<()> {
+        let (cfg, be) = (&self.cfg, &self.backend);
+        // Logits come from one branch per pass; size for the wider of the two.
+        let d = Branch::ALL
+            .map(|b| cfg.d_model(b))
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        let v = Branch::ALL
+            .map(|b| cfg.vocab(b))
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        if n > ws.logits_rows || ws.head.is_none() && n > 0 {
+            if ws.frozen {
+                return Err(ws.grow_error("logits rows", n, ws.logits_rows));
+            }
+            ws.head = Some(Head {
+                rows: be.matrix(n, d, Residual)?,
+                normed: be.matrix(n, d, Activation)?,
+                logits: be.matrix(n, v, Logits)?,
+            });
+            ws.logits_rows = n;
+        }
+        Ok(())
+    }
+
+    /// One forward pass with fresh buffers: writes the K/V of every fed row into `cache` and
+    /// returns the logits `[plan.logits_rows.len(), V]` of the logits branch (`None` when no
+    /// logits are asked for). A loop over passes should reuse a [`Workspace`] with
+    /// [`Model::forward_in`].
+    pub fn forward(&self, p: &Prepared<B>, cache: &mut B::Cache) -> Result<Option<B::Matrix>> {
+        let mut ws = Workspace::new();
+        if !self.forward_in(p, cache, &mut ws)? {
+            return Ok(None);
+        }
+        Ok(ws.head.map(|h| h.logits))
+    }
+
+    /// [`Model::forward`] in `ws`: returns whether logits were computed; they are then
+    /// [`Workspace::logits`].
+    pub fn forward_in(
+        &self,
+        p: &Prepared<B>,
+        cache: &mut B::Cache,
+        ws: &mut Workspace<B>,
+    ) -> Result<bool> {
+        let (cfg, be, plan) = (&self.cfg, &self.backend, &p.plan);
+        let eps = cfg.norm_eps as f32;
+        for b in Branch::ALL {
+            let n = plan.rows(b).len();
+            if n == 0 {
+                continue;
+            }
+            self.fit_branch(ws, b, n)?;
+            let s = ws.scratch[b as usize].as_mut().expect("fitted");
+            let bw = &self.branches[b as usize];
+            be.embed(&p.dev, b, &bw.embed, &bw.register, &mut s.x)?;
+        }
+        let scratch = &mut ws.scratch;
         for (layer, weights) in self.layers.iter().enumerate() {
             let _r = profile::range(format_args!("layer {layer}"));
             let joint = layer < cfg.n_joint_layers;
@@ -242,27 +383,20 @@ impl<B: Backend> Model<B> {
             }
         }
         let Some(lb) = plan.logits_branch else {
-            return Ok(None);
+            return Ok(false);
         };
-        let s = scratch[lb as usize].as_ref().expect("logits rows exist");
         let n = plan.logits_rows.len();
-        let d = cfg.d_model(lb);
-        let mut rows = be.matrix(n, d, Residual)?;
-        be.gather_logit_rows(&p.dev, &s.x, &mut rows)?;
-        let mut normed = be.matrix(n, d, Activation)?;
-        be.rmsnorm(
-            &rows,
-            &self.branches[lb as usize].final_norm,
-            eps,
-            &mut normed,
-        )?;
-        let mut logits = be.matrix(n, cfg.vocab(lb), Logits)?;
-        be.matmul(
-            &normed,
-            &self.branches[lb as usize].head,
-            &mut logits,
-            false,
-        )?;
-        Ok(Some(logits))
+        self.fit_head(ws, n)?;
+        let (d, v) = (cfg.d_model(lb), cfg.vocab(lb));
+        let h = ws.head.as_mut().expect("fitted");
+        be.reshape(&mut h.rows, n, d)?;
+        be.reshape(&mut h.normed, n, d)?;
+        be.reshape(&mut h.logits, n, v)?;
+        let s = ws.scratch[lb as usize].as_ref().expect("logits rows exist");
+        be.gather_logit_rows(&p.dev, &s.x, &mut h.rows)?;
+        let bw = &self.branches[lb as usize];
+        be.rmsnorm(&h.rows, &bw.final_norm, eps, &mut h.normed)?;
+        be.matmul(&h.normed, &bw.head, &mut h.logits, false)?;
+        Ok(true)
     }
 }

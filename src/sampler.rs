@@ -16,7 +16,7 @@
 use crate::backend::{Backend, SampleParams};
 use crate::config::{Branch, Config};
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{Model, Workspace};
 use crate::plan::{MAX_BLOCK, PlanBuilder, REGISTER, Row, StepPlan, Tag};
 use crate::profile;
 use crate::schedule::{self, Order, TextStep};
@@ -679,6 +679,8 @@ fn run<B: Backend>(
     let start = Instant::now();
     let be = model.backend();
     let mut cache = model.new_cache(l.pool_slots())?;
+    // Activations are allocated by the first pass that needs them and reused by later ones.
+    let mut ws = Workspace::new();
     let mut st = DecodeState {
         tokens: vec![None; l.n],
         groups: Vec::new(),
@@ -695,7 +697,7 @@ fn run<B: Backend>(
             f(None, &plan);
         }
         rows_fed += plan.n_rows();
-        model.forward(&model.prepare(plan)?, &mut cache)?;
+        model.forward_in(&model.prepare(plan)?, &mut cache, &mut ws)?;
         forwards += 1;
         prefilled = true;
     }
@@ -714,8 +716,10 @@ fn run<B: Backend>(
             f(Some(k), &plan);
         }
         let n_rows = plan.n_rows();
-        let logits = model
-            .forward(&model.prepare(plan)?, &mut cache)?
+        let has_logits = model.forward_in(&model.prepare(plan)?, &mut cache, &mut ws)?;
+        let logits = ws
+            .logits()
+            .filter(|_| has_logits)
             .ok_or_else(|| Error::Input(format!("step {k} has no position to decode")))?;
         let sampled = be.sample(&logits, &dec.params(k, &query, l.p()))?;
         let committed = match opts.teacher {

@@ -159,6 +159,9 @@ impl Backend for Bf16Twin {
     ) -> sparse_lavida::Result<TwinMatrix> {
         Ok(TwinMatrix(self.0.matrix(rows, cols, kind)?, kind))
     }
+    fn reshape(&self, m: &mut TwinMatrix, rows: usize, cols: usize) -> sparse_lavida::Result<()> {
+        self.0.reshape(&mut m.0, rows, cols)
+    }
     fn to_host(&self, m: &TwinMatrix) -> sparse_lavida::Result<Vec<f32>> {
         self.0.to_host(&m.0)
     }

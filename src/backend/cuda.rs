@@ -418,6 +418,23 @@ impl Backend for CudaBackend {
         Ok(CudaMatrix { rows, cols, buf })
     }
 
+    fn reshape(&self, m: &mut CudaMatrix, rows: usize, cols: usize) -> Result<()> {
+        let have = match &m.buf {
+            DeviceBuf::F32(b) => b.len(),
+            DeviceBuf::Bf16(b) => b.len(),
+        };
+        match rows.checked_mul(cols) {
+            Some(len) if len <= have => {
+                m.rows = rows;
+                m.cols = cols;
+                Ok(())
+            }
+            _ => Err(Error::Input(format!(
+                "matrix of {have} values viewed as [{rows}, {cols}]"
+            ))),
+        }
+    }
+
     fn to_host(&self, m: &CudaMatrix) -> Result<Vec<f32>> {
         let len = m.rows * m.cols;
         let mut out = match &m.buf {

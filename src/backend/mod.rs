@@ -80,6 +80,10 @@ pub trait Backend {
     fn new_cache(&self, cfg: &Config, slots: usize) -> Result<Self::Cache>;
     /// Allocates a `[rows, cols]` matrix of `kind` (contents unspecified).
     fn matrix(&self, rows: usize, cols: usize, kind: MatrixKind) -> Result<Self::Matrix>;
+    /// Views `m`'s storage as `[rows, cols]` (contents unspecified); [`crate::Error::Input`] when
+    /// it holds fewer than `rows · cols` values. Lets a [`crate::model::Workspace`] serve passes
+    /// of any size up to the one it was allocated for.
+    fn reshape(&self, m: &mut Self::Matrix, rows: usize, cols: usize) -> Result<()>;
     /// Copies a matrix to the host as f32.
     fn to_host(&self, m: &Self::Matrix) -> Result<Vec<f32>>;
 

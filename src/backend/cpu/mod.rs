@@ -25,7 +25,7 @@ pub struct CpuMatrix {
 
 /// The K/V pool: per layer, `[slots, kv_dim]` keys and values, plus the head geometry and RoPE
 /// base of the model it serves.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CpuCache {
     slots: usize,
     kv_dim: usize,
@@ -134,6 +134,21 @@ impl Backend for CpuBackend {
             cols,
             data: vec![0.0; rows * cols],
         })
+    }
+
+    fn reshape(&self, m: &mut CpuMatrix, rows: usize, cols: usize) -> Result<()> {
+        let len = rows.checked_mul(cols).filter(|&l| l <= m.data.capacity());
+        let Some(len) = len else {
+            return Err(crate::Error::Input(format!(
+                "matrix of {} values viewed as [{rows}, {cols}]",
+                m.data.capacity()
+            )));
+        };
+        // Never reallocates: the length stays within the capacity.
+        m.data.resize(len, 0.0);
+        m.rows = rows;
+        m.cols = cols;
+        Ok(())
     }
 
     fn to_host(&self, m: &CpuMatrix) -> Result<Vec<f32>> {
