@@ -16,7 +16,7 @@ use crate::backend::{Backend, DeviceStats};
 use crate::config::{Branch, Config};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::sampler::{self, Generation, Mode, RunOptions, Switches, Task};
+use crate::sampler::{self, Execution, Generation, Mode, RunOptions, Switches, Task};
 use serde::Serialize;
 use std::path::Path;
 
@@ -47,8 +47,13 @@ pub struct BenchRun {
     pub cache_decoded: bool,
     /// See [`Switches::truncate`].
     pub truncate: bool,
-    /// Best wall time over the repeats, seconds.
+    /// How it ran: `eager` (the host loop), `queued` or `graphs` (device-resident).
+    pub execution: Execution,
+    /// Best wall time over the repeats, seconds (setup included).
     pub wall_s: f64,
+    /// Of `wall_s`, host seconds before the first step could start (device-resident runs:
+    /// plan uploads, graph capture and instantiation; 0 for the host loop).
+    pub setup_s: f64,
     /// Forward passes.
     pub forwards: usize,
     /// Mean rows fed per step (prefill included in the total).
@@ -147,6 +152,9 @@ pub struct BenchSpec {
     pub ablation: bool,
     /// Repeats per mode; the best wall time's repeat is kept.
     pub repeat: usize,
+    /// How each generation runs ([`Execution::Graphs`] unless asked otherwise; the CPU backend
+    /// always runs the host loop).
+    pub execution: Execution,
 }
 
 /// Median of `v` (mean of the two middle values for an even count); 0 for none.
@@ -211,15 +219,15 @@ fn measure<B: Backend>(
     model: &Model<B>,
     task: &Task,
     mode: Mode,
-    repeat: usize,
+    spec: &BenchSpec,
 ) -> Result<Measured> {
     let stats = model.backend().device_stats();
     if let Some(s) = stats {
         s.reset_peak_memory()?;
     }
     let mut best: Option<Generation> = None;
-    for _ in 0..repeat.max(1) {
-        let g = sampler::generate(model, task, mode, RunOptions::default())?;
+    for _ in 0..spec.repeat.max(1) {
+        let g = sampler::generate_with(model, task, mode, spec.execution, RunOptions::default())?;
         if best.as_ref().is_none_or(|b| g.wall_s < b.wall_s) {
             best = Some(g);
         }
@@ -280,7 +288,7 @@ pub fn run_bench<B: Backend>(
     let mut runs = Vec::new();
     let mut reference: Option<Vec<u32>> = None;
     for mode in modes {
-        let m = measure(model, task, mode, spec.repeat)?;
+        let m = measure(model, task, mode, spec)?;
         let (name, sw, matches) = match mode {
             Mode::Dense => (
                 "dense",
@@ -302,7 +310,9 @@ pub fn run_bench<B: Backend>(
             cache_prompt: sw.cache_prompt,
             cache_decoded: sw.cache_decoded,
             truncate: sw.truncate,
+            execution: m.g.execution,
             wall_s: m.wall_s,
+            setup_s: m.g.setup_s,
             forwards: m.g.forwards,
             mean_rows: m.g.mean_rows(),
             rows_fed: m.g.rows_fed,

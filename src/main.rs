@@ -12,7 +12,7 @@ use sparse_lavida::model::Model;
 use sparse_lavida::profile;
 use sparse_lavida::runtime::{self, AnyModel, Device, WeightSource};
 use sparse_lavida::sampler::{
-    self, Generation, Mode, RunOptions, Switches, T2iRequest, Task, TextRequest,
+    self, Execution, Generation, Mode, RunOptions, Switches, T2iRequest, Task, TextRequest,
 };
 use sparse_lavida::schedule::Order;
 use sparse_lavida::weights::{HostTensor, HostWeights, SaveDtype};
@@ -159,12 +159,37 @@ enum OrderArg {
     Random,
 }
 
+/// How a CUDA generation executes (the CPU always runs the host loop).
+#[derive(Args)]
+struct ExecArgs {
+    /// CUDA: run the host loop (each step planned on the host, launched op by op, its tokens
+    /// read back) instead of CUDA graphs; the tokens are identical.
+    #[arg(long, conflicts_with = "no_capture")]
+    no_graphs: bool,
+    /// CUDA: keep the whole generation on the device but launch it op by op instead of
+    /// capturing CUDA graphs (to tell a capture problem from a device-program one).
+    #[arg(long)]
+    no_capture: bool,
+}
+
+impl ExecArgs {
+    fn execution(&self) -> Execution {
+        match (self.no_graphs, self.no_capture) {
+            (true, _) => Execution::Eager,
+            (false, true) => Execution::Queued,
+            (false, false) => Execution::Graphs,
+        }
+    }
+}
+
 #[derive(Args)]
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
     work: WorkArgs,
+    #[command(flatten)]
+    exec: ExecArgs,
     /// Execution mode.
     #[arg(long, value_enum, default_value_t = ModeKind::Sparse)]
     mode: ModeKind,
@@ -208,6 +233,8 @@ struct BenchArgs {
     model: ModelArgs,
     #[command(flatten)]
     work: WorkArgs,
+    #[command(flatten)]
+    exec: ExecArgs,
     /// Run all eight sparse switch combinations.
     #[arg(long)]
     ablation: bool,
@@ -441,9 +468,10 @@ fn generate_on<B: Backend>(
             truncate: !a.no_truncate,
         }),
     };
+    let exec = a.exec.execution();
     let region = match capture {
         Some(dev) => {
-            let warm = sampler::generate(model, &task, mode, RunOptions::default())?;
+            let warm = sampler::generate_with(model, &task, mode, exec, RunOptions::default())?;
             eprintln!(
                 "profile: warm-up run {:.3} s; the run below is inside cuProfilerStart/Stop",
                 warm.wall_s
@@ -454,10 +482,11 @@ fn generate_on<B: Backend>(
     };
     let mut progress = LazyProgress::new();
     let mut tick = |d, t| progress.update(d, t);
-    let g = sampler::generate(
+    let g = sampler::generate_with(
         model,
         &task,
         mode,
+        exec,
         RunOptions {
             progress: Some(&mut tick),
             ..RunOptions::default()
@@ -476,6 +505,8 @@ fn generate_on<B: Backend>(
             "forwards": g.forwards,
             "rows_fed": g.rows_fed,
             "wall_s": g.wall_s,
+            "setup_s": g.setup_s,
+            "execution": g.execution,
             "steps": g.steps,
         });
         write_json(path, &trace)?;
@@ -490,10 +521,19 @@ fn print_summary(model: &Model<impl Backend>, task: &Task, mode: Mode, g: &Gener
     say!("backend   {}", model.backend().name());
     say!("task      {}", describe(task));
     say!("mode      {mode}");
+    say!("execution {}", g.execution);
     say!("steps     {}", g.steps.len());
     say!("forwards  {}", g.forwards);
     say!("rows fed  {} ({:.1} per step)", g.rows_fed, g.mean_rows());
-    say!("time      {:.3} s", g.wall_s);
+    if g.setup_s > 0.0 {
+        say!(
+            "time      {:.3} s ({:.3} s setup: plan uploads, graph capture)",
+            g.wall_s,
+            g.setup_s
+        );
+    } else {
+        say!("time      {:.3} s", g.wall_s);
+    }
 }
 
 fn cmd_forward(a: ForwardArgs) -> Result<()> {
@@ -568,6 +608,7 @@ fn bench_on<B: Backend>(model: &Model<B>, a: &BenchArgs) -> Result<()> {
         preset,
         ablation: a.ablation,
         repeat: a.repeat as usize,
+        execution: a.exec.execution(),
     };
     let mut report = bench::run_bench(model, &task, &spec, |r| {
         let d = *dense_wall.get_or_insert(r.wall_s);

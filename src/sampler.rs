@@ -170,6 +170,12 @@ pub struct Generation {
     pub rows_fed: usize,
     /// Wall time of the whole generation, seconds.
     pub wall_s: f64,
+    /// Host seconds spent before the first step could start, included in `wall_s`: for a
+    /// device-resident run, uploading every plan and capturing and instantiating the CUDA
+    /// graphs; 0 for the host loop.
+    pub setup_s: f64,
+    /// How the generation ran.
+    pub execution: Execution,
 }
 
 impl Generation {
@@ -426,7 +432,55 @@ fn check_sampling(temperature: f32) -> Result<()> {
     Ok(())
 }
 
-/// Runs a whole generation.
+/// How a generation is executed on a backend that can keep it on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Execution {
+    /// The host loop of [`generate`]: each step's plan built on the host, uploaded, run op by op,
+    /// its tokens read back before the next step is planned.
+    Eager,
+    /// Device-resident without graphs: every plan uploaded before the first step, every step
+    /// queued without a host round trip (plans patched, tokens sampled and committed on the
+    /// device). Same work as [`Execution::Graphs`], launched op by op (to tell a capture problem
+    /// from a device-program one).
+    Queued,
+    /// Device-resident and captured as CUDA graphs: a text-to-image generation as one graph, a
+    /// text answer as one graph per step, launched back to back.
+    Graphs,
+}
+
+impl std::fmt::Display for Execution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Execution::Eager => "eager",
+            Execution::Queued => "queued",
+            Execution::Graphs => "graphs",
+        })
+    }
+}
+
+/// Runs a whole generation with `exec`: device-resident when the backend supports it
+/// ([`Backend::generate_resident`]) and `opts` asks for nothing only the host loop can do
+/// (recorded logits, teacher forcing, a plan hook), else the host loop of [`generate`]. The
+/// tokens are the same either way.
+pub fn generate_with<B: Backend>(
+    model: &Model<B>,
+    task: &Task,
+    mode: Mode,
+    exec: Execution,
+    mut opts: RunOptions,
+) -> Result<Generation> {
+    let host_only = opts.record_logits || opts.teacher.is_some() || opts.on_plan.is_some();
+    if exec != Execution::Eager
+        && !host_only
+        && let Some(g) = B::generate_resident(model, task, mode, exec, opts.progress.take())
+    {
+        return g;
+    }
+    generate(model, task, mode, opts)
+}
+
+/// Runs a whole generation (the host loop).
 pub fn generate<B: Backend>(
     model: &Model<B>,
     task: &Task,
@@ -762,5 +816,7 @@ fn run<B: Backend>(
         forwards,
         rows_fed,
         wall_s: start.elapsed().as_secs_f64(),
+        setup_s: 0.0,
+        execution: Execution::Eager,
     })
 }

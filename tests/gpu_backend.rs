@@ -37,7 +37,8 @@ use sparse_lavida::model::Model;
 use sparse_lavida::plan::StepPlan;
 use sparse_lavida::runtime::{self, Device, Resolved, WeightSource};
 use sparse_lavida::sampler::{
-    self, Generation, Mode, RunOptions, StepTrace, Switches, T2iRequest, Task, TextRequest,
+    self, Execution, Generation, Mode, RunOptions, StepTrace, Switches, T2iRequest, Task,
+    TextRequest,
 };
 use sparse_lavida::schedule::Order;
 use sparse_lavida::weights::{HostTensor, HostWeights};
@@ -823,4 +824,109 @@ fn gpu_backend_rejects_bad_inputs() {
     );
     be.rmsnorm(&x_f32, &norm, 1e-5, &mut normed).unwrap();
     assert_eq!(be.to_host(&normed).unwrap().len(), 24);
+}
+
+// ------------------------------------------------------------------------------------------
+// Device-resident generation (CUDA graphs)
+// ------------------------------------------------------------------------------------------
+
+fn run_exec(model: &Model<CudaBackend>, task: &Task, mode: Mode, exec: Execution) -> Generation {
+    let g = sampler::generate_with(model, task, mode, exec, RunOptions::default())
+        .unwrap_or_else(|e| panic!("{} {mode} {exec}: {e}", task_name(task)));
+    assert_eq!(g.execution, exec, "{} {mode}", task_name(task));
+    g
+}
+
+/// What must be identical between two executions of one request: tokens, and per step the
+/// positions computed and decoded, the tokens chosen, the rows fed; and the forwards.
+fn assert_same_run(a: &Generation, b: &Generation, what: &str) {
+    assert_eq!(a.tokens, b.tokens, "{what}: tokens");
+    assert_eq!(a.forwards, b.forwards, "{what}: forwards");
+    assert_eq!(a.rows_fed, b.rows_fed, "{what}: rows fed");
+    assert_eq!(a.steps.len(), b.steps.len(), "{what}: steps");
+    for (x, y) in a.steps.iter().zip(&b.steps) {
+        let k = x.step;
+        assert_eq!(x.query_positions, y.query_positions, "{what} step {k}: query");
+        assert_eq!(x.decoded_positions, y.decoded_positions, "{what} step {k}: decoded");
+        assert_eq!(x.tokens, y.tokens, "{what} step {k}: tokens");
+        assert_eq!(x.rows_fed, y.rows_fed, "{what} step {k}: rows fed");
+        assert!(y.time_s > 0.0, "{what} step {k}: no step time");
+    }
+}
+
+/// The device-resident run, queued and captured as CUDA graphs, chooses exactly what the eager
+/// host loop chooses (same kernels on the same plans), for t2i (CFG on and off) and text, in
+/// dense mode and every switch combination, at temperature 0 and 1; running the graphs twice
+/// gives the same tokens again.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_graphs_equal_eager_tokens() {
+    for (name, cfg) in configs() {
+        let gpu = cuda_model(&cfg, bf16_weights(&cfg, 21));
+        let mut tasks = tasks(&cfg, 5);
+        if let Task::T2i(r) = &tasks[0] {
+            tasks.push(Task::T2i(T2iRequest {
+                guidance: 0.0,
+                temperature: 0.0,
+                ..r.clone()
+            }));
+        }
+        if let Task::Text(r) = &tasks[1] {
+            tasks.push(Task::Text(TextRequest {
+                temperature: 0.0,
+                banned: vec![1, 2],
+                ..r.clone()
+            }));
+        }
+        for task in &tasks {
+            for mode in modes() {
+                let what = format!("{name} {} {mode}", task_name(task));
+                let eager = run_exec(&gpu, task, mode, Execution::Eager);
+                let queued = run_exec(&gpu, task, mode, Execution::Queued);
+                assert_same_run(&eager, &queued, &format!("{what}: queued vs eager"));
+                let graphs = run_exec(&gpu, task, mode, Execution::Graphs);
+                assert_same_run(&eager, &graphs, &format!("{what}: graphs vs eager"));
+                let again = run_exec(&gpu, task, mode, Execution::Graphs);
+                assert_same_run(&graphs, &again, &format!("{what}: graphs twice"));
+                assert!(graphs.setup_s > 0.0, "{what}: no setup time");
+            }
+            println!("{name} {}: graphs == queued == eager in 9 modes", task_name(task));
+        }
+    }
+}
+
+/// A device-resident run that cannot be planned fails before anything is queued, naming the
+/// problem, and the backend stays usable.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_resident_bad_requests_are_errors() {
+    let cfg = Config::preset("small").unwrap();
+    let gpu = cuda_model(&cfg, bf16_weights(&cfg, 2));
+    let bad = Task::Text(TextRequest {
+        prompt: vec![1, 2, 3],
+        answer_len: 4,
+        block_len: 4,
+        steps: 9,
+        temperature: 0.0,
+        banned: vec![],
+        seed: 1,
+    });
+    let e = sampler::generate_with(
+        &gpu,
+        &bad,
+        Mode::Sparse(Switches::ALL_ON),
+        Execution::Graphs,
+        RunOptions::default(),
+    )
+    .unwrap_err();
+    let eager = sampler::generate(
+        &gpu,
+        &bad,
+        Mode::Sparse(Switches::ALL_ON),
+        RunOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(e.to_string(), eager.to_string());
+    let ok = &tasks(&cfg, 3)[1];
+    run_exec(&gpu, ok, Mode::Sparse(Switches::ALL_ON), Execution::Graphs);
 }

@@ -10,7 +10,9 @@ pub mod cuda;
 
 use crate::config::{Branch, Config};
 use crate::error::Result;
+use crate::model::Model;
 use crate::plan::StepPlan;
+use crate::sampler::{Execution, Generation, Mode, Task};
 use crate::weights::HostTensor;
 
 /// Parameters of one sampler pass (SPEC §4.1/§4.2): CFG combine, banned ids, temperature,
@@ -154,6 +156,22 @@ pub trait Backend {
     /// stream with events, so the time is the device's, not the host's view of it.
     fn step_clock(&self) -> Result<Box<dyn StepClock + '_>> {
         Ok(Box::new(WallClock::default()))
+    }
+
+    /// Runs a whole generation device-resident with `exec` ([`Execution::Queued`] or
+    /// [`Execution::Graphs`]), or `None` when this backend has no such path (the caller then
+    /// runs the host loop). `progress` sees (steps done, steps in total).
+    fn generate_resident(
+        _model: &Model<Self>,
+        _task: &Task,
+        _mode: Mode,
+        _exec: Execution,
+        _progress: Option<&mut dyn FnMut(usize, usize)>,
+    ) -> Option<Result<Generation>>
+    where
+        Self: Sized,
+    {
+        None
     }
 
     /// What a benchmark can ask of the device beyond computing (its name, driver, memory high

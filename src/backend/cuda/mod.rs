@@ -26,6 +26,8 @@
 //! FlashInfer-style plan of one branch's rows over their keys) is built by the first attention
 //! call of the step, where the pool's head geometry is known, and reused by every later layer.
 
+mod resident;
+
 use std::sync::Mutex;
 
 use cudarc::driver::CudaSlice;
@@ -42,6 +44,7 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::plan::StepPlan;
 use crate::profile;
+use crate::sampler::{Execution, Generation, Mode, Task};
 use crate::weights::{HostTensor, init_range};
 
 /// Head widths the compiled attention kernels support.
@@ -142,11 +145,13 @@ struct BranchPlan {
 }
 
 /// A [`StepPlan`] uploaded: per branch with rows, its ids, positions and pool slots on the
-/// device and its attention plan; the host plan for shapes.
+/// device and its attention plan; the logits rows; the host plan for shapes.
 #[derive(Debug)]
 pub struct CudaPlan {
     host: StepPlan,
     branches: [Option<BranchPlan>; 2],
+    /// `logits_rows` (one zero when there are none).
+    logits_rows: CudaSlice<u32>,
 }
 
 impl CudaPlan {
@@ -194,8 +199,12 @@ impl CudaCache {
 /// The CUDA bf16 backend on one GPU.
 #[derive(Debug)]
 pub struct CudaBackend {
-    // Field order is drop order: the cuBLASLt handle goes before the device's context.
+    // Field order is drop order: the cuBLASLt handle and the buffers go before the device's
+    // context.
     gemm: Gemm,
+    /// Sticky flag of the embedding kernel (an id outside the table), read by
+    /// [`CudaBackend::check_embed_flag`].
+    embed_flag: Mutex<CudaSlice<u32>>,
     dev: CudaDevice,
 }
 
@@ -210,7 +219,12 @@ impl CudaBackend {
     pub fn on_device(ordinal: usize) -> Result<CudaBackend> {
         let dev = CudaDevice::new(ordinal)?;
         let gemm = Gemm::new(&dev)?;
-        Ok(CudaBackend { gemm, dev })
+        let embed_flag = Mutex::new(dev.alloc_zeros::<u32>(1)?);
+        Ok(CudaBackend {
+            gemm,
+            embed_flag,
+            dev,
+        })
     }
 
     /// The device.
@@ -266,6 +280,62 @@ impl CudaBackend {
             shape: shape.to_vec(),
             buf,
         })
+    }
+
+    /// Builds the attention plans of `plan` for `cache`'s head geometry now instead of at the
+    /// first attention call (which must not upload anything while a graph is being captured).
+    pub fn prepare_attention(&self, plan: &CudaPlan, cache: &CudaCache) -> Result<()> {
+        for b in Branch::ALL {
+            if let Some(bp) = &plan.branches[b as usize] {
+                self.attn_plan(plan, b, bp, cache.shape)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The attention plan of branch `b`'s rows, built on first use for `shape`.
+    fn attn_plan<'p>(
+        &self,
+        plan: &'p CudaPlan,
+        b: Branch,
+        bp: &'p BranchPlan,
+        shape: AttnShape,
+    ) -> Result<std::sync::MutexGuard<'p, Option<AttnPlan>>> {
+        // The plan's contents are scratch (the split workspace) plus tables derived from the
+        // host plan, so a panic elsewhere cannot leave them inconsistent: ignore poisoning.
+        let mut attn = bp.attn.lock().unwrap_or_else(|e| e.into_inner());
+        if attn.as_ref().is_none_or(|a| a.shape() != shape) {
+            let rows = plan.host.rows(b);
+            let layout = AttnLayout {
+                shape,
+                row_tags: &rows.tags,
+                seq_indptr: &rows.seq_indptr,
+                kv_indptr: &plan.host.kv_indptr,
+                kv_indices: &plan.host.kv_indices,
+                kv_tags: &plan.host.kv_tags,
+                n_slots: plan.host.pool_slots,
+            };
+            *attn = Some(AttnPlan::new(&self.dev, &layout, None)?);
+        }
+        Ok(attn)
+    }
+
+    /// Fails when the embedding kernel has met an id outside its table since the last check
+    /// (and clears the flag). Waits for the device.
+    pub fn check_embed_flag(&self) -> Result<()> {
+        let mut flag = self.embed_flag.lock().unwrap_or_else(|e| e.into_inner());
+        if self.dev.download(&flag)?[0] == 0 {
+            return Ok(());
+        }
+        self.dev
+            .stream()
+            .memset_zeros(&mut *flag)
+            .map_err(cuda_err("clearing the embedding flag"))?;
+        Err(Error::Cuda(
+            "embed: the kernel met a token id outside the embedding table (a device-side plan \
+             patch gave a bad id)"
+                .into(),
+        ))
     }
 
     fn check_shape(what: &str, m: &CudaMatrix, rows: usize, cols: usize) -> Result<()> {
@@ -364,9 +434,15 @@ impl Backend for CudaBackend {
                 attn: Mutex::new(None),
             });
         }
+        let logits_rows = if plan.logits_rows.is_empty() {
+            self.dev.upload(&[0u32])?
+        } else {
+            self.dev.upload(&plan.logits_rows)?
+        };
         Ok(CudaPlan {
             host: plan.clone(),
             branches,
+            logits_rows,
         })
     }
 
@@ -468,9 +544,30 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(());
         }
+        // The host plan's ids are checked here, so the kernel's flag can only catch an id
+        // patched in on the device (read by `check_embed_flag`): no wait per pass.
+        let rows = plan.host.rows(b);
+        if let Some((i, &id)) = (rows.ids.iter().enumerate())
+            .find(|&(_, &id)| id != crate::plan::REGISTER && id as usize >= table_rows)
+        {
+            return Err(Error::Input(format!(
+                "embed: row {i} has id {id}, outside the {} table of {table_rows} rows",
+                b.name()
+            )));
+        }
         let bp = plan.branch(b)?;
         let x = out.f32_mut("embed output")?;
-        ops::embed(&self.dev, &table.buf, &register.buf, &bp.ids, n, x, None)
+        let mut flag = self.embed_flag.lock().unwrap_or_else(|e| e.into_inner());
+        ops::embed_flagged(
+            &self.dev,
+            &table.buf,
+            &register.buf,
+            &bp.ids,
+            n,
+            x,
+            None,
+            &mut flag,
+        )
     }
 
     fn rmsnorm(
@@ -577,21 +674,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let bp = plan.branch(b)?;
-        // The plan's contents are scratch (the split workspace) plus tables derived from the
-        // host plan, so a panic elsewhere cannot leave them inconsistent: ignore poisoning.
-        let mut attn = bp.attn.lock().unwrap_or_else(|e| e.into_inner());
-        if attn.as_ref().is_none_or(|a| a.shape() != shape) {
-            let layout = AttnLayout {
-                shape,
-                row_tags: &rows.tags,
-                seq_indptr: &rows.seq_indptr,
-                kv_indptr: &plan.host.kv_indptr,
-                kv_indices: &plan.host.kv_indices,
-                kv_tags: &plan.host.kv_tags,
-                n_slots: plan.host.pool_slots,
-            };
-            *attn = Some(AttnPlan::new(&self.dev, &layout, None)?);
-        }
+        let mut attn = self.attn_plan(plan, b, bp, shape)?;
         let Some(attn) = attn.as_mut() else {
             return Err(Error::Cuda(
                 "attention plan missing after it was built".into(),
@@ -649,34 +732,20 @@ impl Backend for CudaBackend {
                 x.rows
             )));
         }
-        let d = x.cols;
-        let src = x.f32("logit rows input")?;
-        let dst = out.f32_mut("logit rows output")?;
-        // One copy per run of consecutive source rows (the query rows of a sequence are
-        // consecutive, so a step usually needs one copy per sequence).
-        let mut j = 0;
-        while j < wanted.len() {
-            let r0 = wanted[j] as usize;
-            let mut len = 1;
-            while j + len < wanted.len() && wanted[j + len] as usize == r0 + len {
-                len += 1;
-            }
-            let from = src.try_slice(r0 * d..(r0 + len) * d);
-            let to = dst.try_slice_mut(j * d..(j + len) * d);
-            let (Some(from), Some(mut to)) = (from, to) else {
-                return Err(Error::Input(format!(
-                    "logit rows: rows {r0}..{} → {j}..{} outside the buffers",
-                    r0 + len,
-                    j + len
-                )));
-            };
-            self.dev
-                .stream()
-                .memcpy_dtod(&from, &mut to)
-                .map_err(cuda_err("copying logit rows"))?;
-            j += len;
+        if wanted.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        // A kernel over the plan's device copy of the rows (not copies planned on the host), so
+        // that rows patched on the device are honoured.
+        ops::gather_rows(
+            &self.dev,
+            x.f32("logit rows input")?,
+            x.rows,
+            x.cols,
+            &plan.logits_rows,
+            wanted.len(),
+            out.f32_mut("logit rows output")?,
+        )
     }
 
     fn sample(&self, logits: &CudaMatrix, params: &SampleParams) -> Result<Vec<Sampled>> {
@@ -695,7 +764,9 @@ impl Backend for CudaBackend {
             )));
         }
         let buf = logits.f32("sample logits")?;
-        ops::sample(&self.dev, buf, logits.cols, logits.cols, params)
+        let sampled = ops::sample(&self.dev, buf, logits.cols, logits.cols, params)?;
+        self.check_embed_flag()?;
+        Ok(sampled)
     }
 
     /// CUDA events on the backend's stream (every op runs there).
@@ -705,6 +776,16 @@ impl Backend for CudaBackend {
 
     fn device_stats(&self) -> Option<&dyn DeviceStats> {
         Some(self)
+    }
+
+    fn generate_resident(
+        model: &Model<Self>,
+        task: &Task,
+        mode: Mode,
+        exec: Execution,
+        progress: Option<&mut dyn FnMut(usize, usize)>,
+    ) -> Option<Result<Generation>> {
+        Some(resident::generate(model, task, mode, exec, progress))
     }
 }
 

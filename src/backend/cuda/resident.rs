@@ -1,0 +1,433 @@
+//! Device-resident generation on the CUDA backend ([`Execution::Queued`], [`Execution::Graphs`]).
+//!
+//! The host loop ([`crate::sampler::generate`]) plans each step after reading the previous
+//! step's tokens back: one host round trip per step, and a launch of every op by the host. Here
+//! the whole generation is a [`Program`] built before sampling (a template plan and patches per
+//! step, [`crate::sampler::patch`]), uploaded once, and every step is queued without waiting:
+//!
+//! ```text
+//! reset state · prefill · for each step k:
+//!     [event k] resolve_plan (patches ← state) · forward · sample (device buffers) · commit (state ← top-k)
+//! [event K]
+//! ```
+//!
+//! With [`Execution::Graphs`] that work is captured: a text-to-image generation (whose order is
+//! fixed) as one graph, a text answer as one graph for the reset and prefill and one per step,
+//! launched back to back. The ops are those of the host loop — the same kernels, cuBLASLt
+//! algorithms and attention plans on plans equal to the host loop's (the program's tests) — so
+//! the tokens are the host loop's.
+//!
+//! Errors the kernels find (an id outside the embedding table, a non-finite logit) set sticky
+//! device flags, read once after the last step.
+
+use std::time::Instant;
+
+use cudarc::driver::{CudaEvent, CudaSlice, sys};
+
+use super::{CudaBackend, CudaPlan};
+use crate::cuda::device::cuda_err;
+use crate::cuda::ops::{
+    self, DeviceSampleArgs, DeviceStateBufs, PatchBuf, PatchLens, PatchTargets, SampleOut,
+};
+use crate::error::{Error, Result};
+use crate::model::{Model, Prepared, Workspace};
+use crate::profile;
+use crate::sampler::patch::{Field, UNDECODED};
+use crate::sampler::program::{self, Program};
+use crate::sampler::{Execution, Generation, Mode, StepTrace, Task};
+
+/// One step's device side: its plan (patched in place before the step), its patches, its
+/// query (static for t2i; the state's `q` list for text), and its sampler outputs.
+struct DevStep {
+    prep: Prepared<CudaBackend>,
+    patches: Option<PatchBuf>,
+    query: Option<CudaSlice<u32>>,
+    sample_pos: CudaSlice<u32>,
+    n_query: usize,
+    token: CudaSlice<u32>,
+    confidence: CudaSlice<f32>,
+    lse: CudaSlice<f32>,
+}
+
+/// Everything a resident run keeps on the device.
+struct Resident<'m> {
+    model: &'m Model<CudaBackend>,
+    prog: Program,
+    prefill: Option<Prepared<CudaBackend>>,
+    steps: Vec<DevStep>,
+    cache: super::CudaCache,
+    ws: Workspace<CudaBackend>,
+    state: DeviceStateBufs,
+    banned: Option<CudaSlice<u8>>,
+    /// Sticky flags: `[0]` a non-finite logit, `[1]` an id outside the embedding table.
+    sample_flag: CudaSlice<u32>,
+    /// `events[k]` before step `k`'s work, `events[K]` after the last step's.
+    events: Vec<CudaEvent>,
+}
+
+/// The entry point of [`Backend::generate_resident`] for [`CudaBackend`].
+pub(super) fn generate(
+    model: &Model<CudaBackend>,
+    task: &Task,
+    mode: Mode,
+    exec: Execution,
+    mut progress: Option<&mut dyn FnMut(usize, usize)>,
+) -> Result<Generation> {
+    let start = Instant::now();
+    let prog = program::program(model.config(), task, mode)?;
+    let mut r = Resident::upload(model, prog)?;
+    let graphs = match exec {
+        Execution::Graphs => Some(r.capture()?),
+        Execution::Queued | Execution::Eager => None,
+    };
+    let setup_s = start.elapsed().as_secs_f64();
+    match &graphs {
+        Some(graphs) => {
+            let _r = profile::range("generation (graphs)");
+            for (i, g) in graphs.iter().enumerate() {
+                g.launch().map_err(cuda_err("launching a CUDA graph"))?;
+                // Graph 0 holds the reset and prefill (and, for t2i, every step).
+                if i > 0
+                    && let Some(p) = progress.as_mut()
+                {
+                    p(i, r.steps.len());
+                }
+            }
+        }
+        None => r.queue(0..r.steps.len() + 1, &mut progress)?,
+    }
+    let g = r.finish(start, setup_s, exec)?;
+    if let Some(p) = progress.as_mut() {
+        p(g.steps.len(), g.steps.len());
+    }
+    Ok(g)
+}
+
+impl<'m> Resident<'m> {
+    /// Uploads the program: every plan (patched row ids sanitised to 0 so that the host-side
+    /// checks of the template pass; the device overwrites them before use), attention plans
+    /// built, patches validated, sampler buffers, the decode state, a frozen workspace sized
+    /// for the largest step.
+    fn upload(model: &'m Model<CudaBackend>, prog: Program) -> Result<Resident<'m>> {
+        let be = model.backend();
+        let dev = be.device();
+        let cache = model.new_cache(prog.pool_slots)?;
+        let prepare = |plan: &crate::plan::StepPlan| -> Result<Prepared<CudaBackend>> {
+            let p = model.prepare(plan.clone())?;
+            be.prepare_attention(&p.dev, &cache)?;
+            Ok(p)
+        };
+        let prefill = prog.prefill.as_ref().map(prepare).transpose()?;
+        let mut steps = Vec::with_capacity(prog.steps.len());
+        for (k, sp) in prog.steps.iter().enumerate() {
+            let mut plan = sp.plan.clone();
+            let ids = &mut plan.branches[prog.branch as usize].ids;
+            for p in sp.patches.iter().filter(|p| p.field == Field::RowId) {
+                if let Some(id) = ids.get_mut(p.index as usize) {
+                    *id = 0;
+                }
+            }
+            let prep = prepare(&plan)?;
+            let lens = PatchLens {
+                rows: plan.rows(prog.branch).len(),
+                keys: plan.kv_indices.len(),
+                logits: plan.logits_rows.len(),
+            };
+            let patches = if sp.patches.is_empty() {
+                None
+            } else {
+                Some(ops::upload_patches(dev, &sp.patches, lens)?)
+            };
+            let n_query = sp.sample_positions.len();
+            let rows = n_query * if prog.params.guidance.is_some() { 2 } else { 1 };
+            if plan.logits_rows.len() != rows {
+                return Err(Error::Input(format!(
+                    "program step {k}: {} logits rows for {n_query} sampled positions",
+                    plan.logits_rows.len()
+                )));
+            }
+            let query = match &sp.query {
+                Some(q) => Some(dev.upload(&padded(q))?),
+                None => None,
+            };
+            steps.push(DevStep {
+                prep,
+                patches,
+                query,
+                sample_pos: dev.upload(&padded(&sp.sample_positions))?,
+                n_query,
+                token: dev.alloc_zeros(n_query.max(1))?,
+                confidence: dev.alloc_zeros(n_query.max(1))?,
+                lse: dev.alloc_zeros(n_query.max(1))?,
+            });
+        }
+        let [text_rows, image_rows] = prog.max_rows();
+        let max_logits = prog
+            .steps
+            .iter()
+            .map(|s| s.plan.logits_rows.len())
+            .max()
+            .unwrap_or(0);
+        let mut ws = model.workspace([text_rows, image_rows], max_logits)?;
+        ws.freeze();
+        let vocab = model.config().vocab(prog.branch);
+        let banned = if prog.params.banned.is_empty() {
+            None
+        } else {
+            Some(ops::banned_mask(dev, vocab, &prog.params.banned)?)
+        };
+        let ctx = dev.context();
+        let events = (0..=steps.len())
+            .map(|_| {
+                ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(cuda_err("creating an event"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Resident {
+            model,
+            state: DeviceStateBufs::new(dev, prog.n)?,
+            prog,
+            prefill,
+            steps,
+            cache,
+            ws,
+            banned,
+            sample_flag: dev.alloc_zeros(2)?,
+            events,
+        })
+    }
+
+    /// Captures the generation: one graph for t2i; for text the reset and prefill, then one
+    /// graph per step.
+    fn capture(&mut self) -> Result<Vec<cudarc::driver::CudaGraph>> {
+        let n = self.steps.len();
+        let per_step = self.prog.branch == crate::config::Branch::Text;
+        let parts: Vec<std::ops::Range<usize>> = if per_step {
+            std::iter::once(0..1)
+                .chain((1..=n).map(|k| k..k + 1))
+                .collect()
+        } else {
+            vec![0..n + 1]
+        };
+        let stream = self.model.backend().device().stream().clone();
+        let mut graphs = Vec::with_capacity(parts.len());
+        for part in parts {
+            stream
+                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .map_err(cuda_err("beginning a graph capture"))?;
+            let queued = self.queue(part.clone(), &mut None);
+            // End the capture even when queuing failed, so the stream is usable again.
+            let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+            queued?;
+            let graph = graph
+                .map_err(cuda_err(format_args!(
+                    "capturing the graph of steps {part:?}"
+                )))?
+                .ok_or_else(|| Error::Cuda(format!("the capture of steps {part:?} is empty")))?;
+            graph.upload().map_err(cuda_err("uploading a CUDA graph"))?;
+            graphs.push(graph);
+        }
+        Ok(graphs)
+    }
+
+    /// Queues parts of the generation: part 0 is the state reset and the prefill, part `k + 1`
+    /// is step `k` (with the event before it; the last part also records the final event).
+    fn queue(
+        &mut self,
+        parts: std::ops::Range<usize>,
+        progress: &mut Option<&mut dyn FnMut(usize, usize)>,
+    ) -> Result<()> {
+        let n = self.steps.len();
+        for part in parts {
+            if part == 0 {
+                self.queue_prologue()?;
+            } else {
+                self.queue_step(part - 1)?;
+                if let Some(p) = progress.as_mut() {
+                    p(part, n);
+                }
+            }
+            if part == n {
+                self.record(n)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn queue_prologue(&mut self) -> Result<()> {
+        let be = self.model.backend();
+        let dev = be.device();
+        self.state.reset(dev, self.prog.mask_id)?;
+        dev.stream()
+            .memset_zeros(&mut self.sample_flag)
+            .map_err(cuda_err("clearing the error flags"))?;
+        if let Some(p) = &self.prefill {
+            let _r = profile::range("prefill");
+            self.model.forward_in(p, &mut self.cache, &mut self.ws)?;
+        }
+        Ok(())
+    }
+
+    fn queue_step(&mut self, k: usize) -> Result<()> {
+        let _r = profile::range(format_args!("step {k}"));
+        self.record(k)?;
+        let be = self.model.backend();
+        let dev = be.device();
+        let sp = &self.prog.steps[k];
+        let st = &mut self.steps[k];
+        if let Some(patches) = &st.patches {
+            let _r = profile::range("resolve_plan");
+            let CudaPlan {
+                branches,
+                logits_rows,
+                ..
+            } = &mut st.prep.dev;
+            let bp = branches[self.prog.branch as usize]
+                .as_mut()
+                .ok_or_else(|| Error::Input(format!("program step {k}: no response rows")))?;
+            let attn = bp.attn.get_mut().unwrap_or_else(|e| e.into_inner());
+            let attn = attn
+                .as_mut()
+                .ok_or_else(|| Error::Cuda("attention plan not prepared".into()))?;
+            let (kv_indices, kv_tags) = attn.kv_targets();
+            let targets = PatchTargets {
+                row_ids: Some(&mut bp.ids),
+                row_pos: Some(&mut bp.pos),
+                row_slots: Some(bp.slots.patch_target()),
+                kv_indices: Some(kv_indices),
+                kv_tags: Some(kv_tags),
+                logits_rows: Some(logits_rows),
+                sample_pos: Some(&mut st.sample_pos),
+            };
+            ops::resolve_plan(dev, patches, &mut self.state, sp.block, targets)?;
+        }
+        if !self
+            .model
+            .forward_in(&st.prep, &mut self.cache, &mut self.ws)?
+        {
+            return Err(Error::Input(format!("step {k} has no position to decode")));
+        }
+        let logits = self.ws.logits().expect("forward_in computed logits");
+        {
+            let _r = profile::range("sample");
+            let p = &self.prog.params;
+            let args = DeviceSampleArgs {
+                positions: &st.sample_pos,
+                banned: self.banned.as_ref(),
+                n: st.n_query,
+                guidance: p.guidance,
+                temperature: p.temperature,
+                seed: p.seed,
+                step: k as u32,
+                request: p.request,
+            };
+            let out = SampleOut {
+                token: &mut st.token,
+                confidence: &mut st.confidence,
+                lse: &mut st.lse,
+                error_flag: &mut self.sample_flag,
+            };
+            ops::sample_to_device(
+                dev,
+                logits.f32("logits")?,
+                logits.cols,
+                logits.cols,
+                args,
+                out,
+            )?;
+        }
+        let _r = profile::range("commit");
+        let (token, confidence) = (&st.token, &st.confidence);
+        match &st.query {
+            Some(q) => ops::commit(
+                dev,
+                q,
+                token,
+                confidence,
+                st.n_query,
+                sp.commit,
+                &mut self.state,
+            ),
+            None => ops::commit_from_lists(
+                dev,
+                token,
+                confidence,
+                st.n_query,
+                sp.commit,
+                &mut self.state,
+            ),
+        }
+    }
+
+    /// Records `events[i]` on the stream: an event node when the stream is capturing.
+    fn record(&self, i: usize) -> Result<()> {
+        let stream = self.model.backend().device().stream();
+        // SAFETY: the event and the stream are live objects of the same context (both made from
+        // it and held by `self`); the flag is a valid `CUevent_record_flags` value.
+        unsafe {
+            sys::cuEventRecordWithFlags(
+                self.events[i].cu_event(),
+                stream.cu_stream(),
+                sys::CUevent_record_flags::CU_EVENT_RECORD_EXTERNAL as u32,
+            )
+        }
+        .result()
+        .map_err(cuda_err("recording a step event"))
+    }
+
+    /// Waits for the device, checks the flags, reads the state and builds the [`Generation`].
+    fn finish(self, start: Instant, setup_s: f64, execution: Execution) -> Result<Generation> {
+        let be = self.model.backend();
+        let dev = be.device();
+        dev.synchronize()?;
+        let flags = dev.download(&self.sample_flag)?;
+        be.check_embed_flag()?;
+        if flags[0] != 0 {
+            return Err(Error::Input(format!(
+                "non-finite logit in a sampled row (NaN, ±inf, or logit / temperature {} \
+                 overflowing); rerun with --no-graphs to find the step",
+                self.prog.params.temperature
+            )));
+        }
+        let state = self.state.download(dev)?;
+        if let Some(r) = state.order.iter().position(|&i| i == UNDECODED) {
+            return Err(Error::Cuda(format!(
+                "device-resident run ended with rank {r} of {} undecoded",
+                state.len()
+            )));
+        }
+        let traces = self.prog.traces(&state)?;
+        let mut steps = Vec::with_capacity(traces.len());
+        let mut rows_fed = self.prefill.as_ref().map_or(0, |p| p.plan.n_rows());
+        for (k, (query, decoded, tokens)) in traces.into_iter().enumerate() {
+            let ms = self.events[k]
+                .elapsed_ms(&self.events[k + 1])
+                .map_err(cuda_err("reading a step event"))?;
+            let n_rows = self.prog.steps[k].plan.n_rows();
+            rows_fed += n_rows;
+            steps.push(StepTrace {
+                step: k,
+                decoded_positions: decoded,
+                tokens,
+                rows_fed: n_rows,
+                time_s: f64::from(ms) * 1e-3,
+                query_positions: query,
+                logits: None,
+            });
+        }
+        Ok(Generation {
+            tokens: state.tokens,
+            forwards: steps.len() + usize::from(self.prefill.is_some()),
+            steps,
+            rows_fed,
+            wall_s: start.elapsed().as_secs_f64(),
+            setup_s,
+            execution,
+        })
+    }
+}
+
+/// `v`, or one zero when it is empty (a zero-byte allocation is not portable).
+fn padded(v: &[u32]) -> Vec<u32> {
+    if v.is_empty() { vec![0] } else { v.to_vec() }
+}
