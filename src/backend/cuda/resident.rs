@@ -133,7 +133,9 @@ impl<'m> Resident<'m> {
                 keys: plan.kv_indices.len(),
                 logits: plan.logits_rows.len(),
             };
-            let patches = if sp.patches.is_empty() {
+            // A text step resolves even without patches: the commit reads its query from the
+            // lists the resolve kernel computes.
+            let patches = if sp.patches.is_empty() && sp.query.is_some() {
                 None
             } else {
                 Some(ops::upload_patches(dev, &sp.patches, lens)?)
