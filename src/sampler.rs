@@ -26,7 +26,10 @@ use std::time::Instant;
 pub mod patch;
 pub mod program;
 mod upfront;
-pub use program::{Program, StepProgram, program, run_program, t2i_program, text_program};
+pub use program::{
+    CANONICAL_TOKEN, Program, ProgramTrace, StepProgram, program, run_program, t2i_program,
+    text_program,
+};
 pub use upfront::{PLACEHOLDER, TokenFill, UpfrontPlans, t2i_upfront_plans};
 
 /// The three independent savings of Sparse-LaViDa (SPEC §4.3, the paper's Table 6).

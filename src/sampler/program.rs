@@ -8,16 +8,16 @@
 //! decode history; the patches are read off the template by asking, for each entry that names a
 //! response index, which list of the state that index belongs to:
 //!
-//! | entry of the template                          | patch (value = source + add)           |
-//! |------------------------------------------------|----------------------------------------|
-//! | t2i: a row of a token decoded at step `j < k`  | id = `RankToken(rank)` (order is fixed) |
-//! | text dense: the row of response index `i`     | id = `Token(i)`                        |
-//! | text sparse: a fed decoded row, rank `r`       | id, pos, slot from `RankToken(r)` / `Rank(r)` |
-//! | text sparse: a masked row of the step's block  | pos = `Query(s)`                       |
-//! | text sparse: another mask (no truncation)      | pos = `Other(j)`                       |
-//! | text sparse: the key of decoded index `d[j]`   | slot = `Decoded(j)`, tag = `DecodedTag(j)` |
-//! | text dense: logits row `s`                     | row = `Query(s)` + P                   |
-//! | sampler position `s`                           | `Query(s)` + P                         |
+//! | entry of the template                         | patch (value = source + add)             |
+//! |-----------------------------------------------|------------------------------------------|
+//! | t2i: the id of a row decoded at step `j < k`  | `RankToken(rank)` (the order is fixed)   |
+//! | text dense: the id of response index `i`      | `Token(i)`                               |
+//! | text sparse: a fed decoded row of rank `r`    | id `RankToken(r)`, pos and slot `Rank(r)` |
+//! | text sparse: a masked row of the step's block | pos `Query(s)`                           |
+//! | text sparse: another mask (no truncation)     | pos `Other(j)`                           |
+//! | text sparse: the key of decoded index `d[j]`  | slot `Decoded(j)`, tag `DecodedTag(j)`   |
+//! | text dense: logits row `s`                    | `Query(s)` + row of response index 0     |
+//! | text: sampler position `s`                    | `Query(s)` + P                           |
 //!
 //! This works because the *shape* of every step is fixed by the request: t2i decodes a fixed
 //! order, and a text step decodes in a fixed block with fixed commit counts, so which rows exist,
@@ -43,8 +43,8 @@ use patch::UNDECODED;
 use std::time::Instant;
 
 /// The token a template holds where the real one is only known at run time (patched before
-/// the step runs). Any id valid in both vocabularies would do.
-const CANONICAL_TOKEN: u32 = 0;
+/// the step runs): a valid id in both vocabularies, so a template is itself a runnable plan.
+pub const CANONICAL_TOKEN: u32 = 0;
 
 /// One step of a [`Program`]: a template plan, its patches, and how the step commits.
 #[derive(Debug, Clone, PartialEq)]
@@ -152,8 +152,7 @@ impl Program {
                     patch::lists(&before, s.block).q
                 }
             };
-            let ranks =
-                s.commit.rank_base as usize..(s.commit.rank_base + s.commit.n_commit) as usize;
+            let ranks = committed_ranks(s.commit);
             let Some(decoded) = st.order.get(ranks.clone()) else {
                 return Err(Error::Input(format!(
                     "program traces: step {k} commits ranks {ranks:?}, past the response ({n})"
@@ -201,6 +200,12 @@ pub fn program(cfg: &Config, task: &Task, mode: Mode) -> Result<Program> {
         Task::T2i(req) => t2i_program(cfg, req, mode),
         Task::Text(req) => text_program(cfg, req, mode),
     }
+}
+
+/// The ranks a step commits: `rank_base .. rank_base + n_commit`.
+fn committed_ranks(rule: CommitRule) -> std::ops::Range<usize> {
+    let first = rule.rank_base as usize;
+    first..first + rule.n_commit as usize
 }
 
 /// Whether a run in `mode` prefills the prompt before step 0.
@@ -524,8 +529,7 @@ pub fn run_program<B: Backend>(
         let tokens: Vec<u32> = sampled.iter().map(|s| s.token).collect();
         let confidence: Vec<f32> = sampled.iter().map(|s| s.confidence).collect();
         patch::commit(&mut state, &query, &tokens, &confidence, step.commit)?;
-        let ranks =
-            step.commit.rank_base as usize..(step.commit.rank_base + step.commit.n_commit) as usize;
+        let ranks = committed_ranks(step.commit);
         let decoded = state.order[ranks].to_vec();
         forwards += 1;
         rows_fed += n_rows;
