@@ -24,7 +24,12 @@ use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
 pub mod patch;
+pub mod program;
 mod upfront;
+pub use program::{
+    CANONICAL_TOKEN, Program, ProgramTrace, StepProgram, program, run_program, t2i_program,
+    text_program,
+};
 pub use upfront::{PLACEHOLDER, TokenFill, UpfrontPlans, t2i_upfront_plans};
 
 /// The three independent savings of Sparse-LaViDa (SPEC §4.3, the paper's Table 6).
@@ -646,7 +651,13 @@ fn generate_text<B: Backend>(
     mode: Mode,
     opts: RunOptions,
 ) -> Result<Generation> {
-    let cfg = model.config();
+    let (layout, dec) = text_setup(model.config(), req)?;
+    run(model, &layout, &dec, mode, opts)
+}
+
+/// Checks a text request and fixes everything known before sampling: the layout, and the decoder
+/// with its schedule (block and commit count of every step).
+fn text_setup(cfg: &Config, req: &TextRequest) -> Result<(Layout, TextDecoder)> {
     check_prompt(cfg, &req.prompt)?;
     check_sampling(req.temperature)?;
     let schedule = schedule::text_schedule(req.answer_len, req.block_len, req.steps)?;
@@ -676,7 +687,7 @@ fn generate_text<B: Backend>(
         block_len: req.block_len,
         params,
     };
-    run(model, &layout, &dec, mode, opts)
+    Ok((layout, dec))
 }
 
 /// The (index, token) pairs a teacher trace commits at step `k`, checked against the step:

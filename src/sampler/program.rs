@@ -1,0 +1,773 @@
+//! Host programs for device-resident generation: every step of a generation, fixed before any
+//! token is known.
+//!
+//! A [`Program`] holds, per step, a template [`StepPlan`] and the [`Patch`]es that turn it into
+//! the plan [`super::generate`] would build at that step, whatever was decoded before
+//! ([`patch`] is the contract with the device kernels). The templates come from the same
+//! [`prefill_plan`] / [`dense_plan`] / [`sparse_plan`] as the incremental run, fed a *canonical*
+//! decode history; the patches are read off the template by asking, for each entry that names a
+//! response index, which list of the state that index belongs to:
+//!
+//! | entry of the template                         | patch (value = source + add)             |
+//! |-----------------------------------------------|------------------------------------------|
+//! | t2i: the id of a row decoded at step `j < k`  | `RankToken(rank)` (the order is fixed)   |
+//! | text dense: the id of response index `i`      | `Token(i)`                               |
+//! | text sparse: a fed decoded row of rank `r`    | id `RankToken(r)`, pos and slot `Rank(r)` |
+//! | text sparse: a masked row of the step's block | pos `Query(s)`                           |
+//! | text sparse: another mask (no truncation)     | pos `Other(j)`                           |
+//! | text sparse: the key of decoded index `d[j]`  | slot `Decoded(j)`, tag `DecodedTag(j)`   |
+//! | text dense: logits row `s`                    | `Query(s)` + row of response index 0     |
+//! | text: sampler position `s`                    | `Query(s)` + P                           |
+//!
+//! This works because the *shape* of every step is fixed by the request: t2i decodes a fixed
+//! order, and a text step decodes in a fixed block with fixed commit counts, so which rows exist,
+//! their tags and the attention's key counts do not depend on the history; only which response
+//! indices fill them does. Keys are slot-sorted (prompt < response < scratch), so the decoded
+//! keys appear in ascending response index: exactly the list `d`.
+//!
+//! [`run_program`] is the host interpreter of a program: it runs the device-resident algorithm
+//! through any [`Backend`], op for op, and tests hold it equal to [`super::generate`].
+
+use super::patch::{self, CommitRule, DeviceState, Field, Lists, Patch, PlanArrays, Source};
+use super::{
+    DecodeState, Decoder, Generation, Layout, Mode, RunOptions, StepTrace, T2iRequest, Task,
+    TextRequest, dense_plan, prefill_plan, sparse_plan, t2i_setup, t2i_upfront_plans, text_setup,
+};
+use crate::backend::{Backend, SampleParams};
+use crate::config::{Branch, Config};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::plan::{StepPlan, Tag};
+use crate::profile;
+use patch::UNDECODED;
+use std::time::Instant;
+
+/// The token a template holds where the real one is only known at run time (patched before
+/// the step runs): a valid id in both vocabularies, so a template is itself a runnable plan.
+pub const CANONICAL_TOKEN: u32 = 0;
+
+/// One step of a [`Program`]: a template plan, its patches, and how the step commits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepProgram {
+    /// The template: the plan [`super::generate`] builds at this step after a canonical history
+    /// (text: each earlier step committed the lowest undecoded indices of its block; t2i: the
+    /// real order), with [`CANONICAL_TOKEN`] for every token decoded earlier.
+    pub plan: StepPlan,
+    /// What to overwrite before the step runs; distinct `(field, index)` pairs, every index
+    /// inside its array. Row fields index `plan.rows(program.branch)`.
+    pub patches: Vec<Patch>,
+    /// Text: the step's block `[b0, b1)` of response indices (its query is [`patch::Lists::q`]);
+    /// t2i: `(0, 0)`.
+    pub block: (u32, u32),
+    /// T2i: the response indices of the logits rows, in row order (fixed); text: `None`.
+    pub query: Option<Vec<u32>>,
+    /// The template's sampler positions (prompt length + query index), patched through
+    /// [`Field::SamplePos`].
+    pub sample_positions: Vec<u32>,
+    /// How the step records its choices in the [`DeviceState`].
+    pub commit: CommitRule,
+}
+
+/// Every step of a generation, fixed before sampling (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Program {
+    /// The prompt prefill (sparse mode with a cached, non-empty prompt); it has no patches.
+    pub prefill: Option<StepPlan>,
+    /// The steps, in order.
+    pub steps: Vec<StepProgram>,
+    /// The response's branch: patches' row fields index `plan.rows(branch)`.
+    pub branch: Branch,
+    /// Response length `N`.
+    pub n: usize,
+    /// The response's `[MASK]` id: the state starts as `DeviceState::new(n, mask_id)`.
+    pub mask_id: u32,
+    /// K/V pool slots of the whole sequence set.
+    pub pool_slots: usize,
+    /// The sampler's parameters shared by every step; `step` and `positions` are set per step.
+    pub params: SampleParams,
+}
+
+/// One step's trace as [`Program::traces`] rebuilds it: (query positions, decoded positions in
+/// decode order, their tokens).
+pub type ProgramTrace = (Vec<u32>, Vec<u32>, Vec<u32>);
+
+impl StepProgram {
+    /// The host twin of what the device does before this step: computes the lists of `state`
+    /// for the step's block, applies the patches to a copy of the template, and returns the
+    /// resolved plan, the sampler positions and the query (response indices of the logits
+    /// rows, conditional sequence).
+    pub fn resolve(&self, branch: Branch, state: &DeviceState) -> (StepPlan, Vec<u32>, Vec<u32>) {
+        let lists = patch::lists(state, self.block);
+        let mut plan = self.plan.clone();
+        let mut positions = self.sample_positions.clone();
+        // The device stores tags as plain u32; patch them in that form.
+        let mut tags: Vec<u32> = plan.kv_tags.iter().map(|t| t.0).collect();
+        let rows = &mut plan.branches[branch as usize];
+        let mut arrays = PlanArrays {
+            row_ids: &mut rows.ids,
+            row_pos: &mut rows.pos,
+            row_slots: &mut rows.slots,
+            kv_indices: &mut plan.kv_indices,
+            kv_tags: &mut tags,
+            logits_rows: &mut plan.logits_rows,
+            sample_pos: &mut positions,
+        };
+        patch::apply(&self.patches, state, &lists, &mut arrays);
+        plan.kv_tags = tags.into_iter().map(Tag).collect();
+        let query = self.query.clone().unwrap_or(lists.q);
+        (plan, positions, query)
+    }
+}
+
+impl Program {
+    /// The per-step traces of a finished generation, from its final state: for step `k`, the
+    /// query (t2i: fixed; text: [`patch::Lists::q`] of the state before step `k`, i.e. with the
+    /// positions whose `decoded_step < k` decoded), the positions committed
+    /// (`order[rank_base .. rank_base + n_commit]`) and their tokens. Fails when the state does
+    /// not have the program's length or does not record every commit of every step.
+    pub fn traces(&self, final_state: &DeviceState) -> Result<Vec<ProgramTrace>> {
+        let st = final_state;
+        let n = self.n;
+        if st.tokens.len() != n || st.order.len() != n || st.decoded_step.len() != n {
+            return Err(Error::Input(format!(
+                "program traces: the state has {} tokens, {} ranks and {} decode steps for a \
+                 response of {n}",
+                st.tokens.len(),
+                st.order.len(),
+                st.decoded_step.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(self.steps.len());
+        for (k, s) in self.steps.iter().enumerate() {
+            let query = match &s.query {
+                Some(q) => q.clone(),
+                None => {
+                    let before = DeviceState {
+                        tokens: st.tokens.clone(),
+                        order: st.order.clone(),
+                        decoded_step: (st.decoded_step.iter())
+                            .map(|&d| if d < k as u32 { d } else { UNDECODED })
+                            .collect(),
+                    };
+                    patch::lists(&before, s.block).q
+                }
+            };
+            let ranks = committed_ranks(s.commit);
+            let Some(decoded) = st.order.get(ranks.clone()) else {
+                return Err(Error::Input(format!(
+                    "program traces: step {k} commits ranks {ranks:?}, past the response ({n})"
+                )));
+            };
+            let mut tokens = Vec::with_capacity(decoded.len());
+            for (r, &i) in ranks.zip(decoded) {
+                if st.decoded_step.get(i as usize) != Some(&(k as u32)) {
+                    return Err(Error::Input(format!(
+                        "program traces: rank {r} of step {k} is response index {i}, which the \
+                         state does not record as decoded at step {k}"
+                    )));
+                }
+                tokens.push(st.tokens[i as usize]);
+            }
+            out.push((query, decoded.to_vec(), tokens));
+        }
+        Ok(out)
+    }
+
+    /// The most rows per branch (indexed by `Branch as usize`) any plan of the program feeds,
+    /// prefill included: the size of per-branch workspaces.
+    pub fn max_rows(&self) -> [usize; 2] {
+        let plans = self
+            .prefill
+            .iter()
+            .chain(self.steps.iter().map(|s| &s.plan));
+        plans.fold([0, 0], |m, p| {
+            Branch::ALL.map(|b| m[b as usize].max(p.rows(b).len()))
+        })
+    }
+
+    /// The most positions any step samples (the sampler's output rows, per sequence).
+    pub fn max_query(&self) -> usize {
+        (self.steps.iter())
+            .map(|s| s.sample_positions.len())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// The program of `task` in `mode` on a model configured by `cfg`.
+pub fn program(cfg: &Config, task: &Task, mode: Mode) -> Result<Program> {
+    match task {
+        Task::T2i(req) => t2i_program(cfg, req, mode),
+        Task::Text(req) => text_program(cfg, req, mode),
+    }
+}
+
+/// The ranks a step commits: `rank_base .. rank_base + n_commit`.
+fn committed_ranks(rule: CommitRule) -> std::ops::Range<usize> {
+    let first = rule.rank_base as usize;
+    first..first + rule.n_commit as usize
+}
+
+/// Whether a run in `mode` prefills the prompt before step 0.
+fn prefills(mode: Mode, l: &Layout) -> bool {
+    matches!(mode, Mode::Sparse(sw) if sw.cache_prompt) && l.p() > 0
+}
+
+/// The plan [`super::generate`] builds at step `k` from the decode state `st`.
+fn step_plan(
+    l: &Layout,
+    st: &DecodeState,
+    query: &[u32],
+    k: usize,
+    mode: Mode,
+    prefilled: bool,
+) -> Result<StepPlan> {
+    match mode {
+        Mode::Dense => dense_plan(l, st, query),
+        Mode::Sparse(sw) => sparse_plan(l, st, query, k, sw, prefilled),
+    }
+}
+
+/// The program of a text-to-image request. The decode order is fixed, so every template is the
+/// real plan of its step with [`CANONICAL_TOKEN`] for the tokens decoded earlier, and the only
+/// patches are those ids: a [`t2i_upfront_plans`] fill (token `sample_index` of step
+/// `from_step`) reads the token of rank `rank_base(from_step) + sample_index`.
+pub fn t2i_program(cfg: &Config, req: &T2iRequest, mode: Mode) -> Result<Program> {
+    let (l, dec) = t2i_setup(cfg, req)?;
+    let mut up = t2i_upfront_plans(cfg, req, mode)?;
+    let mut rank_base = Vec::with_capacity(dec.groups.len());
+    let mut ranks = 0u32;
+    for g in &dec.groups {
+        rank_base.push(ranks);
+        ranks += g.len() as u32;
+    }
+    let mut patches: Vec<Vec<Patch>> = vec![Vec::new(); up.steps.len()];
+    for f in &up.fills {
+        patches[f.to_step as usize].push(Patch {
+            field: Field::RowId,
+            index: f.row,
+            source: Source::RankToken,
+            arg: rank_base[f.from_step as usize] + f.sample_index,
+            add: 0,
+        });
+    }
+    let canonical: Vec<Vec<u32>> = (dec.groups.iter())
+        .map(|g| vec![CANONICAL_TOKEN; g.len()])
+        .collect();
+    up.apply_fills(&canonical)?;
+    let empty = DecodeState {
+        tokens: Vec::new(),
+        groups: Vec::new(),
+    };
+    let steps = (up.steps.into_iter().zip(patches).enumerate())
+        .map(|(k, (plan, patches))| {
+            let query = dec.query(k, &empty);
+            StepProgram {
+                plan,
+                patches,
+                block: (0, 0),
+                sample_positions: dec.params(k, &query, l.p()).positions,
+                commit: CommitRule {
+                    step: k as u32,
+                    n_commit: query.len() as u32,
+                    rank_base: rank_base[k],
+                    by_confidence: false,
+                },
+                query: Some(query),
+            }
+        })
+        .collect();
+    Ok(Program {
+        prefill: up.prefill,
+        steps,
+        branch: l.branch,
+        n: l.n,
+        mask_id: l.mask_id,
+        pool_slots: l.pool_slots(),
+        params: dec.base_params().clone(),
+    })
+}
+
+/// The program of a text-answer request. Each template is the plan after a canonical history
+/// in which every earlier step committed the lowest undecoded indices of its block (patch
+/// [`patch::commit`] with equal confidences picks exactly those); the patches re-point every
+/// entry that names a response index to the list of the state that index stands for.
+pub fn text_program(cfg: &Config, req: &TextRequest, mode: Mode) -> Result<Program> {
+    let (l, dec) = text_setup(cfg, req)?;
+    let prefilled = prefills(mode, &l);
+    let prefill = if prefilled {
+        Some(prefill_plan(&l)?)
+    } else {
+        None
+    };
+    let mut canon = DeviceState::new(l.n, l.mask_id);
+    let mut rank_base = 0u32;
+    let mut steps = Vec::with_capacity(dec.schedule.len());
+    for (k, s) in dec.schedule.iter().enumerate() {
+        let range = crate::schedule::text_block_range(l.n, dec.block_len, s.block);
+        let block = (range.start as u32, range.end as u32);
+        let host = decode_state(&canon, k);
+        let query = dec.query(k, &host);
+        let plan = step_plan(&l, &host, &query, k, mode, prefilled)?;
+        let sample_positions = dec.params(k, &query, l.p()).positions;
+        let lists = patch::lists(&canon, block);
+        debug_assert_eq!(lists.q, query, "the host query is the device's list q");
+        let patches = text_patches(&l, mode, &canon, &lists, block, &plan, &sample_positions)?;
+        let commit = CommitRule {
+            step: k as u32,
+            n_commit: s.commit as u32,
+            rank_base,
+            by_confidence: true,
+        };
+        // The canonical commit: equal confidences, so ties go to the lowest positions.
+        let tokens = vec![CANONICAL_TOKEN; query.len()];
+        patch::commit(&mut canon, &query, &tokens, &vec![0.0; query.len()], commit)?;
+        rank_base += s.commit as u32;
+        steps.push(StepProgram {
+            plan,
+            patches,
+            block,
+            query: None,
+            sample_positions,
+            commit,
+        });
+    }
+    Ok(Program {
+        prefill,
+        steps,
+        branch: l.branch,
+        n: l.n,
+        mask_id: l.mask_id,
+        pool_slots: l.pool_slots(),
+        params: dec.base_params().clone(),
+    })
+}
+
+/// The host sampler's view of a device state after `steps` steps: tokens, and the groups in
+/// decode order (rank order within a step).
+fn decode_state(st: &DeviceState, steps: usize) -> DecodeState {
+    let decoded = |i: usize| st.decoded_step[i] != UNDECODED;
+    let mut groups = vec![Vec::new(); steps];
+    for &i in st.order.iter().take_while(|&&i| i != UNDECODED) {
+        groups[st.decoded_step[i as usize] as usize].push(i);
+    }
+    DecodeState {
+        tokens: (0..st.len())
+            .map(|i| decoded(i).then_some(st.tokens[i]))
+            .collect(),
+        groups,
+    }
+}
+
+/// The patches of one text step, read off its template `plan` built from the canonical state
+/// `canon` (whose lists for the step are `lists`); see the table in the module docs.
+fn text_patches(
+    l: &Layout,
+    mode: Mode,
+    canon: &DeviceState,
+    lists: &Lists,
+    block: (u32, u32),
+    plan: &StepPlan,
+    sample_positions: &[u32],
+) -> Result<Vec<Patch>> {
+    let (p, n) = (l.p() as u32, l.n as u32);
+    // Where each response index of the canonical state sits in the lists and the ranks.
+    let index_in = |list: &[u32]| {
+        let mut at = vec![None; l.n];
+        for (j, &i) in list.iter().enumerate() {
+            at[i as usize] = Some(j as u32);
+        }
+        at
+    };
+    let (in_q, in_m, in_d) = (index_in(&lists.q), index_in(&lists.m), index_in(&lists.d));
+    let decoded_order: Vec<u32> = (canon.order.iter())
+        .copied()
+        .take_while(|&i| i != UNDECODED)
+        .collect();
+    let rank = index_in(&decoded_order);
+    let missing = |what: &str, i: u32| {
+        Error::Input(format!(
+            "text program: template entry at response index {i} is not {what} in the canonical \
+             state (a plan/patch mismatch)"
+        ))
+    };
+    let response_index = |pos: u32| pos.checked_sub(p).filter(|&i| i < n);
+    // Dense rows of indices that cannot be decoded yet (past the block, or in a block no step
+    // has committed in) stay masks; every other dense row reads its token.
+    let block_started = decoded_order.len() as u32 > block.0;
+    let may_be_decoded = |i: u32| i < block.0 || (i < block.1 && block_started);
+
+    let mut out = Vec::new();
+    let mut push = |field, index: usize, source, arg: u32, add: u32| {
+        out.push(Patch {
+            field,
+            index: index as u32,
+            source,
+            arg,
+            add,
+        })
+    };
+    let rows = plan.rows(l.branch);
+    for (x, (&pos, (&tag, &slot))) in (rows.pos.iter())
+        .zip(rows.tags.iter().zip(&rows.slots))
+        .enumerate()
+    {
+        // Prompt rows and registers are the same in every history.
+        let Some(i) = response_index(pos) else {
+            continue;
+        };
+        match mode {
+            Mode::Dense => {
+                if may_be_decoded(i) {
+                    push(Field::RowId, x, Source::Token, i, 0);
+                }
+            }
+            Mode::Sparse(_) if !tag.masked() => {
+                // A decoded row fed this step: its token, position and slot follow its rank.
+                let r = rank[i as usize].ok_or_else(|| missing("decoded", i))?;
+                push(Field::RowId, x, Source::RankToken, r, 0);
+                push(Field::RowPos, x, Source::Rank, r, pos - i);
+                push(Field::RowSlot, x, Source::Rank, r, slot - i);
+            }
+            Mode::Sparse(_) => {
+                // A mask: its scratch slot is fixed, its position is that of a list entry.
+                let (source, j) = match (in_q[i as usize], in_m[i as usize]) {
+                    (Some(s), _) => (Source::Query, s),
+                    (None, Some(j)) => (Source::Other, j),
+                    (None, None) => return Err(missing("undecoded", i)),
+                };
+                push(Field::RowPos, x, source, j, pos - i);
+            }
+        }
+    }
+    if let Mode::Sparse(_) = mode {
+        // Undecoded rows write scratch slots, so the keys at response slots are the decoded
+        // indices, ascending: key `j` of that range is `d[j]`.
+        let clean = Tag::new(l.branch, 0, false).0;
+        for seq in 0..plan.n_seqs {
+            let first = l.base(seq) + p;
+            let keys = plan.kv_indptr[seq] as usize..plan.kv_indptr[seq + 1] as usize;
+            for x in keys {
+                let slot = plan.kv_indices[x];
+                let Some(i) = slot.checked_sub(first).filter(|&i| i < n) else {
+                    continue;
+                };
+                let j = in_d[i as usize].ok_or_else(|| missing("decoded", i))?;
+                push(Field::KvIndex, x, Source::Decoded, j, slot - i);
+                push(Field::KvTag, x, Source::DecodedTag, j, clean);
+            }
+        }
+    }
+    if mode == Mode::Dense {
+        // Dense logits rows are the query's own response rows, at a fixed offset (text runs
+        // one sequence: one logits row per query entry).
+        if plan.logits_rows.len() != lists.q.len() {
+            return Err(Error::Input(format!(
+                "text program: {} logits rows for a query of {}",
+                plan.logits_rows.len(),
+                lists.q.len()
+            )));
+        }
+        for (s, (&row, &i)) in plan.logits_rows.iter().zip(&lists.q).enumerate() {
+            push(Field::LogitsRow, s, Source::Query, s as u32, row - i);
+        }
+    }
+    for (s, (&pos, &i)) in sample_positions.iter().zip(&lists.q).enumerate() {
+        push(Field::SamplePos, s, Source::Query, s as u32, pos - i);
+    }
+    Ok(out)
+}
+
+/// The host interpreter of a device-resident generation: runs `program` through any backend
+/// op for op as the device does (resolve each step's plan from the state with the patch twins,
+/// forward, sample at the resolved positions, [`patch::commit`]). Gives the same
+/// [`Generation`] as [`super::generate`] (rows fed, forwards, traces, recorded logits), and
+/// calls `opts.on_plan` / `opts.progress` the same way. Teacher forcing needs the host loop:
+/// `opts.teacher` is an error.
+pub fn run_program<B: Backend>(
+    model: &Model<B>,
+    program: &Program,
+    mut opts: RunOptions,
+) -> Result<Generation> {
+    if opts.teacher.is_some() {
+        return Err(Error::Input("teacher forcing needs the host loop".into()));
+    }
+    let start = Instant::now();
+    let be = model.backend();
+    let mut cache = model.new_cache(program.pool_slots)?;
+    let mut state = DeviceState::new(program.n, program.mask_id);
+    let (mut forwards, mut rows_fed) = (0, 0);
+    if let Some(plan) = &program.prefill {
+        let _r = profile::range("prefill");
+        if let Some(f) = opts.on_plan.as_mut() {
+            f(None, plan);
+        }
+        rows_fed += plan.n_rows();
+        model.forward(&model.prepare(plan.clone())?, &mut cache)?;
+        forwards += 1;
+    }
+    let n_steps = program.steps.len();
+    let mut steps = Vec::with_capacity(n_steps);
+    let mut clock = be.step_clock()?;
+    for (k, step) in program.steps.iter().enumerate() {
+        let _r = profile::range(format_args!("step {k}"));
+        clock.start()?;
+        let (plan, positions, query) = step.resolve(program.branch, &state);
+        if let Some(f) = opts.on_plan.as_mut() {
+            f(Some(k), &plan);
+        }
+        let n_rows = plan.n_rows();
+        let logits = model
+            .forward(&model.prepare(plan)?, &mut cache)?
+            .ok_or_else(|| Error::Input(format!("step {k} has no position to decode")))?;
+        let params = SampleParams {
+            step: k as u32,
+            positions,
+            ..program.params.clone()
+        };
+        let sampled = be.sample(&logits, &params)?;
+        let tokens: Vec<u32> = sampled.iter().map(|s| s.token).collect();
+        let confidence: Vec<f32> = sampled.iter().map(|s| s.confidence).collect();
+        patch::commit(&mut state, &query, &tokens, &confidence, step.commit)?;
+        let ranks = committed_ranks(step.commit);
+        let decoded = state.order[ranks].to_vec();
+        forwards += 1;
+        rows_fed += n_rows;
+        let time_s = clock.stop()?;
+        steps.push(StepTrace {
+            step: k,
+            tokens: decoded.iter().map(|&i| state.tokens[i as usize]).collect(),
+            decoded_positions: decoded,
+            rows_fed: n_rows,
+            time_s,
+            query_positions: query,
+            logits: if opts.record_logits {
+                Some(be.to_host(&logits)?)
+            } else {
+                None
+            },
+        });
+        if let Some(p) = opts.progress.as_mut() {
+            p(k + 1, n_steps);
+        }
+    }
+    if let Some(i) = state.decoded_step.iter().position(|&d| d == UNDECODED) {
+        return Err(Error::Input(format!("response index {i} never decoded")));
+    }
+    Ok(Generation {
+        tokens: state.tokens,
+        steps,
+        forwards,
+        rows_fed,
+        wall_s: start.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    //! Model-free: `resolve` against the host sampler's own plans, queries, positions and commit
+    //! rule (private to `sampler`, hence here), over random decode histories.
+
+    use super::*;
+    use crate::backend::Sampled;
+    use crate::sampler::Switches;
+    use crate::schedule::Order;
+    use proptest::prelude::*;
+
+    fn all_modes() -> Vec<Mode> {
+        let mut modes = vec![Mode::Dense];
+        modes.extend(Switches::all_combinations().into_iter().map(Mode::Sparse));
+        modes
+    }
+
+    /// A small deterministic stream (splitmix64) for confidences and tokens.
+    struct Stream(u64);
+    impl Stream {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        /// Random draws of `len` sampled positions; confidences from `levels` values so that
+        /// ties (broken by position) are common.
+        fn sampled(&mut self, len: usize, vocab: u64, levels: u64) -> Vec<Sampled> {
+            (0..len)
+                .map(|_| Sampled {
+                    token: (self.next() % vocab) as u32,
+                    confidence: (self.next() % levels) as f32 / levels as f32,
+                    lse: 0.0,
+                })
+                .collect()
+        }
+    }
+
+    fn assert_same_state(host: &DecodeState, dev: &DeviceState, steps: usize, what: &str) {
+        let seen = decode_state(dev, steps);
+        assert_eq!(seen.tokens, host.tokens, "{what}: tokens");
+        assert_eq!(seen.groups, host.groups, "{what}: groups");
+    }
+
+    /// Runs both samplers' bookkeeping side by side on random confidences: at every step the
+    /// resolved plan, query and positions equal the host's, and after every commit both
+    /// states agree.
+    fn check(cfg: &Config, task: &Task, seed: u64, levels: u64) {
+        let (l, dec): (Layout, Box<dyn Decoder>) = match task {
+            Task::T2i(req) => {
+                let (l, d) = t2i_setup(cfg, req).unwrap();
+                (l, Box::new(d))
+            }
+            Task::Text(req) => {
+                let (l, d) = text_setup(cfg, req).unwrap();
+                (l, Box::new(d))
+            }
+        };
+        let vocab = cfg.vocab(l.branch) as u64;
+        for mode in all_modes() {
+            let prog = program(cfg, task, mode).unwrap();
+            let prefilled = prefills(mode, &l);
+            let want_prefill = prefilled.then(|| prefill_plan(&l).unwrap());
+            assert_eq!(prog.prefill, want_prefill, "{mode}: prefill");
+            assert_eq!(prog.steps.len(), dec.steps(), "{mode}");
+            assert_eq!((prog.n, prog.mask_id), (l.n, l.mask_id), "{mode}");
+            assert_eq!(prog.pool_slots, l.pool_slots(), "{mode}");
+            let mut host = DecodeState {
+                tokens: vec![None; l.n],
+                groups: Vec::new(),
+            };
+            let mut dev = DeviceState::new(l.n, l.mask_id);
+            let mut rng = Stream(seed);
+            for (k, step) in prog.steps.iter().enumerate() {
+                let what = format!("{mode} step {k}");
+                let mut fields = std::collections::HashSet::new();
+                for p in &step.patches {
+                    assert!(fields.insert((p.field, p.index)), "{what}: {p:?} twice");
+                }
+                let query = dec.query(k, &host);
+                let want = step_plan(&l, &host, &query, k, mode, prefilled).unwrap();
+                let (plan, positions, q) = step.resolve(prog.branch, &dev);
+                assert_eq!(plan, want, "{what}: plan");
+                assert_eq!(q, query, "{what}: query");
+                assert_eq!(positions, dec.params(k, &query, l.p()).positions, "{what}");
+
+                let sampled = rng.sampled(query.len(), vocab, levels);
+                let committed = dec.commit(k, &query, &sampled);
+                for &(i, tok) in &committed {
+                    host.tokens[i as usize] = Some(tok);
+                }
+                host.groups
+                    .push(committed.iter().map(|&(i, _)| i).collect());
+                let tokens: Vec<u32> = sampled.iter().map(|s| s.token).collect();
+                let conf: Vec<f32> = sampled.iter().map(|s| s.confidence).collect();
+                patch::commit(&mut dev, &q, &tokens, &conf, step.commit).unwrap();
+                assert_same_state(&host, &dev, k + 1, &what);
+            }
+            assert!(dev.decoded_step.iter().all(|&d| d != UNDECODED), "{mode}");
+            // The traces rebuilt from the final state are the run's.
+            let traces = prog.traces(&dev).unwrap();
+            let mut replay = DecodeState {
+                tokens: vec![None; l.n],
+                groups: Vec::new(),
+            };
+            for (k, (q, decoded, tokens)) in traces.iter().enumerate() {
+                assert_eq!(q, &dec.query(k, &replay), "{mode} step {k}: traced query");
+                assert_eq!(decoded, &host.groups[k], "{mode} step {k}: traced group");
+                for (&i, &t) in decoded.iter().zip(tokens) {
+                    assert_eq!(host.tokens[i as usize], Some(t), "{mode} step {k}");
+                    replay.tokens[i as usize] = Some(t);
+                }
+                replay.groups.push(decoded.clone());
+            }
+        }
+    }
+
+    fn prompt(len: usize, seed: u64) -> Vec<u32> {
+        (0..len as u64)
+            .map(|i| ((i * 7919 + seed * 104_729) % 299) as u32)
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn text_resolve_equals_the_incremental_plan(
+            seed in any::<u64>(), plen in 0usize..5, answer_len in 1usize..40,
+            block_len in 1usize..12, steps_frac in 0.0f64..1.0, levels in 1u64..6,
+        ) {
+            let nblocks = answer_len.div_ceil(block_len);
+            // Between one step per block and one per position; a short last block may not take
+            // its share of steps, which the schedule rejects (tested in tests/programs.rs).
+            let steps = nblocks + ((answer_len - nblocks) as f64 * steps_frac) as usize;
+            prop_assume!(crate::schedule::text_schedule(answer_len, block_len, steps).is_ok());
+            let cfg = Config::preset("tiny").unwrap();
+            let req = TextRequest {
+                prompt: prompt(plen, seed),
+                answer_len,
+                block_len,
+                steps,
+                temperature: 1.0,
+                banned: vec![3],
+                seed,
+            };
+            check(&cfg, &Task::Text(req), seed, levels);
+        }
+
+        #[test]
+        fn t2i_resolve_equals_the_incremental_plan(
+            seed in any::<u64>(), plen in 0usize..5, h in 1usize..5, w in 1usize..6,
+            steps_frac in 0.0f64..1.0, cfg_on in any::<bool>(), order in 0usize..3,
+        ) {
+            let n = h * w;
+            let cfg = Config::preset("tiny").unwrap();
+            let req = T2iRequest {
+                prompt: prompt(plen, seed),
+                height: h,
+                width: w,
+                steps: 1 + ((n - 1) as f64 * steps_frac) as usize,
+                guidance: if cfg_on { 3.0 } else { 0.0 },
+                temperature: 1.0,
+                order: Order::ALL[order],
+                seed,
+            };
+            check(&cfg, &Task::T2i(req), seed, 4);
+        }
+    }
+
+    #[test]
+    fn templates_are_plans_of_real_histories_and_patches_stay_in_range() {
+        let cfg = Config::preset("tiny").unwrap();
+        let req = TextRequest {
+            prompt: prompt(3, 1),
+            answer_len: 11,
+            block_len: 4,
+            steps: 7,
+            temperature: 0.0,
+            banned: Vec::new(),
+            seed: 5,
+        };
+        for mode in all_modes() {
+            let prog = text_program(&cfg, &req, mode).unwrap();
+            for (k, s) in prog.steps.iter().enumerate() {
+                let rows = s.plan.rows(prog.branch).len();
+                for p in &s.patches {
+                    let len = match p.field {
+                        Field::RowId | Field::RowPos | Field::RowSlot => rows,
+                        Field::KvIndex | Field::KvTag => s.plan.kv_indices.len(),
+                        Field::LogitsRow => s.plan.logits_rows.len(),
+                        Field::SamplePos => s.sample_positions.len(),
+                    };
+                    assert!((p.index as usize) < len, "{mode} step {k}: {p:?}");
+                }
+                // Canonical tokens are real ids: the template uploads as it is.
+                let ids = &s.plan.rows(prog.branch).ids;
+                assert!(
+                    ids.iter()
+                        .all(|&id| id == crate::plan::REGISTER || (id as usize) < cfg.text_vocab),
+                    "{mode} step {k}"
+                );
+            }
+        }
+    }
+}
