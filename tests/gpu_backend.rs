@@ -846,8 +846,14 @@ fn assert_same_run(a: &Generation, b: &Generation, what: &str) {
     assert_eq!(a.steps.len(), b.steps.len(), "{what}: steps");
     for (x, y) in a.steps.iter().zip(&b.steps) {
         let k = x.step;
-        assert_eq!(x.query_positions, y.query_positions, "{what} step {k}: query");
-        assert_eq!(x.decoded_positions, y.decoded_positions, "{what} step {k}: decoded");
+        assert_eq!(
+            x.query_positions, y.query_positions,
+            "{what} step {k}: query"
+        );
+        assert_eq!(
+            x.decoded_positions, y.decoded_positions,
+            "{what} step {k}: decoded"
+        );
         assert_eq!(x.tokens, y.tokens, "{what} step {k}: tokens");
         assert_eq!(x.rows_fed, y.rows_fed, "{what} step {k}: rows fed");
         assert!(y.time_s > 0.0, "{what} step {k}: no step time");
@@ -890,7 +896,10 @@ fn gpu_graphs_equal_eager_tokens() {
                 assert_same_run(&graphs, &again, &format!("{what}: graphs twice"));
                 assert!(graphs.setup_s > 0.0, "{what}: no setup time");
             }
-            println!("{name} {}: graphs == queued == eager in 9 modes", task_name(task));
+            println!(
+                "{name} {}: graphs == queued == eager in 9 modes",
+                task_name(task)
+            );
         }
     }
 }

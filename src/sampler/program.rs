@@ -30,8 +30,9 @@
 
 use super::patch::{self, CommitRule, DeviceState, Field, Lists, Patch, PlanArrays, Source};
 use super::{
-    DecodeState, Decoder, Generation, Layout, Mode, RunOptions, StepTrace, T2iRequest, Task,
-    TextRequest, dense_plan, prefill_plan, sparse_plan, t2i_setup, t2i_upfront_plans, text_setup,
+    DecodeState, Decoder, Execution, Generation, Layout, Mode, RunOptions, StepTrace, T2iRequest,
+    Task, TextRequest, dense_plan, prefill_plan, sparse_plan, t2i_setup, t2i_upfront_plans,
+    text_setup,
 };
 use crate::backend::{Backend, SampleParams};
 use crate::config::{Branch, Config};
@@ -560,6 +561,8 @@ pub fn run_program<B: Backend>(
         forwards,
         rows_fed,
         wall_s: start.elapsed().as_secs_f64(),
+        setup_s: 0.0,
+        execution: Execution::Eager,
     })
 }
 
