@@ -255,8 +255,8 @@ impl IndexBuf {
     }
 
     /// Uploads `host` with a declared bound: the recorded maximum is `max_bound` (not the host
-    /// maximum), so the buffer may later be overwritten on the device (through
-    /// [`IndexBuf::patch_target`]) with any values up to it. Distinctness is computed from
+    /// maximum), so the buffer may later be overwritten on the device (by the patches of a
+    /// device-resolved plan, [`resolve_plan`]) with any values up to it. Distinctness is computed from
     /// `host`. Errors: a value of `host` above `max_bound`.
     pub fn with_bound(dev: &CudaDevice, host: &[u32], max_bound: u32) -> Result<IndexBuf> {
         if let Some((i, &v)) = host.iter().enumerate().find(|&(_, &v)| v > max_bound) {
