@@ -294,6 +294,122 @@ typedef struct SlInitParams {
     uint32_t _pad;
 } SlInitParams;
 
+/* ---------------------------------------------------------------------------------------
+ * Device-resident generation (kernels/program.cu)
+ *
+ * A generation queued (or captured as CUDA graphs) before any token is known keeps its decode
+ * state on the device, per response index i < n and rank r < n (src/sampler/patch.rs
+ * `DeviceState`): tokens[i] (the mask id while undecoded), order[r] (the index decoded with
+ * rank r, or SL_UNDECODED), decoded_step[i] (the step that decoded i, or SL_UNDECODED). Each
+ * step carries a template plan plus patches (`SlPatch`) resolved from that state before the
+ * step runs; after sampling, a commit records the step's choices. Oracle of every kernel here:
+ * src/sampler/patch.rs (`lists`, `value`, `apply`, `commit`).
+ *
+ * sl_resolve_plan (grid 1, block SL_PROGRAM_THREADS): writes the lists of patch::lists for
+ *   the block [block_begin, block_end) — q = undecoded indices inside it, m = undecoded
+ *   outside, d = decoded, each ascending — into list_q / list_m / list_d ([n] each; entries
+ *   past a list's length are SL_UNDECODED), then applies the n_patches patches. A patch is
+ *   (kind = field << 8 | source, index, arg, add) with the field and source numbering below
+ *   (patch.rs `Field`, `Source`); it writes field[index] = value exactly as patch::value, and
+ *   nothing when its source reads outside the state or a list, when index is not below its
+ *   field's length (n_rows for the row fields, n_keys for kv_*, n_logits for logits_rows and
+ *   sample_pos), or when the field's pointer is null. No two patches may write the same entry
+ *   (the host checks), so they run in parallel.
+ * sl_commit (grid 1, block SL_PROGRAM_THREADS): patch::commit. A query entry j < n_query is a
+ *   candidate when query[j] < n (others are skipped: they neither commit nor count). Rank of a
+ *   candidate j = number of candidates before it: with by_confidence, those with a greater
+ *   confidence in f32 total order (as f32::total_cmp), equal confidence and a lower query[j'],
+ *   or both equal and j' < j; otherwise those with j' < j. Candidates of rank < n_commit set
+ *   order[rank_base + rank] = query[j] (when below n), tokens[query[j]] = token[j] and
+ *   decoded_step[query[j]] = step. Query entries must be distinct.
+ * sl_gather_rows (grid min(n, 65535), block SL_GATHER_THREADS): out[j, c] = x[rows[j], c] for
+ *   j < n, c < cols (both dense, row stride cols); rows[j] >= x_rows gives a row of NaN.
+ * sl_fill_u32 (grid-stride, block SL_ELEM_THREADS): buf[i] = value for i < n.
+ * ------------------------------------------------------------------------------------- */
+#define SL_PROGRAM_THREADS 256
+#define SL_GATHER_THREADS 256
+#define SL_UNDECODED 0xFFFFFFFFu
+
+#define SL_FIELD_ROW_ID 0u
+#define SL_FIELD_ROW_POS 1u
+#define SL_FIELD_ROW_SLOT 2u
+#define SL_FIELD_KV_INDEX 3u
+#define SL_FIELD_KV_TAG 4u
+#define SL_FIELD_LOGITS_ROW 5u
+#define SL_FIELD_SAMPLE_POS 6u
+
+#define SL_SOURCE_TOKEN 0u
+#define SL_SOURCE_RANK_TOKEN 1u
+#define SL_SOURCE_RANK 2u
+#define SL_SOURCE_QUERY 3u
+#define SL_SOURCE_OTHER 4u
+#define SL_SOURCE_DECODED 5u
+#define SL_SOURCE_DECODED_TAG 6u
+
+typedef struct SlPatch {
+    uint32_t kind;             /* field << 8 | source */
+    uint32_t index;            /* entry of the field written */
+    uint32_t arg;              /* the source's argument */
+    uint32_t add;              /* added to the source's value (not for token sources) */
+} SlPatch;
+
+typedef struct SlResolveParams {
+    const uint32_t *tokens;       /* [n] */
+    const uint32_t *order;        /* [n] */
+    const uint32_t *decoded_step; /* [n] */
+    uint32_t *list_q;             /* [n] */
+    uint32_t *list_m;             /* [n] */
+    uint32_t *list_d;             /* [n] */
+    const SlPatch *patches;       /* [n_patches] */
+    uint32_t *row_ids;            /* nullable [n_rows] */
+    uint32_t *row_pos;            /* nullable [n_rows] */
+    uint32_t *row_slots;          /* nullable [n_rows] */
+    uint32_t *kv_indices;         /* nullable [n_keys] */
+    uint32_t *kv_tags;            /* nullable [n_keys] */
+    uint32_t *logits_rows;        /* nullable [n_logits] */
+    uint32_t *sample_pos;         /* nullable [n_logits] */
+    uint32_t n;                   /* response length */
+    uint32_t n_patches;
+    uint32_t block_begin;         /* the step's block [block_begin, block_end) */
+    uint32_t block_end;
+    uint32_t n_rows;
+    uint32_t n_keys;
+    uint32_t n_logits;
+    uint32_t _pad;
+} SlResolveParams;
+
+typedef struct SlCommitParams {
+    const uint32_t *query;        /* [n_query] response indices */
+    const uint32_t *token;        /* [n_query] sampled ids */
+    const float *confidence;      /* [n_query] */
+    uint32_t *tokens;             /* [n] */
+    uint32_t *order;              /* [n] */
+    uint32_t *decoded_step;       /* [n] */
+    uint32_t n;                   /* response length */
+    uint32_t n_query;
+    uint32_t n_commit;
+    uint32_t rank_base;
+    uint32_t step;
+    uint32_t by_confidence;       /* 1: text (top n_commit by confidence); 0: query order */
+} SlCommitParams;
+
+typedef struct SlGatherParams {
+    const float *x;               /* [x_rows, cols] */
+    const uint32_t *rows;         /* [n] */
+    float *out;                   /* [n, cols] */
+    uint32_t n;
+    uint32_t cols;
+    uint32_t x_rows;
+    uint32_t _pad;
+} SlGatherParams;
+
+typedef struct SlFillParams {
+    uint32_t *buf;                /* [n] */
+    uint64_t n;
+    uint32_t value;
+    uint32_t _pad;
+} SlFillParams;
+
 #ifdef __cplusplus
 }
 #endif

@@ -25,10 +25,14 @@ use sparse_lavida::config::Branch;
 use sparse_lavida::cuda::abi::SL_ATTN_BLOCK_M;
 use sparse_lavida::cuda::device::{CudaDevice, NO_DRIVER};
 use sparse_lavida::cuda::ops::{
-    self, AggregateInputs, AttnArgs, AttnLayout, AttnOut, AttnPlan, DecodeArrays, DeviceMask,
-    EmbedNorm, IndexBuf, KvPool, RopeKv, ScoreShape, SwigluShape,
+    self, AggregateInputs, AttnArgs, AttnLayout, AttnOut, AttnPlan, BannedMask, DecodeArrays,
+    DeviceMask, DeviceSampleArgs, DeviceStateBufs, EmbedNorm, IndexBuf, KvPool, PatchLens,
+    PatchTargets, RopeKv, SampleOut, ScoreShape, SwigluShape,
 };
 use sparse_lavida::plan::{REGISTER, Tag};
+use sparse_lavida::sampler::patch::{
+    self, CommitRule, DeviceState, Field, Lists, Patch, PlanArrays, Source, UNDECODED,
+};
 use sparse_lavida::sampler::{DecodeState, Layout, Switches, sparse_plan};
 
 // ------------------------------------------------------------------------------------------
@@ -116,7 +120,7 @@ fn probe_fails_cleanly_without_a_gpu() {
         Ok(dev) => {
             // A GPU machine: the probe succeeded and found the kernels.
             assert!(dev.info().sm_count > 0);
-            assert_eq!(dev.kernels().images().len(), 4);
+            assert_eq!(dev.kernels().images().len(), 6);
         }
         Err(Error::Unavailable(msg)) => {
             assert!(!msg.is_empty());
@@ -272,7 +276,7 @@ fn gpu_device_opens_and_loads_every_kernel_file() {
     let info = dev.info();
     assert!(info.sm_count > 0 && info.cc.0 >= 8, "{info:?}");
     let files: Vec<&str> = dev.kernels().images().iter().map(|&(f, _)| f).collect();
-    assert_eq!(files.len(), 5, "{files:?}");
+    assert_eq!(files.len(), 6, "{files:?}");
     eprintln!("{info:?}: images {:?}", dev.kernels().images());
 }
 
@@ -1213,4 +1217,987 @@ fn gpu_attention_rejects_bad_shapes_before_launch() {
         dev.download(&o).unwrap().iter().all(|x| x.is_nan()),
         "nothing may be launched on bad input"
     );
+}
+
+// ------------------------------------------------------------------------------------------
+// GPU: device-resident generation (kernels/program.cu vs src/sampler/patch.rs)
+// ------------------------------------------------------------------------------------------
+
+/// Uploads `host`, padded with one `pad` when empty (zero-length device buffers are avoided,
+/// as the ops do).
+fn upload_u32(dev: &CudaDevice, host: &[u32], pad: u32) -> cudarc::driver::CudaSlice<u32> {
+    if host.is_empty() {
+        dev.upload(&[pad]).unwrap()
+    } else {
+        dev.upload(host).unwrap()
+    }
+}
+
+/// `v` cut to its logical length `n`.
+fn cut<T>(mut v: Vec<T>, n: usize) -> Vec<T> {
+    v.truncate(n);
+    v
+}
+
+/// A random state of `n` positions with `decoded` of them decoded (in random order, over
+/// consecutive steps of random sizes).
+fn random_device_state(r: &mut ChaCha8Rng, n: usize, decoded: usize, mask_id: u32) -> DeviceState {
+    let mut st = DeviceState::new(n, mask_id);
+    let mut idx: Vec<u32> = (0..n as u32).collect();
+    idx.shuffle(r);
+    let mut step = 0;
+    for (rank, &i) in idx[..decoded].iter().enumerate() {
+        if rank > 0 && r.gen_bool(0.3) {
+            step += 1;
+        }
+        st.order[rank] = i;
+        st.tokens[i as usize] = r.gen_range(0..5000);
+        st.decoded_step[i as usize] = step;
+    }
+    st
+}
+
+/// The state on the device.
+fn upload_state(dev: &CudaDevice, st: &DeviceState) -> DeviceStateBufs {
+    let mut bufs = DeviceStateBufs::new(dev, st.len()).unwrap();
+    if !st.is_empty() {
+        dev.write(&st.tokens, &mut bufs.tokens).unwrap();
+        dev.write(&st.order, &mut bufs.order).unwrap();
+        dev.write(&st.decoded_step, &mut bufs.decoded_step).unwrap();
+    }
+    bufs
+}
+
+const SOURCES: [Source; 7] = [
+    Source::Token,
+    Source::RankToken,
+    Source::Rank,
+    Source::Query,
+    Source::Other,
+    Source::Decoded,
+    Source::DecodedTag,
+];
+
+const FIELDS: [Field; 7] = [
+    Field::RowId,
+    Field::RowPos,
+    Field::RowSlot,
+    Field::KvIndex,
+    Field::KvTag,
+    Field::LogitsRow,
+    Field::SamplePos,
+];
+
+/// Random patches over arrays of `lens`: a random subset of each field's entries (fields in
+/// `skip` get none), each with a random source, an argument that is sometimes past the state or
+/// the list it reads, and an offset that sometimes wraps.
+fn random_patches(r: &mut ChaCha8Rng, n: usize, lens: PatchLens, skip: &[Field]) -> Vec<Patch> {
+    let mut patches = Vec::new();
+    for field in FIELDS {
+        if skip.contains(&field) {
+            continue;
+        }
+        for index in 0..lens.of(field) as u32 {
+            if !r.gen_bool(0.6) {
+                continue;
+            }
+            let arg = if r.gen_bool(0.85) {
+                r.gen_range(0..n.max(1) as u32)
+            } else {
+                r.gen_range(n as u32..n as u32 + 50)
+            };
+            let add = if r.gen_bool(0.1) {
+                u32::MAX - r.gen_range(0..4)
+            } else {
+                r.gen_range(0..1000)
+            };
+            patches.push(Patch {
+                field,
+                index,
+                source: SOURCES[r.gen_range(0..SOURCES.len())],
+                arg,
+                add,
+            });
+        }
+    }
+    patches.shuffle(r);
+    patches
+}
+
+/// `sl_resolve_plan` equals `patch::lists` + `patch::apply`: the lists (padded with
+/// UNDECODED), every plan array (entries no patch writes keep their template values), and
+/// the state is left as it was. Sizes around the warp width, blocks inside, across and past
+/// the response, patches reading past the state and the lists, one target not given.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_resolve_plan_matches_patch_lists_and_apply() {
+    let dev = device();
+    let mut case = 0u64;
+    for &n in &[0usize, 1, 31, 32, 33, 100, 1000, 4096] {
+        for decoded_frac in [0.0, 0.4, 1.0] {
+            case += 1;
+            let mut r = rng(2000 + case);
+            let decoded = ((n as f64) * decoded_frac) as usize;
+            let st = random_device_state(&mut r, n, decoded, 77);
+            let b0 = r.gen_range(0..=n as u32 + 5);
+            let b1 = r.gen_range(b0..=n as u32 + 40);
+            let lens = PatchLens {
+                rows: r.gen_range(0..60),
+                keys: r.gen_range(0..300),
+                logits: r.gen_range(0..60),
+            };
+            // Every other case writes no sample positions and gives no target for them.
+            let skip: &[Field] = if case.is_multiple_of(2) {
+                &[Field::SamplePos]
+            } else {
+                &[]
+            };
+            let patches = random_patches(&mut r, n, lens, skip);
+            let template = |r: &mut ChaCha8Rng, len: usize| -> Vec<u32> {
+                (0..len).map(|_| r.r#gen()).collect()
+            };
+            let mut want: Vec<Vec<u32>> = FIELDS
+                .iter()
+                .map(|&f| template(&mut r, lens.of(f)))
+                .collect();
+            let mut dev_targets: Vec<_> = want.iter().map(|v| upload_u32(&dev, v, 0)).collect();
+
+            let l = patch::lists(&st, (b0, b1));
+            {
+                let [ids, pos, slots, kv, tags, lr, sp] = &mut want[..] else {
+                    unreachable!()
+                };
+                let mut arrays = PlanArrays {
+                    row_ids: ids,
+                    row_pos: pos,
+                    row_slots: slots,
+                    kv_indices: kv,
+                    kv_tags: tags,
+                    logits_rows: lr,
+                    sample_pos: sp,
+                };
+                patch::apply(&patches, &st, &l, &mut arrays);
+            }
+
+            let mut state = upload_state(&dev, &st);
+            let pbuf = ops::upload_patches(&dev, &patches, lens).unwrap();
+            {
+                let [ids, pos, slots, kv, tags, lr, sp] = &mut dev_targets[..] else {
+                    unreachable!()
+                };
+                let targets = PatchTargets {
+                    row_ids: Some(ids),
+                    row_pos: Some(pos),
+                    row_slots: Some(slots),
+                    kv_indices: Some(kv),
+                    kv_tags: Some(tags),
+                    logits_rows: Some(lr),
+                    sample_pos: if skip.is_empty() { Some(sp) } else { None },
+                };
+                ops::resolve_plan(&dev, &pbuf, &mut state, (b0, b1), targets).unwrap();
+            }
+            let what = format!("n {n} decoded {decoded} block [{b0}, {b1}) lens {lens:?}");
+            for (k, f) in FIELDS.iter().enumerate() {
+                let got = cut(dev.download(&dev_targets[k]).unwrap(), lens.of(*f));
+                assert_eq!(got, want[k], "{what}: {f:?}");
+            }
+            assert_eq!(state.download(&dev).unwrap(), st, "{what}: state changed");
+            assert_eq!(state.download_lists(&dev).unwrap(), l, "{what}: lists");
+            // The raw lists: ascending prefix, UNDECODED after it.
+            for (name, buf, list) in [
+                ("q", &state.q, &l.q),
+                ("m", &state.m, &l.m),
+                ("d", &state.d, &l.d),
+            ] {
+                let mut padded = list.clone();
+                padded.resize(n, UNDECODED);
+                assert_eq!(
+                    cut(dev.download(buf).unwrap(), n),
+                    padded,
+                    "{what}: raw {name}"
+                );
+            }
+        }
+    }
+}
+
+/// Confidences with many ties, both zeros, infinities and NaNs of both signs.
+fn tied_confidences(r: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    let pool = [
+        0.5,
+        0.25,
+        0.75,
+        1.0,
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        1e-30,
+    ];
+    (0..n)
+        .map(|_| {
+            if r.gen_bool(0.5) {
+                pool[r.gen_range(0..pool.len())]
+            } else {
+                r.r#gen::<f32>()
+            }
+        })
+        .collect()
+}
+
+/// `sl_commit` equals `patch::commit` for text (by confidence, with ties, signed zeros and NaNs
+/// ordered as `f32::total_cmp`) and t2i (query order), committing none, some and all of the
+/// query; query entries past the response are skipped, as if absent.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_commit_matches_patch_commit() {
+    let dev = device();
+    let mut case = 0u64;
+    for &n in &[1usize, 32, 33, 300, 2000] {
+        for by_confidence in [true, false] {
+            for commit_frac in [0.0, 0.5, 1.0] {
+                for with_skipped in [false, true] {
+                    case += 1;
+                    let mut r = rng(3000 + case);
+                    let decoded = r.gen_range(0..n);
+                    let st = random_device_state(&mut r, n, decoded, 9);
+                    let mut undecoded: Vec<u32> = (0..n as u32)
+                        .filter(|&i| st.decoded_step[i as usize] == UNDECODED)
+                        .collect();
+                    undecoded.shuffle(&mut r);
+                    let nq = r.gen_range(1..=undecoded.len().min(300));
+                    let valid: Vec<u32> = undecoded[..nq].to_vec();
+                    let token: Vec<u32> = (0..nq).map(|_| r.gen_range(0..5000)).collect();
+                    let conf = tied_confidences(&mut r, nq);
+                    let n_commit = ((nq as f64) * commit_frac) as u32;
+                    let rule = CommitRule {
+                        step: r.gen_range(0..100),
+                        n_commit,
+                        rank_base: decoded as u32,
+                        by_confidence,
+                    };
+                    let mut want = st.clone();
+                    patch::commit(&mut want, &valid, &token, &conf, rule).unwrap();
+                    // The device query: the same entries with out-of-range ones interleaved.
+                    let (mut q, mut t, mut c) = (Vec::new(), Vec::new(), Vec::new());
+                    for j in 0..nq {
+                        if with_skipped && r.gen_bool(0.3) {
+                            q.push(if r.gen_bool(0.5) {
+                                UNDECODED
+                            } else {
+                                n as u32 + r.gen_range(0..9)
+                            });
+                            t.push(r.r#gen());
+                            c.push(f32::INFINITY);
+                        }
+                        q.push(valid[j]);
+                        t.push(token[j]);
+                        c.push(conf[j]);
+                    }
+                    let mut state = upload_state(&dev, &st);
+                    let (dq, dt, dc) = (
+                        dev.upload(&q).unwrap(),
+                        dev.upload(&t).unwrap(),
+                        dev.upload(&c).unwrap(),
+                    );
+                    ops::commit(&dev, &dq, &dt, &dc, q.len(), rule, &mut state).unwrap();
+                    let what = format!(
+                        "n {n} query {nq} (+{} skipped) commit {n_commit} by_confidence {by_confidence}",
+                        q.len() - nq
+                    );
+                    assert_eq!(state.download(&dev).unwrap(), want, "{what}");
+                }
+            }
+        }
+    }
+}
+
+/// A whole text generation on the device, step by step against the host twin: reset, then per
+/// block and step `resolve_plan` (lists of the block, patches reading them) and
+/// `commit_from_lists` with `n_query` = the response length (the list padding is skipped).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_text_generation_state_follows_the_host_twin() {
+    let dev = device();
+    let mut r = rng(4000);
+    let (n, block, per_step, mask_id) = (100usize, 32u32, 8u32, 4242u32);
+    let mut state = DeviceStateBufs::new(&dev, n).unwrap();
+    assert_eq!(state.download(&dev).unwrap(), DeviceState::new(n, 0));
+    state.reset(&dev, mask_id).unwrap();
+    let mut host = DeviceState::new(n, mask_id);
+    assert_eq!(state.download(&dev).unwrap(), host);
+    assert_eq!(state.download_lists(&dev).unwrap(), Lists::default());
+    let lens = PatchLens {
+        rows: 40,
+        keys: 0,
+        logits: 40,
+    };
+    let mut row_ids = dev.upload(&[0u32; 40]).unwrap();
+    let mut sample_pos = dev.upload(&[0u32; 40]).unwrap();
+    // The host twins of the two plan arrays, patched in lockstep.
+    let (mut host_ids, mut host_pos) = (vec![0u32; 40], vec![0u32; 40]);
+    let (mut rank, mut step) = (0u32, 0u32);
+    for b0 in (0..n as u32).step_by(block as usize) {
+        let b1 = (b0 + block).min(n as u32);
+        while (b0..b1).any(|i| host.decoded_step[i as usize] == UNDECODED) {
+            let l = patch::lists(&host, (b0, b1));
+            // The query's sampler positions (after a prompt of 7) and the latest decoded tokens.
+            let mut patches = Vec::new();
+            for j in 0..l.q.len() as u32 {
+                patches.push(Patch {
+                    field: Field::SamplePos,
+                    index: j,
+                    source: Source::Query,
+                    arg: j,
+                    add: 7,
+                });
+            }
+            for k in 0..rank.min(40) {
+                patches.push(Patch {
+                    field: Field::RowId,
+                    index: k,
+                    source: Source::RankToken,
+                    arg: rank - 1 - k,
+                    add: 0,
+                });
+            }
+            let pbuf = ops::upload_patches(&dev, &patches, lens).unwrap();
+            let targets = PatchTargets {
+                row_ids: Some(&mut row_ids),
+                sample_pos: Some(&mut sample_pos),
+                ..PatchTargets::default()
+            };
+            ops::resolve_plan(&dev, &pbuf, &mut state, (b0, b1), targets).unwrap();
+            let mut unused: [Vec<u32>; 5] = Default::default();
+            let [a, b, c, d, e] = &mut unused;
+            let mut arrays = PlanArrays {
+                row_ids: &mut host_ids,
+                row_pos: a,
+                row_slots: b,
+                kv_indices: c,
+                kv_tags: d,
+                logits_rows: e,
+                sample_pos: &mut host_pos,
+            };
+            patch::apply(&patches, &host, &l, &mut arrays);
+            assert_eq!(
+                dev.download(&row_ids).unwrap(),
+                host_ids,
+                "step {step}: row ids"
+            );
+            assert_eq!(
+                dev.download(&sample_pos).unwrap(),
+                host_pos,
+                "step {step}: sample positions"
+            );
+
+            let nq = l.q.len();
+            let token: Vec<u32> = (0..n).map(|_| r.gen_range(0..5000)).collect();
+            let conf = tied_confidences(&mut r, n);
+            let rule = CommitRule {
+                step,
+                n_commit: per_step.min(nq as u32),
+                rank_base: rank,
+                by_confidence: true,
+            };
+            patch::commit(&mut host, &l.q, &token[..nq], &conf[..nq], rule).unwrap();
+            let (dt, dc) = (dev.upload(&token).unwrap(), dev.upload(&conf).unwrap());
+            ops::commit_from_lists(&dev, &dt, &dc, n, rule, &mut state).unwrap();
+            assert_eq!(state.download(&dev).unwrap(), host, "step {step}");
+            rank += rule.n_commit;
+            step += 1;
+        }
+    }
+    assert_eq!(rank as usize, n);
+    // A reset starts afresh.
+    state.reset(&dev, 1).unwrap();
+    assert_eq!(state.download(&dev).unwrap(), DeviceState::new(n, 1));
+}
+
+/// A reset and two resolve + commit steps captured as one CUDA graph, then replayed twice:
+/// step 1's patch reads the token step 0 committed on the device, so the graph really resolves
+/// plans from run-time state; each replay starts with the reset and ends in the host twin's
+/// state. (Capture needs cudarc's event tracking off: with it on, each launch waits on its
+/// buffers' events recorded before the capture, which CUDA rejects inside a capture.)
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_resolve_and_commit_replay_from_a_cuda_graph() {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let dev = device();
+    // SAFETY: everything this test allocates and launches is on the device's one stream, so
+    // stream order alone orders every use of every buffer; no other stream touches them.
+    unsafe { dev.context().disable_event_tracking() };
+    let mut r = rng(4100);
+    let (n, mask_id) = (64usize, 5u32);
+    let mut state = DeviceStateBufs::new(&dev, n).unwrap();
+    let lens = PatchLens {
+        rows: 2,
+        keys: 0,
+        logits: 0,
+    };
+    let p = |index, source, arg| Patch {
+        field: Field::RowId,
+        index,
+        source,
+        arg,
+        add: 0,
+    };
+    // Step 0 reads rank 0 before anything is decoded (writes nothing); step 1 reads it after.
+    let step_patches = [
+        vec![p(0, Source::RankToken, 0)],
+        vec![p(1, Source::RankToken, 0)],
+    ];
+    let pbufs: Vec<_> = step_patches
+        .iter()
+        .map(|ps| ops::upload_patches(&dev, ps, lens).unwrap())
+        .collect();
+    let mut row_ids = dev.upload(&[123u32, 456]).unwrap();
+    let token: Vec<u32> = (0..n).map(|_| r.gen_range(0..5000)).collect();
+    let conf = tied_confidences(&mut r, n);
+    let (dt, dc) = (dev.upload(&token).unwrap(), dev.upload(&conf).unwrap());
+    let rules = [0u32, 1].map(|step| CommitRule {
+        step,
+        n_commit: 3,
+        rank_base: 3 * step,
+        by_confidence: true,
+    });
+    let block = (8u32, 40u32);
+    dev.synchronize().unwrap();
+
+    let stream = dev.stream().clone();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    state.reset(&dev, mask_id).unwrap();
+    for (pbuf, rule) in pbufs.iter().zip(rules) {
+        let targets = PatchTargets {
+            row_ids: Some(&mut row_ids),
+            ..PatchTargets::default()
+        };
+        ops::resolve_plan(&dev, pbuf, &mut state, block, targets).unwrap();
+        ops::commit_from_lists(&dev, &dt, &dc, n, rule, &mut state).unwrap();
+    }
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("the capture recorded a graph");
+    dev.synchronize().unwrap();
+    assert_eq!(
+        dev.download(&row_ids).unwrap(),
+        vec![123, 456],
+        "nothing runs during a capture"
+    );
+
+    let mut host = DeviceState::new(n, mask_id);
+    let mut host_ids = vec![123u32, 456];
+    for (ps, rule) in step_patches.iter().zip(rules) {
+        let l = patch::lists(&host, block);
+        let mut unused: [Vec<u32>; 6] = Default::default();
+        let [a, b, c, d, e, f] = &mut unused;
+        let mut arrays = PlanArrays {
+            row_ids: &mut host_ids,
+            row_pos: a,
+            row_slots: b,
+            kv_indices: c,
+            kv_tags: d,
+            logits_rows: e,
+            sample_pos: f,
+        };
+        patch::apply(ps, &host, &l, &mut arrays);
+        let nq = l.q.len();
+        patch::commit(&mut host, &l.q, &token[..nq], &conf[..nq], rule).unwrap();
+    }
+    assert_eq!(host_ids[0], 123, "step 0's patch reads an undecoded rank");
+    assert_eq!(host_ids[1], token[host.order[0] as usize - 8]);
+    for replay in 0..2 {
+        graph.launch().unwrap();
+        dev.synchronize().unwrap();
+        assert_eq!(state.download(&dev).unwrap(), host, "replay {replay}");
+        assert_eq!(dev.download(&row_ids).unwrap(), host_ids, "replay {replay}");
+    }
+}
+
+/// `gather_rows` moves rows bit for bit, an out-of-range row index gives a NaN row, and
+/// nothing past `n` rows is written.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_gather_rows_matches_host_and_nans_bad_rows() {
+    let dev = device();
+    let mut r = rng(4200);
+    for &(x_rows, cols, n) in &[
+        (5usize, 7usize, 9usize),
+        (300, 1001, 70),
+        (1, 1, 1),
+        (4, 4, 0),
+    ] {
+        let x = uniform(&mut r, x_rows * cols, 3.0);
+        let mut rows: Vec<u32> = (0..n).map(|_| r.gen_range(0..x_rows as u32)).collect();
+        if n > 1 {
+            rows[n / 2] = x_rows as u32; // just past the end
+            rows[n - 1] = u32::MAX;
+        }
+        let poison = -7.5f32;
+        let mut out = dev.upload(&vec![poison; n * cols + 3]).unwrap();
+        let (dx, drows) = (dev.upload(&x).unwrap(), upload_u32(&dev, &rows, 0));
+        ops::gather_rows(&dev, &dx, x_rows, cols, &drows, n, &mut out).unwrap();
+        let got = dev.download(&out).unwrap();
+        for (j, &row) in rows.iter().enumerate() {
+            let got_row = &got[j * cols..][..cols];
+            if (row as usize) < x_rows {
+                let want = &x[row as usize * cols..][..cols];
+                assert_eq!(
+                    got_row.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "row {j}"
+                );
+            } else {
+                assert!(
+                    got_row.iter().all(|v| v.is_nan()),
+                    "row {j} (index {row}) not NaN"
+                );
+            }
+        }
+        assert!(
+            got[n * cols..].iter().all(|&v| v == poison),
+            "written past n rows"
+        );
+    }
+}
+
+/// `sample_to_device` runs the same kernel as `ops::sample`: bit-identical tokens, confidences
+/// and LSEs; a non-finite logit sets the flag, which stays set through a later clean call.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_sample_to_device_equals_sample_and_its_flag_is_sticky() {
+    let dev = device();
+    let mut case = 0u64;
+    for &(vocab, stride, n) in &[(1001usize, 1004usize, 13usize), (7, 8, 3)] {
+        for guidance in [None, Some(3.0f32)] {
+            for temperature in [0.0f32, 0.7] {
+                case += 1;
+                let mut r = rng(4300 + case);
+                let rows = if guidance.is_some() { 2 * n } else { n };
+                let (l, _) = logits(&mut r, rows, vocab, stride);
+                let banned: Vec<u32> = (1..vocab as u32).filter(|_| r.gen_bool(0.3)).collect();
+                let p = SampleParams {
+                    guidance,
+                    temperature,
+                    banned: banned.clone(),
+                    seed: r.r#gen(),
+                    step: r.gen_range(0..64),
+                    request: r.gen_range(0..4),
+                    positions: (0..n).map(|_| r.gen_range(0..5000)).collect(),
+                };
+                let l_dev = dev.upload(&l).unwrap();
+                let want = ops::sample(&dev, &l_dev, vocab, stride, &p).unwrap();
+                let mask = BannedMask::new(&dev, vocab, &banned).unwrap();
+                let positions = dev.upload(&p.positions).unwrap();
+                let mut token = dev.upload(&vec![u32::MAX; n]).unwrap();
+                let mut confidence = dev.upload(&vec![f32::NAN; n]).unwrap();
+                let mut lse = dev.upload(&vec![f32::NAN; n]).unwrap();
+                let mut flag = dev.upload(&[0u32]).unwrap();
+                let args = DeviceSampleArgs {
+                    positions: &positions,
+                    banned: Some(&mask),
+                    n,
+                    guidance,
+                    temperature,
+                    seed: p.seed,
+                    step: p.step,
+                    request: p.request,
+                };
+                ops::sample_to_device(
+                    &dev,
+                    &l_dev,
+                    vocab,
+                    stride,
+                    args,
+                    SampleOut {
+                        token: &mut token,
+                        confidence: &mut confidence,
+                        lse: &mut lse,
+                        error_flag: &mut flag,
+                    },
+                )
+                .unwrap();
+                let what = format!("vocab {vocab} g {guidance:?} tau {temperature}");
+                assert_eq!(dev.download(&flag).unwrap(), vec![0], "{what}");
+                let (t, c, s) = (
+                    dev.download(&token).unwrap(),
+                    dev.download(&confidence).unwrap(),
+                    dev.download(&lse).unwrap(),
+                );
+                for (i, w) in want.iter().enumerate() {
+                    assert_eq!(t[i], w.token, "{what}: row {i}");
+                    assert_eq!(c[i].to_bits(), w.confidence.to_bits(), "{what}: row {i}");
+                    assert_eq!(s[i].to_bits(), w.lse.to_bits(), "{what}: row {i}");
+                }
+                // A NaN logit sets the flag; a clean call afterwards leaves it set.
+                let mut bad = l.clone();
+                bad[(rows - 1) * stride] = f32::NAN;
+                let bad_dev = dev.upload(&bad).unwrap();
+                for logits in [&bad_dev, &l_dev] {
+                    ops::sample_to_device(
+                        &dev,
+                        logits,
+                        vocab,
+                        stride,
+                        args,
+                        SampleOut {
+                            token: &mut token,
+                            confidence: &mut confidence,
+                            lse: &mut lse,
+                            error_flag: &mut flag,
+                        },
+                    )
+                    .unwrap();
+                    assert_eq!(dev.download(&flag).unwrap(), vec![1], "{what}: sticky flag");
+                }
+                // A mask over another vocabulary is refused before launch.
+                let other = BannedMask::new(&dev, vocab + 1, &[0]).unwrap();
+                let e = ops::sample_to_device(
+                    &dev,
+                    &l_dev,
+                    vocab,
+                    stride,
+                    DeviceSampleArgs {
+                        banned: Some(&other),
+                        ..args
+                    },
+                    SampleOut {
+                        token: &mut token,
+                        confidence: &mut confidence,
+                        lse: &mut lse,
+                        error_flag: &mut flag,
+                    },
+                )
+                .unwrap_err();
+                assert!(e.to_string().contains("banned mask covers"), "{e}");
+            }
+        }
+    }
+}
+
+/// `embed_flagged` writes what `ops::embed` writes and ORs a bad id into the caller's flag
+/// (sticky), where `ops::embed` reports it as an error.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_embed_flagged_matches_embed_and_flags_a_bad_id() {
+    let dev = device();
+    let mut r = rng(4400);
+    let (rows, d, n) = (50usize, 96usize, 20usize);
+    let table = dev.upload(&bf16s(&mut r, rows * d, 1.0)).unwrap();
+    let reg = dev.upload(&bf16s(&mut r, d, 1.0)).unwrap();
+    let mut ids: Vec<u32> = (0..n).map(|_| r.gen_range(0..rows as u32)).collect();
+    ids[3] = REGISTER;
+    let ids_dev = dev.upload(&ids).unwrap();
+    let mut want = dev.upload(&vec![f32::NAN; n * d]).unwrap();
+    ops::embed(&dev, &table, &reg, &ids_dev, n, &mut want, None).unwrap();
+    let mut got = dev.upload(&vec![f32::NAN; n * d]).unwrap();
+    let mut flag = dev.upload(&[0u32]).unwrap();
+    ops::embed_flagged(&dev, &table, &reg, &ids_dev, n, &mut got, None, &mut flag).unwrap();
+    assert_eq!(dev.download(&flag).unwrap(), vec![0]);
+    let (g, w) = (dev.download(&got).unwrap(), dev.download(&want).unwrap());
+    assert_eq!(
+        g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        w.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+
+    ids[7] = rows as u32;
+    let bad_ids = dev.upload(&ids).unwrap();
+    ops::embed_flagged(&dev, &table, &reg, &bad_ids, n, &mut got, None, &mut flag).unwrap();
+    assert_eq!(dev.download(&flag).unwrap(), vec![1]);
+    ops::embed_flagged(&dev, &table, &reg, &ids_dev, n, &mut got, None, &mut flag).unwrap();
+    assert_eq!(dev.download(&flag).unwrap(), vec![1], "the flag is sticky");
+    let e = ops::embed(&dev, &table, &reg, &bad_ids, n, &mut want, None).unwrap_err();
+    assert!(e.to_string().contains("ids[7] = 50"), "{e}");
+}
+
+// ------------------------------------------------------------------------------------------
+// Host: a statement-by-statement transcription of kernels/program.cu vs patch.rs
+// ------------------------------------------------------------------------------------------
+
+/// `__ballot_sync` over the 32 lanes of one warp step.
+fn ballot(flags: &[bool; 32]) -> u32 {
+    flags
+        .iter()
+        .enumerate()
+        .fold(0, |b, (l, &f)| b | (u32::from(f) << l))
+}
+
+/// `sl_resolve_plan` transcribed (warp 0's lanes in lockstep, then the block's threads one after
+/// another): returns the raw lists and patches `targets` (`None`: a null pointer). `lens` is
+/// `(n_rows, n_keys, n_logits)`.
+fn resolve_transcribed(
+    st: &DeviceState,
+    block: (u32, u32),
+    patches: &[[u32; 4]],
+    targets: &mut [Option<Vec<u32>>; 7],
+    lens: (u32, u32, u32),
+) -> [Vec<u32>; 3] {
+    let n = st.len() as u32;
+    let mut lists = [
+        vec![0xDEAD_u32; n as usize],
+        vec![0xDEAD; n as usize],
+        vec![0xDEAD; n as usize],
+    ];
+    let mut len = [0u32; 3]; // q, m, d
+    let mut c0 = 0;
+    while c0 < n {
+        let mut class = [[false; 32]; 3];
+        for lane in 0..32 {
+            let i = c0 + lane;
+            let inside = i < n;
+            let dec = inside && st.decoded_step[i as usize] != UNDECODED;
+            let inq = inside && !dec && i >= block.0 && i < block.1;
+            let inm = inside && !dec && !inq;
+            class[0][lane as usize] = inq;
+            class[1][lane as usize] = inm;
+            class[2][lane as usize] = dec;
+        }
+        for k in 0..3 {
+            let b = ballot(&class[k]);
+            for lane in 0..32u32 {
+                if class[k][lane as usize] {
+                    let below = (1u32 << lane) - 1;
+                    lists[k][(len[k] + (b & below).count_ones()) as usize] = c0 + lane;
+                }
+            }
+            len[k] += b.count_ones();
+        }
+        c0 += 32;
+    }
+    // Thread t pads entries t, t + T, ...: every entry at or past its list's length.
+    for (list, &l) in lists.iter_mut().zip(&len) {
+        for e in &mut list[l as usize..] {
+            *e = UNDECODED;
+        }
+    }
+    for &[kind, index, arg, add] in patches {
+        let (target, tlen) = match kind >> 8 {
+            0..=2 => (kind >> 8, lens.0),
+            3 | 4 => (kind >> 8, lens.1),
+            5 | 6 => (kind >> 8, lens.2),
+            _ => continue,
+        };
+        let Some(dst) = targets[target as usize].as_mut() else {
+            continue;
+        };
+        if index >= tlen {
+            continue;
+        }
+        let v = match kind & 0xff {
+            0 if arg < n => Some(st.tokens[arg as usize]),
+            1 if arg < n => {
+                let i = st.order[arg as usize];
+                (i < n).then(|| st.tokens[i as usize])
+            }
+            2 if arg < n => {
+                let i = st.order[arg as usize];
+                (i != UNDECODED).then(|| add.wrapping_add(i))
+            }
+            s @ 3..=5 if arg < len[(s - 3) as usize] => {
+                Some(add.wrapping_add(lists[(s - 3) as usize][arg as usize]))
+            }
+            6 if arg < len[2] => {
+                let i = lists[2][arg as usize];
+                Some(add.wrapping_add(st.decoded_step[i as usize].wrapping_add(1) << 2))
+            }
+            _ => None,
+        };
+        if let Some(v) = v {
+            dst[index as usize] = v;
+        }
+    }
+    lists
+}
+
+/// `total_order_key` of program.cu.
+fn total_order_key(x: f32) -> i32 {
+    let b = x.to_bits() as i32;
+    b ^ (((b >> 31) as u32) >> 1) as i32
+}
+
+/// `sl_commit` transcribed.
+fn commit_transcribed(
+    st: &mut DeviceState,
+    query: &[u32],
+    token: &[u32],
+    conf: &[f32],
+    rule: CommitRule,
+) {
+    let n = st.len() as u32;
+    let nq = query.len() as u32;
+    let mut pick = |j: usize, i: u32, rank: u32| {
+        let r = rule.rank_base + rank;
+        if r < n {
+            st.order[r as usize] = i;
+        }
+        st.tokens[i as usize] = token[j];
+        st.decoded_step[i as usize] = rule.step;
+    };
+    if !rule.by_confidence {
+        let mut seen = 0;
+        let mut c0 = 0;
+        while c0 < nq && seen < rule.n_commit {
+            let mut cand = [false; 32];
+            let mut idx = [UNDECODED; 32];
+            for lane in 0..32 {
+                let j = c0 + lane as u32;
+                idx[lane] = if j < nq { query[j as usize] } else { UNDECODED };
+                cand[lane] = idx[lane] < n;
+            }
+            let b = ballot(&cand);
+            for lane in 0..32u32 {
+                let rank = seen + (b & ((1u32 << lane) - 1)).count_ones();
+                if cand[lane as usize] && rank < rule.n_commit {
+                    pick((c0 + lane) as usize, idx[lane as usize], rank);
+                }
+            }
+            seen += b.count_ones();
+            c0 += 32;
+        }
+        return;
+    }
+    for j in 0..nq as usize {
+        let i = query[j];
+        if i >= n {
+            continue;
+        }
+        let key = total_order_key(conf[j]);
+        let mut rank = 0;
+        let mut j2 = 0;
+        while j2 < nq as usize && rank < rule.n_commit {
+            let i2 = query[j2];
+            if i2 < n {
+                let key2 = total_order_key(conf[j2]);
+                if key2 > key || (key2 == key && (i2 < i || (i2 == i && j2 < j))) {
+                    rank += 1;
+                }
+            }
+            j2 += 1;
+        }
+        if rank < rule.n_commit {
+            pick(j, i, rank);
+        }
+    }
+}
+
+#[test]
+fn total_order_key_orders_as_total_cmp() {
+    let xs = [
+        f32::NAN,
+        -f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        f32::MIN_POSITIVE,
+        -f32::MIN_POSITIVE,
+        1e-45,
+        -1e-45,
+        f32::MAX,
+        f32::MIN,
+        0.5,
+    ];
+    for &a in &xs {
+        for &b in &xs {
+            assert_eq!(
+                total_order_key(a).cmp(&total_order_key(b)),
+                a.total_cmp(&b),
+                "{a} vs {b}"
+            );
+        }
+    }
+}
+
+/// The transcriptions of `sl_resolve_plan` and `sl_commit` equal `patch::{lists, apply,
+/// commit}` on random states, blocks, patches and queries (the same generators as the GPU
+/// tests), so the kernels' indexing and ordering are right before they ever run.
+#[test]
+fn program_kernels_transcribed_match_patch_rs() {
+    for case in 0..300u64 {
+        let mut r = rng(5000 + case);
+        let n = [0usize, 1, 31, 32, 33, 64, 100, 500][r.gen_range(0..8)];
+        let decoded = r.gen_range(0..=n);
+        let st = random_device_state(&mut r, n, decoded, 77);
+        let b0 = r.gen_range(0..=n as u32 + 5);
+        let b1 = r.gen_range(b0..=n as u32 + 40);
+        let lens = PatchLens {
+            rows: r.gen_range(0..30),
+            keys: r.gen_range(0..80),
+            logits: r.gen_range(0..30),
+        };
+        let skip: &[Field] = if case.is_multiple_of(3) {
+            &[Field::KvTag]
+        } else {
+            &[]
+        };
+        let patches = random_patches(&mut r, n, lens, skip);
+        ops::check_patches(&patches, lens).unwrap();
+        let mut want: Vec<Vec<u32>> = FIELDS
+            .iter()
+            .map(|&f| (0..lens.of(f)).map(|_| r.r#gen()).collect())
+            .collect();
+        let mut targets: [Option<Vec<u32>>; 7] =
+            std::array::from_fn(|k| (!skip.contains(&FIELDS[k])).then(|| want[k].clone()));
+        let l = patch::lists(&st, (b0, b1));
+        {
+            let [ids, pos, slots, kv, tags, lr, sp] = &mut want[..] else {
+                unreachable!()
+            };
+            let mut arrays = PlanArrays {
+                row_ids: ids,
+                row_pos: pos,
+                row_slots: slots,
+                kv_indices: kv,
+                kv_tags: tags,
+                logits_rows: lr,
+                sample_pos: sp,
+            };
+            patch::apply(&patches, &st, &l, &mut arrays);
+        }
+        let encoded: Vec<[u32; 4]> = patches.iter().map(|p| p.encode()).collect();
+        let lists = resolve_transcribed(
+            &st,
+            (b0, b1),
+            &encoded,
+            &mut targets,
+            (lens.rows as u32, lens.keys as u32, lens.logits as u32),
+        );
+        let what = format!("case {case}: n {n} block [{b0}, {b1})");
+        for (k, t) in targets.iter().enumerate() {
+            if let Some(t) = t {
+                assert_eq!(t, &want[k], "{what}: {:?}", FIELDS[k]);
+            }
+        }
+        for (raw, list) in lists.iter().zip([&l.q, &l.m, &l.d]) {
+            let mut padded = list.clone();
+            padded.resize(n, UNDECODED);
+            assert_eq!(raw, &padded, "{what}: lists");
+        }
+
+        // Commit: the block's query (the q list, padded as on the device), both rules.
+        if l.q.is_empty() {
+            continue;
+        }
+        let nq = l.q.len();
+        let token: Vec<u32> = (0..n).map(|_| r.gen_range(0..5000)).collect();
+        let conf = tied_confidences(&mut r, n);
+        let rule = CommitRule {
+            step: r.gen_range(0..50),
+            n_commit: r.gen_range(0..=nq as u32),
+            rank_base: decoded as u32,
+            by_confidence: r.gen_bool(0.5),
+        };
+        let mut want = st.clone();
+        patch::commit(&mut want, &l.q, &token[..nq], &conf[..nq], rule).unwrap();
+        let mut got = st.clone();
+        commit_transcribed(&mut got, &lists[0], &token, &conf, rule);
+        assert_eq!(got, want, "{what}: commit {rule:?}");
+    }
 }

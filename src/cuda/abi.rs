@@ -149,6 +149,25 @@ mod tests {
             out: 0, n: 8, offset: 16, scale: 20, seed_lo: 24, seed_hi: 28, tensor_index: 32,
             _pad: 36,
         }
+        SlPatch { size: 16, align: 4 } {
+            kind: 0, index: 4, arg: 8, add: 12,
+        }
+        SlResolveParams { size: 144, align: 8 } {
+            tokens: 0, order: 8, decoded_step: 16, list_q: 24, list_m: 32, list_d: 40,
+            patches: 48, row_ids: 56, row_pos: 64, row_slots: 72, kv_indices: 80, kv_tags: 88,
+            logits_rows: 96, sample_pos: 104, n: 112, n_patches: 116, block_begin: 120,
+            block_end: 124, n_rows: 128, n_keys: 132, n_logits: 136, _pad: 140,
+        }
+        SlCommitParams { size: 72, align: 8 } {
+            query: 0, token: 8, confidence: 16, tokens: 24, order: 32, decoded_step: 40, n: 48,
+            n_query: 52, n_commit: 56, rank_base: 60, step: 64, by_confidence: 68,
+        }
+        SlGatherParams { size: 40, align: 8 } {
+            x: 0, rows: 8, out: 16, n: 24, cols: 28, x_rows: 32, _pad: 36,
+        }
+        SlFillParams { size: 24, align: 8 } {
+            buf: 0, n: 8, value: 16, _pad: 20,
+        }
     }
 
     /// `(n_keys, n_splits)` cases the C probe evaluates `SL_SPLIT_CHUNK` on.
@@ -241,6 +260,48 @@ mod tests {
             assert_eq!(g, w, "kernels/params.h vs the pinned layout / macro twin");
         }
         assert_eq!(got.lines().count(), want.lines().count());
+    }
+
+    /// The patch encoding of `sampler::patch` (field and source numbers, the undecoded marker)
+    /// is the one `kernels/program.cu` decodes.
+    #[test]
+    fn patch_numbering_matches_params_h() {
+        use crate::sampler::patch::{Field, Patch, Source, UNDECODED};
+        assert_eq!(UNDECODED, SL_UNDECODED);
+        let fields = [
+            (Field::RowId, SL_FIELD_ROW_ID),
+            (Field::RowPos, SL_FIELD_ROW_POS),
+            (Field::RowSlot, SL_FIELD_ROW_SLOT),
+            (Field::KvIndex, SL_FIELD_KV_INDEX),
+            (Field::KvTag, SL_FIELD_KV_TAG),
+            (Field::LogitsRow, SL_FIELD_LOGITS_ROW),
+            (Field::SamplePos, SL_FIELD_SAMPLE_POS),
+        ];
+        let sources = [
+            (Source::Token, SL_SOURCE_TOKEN),
+            (Source::RankToken, SL_SOURCE_RANK_TOKEN),
+            (Source::Rank, SL_SOURCE_RANK),
+            (Source::Query, SL_SOURCE_QUERY),
+            (Source::Other, SL_SOURCE_OTHER),
+            (Source::Decoded, SL_SOURCE_DECODED),
+            (Source::DecodedTag, SL_SOURCE_DECODED_TAG),
+        ];
+        for (field, f) in fields {
+            for (source, s) in sources {
+                let p = Patch {
+                    field,
+                    index: 11,
+                    source,
+                    arg: 22,
+                    add: 33,
+                };
+                assert_eq!(
+                    p.encode(),
+                    [(f << 8) | s, 11, 22, 33],
+                    "{field:?} {source:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -13,6 +13,23 @@ pub const SL_ELEM_THREADS: u32 = 256;
 pub const SL_REGISTER: u32 = 4294967295;
 pub const SL_AGG_THREADS: u32 = 256;
 pub const SL_INIT_COUNTER_TAG: u32 = 6679;
+pub const SL_PROGRAM_THREADS: u32 = 256;
+pub const SL_GATHER_THREADS: u32 = 256;
+pub const SL_UNDECODED: u32 = 4294967295;
+pub const SL_FIELD_ROW_ID: u32 = 0;
+pub const SL_FIELD_ROW_POS: u32 = 1;
+pub const SL_FIELD_ROW_SLOT: u32 = 2;
+pub const SL_FIELD_KV_INDEX: u32 = 3;
+pub const SL_FIELD_KV_TAG: u32 = 4;
+pub const SL_FIELD_LOGITS_ROW: u32 = 5;
+pub const SL_FIELD_SAMPLE_POS: u32 = 6;
+pub const SL_SOURCE_TOKEN: u32 = 0;
+pub const SL_SOURCE_RANK_TOKEN: u32 = 1;
+pub const SL_SOURCE_RANK: u32 = 2;
+pub const SL_SOURCE_QUERY: u32 = 3;
+pub const SL_SOURCE_OTHER: u32 = 4;
+pub const SL_SOURCE_DECODED: u32 = 5;
+pub const SL_SOURCE_DECODED_TAG: u32 = 6;
 #[doc = " Host side (bindgen): a bf16 is its 16 raw bits."]
 pub type sl_bf16 = u16;
 #[repr(C)]
@@ -323,6 +340,143 @@ pub struct SlInitParams {
     pub _pad: u32,
 }
 impl Default for SlInitParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct SlPatch {
+    #[doc = " field << 8 | source"]
+    pub kind: u32,
+    #[doc = " entry of the field written"]
+    pub index: u32,
+    #[doc = " the source's argument"]
+    pub arg: u32,
+    #[doc = " added to the source's value (not for token sources)"]
+    pub add: u32,
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct SlResolveParams {
+    #[doc = " [n]"]
+    pub tokens: *const u32,
+    #[doc = " [n]"]
+    pub order: *const u32,
+    #[doc = " [n]"]
+    pub decoded_step: *const u32,
+    #[doc = " [n]"]
+    pub list_q: *mut u32,
+    #[doc = " [n]"]
+    pub list_m: *mut u32,
+    #[doc = " [n]"]
+    pub list_d: *mut u32,
+    #[doc = " [n_patches]"]
+    pub patches: *const SlPatch,
+    #[doc = " nullable [n_rows]"]
+    pub row_ids: *mut u32,
+    #[doc = " nullable [n_rows]"]
+    pub row_pos: *mut u32,
+    #[doc = " nullable [n_rows]"]
+    pub row_slots: *mut u32,
+    #[doc = " nullable [n_keys]"]
+    pub kv_indices: *mut u32,
+    #[doc = " nullable [n_keys]"]
+    pub kv_tags: *mut u32,
+    #[doc = " nullable [n_logits]"]
+    pub logits_rows: *mut u32,
+    #[doc = " nullable [n_logits]"]
+    pub sample_pos: *mut u32,
+    #[doc = " response length"]
+    pub n: u32,
+    pub n_patches: u32,
+    #[doc = " the step's block [block_begin, block_end)"]
+    pub block_begin: u32,
+    pub block_end: u32,
+    pub n_rows: u32,
+    pub n_keys: u32,
+    pub n_logits: u32,
+    pub _pad: u32,
+}
+impl Default for SlResolveParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct SlCommitParams {
+    #[doc = " [n_query] response indices"]
+    pub query: *const u32,
+    #[doc = " [n_query] sampled ids"]
+    pub token: *const u32,
+    #[doc = " [n_query]"]
+    pub confidence: *const f32,
+    #[doc = " [n]"]
+    pub tokens: *mut u32,
+    #[doc = " [n]"]
+    pub order: *mut u32,
+    #[doc = " [n]"]
+    pub decoded_step: *mut u32,
+    #[doc = " response length"]
+    pub n: u32,
+    pub n_query: u32,
+    pub n_commit: u32,
+    pub rank_base: u32,
+    pub step: u32,
+    #[doc = " 1: text (top n_commit by confidence); 0: query order"]
+    pub by_confidence: u32,
+}
+impl Default for SlCommitParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct SlGatherParams {
+    #[doc = " [x_rows, cols]"]
+    pub x: *const f32,
+    #[doc = " [n]"]
+    pub rows: *const u32,
+    #[doc = " [n, cols]"]
+    pub out: *mut f32,
+    pub n: u32,
+    pub cols: u32,
+    pub x_rows: u32,
+    pub _pad: u32,
+}
+impl Default for SlGatherParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct SlFillParams {
+    #[doc = " [n]"]
+    pub buf: *mut u32,
+    pub n: u64,
+    pub value: u32,
+    pub _pad: u32,
+}
+impl Default for SlFillParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

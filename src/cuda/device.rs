@@ -26,7 +26,7 @@ use crate::cuda::images::{KERNEL_IMAGES, KERNELS_MISSING, KernelImage};
 use crate::error::{Error, Result};
 
 /// The kernel files (stem of `KernelImage::file`) and the functions each must define.
-const KERNEL_FILES: [(&str, &[&str]); 5] = [
+const KERNEL_FILES: [(&str, &[&str]); 6] = [
     (
         "attention",
         &[
@@ -42,6 +42,15 @@ const KERNEL_FILES: [(&str, &[&str]); 5] = [
     ),
     ("aggregate", &["sl_aggregate_sparse"]),
     ("init", &["sl_init_uniform"]),
+    (
+        "program",
+        &[
+            "sl_resolve_plan",
+            "sl_commit",
+            "sl_gather_rows",
+            "sl_fill_u32",
+        ],
+    ),
 ];
 
 /// Message of the probe when the driver library cannot be loaded.
@@ -259,6 +268,10 @@ pub struct Kernels {
     swiglu: Kernel,
     aggregate_sparse: Kernel,
     init_uniform: Kernel,
+    resolve_plan: Kernel,
+    commit: Kernel,
+    gather_rows: Kernel,
+    fill_u32: Kernel,
     /// (file, target) of each loaded image.
     images: Vec<(&'static str, &'static str)>,
     /// Owns the modules the handles above point into.
@@ -314,6 +327,10 @@ impl Kernels {
             swiglu: take("sl_swiglu"),
             aggregate_sparse: take("sl_aggregate_sparse"),
             init_uniform: take("sl_init_uniform"),
+            resolve_plan: take("sl_resolve_plan"),
+            commit: take("sl_commit"),
+            gather_rows: take("sl_gather_rows"),
+            fill_u32: take("sl_fill_u32"),
             images: used,
             _modules: modules,
         };
@@ -403,6 +420,26 @@ impl Kernels {
     /// `sl_init_uniform`.
     pub fn init_uniform(&self) -> &Kernel {
         &self.init_uniform
+    }
+
+    /// `sl_resolve_plan`.
+    pub fn resolve_plan(&self) -> &Kernel {
+        &self.resolve_plan
+    }
+
+    /// `sl_commit`.
+    pub fn commit(&self) -> &Kernel {
+        &self.commit
+    }
+
+    /// `sl_gather_rows`.
+    pub fn gather_rows(&self) -> &Kernel {
+        &self.gather_rows
+    }
+
+    /// `sl_fill_u32`.
+    pub fn fill_u32(&self) -> &Kernel {
+        &self.fill_u32
     }
 
     /// `(file, target)` of every loaded image, e.g. `("attention.cu", "sm_90a")`.

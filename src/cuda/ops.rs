@@ -27,14 +27,16 @@ use crate::backend::cpu::attention::{AttnShape, AttnTiling};
 use crate::backend::{SampleParams, Sampled};
 use crate::config::Branch;
 use crate::cuda::abi::{
-    SL_ATTN_BLOCK_M, SlAggregateParams, SlAttnParams, SlEmbedParams, SlInitParams,
-    SlMaskedSoftmaxParams, SlRmsNormParams, SlRopeKvParams, SlSampleParams, SlSwigluParams,
+    SL_ATTN_BLOCK_M, SlAggregateParams, SlAttnParams, SlCommitParams, SlEmbedParams, SlFillParams,
+    SlGatherParams, SlInitParams, SlMaskedSoftmaxParams, SlPatch, SlResolveParams, SlRmsNormParams,
+    SlRopeKvParams, SlSampleParams, SlSwigluParams,
 };
 use crate::cuda::device::CudaDevice;
 use crate::cuda::raw;
 use crate::error::{Error, Result};
 use crate::plan::{MAX_BLOCK, REGISTER, Tag};
 use crate::sampler::DecodeState;
+use crate::sampler::patch::{CommitRule, DeviceState, Field, Lists, Patch, UNDECODED};
 
 /// bf16 elements per 16-byte vector: attention row strides must be a multiple of this.
 pub const VEC: usize = 8;
@@ -250,6 +252,34 @@ impl IndexBuf {
             max: sorted.last().copied(),
             distinct,
         })
+    }
+
+    /// Uploads `host` with a declared bound: the recorded maximum is `max_bound` (not the host
+    /// maximum), so the buffer may later be overwritten on the device (by the patches of a
+    /// device-resolved plan, [`resolve_plan`]) with any values up to it. Distinctness is computed from
+    /// `host`. Errors: a value of `host` above `max_bound`.
+    pub fn with_bound(dev: &CudaDevice, host: &[u32], max_bound: u32) -> Result<IndexBuf> {
+        if let Some((i, &v)) = host.iter().enumerate().find(|&(_, &v)| v > max_bound) {
+            return bad(
+                "index buffer",
+                format_args!("value [{i}] = {v} is above the declared bound {max_bound}"),
+            );
+        }
+        let mut buf = IndexBuf::upload(dev, host)?;
+        buf.max = Some(max_bound);
+        Ok(buf)
+    }
+
+    /// The device buffer, writable, for the patches of a device-resolved plan
+    /// ([`resolve_plan`]). The caller keeps the declared facts: every value it lets the device
+    /// write stays at or below [`IndexBuf::max`], and stays distinct when [`IndexBuf::distinct`]
+    /// says so (ops rely on both for memory safety).
+    #[allow(
+        dead_code,
+        reason = "for the device-resident executor (backend/cuda.rs, issue 4)"
+    )]
+    pub(crate) fn patch_target(&mut self) -> &mut CudaSlice<u32> {
+        &mut self.buf
     }
 
     /// Number of indices.
@@ -521,6 +551,17 @@ impl AttnPlan {
     pub fn qtile_row0(&self) -> &[u32] {
         &self.host_qtile_row0
     }
+
+    /// `(kv_indices, kv_tags)`, writable, for the patches of a device-resolved plan
+    /// ([`resolve_plan`]). The caller keeps what [`AttnPlan::new`] validated: every key's slot
+    /// stays below the plan's pool rows (the attention kernel gathers through them unchecked).
+    #[allow(
+        dead_code,
+        reason = "for the device-resident executor (backend/cuda.rs, issue 4)"
+    )]
+    pub(crate) fn kv_targets(&mut self) -> (&mut CudaSlice<u32>, &mut CudaSlice<u32>) {
+        (&mut self.kv_indices, &mut self.kv_tags)
+    }
 }
 
 /// Per-layer inputs of [`attention`].
@@ -745,18 +786,24 @@ pub fn masked_softmax(
     unsafe { raw::masked_softmax(dev.kernels(), &p, dev.stream()) }
 }
 
-/// Validates a sampler call (the rules of [`crate::backend::cpu::ops::sample_rows`]) and
-/// returns the number of logit rows it reads.
-fn check_sample(logits_len: usize, vocab: usize, stride: usize, p: &SampleParams) -> Result<usize> {
+/// The shape rules of a sampler call (those of [`crate::backend::cpu::ops::sample_rows`] that do
+/// not concern the banned ids) for `n` sampled rows; returns the number of logit rows read.
+fn check_sample_shape(
+    logits_len: usize,
+    vocab: usize,
+    stride: usize,
+    n: usize,
+    guidance: Option<f32>,
+    temperature: f32,
+) -> Result<usize> {
     let op = "sample";
-    let n = p.positions.len();
     if vocab == 0 || vocab > u32::MAX as usize {
         return bad(
             op,
             format_args!("vocab ({vocab}) must be in 1..=u32::MAX (ids are u32)"),
         );
     }
-    let rows = match p.guidance {
+    let rows = match guidance {
         Some(g) if !g.is_finite() => return bad(op, format_args!("guidance ({g}) is not finite")),
         Some(_) => n.saturating_mul(2),
         None => n,
@@ -764,29 +811,218 @@ fn check_sample(logits_len: usize, vocab: usize, stride: usize, p: &SampleParams
     check_matrix(op, "logits", logits_len, (rows, vocab, stride), 1)?;
     to_u32(op, "stride", stride)?;
     to_u32(op, "rows", rows)?;
-    let tau = p.temperature;
+    let tau = temperature;
     if !(tau.is_finite() && tau >= 0.0) {
         return bad(
             op,
             format_args!("temperature ({tau}) must be finite and >= 0"),
         );
     }
-    if let Some(&id) = p.banned.iter().find(|&&id| id as usize >= vocab) {
+    Ok(rows)
+}
+
+/// The vocab-byte mask of `banned` (1 = banned), or an error when an id is outside the
+/// vocabulary or every id is banned (no token could be sampled).
+fn banned_bytes(vocab: usize, banned: &[u32]) -> Result<Vec<u8>> {
+    let op = "sample";
+    if let Some(&id) = banned.iter().find(|&&id| id as usize >= vocab) {
         return bad(
             op,
             format_args!("banned id {id} is out of range for vocab {vocab}"),
         );
     }
-    let mut banned = p.banned.clone();
-    banned.sort_unstable();
-    banned.dedup();
-    if banned.len() == vocab {
+    let mut mask = vec![0u8; vocab];
+    for &id in banned {
+        mask[id as usize] = 1;
+    }
+    if mask.iter().all(|&b| b == 1) {
         return bad(
             op,
             format_args!("every id of the vocabulary ({vocab}) is banned"),
         );
     }
-    Ok(rows)
+    Ok(mask)
+}
+
+/// Validates a sampler call (the rules of [`crate::backend::cpu::ops::sample_rows`]); returns
+/// the number of logit rows it reads and the banned-id mask (`None` when nothing is banned).
+fn check_sample(
+    logits_len: usize,
+    vocab: usize,
+    stride: usize,
+    p: &SampleParams,
+) -> Result<(usize, Option<Vec<u8>>)> {
+    let rows = check_sample_shape(
+        logits_len,
+        vocab,
+        stride,
+        p.positions.len(),
+        p.guidance,
+        p.temperature,
+    )?;
+    let mask = if p.banned.is_empty() {
+        None
+    } else {
+        Some(banned_bytes(vocab, &p.banned)?)
+    };
+    Ok((rows, mask))
+}
+
+/// The banned ids of a sampler call as the kernel reads them: one byte per id of a
+/// vocabulary (1 = banned), with at least one id allowed. Build once per generation and pass
+/// to [`sample_to_device`].
+#[derive(Debug)]
+pub struct BannedMask {
+    buf: CudaSlice<u8>,
+    vocab: usize,
+}
+
+impl BannedMask {
+    /// Uploads the mask of `banned` over `vocab` ids. Errors: an id `>= vocab`, or every id
+    /// banned.
+    pub fn new(dev: &CudaDevice, vocab: usize, banned: &[u32]) -> Result<BannedMask> {
+        if vocab == 0 {
+            return bad("sample", "banned mask over an empty vocabulary");
+        }
+        let bytes = banned_bytes(vocab, banned)?;
+        Ok(BannedMask {
+            buf: dev.upload(&bytes)?,
+            vocab,
+        })
+    }
+
+    /// The vocabulary size the mask covers.
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    /// The device bytes (`vocab` of them).
+    pub fn device(&self) -> &CudaSlice<u8> {
+        &self.buf
+    }
+}
+
+/// The per-call inputs of [`sample_to_device`] besides the logits: the rules of
+/// [`SampleParams`] with the positions and bans on the device.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceSampleArgs<'a> {
+    /// Sequence position of each sampled row (Philox counter word 1), at least `n` entries.
+    pub positions: &'a CudaSlice<u32>,
+    /// Ids that never win, over the call's vocabulary.
+    pub banned: Option<&'a BannedMask>,
+    /// Rows sampled.
+    pub n: usize,
+    /// CFG scale (the logits hold `2n` rows), or `None`.
+    pub guidance: Option<f32>,
+    /// Gumbel temperature; 0 is plain argmax.
+    pub temperature: f32,
+    /// Philox key.
+    pub seed: u64,
+    /// Step index (Philox counter word 2).
+    pub step: u32,
+    /// Request index (Philox counter word 3).
+    pub request: u32,
+}
+
+/// Where [`sample_to_device`] writes: `n` tokens, confidences and LSEs, and a sticky error flag
+/// (one u32, ORed with 1 on a non-finite logit and never cleared by the kernel).
+#[derive(Debug)]
+pub struct SampleOut<'a> {
+    /// Chosen ids, at least `n` entries.
+    pub token: &'a mut CudaSlice<u32>,
+    /// `softmax(logits/τ)[token]`, at least `n` entries.
+    pub confidence: &'a mut CudaSlice<f32>,
+    /// Natural log-sum-exp over the allowed ids, at least `n` entries.
+    pub lse: &'a mut CudaSlice<f32>,
+    /// Sticky error flag, at least one entry.
+    pub error_flag: &'a mut CudaSlice<u32>,
+}
+
+/// Builds the kernel's params and queues `sl_sample`. The caller has validated the call
+/// ([`check_sample_shape`], the lengths of [`sample_to_device`]).
+fn launch_sample(
+    dev: &CudaDevice,
+    logits: &CudaSlice<f32>,
+    vocab: usize,
+    stride: usize,
+    args: &DeviceSampleArgs,
+    out: SampleOut,
+) -> Result<()> {
+    let op = "sample";
+    let mut b = Bufs::new(dev, op);
+    let params = SlSampleParams {
+        logits: b.read("logits", logits)?,
+        positions: b.read("positions", args.positions)?,
+        banned: match args.banned {
+            Some(m) => b.read("banned", &m.buf)?,
+            None => null(),
+        },
+        out_token: b.write("out_token", out.token)?,
+        out_confidence: b.write("out_confidence", out.confidence)?,
+        out_lse: b.write("out_lse", out.lse)?,
+        error_flag: b.write("error_flag", out.error_flag)?,
+        n: to_u32(op, "n", args.n)?,
+        vocab: to_u32(op, "vocab", vocab)?,
+        stride: to_u32(op, "stride", stride)?,
+        cfg: args.guidance.is_some() as u32,
+        guidance: args.guidance.unwrap_or(0.0),
+        temperature: args.temperature,
+        seed_lo: args.seed as u32,
+        seed_hi: (args.seed >> 32) as u32,
+        step: args.step,
+        request: args.request,
+    };
+    // SAFETY: the caller checked that logits hold n (2n with CFG) rows of `stride >= vocab`,
+    // that the banned mask (a `BannedMask`) has vocab bytes, positions and the outputs n
+    // entries and the flag one; all are live buffers of this context borrowed for the launch,
+    // the outputs mutably (so they alias no input nor each other).
+    unsafe { raw::sample(dev.kernels(), &params, dev.stream()) }
+}
+
+/// [`sample`] without the wait: the same kernel on device inputs, queued on the device's stream
+/// (capturable in a CUDA graph). Outputs as [`sample`]'s; a non-finite logit sets
+/// `out.error_flag` (sticky: read it once at the end of the generation) instead of returning
+/// an error.
+pub fn sample_to_device(
+    dev: &CudaDevice,
+    logits: &CudaSlice<f32>,
+    vocab: usize,
+    stride: usize,
+    args: DeviceSampleArgs,
+    out: SampleOut,
+) -> Result<()> {
+    let op = "sample";
+    let n = args.n;
+    check_sample_shape(
+        logits.len(),
+        vocab,
+        stride,
+        n,
+        args.guidance,
+        args.temperature,
+    )?;
+    if let Some(m) = args.banned
+        && m.vocab != vocab
+    {
+        return bad(
+            op,
+            format_args!("the banned mask covers {} ids, the call {vocab}", m.vocab),
+        );
+    }
+    for (name, len) in [
+        ("positions", args.positions.len()),
+        ("token", out.token.len()),
+        ("confidence", out.confidence.len()),
+        ("lse", out.lse.len()),
+    ] {
+        if len < n {
+            return bad(op, format_args!("{name} holds {len} entries for {n} rows"));
+        }
+    }
+    if out.error_flag.is_empty() {
+        return bad(op, "error_flag is empty (it needs one entry)");
+    }
+    launch_sample(dev, logits, vocab, stride, &args, out)
 }
 
 /// The sampler pass (SPEC §4, mask-aware softmax (b)) over `logits` (`[n or 2n, stride]`,
@@ -801,54 +1037,40 @@ pub fn sample(
     p: &SampleParams,
 ) -> Result<Vec<Sampled>> {
     let op = "sample";
-    check_sample(logits.len(), vocab, stride, p)?;
+    let (_, mask) = check_sample(logits.len(), vocab, stride, p)?;
     let n = p.positions.len();
     if n == 0 {
         return Ok(Vec::new());
     }
-    let banned = if p.banned.is_empty() {
-        None
-    } else {
-        let mut mask = vec![0u8; vocab];
-        for &id in &p.banned {
-            mask[id as usize] = 1;
-        }
-        Some(dev.upload(&mask)?)
+    let banned = match mask {
+        Some(bytes) => Some(BannedMask {
+            buf: dev.upload(&bytes)?,
+            vocab,
+        }),
+        None => None,
     };
     let positions = dev.upload(&p.positions)?;
     let mut token = zeros_padded::<u32>(dev, n)?;
     let mut confidence = zeros_padded::<f32>(dev, n)?;
     let mut lse = zeros_padded::<f32>(dev, n)?;
     let mut flag = zeros_padded::<u32>(dev, 1)?;
-    {
-        let mut b = Bufs::new(dev, op);
-        let params = SlSampleParams {
-            logits: b.read("logits", logits)?,
-            positions: b.read("positions", &positions)?,
-            banned: match &banned {
-                Some(m) => b.read("banned", m)?,
-                None => null(),
-            },
-            out_token: b.write("out_token", &mut token)?,
-            out_confidence: b.write("out_confidence", &mut confidence)?,
-            out_lse: b.write("out_lse", &mut lse)?,
-            error_flag: b.write("error_flag", &mut flag)?,
-            n: to_u32(op, "n", n)?,
-            vocab: vocab as u32,
-            stride: stride as u32,
-            cfg: p.guidance.is_some() as u32,
-            guidance: p.guidance.unwrap_or(0.0),
-            temperature: p.temperature,
-            seed_lo: p.seed as u32,
-            seed_hi: (p.seed >> 32) as u32,
-            step: p.step,
-            request: p.request,
-        };
-        // SAFETY: `check_sample` verified that logits hold n (2n with CFG) rows of `stride >=
-        // vocab`; `banned` has vocab bytes, positions and the outputs n entries, the flag one;
-        // all are live buffers of this context borrowed for the launch, outputs mutably.
-        unsafe { raw::sample(dev.kernels(), &params, dev.stream()) }?;
-    }
+    let args = DeviceSampleArgs {
+        positions: &positions,
+        banned: banned.as_ref(),
+        n,
+        guidance: p.guidance,
+        temperature: p.temperature,
+        seed: p.seed,
+        step: p.step,
+        request: p.request,
+    };
+    let out = SampleOut {
+        token: &mut token,
+        confidence: &mut confidence,
+        lse: &mut lse,
+        error_flag: &mut flag,
+    };
+    launch_sample(dev, logits, vocab, stride, &args, out)?;
     if dev.download(&flag)?[0] != 0 {
         let cfg = if p.guidance.is_some() {
             " (after the CFG combine)"
@@ -906,6 +1128,43 @@ pub fn embed(
     norm: Option<EmbedNorm>,
 ) -> Result<()> {
     let op = "embed";
+    let mut flag = zeros_padded::<u32>(dev, 1)?;
+    embed_flagged(dev, table, register, ids, n_rows, x, norm, &mut flag)?;
+    if dev.download(&flag)?[0] != 0 {
+        let table_rows = table.len() / register.len();
+        let host_ids = dev.download(ids)?;
+        let bad_id = host_ids[..n_rows]
+            .iter()
+            .enumerate()
+            .find(|&(_, &id)| id != REGISTER && id as usize >= table_rows);
+        return match bad_id {
+            Some((i, id)) => bad(
+                op,
+                format_args!("ids[{i}] = {id} is out of range for a table of {table_rows} rows"),
+            ),
+            None => Err(Error::Cuda(
+                "embed: the kernel flagged an id, but every id is in range".into(),
+            )),
+        };
+    }
+    Ok(())
+}
+
+/// [`embed`] without the wait: the same kernel, queued on the device's stream (capturable in a
+/// CUDA graph). An id outside the table ORs 1 into `error_flag[0]` (sticky: the kernel never
+/// clears it; read it once at the end) and gives that row zeros.
+#[allow(clippy::too_many_arguments)]
+pub fn embed_flagged(
+    dev: &CudaDevice,
+    table: &CudaSlice<bf16>,
+    register: &CudaSlice<bf16>,
+    ids: &CudaSlice<u32>,
+    n_rows: usize,
+    x: &mut CudaSlice<f32>,
+    norm: Option<EmbedNorm>,
+    error_flag: &mut CudaSlice<u32>,
+) -> Result<()> {
+    let op = "embed";
     let d = register.len();
     if d == 0 {
         return bad(op, "width d (the register's length) is 0");
@@ -936,48 +1195,31 @@ pub fn embed(
             return bad(op, format_args!("eps ({}) must be finite and > 0", nm.eps));
         }
     }
-    let mut flag = zeros_padded::<u32>(dev, 1)?;
-    {
-        let mut b = Bufs::new(dev, op);
-        let (norm_w, normed, eps) = match norm {
-            Some(nm) => (b.read("norm_w", nm.w)?, b.write("normed", nm.out)?, nm.eps),
-            None => (null(), null_mut(), 0.0),
-        };
-        let p = SlEmbedParams {
-            table: b.read("table", table)?,
-            reg: b.read("register", register)?,
-            ids: b.read("ids", ids)?,
-            x: b.write("x", x)?,
-            norm_w,
-            normed,
-            error_flag: b.write("error_flag", &mut flag)?,
-            n_rows: to_u32(op, "n_rows", n_rows)?,
-            d: to_u32(op, "d", d)?,
-            table_rows: to_u32(op, "table rows", table_rows)?,
-            eps,
-        };
-        // SAFETY: table holds table_rows rows of d, register d values, ids
-        // n_rows entries (the kernel range-checks them), x and normed n_rows rows of d; all are
-        // live buffers of this context borrowed for the launch, outputs mutably.
-        unsafe { raw::embed(dev.kernels(), &p, dev.stream()) }?;
+    if error_flag.is_empty() {
+        return bad(op, "error_flag is empty (it needs one entry)");
     }
-    if dev.download(&flag)?[0] != 0 {
-        let host_ids = dev.download(ids)?;
-        let bad_id = host_ids[..n_rows]
-            .iter()
-            .enumerate()
-            .find(|&(_, &id)| id != REGISTER && id as usize >= table_rows);
-        return match bad_id {
-            Some((i, id)) => bad(
-                op,
-                format_args!("ids[{i}] = {id} is out of range for a table of {table_rows} rows"),
-            ),
-            None => Err(Error::Cuda(
-                "embed: the kernel flagged an id, but every id is in range".into(),
-            )),
-        };
-    }
-    Ok(())
+    let mut b = Bufs::new(dev, op);
+    let (norm_w, normed, eps) = match norm {
+        Some(nm) => (b.read("norm_w", nm.w)?, b.write("normed", nm.out)?, nm.eps),
+        None => (null(), null_mut(), 0.0),
+    };
+    let p = SlEmbedParams {
+        table: b.read("table", table)?,
+        reg: b.read("register", register)?,
+        ids: b.read("ids", ids)?,
+        x: b.write("x", x)?,
+        norm_w,
+        normed,
+        error_flag: b.write("error_flag", error_flag)?,
+        n_rows: to_u32(op, "n_rows", n_rows)?,
+        d: to_u32(op, "d", d)?,
+        table_rows: to_u32(op, "table rows", table_rows)?,
+        eps,
+    };
+    // SAFETY: table holds table_rows rows of d, register d values, ids n_rows entries (the
+    // kernel range-checks them), x and normed n_rows rows of d, the flag one entry; all are live
+    // buffers of this context borrowed for the launch, outputs mutably.
+    unsafe { raw::embed(dev.kernels(), &p, dev.stream()) }
 }
 
 /// The checks [`rmsnorm`] and [`rmsnorm_ro`] share; returns the width `d = w.len()`.
@@ -1634,6 +1876,626 @@ pub fn aggregate(dev: &CudaDevice, inp: &AggregateInputs) -> Result<Aggregated> 
     Ok(out)
 }
 
+// ------------------------------------------------------------------------------------------
+// Device-resident generation
+// ------------------------------------------------------------------------------------------
+
+/// The largest response a [`DeviceStateBufs`] holds, and the largest patch, query or gather
+/// count: the kernels' u32 index arithmetic stays far from wrapping.
+pub const MAX_PROGRAM_LEN: usize = 1 << 30;
+
+/// The name of a patch field's target (as in [`PatchTargets`]).
+fn field_name(f: Field) -> &'static str {
+    match f {
+        Field::RowId => "row_ids",
+        Field::RowPos => "row_pos",
+        Field::RowSlot => "row_slots",
+        Field::KvIndex => "kv_indices",
+        Field::KvTag => "kv_tags",
+        Field::LogitsRow => "logits_rows",
+        Field::SamplePos => "sample_pos",
+    }
+}
+
+/// Every patch field, in [`Field`] order.
+const FIELDS: [Field; 7] = [
+    Field::RowId,
+    Field::RowPos,
+    Field::RowSlot,
+    Field::KvIndex,
+    Field::KvTag,
+    Field::LogitsRow,
+    Field::SamplePos,
+];
+
+/// Queues `buf[i] = value` for every element of `buf` (`sl_fill_u32`; capturable).
+pub fn fill_u32(dev: &CudaDevice, buf: &mut CudaSlice<u32>, value: u32) -> Result<()> {
+    let op = "fill_u32";
+    let n = buf.len() as u64;
+    let mut b = Bufs::new(dev, op);
+    let p = SlFillParams {
+        buf: b.write("buf", buf)?,
+        n,
+        value,
+        _pad: 0,
+    };
+    // SAFETY: `buf` holds n values and is a live buffer of this context borrowed mutably for
+    // the launch.
+    unsafe { raw::fill_u32(dev.kernels(), &p, dev.stream()) }
+}
+
+/// The decode state of a device-resident generation ([`DeviceState`] on the device) and the
+/// lists of the last [`resolve_plan`] ([`crate::sampler::patch::Lists`]; entries past a list's
+/// length are [`UNDECODED`]). Every buffer holds at least `len()` entries; the ops check that
+/// again on every call, so a buffer swapped for a shorter one is an error, not a fault.
+#[derive(Debug)]
+pub struct DeviceStateBufs {
+    /// `tokens[i]`: the decoded id, or the mask id while undecoded.
+    pub tokens: CudaSlice<u32>,
+    /// `order[r]`: the response index decoded with rank `r`, or [`UNDECODED`].
+    pub order: CudaSlice<u32>,
+    /// `decoded_step[i]`: the step that decoded `i`, or [`UNDECODED`].
+    pub decoded_step: CudaSlice<u32>,
+    /// List `q`: undecoded indices in the step's block (the text commit's query).
+    pub q: CudaSlice<u32>,
+    /// List `m`: undecoded indices outside the block.
+    pub m: CudaSlice<u32>,
+    /// List `d`: decoded indices.
+    pub d: CudaSlice<u32>,
+    n: usize,
+}
+
+impl DeviceStateBufs {
+    /// Buffers for a response of `n` positions, queued to hold "nothing decoded" with tokens 0
+    /// ([`DeviceStateBufs::reset`] sets the response's mask id). Errors: `n` above
+    /// [`MAX_PROGRAM_LEN`].
+    pub fn new(dev: &CudaDevice, n: usize) -> Result<DeviceStateBufs> {
+        if n > MAX_PROGRAM_LEN {
+            return bad(
+                "device state",
+                format_args!("response length {n} exceeds {MAX_PROGRAM_LEN}"),
+            );
+        }
+        let mut st = DeviceStateBufs {
+            tokens: zeros_padded(dev, n)?,
+            order: zeros_padded(dev, n)?,
+            decoded_step: zeros_padded(dev, n)?,
+            q: zeros_padded(dev, n)?,
+            m: zeros_padded(dev, n)?,
+            d: zeros_padded(dev, n)?,
+            n,
+        };
+        st.reset(dev, 0)?;
+        Ok(st)
+    }
+
+    /// Queues the fills that make the state "nothing decoded" ([`DeviceState::new`]`(n,
+    /// mask_id)`) and empty lists; capturable, so a graph can start a generation afresh.
+    pub fn reset(&mut self, dev: &CudaDevice, mask_id: u32) -> Result<()> {
+        self.check("device state reset")?;
+        fill_u32(dev, &mut self.tokens, mask_id)?;
+        for buf in [
+            &mut self.order,
+            &mut self.decoded_step,
+            &mut self.q,
+            &mut self.m,
+            &mut self.d,
+        ] {
+            fill_u32(dev, buf, UNDECODED)?;
+        }
+        Ok(())
+    }
+
+    /// Response length.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Whether the response is empty.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Checks that every buffer still holds `len()` entries.
+    fn check(&self, op: &str) -> Result<()> {
+        for (name, len) in [
+            ("tokens", self.tokens.len()),
+            ("order", self.order.len()),
+            ("decoded_step", self.decoded_step.len()),
+            ("q", self.q.len()),
+            ("m", self.m.len()),
+            ("d", self.d.len()),
+        ] {
+            if len < self.n {
+                return bad(
+                    op,
+                    format_args!(
+                        "state buffer {name} holds {len} entries for a response of {}",
+                        self.n
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The state, after the queued work (waits).
+    pub fn download(&self, dev: &CudaDevice) -> Result<DeviceState> {
+        self.check("device state download")?;
+        let get = |buf: &CudaSlice<u32>| -> Result<Vec<u32>> {
+            let mut v = dev.download(buf)?;
+            v.truncate(self.n);
+            Ok(v)
+        };
+        Ok(DeviceState {
+            tokens: get(&self.tokens)?,
+            order: get(&self.order)?,
+            decoded_step: get(&self.decoded_step)?,
+        })
+    }
+
+    /// The lists of the last [`resolve_plan`], each cut at its first [`UNDECODED`] entry
+    /// (after the queued work; waits).
+    pub fn download_lists(&self, dev: &CudaDevice) -> Result<Lists> {
+        self.check("device state download")?;
+        let get = |buf: &CudaSlice<u32>| -> Result<Vec<u32>> {
+            let mut v = dev.download(buf)?;
+            v.truncate(self.n);
+            let len = v.iter().position(|&i| i == UNDECODED).unwrap_or(v.len());
+            v.truncate(len);
+            Ok(v)
+        };
+        Ok(Lists {
+            q: get(&self.q)?,
+            m: get(&self.m)?,
+            d: get(&self.d)?,
+        })
+    }
+}
+
+/// The logical lengths of the plan arrays a step's patches write: `rows` for the row fields
+/// (ids, positions, slots), `keys` for the key fields, `logits` for logits rows and sampler
+/// positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PatchLens {
+    /// Rows of the program's branch.
+    pub rows: usize,
+    /// Keys.
+    pub keys: usize,
+    /// Logits rows (and sampled positions).
+    pub logits: usize,
+}
+
+impl PatchLens {
+    /// The length of `field`'s array.
+    pub fn of(&self, field: Field) -> usize {
+        match field {
+            Field::RowId | Field::RowPos | Field::RowSlot => self.rows,
+            Field::KvIndex | Field::KvTag => self.keys,
+            Field::LogitsRow | Field::SamplePos => self.logits,
+        }
+    }
+}
+
+/// Checks a step's patches against the plan's lengths: every entry written is inside its array
+/// and no two patches write the same entry (the kernel applies them in parallel, so an order
+/// between them would not be kept). The errors name the patch(es). This is what
+/// [`upload_patches`] checks; sources are not checked (one reading outside the state writes
+/// nothing, as in [`crate::sampler::patch::apply`]).
+pub fn check_patches(patches: &[Patch], lens: PatchLens) -> Result<()> {
+    let op = "patches";
+    if patches.len() > MAX_PROGRAM_LEN {
+        return bad(
+            op,
+            format_args!("{} patches exceed {MAX_PROGRAM_LEN}", patches.len()),
+        );
+    }
+    for (name, len) in [
+        ("rows", lens.rows),
+        ("keys", lens.keys),
+        ("logits", lens.logits),
+    ] {
+        to_u32(op, name, len)?;
+    }
+    let mut seen = std::collections::HashMap::new();
+    for (k, p) in patches.iter().enumerate() {
+        let len = lens.of(p.field);
+        if p.index as usize >= len {
+            return bad(
+                op,
+                format_args!(
+                    "patch {k} ({p:?}) writes {}[{}], outside its {len} entries",
+                    field_name(p.field),
+                    p.index
+                ),
+            );
+        }
+        if let Some(first) = seen.insert((p.field, p.index), k) {
+            return bad(
+                op,
+                format_args!(
+                    "patches {first} and {k} both write {}[{}]",
+                    field_name(p.field),
+                    p.index
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A step's patches on the device, checked by [`check_patches`] against its [`PatchLens`].
+#[derive(Debug)]
+pub struct PatchBuf {
+    /// `SlPatch` records, 4 u32 each ([`Patch::encode`]).
+    buf: CudaSlice<u32>,
+    len: usize,
+    lens: PatchLens,
+    /// Whether some patch writes field `f` (index `f as usize`).
+    writes: [bool; 7],
+}
+
+impl PatchBuf {
+    /// Number of patches.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no patches.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The plan lengths the patches were checked against.
+    pub fn lens(&self) -> PatchLens {
+        self.lens
+    }
+}
+
+/// Checks and uploads a step's patches ([`check_patches`]).
+pub fn upload_patches(dev: &CudaDevice, patches: &[Patch], lens: PatchLens) -> Result<PatchBuf> {
+    check_patches(patches, lens)?;
+    let mut writes = [false; 7];
+    for p in patches {
+        writes[p.field as usize] = true;
+    }
+    let words: Vec<u32> = patches.iter().flat_map(|p| p.encode()).collect();
+    Ok(PatchBuf {
+        buf: upload_padded(dev, &words)?,
+        len: patches.len(),
+        lens,
+        writes,
+    })
+}
+
+/// The plan arrays [`resolve_plan`] patches (device views of
+/// [`crate::sampler::patch::PlanArrays`]). A target may be `None` when no patch writes its
+/// field; a given target must hold at least its [`PatchLens`] length.
+#[derive(Debug, Default)]
+pub struct PatchTargets<'a> {
+    /// Row ids of the program's branch (`rows`).
+    pub row_ids: Option<&'a mut CudaSlice<u32>>,
+    /// Row positions (`rows`).
+    pub row_pos: Option<&'a mut CudaSlice<u32>>,
+    /// Row slots (`rows`).
+    pub row_slots: Option<&'a mut CudaSlice<u32>>,
+    /// Key slots (`keys`).
+    pub kv_indices: Option<&'a mut CudaSlice<u32>>,
+    /// Key tags (`keys`).
+    pub kv_tags: Option<&'a mut CudaSlice<u32>>,
+    /// Logits rows (`logits`).
+    pub logits_rows: Option<&'a mut CudaSlice<u32>>,
+    /// Sampler positions (`logits`).
+    pub sample_pos: Option<&'a mut CudaSlice<u32>>,
+}
+
+/// Checks the targets of [`resolve_plan`]: `given[f]` is the buffer length of field `f`'s target
+/// (`None`: not given), `writes[f]` whether a patch writes field `f`. A field some patch writes
+/// needs a target, and a given target must hold its [`PatchLens`] length.
+fn check_targets(lens: PatchLens, writes: [bool; 7], given: [Option<usize>; 7]) -> Result<()> {
+    let op = "resolve_plan";
+    for f in FIELDS {
+        let need = lens.of(f);
+        match given[f as usize] {
+            None if writes[f as usize] => {
+                return bad(
+                    op,
+                    format_args!(
+                        "patches write {} but no {} target was given",
+                        field_name(f),
+                        field_name(f)
+                    ),
+                );
+            }
+            Some(len) if len < need => {
+                return bad(
+                    op,
+                    format_args!(
+                        "target {} holds {len} entries; the patches were checked against {need}",
+                        field_name(f)
+                    ),
+                );
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Queues `sl_resolve_plan` (never waits; capturable): computes the lists of the state's
+/// current decode progress for the step's block `[block.0, block.1)` into `state.q` / `m` /
+/// `d`, then applies `patches` to the targets, exactly as [`crate::sampler::patch::lists`] and
+/// [`crate::sampler::patch::apply`]. Errors (nothing queued): `block.0 > block.1`, a field some
+/// patch writes without a target, a target shorter than its [`PatchLens`] length, a state
+/// buffer shorter than the response.
+pub fn resolve_plan(
+    dev: &CudaDevice,
+    patches: &PatchBuf,
+    state: &mut DeviceStateBufs,
+    block: (u32, u32),
+    targets: PatchTargets,
+) -> Result<()> {
+    let op = "resolve_plan";
+    state.check(op)?;
+    if block.0 > block.1 {
+        return bad(
+            op,
+            format_args!("block [{}, {}) ends before it begins", block.0, block.1),
+        );
+    }
+    let PatchTargets {
+        row_ids,
+        row_pos,
+        row_slots,
+        kv_indices,
+        kv_tags,
+        logits_rows,
+        sample_pos,
+    } = targets;
+    let mut ts = [
+        row_ids,
+        row_pos,
+        row_slots,
+        kv_indices,
+        kv_tags,
+        logits_rows,
+        sample_pos,
+    ];
+    let given = ts.each_ref().map(|t| t.as_ref().map(|b| b.len()));
+    let lens = patches.lens;
+    check_targets(lens, patches.writes, given)?;
+    let n = state.n;
+    let DeviceStateBufs {
+        tokens,
+        order,
+        decoded_step,
+        q,
+        m,
+        d,
+        ..
+    } = state;
+    let mut b = Bufs::new(dev, op);
+    let mut ptrs = [null_mut::<u32>(); 7];
+    for (f, t) in FIELDS.iter().zip(ts.iter_mut()) {
+        if let Some(buf) = t.take() {
+            ptrs[*f as usize] = b.write(field_name(*f), buf)?;
+        }
+    }
+    let p = SlResolveParams {
+        tokens: b.read("tokens", &*tokens)?,
+        order: b.read("order", &*order)?,
+        decoded_step: b.read("decoded_step", &*decoded_step)?,
+        list_q: b.write("q", q)?,
+        list_m: b.write("m", m)?,
+        list_d: b.write("d", d)?,
+        patches: b.read("patches", &patches.buf)?.cast::<SlPatch>(),
+        row_ids: ptrs[Field::RowId as usize],
+        row_pos: ptrs[Field::RowPos as usize],
+        row_slots: ptrs[Field::RowSlot as usize],
+        kv_indices: ptrs[Field::KvIndex as usize],
+        kv_tags: ptrs[Field::KvTag as usize],
+        logits_rows: ptrs[Field::LogitsRow as usize],
+        sample_pos: ptrs[Field::SamplePos as usize],
+        n: to_u32(op, "n", n)?,
+        n_patches: to_u32(op, "patches", patches.len)?,
+        block_begin: block.0,
+        block_end: block.1,
+        // A target not given is null: the kernel writes nothing to it whatever the length.
+        n_rows: to_u32(op, "rows", lens.rows)?,
+        n_keys: to_u32(op, "keys", lens.keys)?,
+        n_logits: to_u32(op, "logits", lens.logits)?,
+        _pad: 0,
+    };
+    // SAFETY: n <= MAX_PROGRAM_LEN (< 2^31) and every state buffer holds n entries (`check`);
+    // the patch buffer holds n_patches 16-byte records (4 u32 each, 4-byte aligned as SlPatch
+    // needs) checked by `check_patches`, so no two name the same entry; every given target
+    // holds its PatchLens length (`check_targets`) and a target not given is null (the kernel
+    // skips it); all are live buffers of this context borrowed for the launch, the written ones
+    // mutably, so the targets, the lists and the state are distinct buffers.
+    unsafe { raw::resolve_plan(dev.kernels(), &p, dev.stream()) }
+}
+
+/// Checks the arguments of [`commit`] for a response of `n`: the query, token and confidence
+/// buffers (lengths `lens`) hold `n_query` entries, `rule.n_commit <= n_query` and the ranks
+/// `rule.rank_base .. + n_commit` lie inside the response.
+fn check_commit(n: usize, n_query: usize, lens: [usize; 3], rule: CommitRule) -> Result<()> {
+    let op = "commit";
+    if n_query > MAX_PROGRAM_LEN {
+        return bad(
+            op,
+            format_args!("{n_query} query positions exceed {MAX_PROGRAM_LEN}"),
+        );
+    }
+    for (name, len) in ["query", "token", "confidence"].into_iter().zip(lens) {
+        if len < n_query {
+            return bad(
+                op,
+                format_args!("{name} holds {len} entries for {n_query} query positions"),
+            );
+        }
+    }
+    if rule.n_commit as usize > n_query {
+        return bad(
+            op,
+            format_args!(
+                "{} positions to commit from {n_query} query positions",
+                rule.n_commit
+            ),
+        );
+    }
+    let end = u64::from(rule.rank_base) + u64::from(rule.n_commit);
+    if end > n as u64 {
+        return bad(
+            op,
+            format_args!(
+                "ranks {}..{end} pass the response's {n} positions",
+                rule.rank_base
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// The shared body of [`commit`] and [`commit_from_lists`] (`query: None` reads `state.q`).
+fn commit_impl(
+    dev: &CudaDevice,
+    query: Option<&CudaSlice<u32>>,
+    token: &CudaSlice<u32>,
+    confidence: &CudaSlice<f32>,
+    n_query: usize,
+    rule: CommitRule,
+    state: &mut DeviceStateBufs,
+) -> Result<()> {
+    let op = "commit";
+    state.check(op)?;
+    let n = state.n;
+    let query_len = query.map_or(n, |q| q.len());
+    check_commit(n, n_query, [query_len, token.len(), confidence.len()], rule)?;
+    let DeviceStateBufs {
+        tokens,
+        order,
+        decoded_step,
+        q,
+        ..
+    } = state;
+    let query = query.unwrap_or(&*q);
+    let mut b = Bufs::new(dev, op);
+    let p = SlCommitParams {
+        query: b.read("query", query)?,
+        token: b.read("token", token)?,
+        confidence: b.read("confidence", confidence)?,
+        tokens: b.write("tokens", tokens)?,
+        order: b.write("order", order)?,
+        decoded_step: b.write("decoded_step", decoded_step)?,
+        n: to_u32(op, "n", n)?,
+        n_query: to_u32(op, "n_query", n_query)?,
+        n_commit: rule.n_commit,
+        rank_base: rule.rank_base,
+        step: rule.step,
+        by_confidence: rule.by_confidence as u32,
+    };
+    // SAFETY: n and n_query are at most MAX_PROGRAM_LEN (< 2^31); query, token and confidence
+    // hold n_query entries and the state buffers n (`check_commit`, `check`);
+    // rank_base + n_commit <= n; the kernel skips query entries >= n, and the query is either a
+    // caller's buffer borrowed shared (so not one of the state buffers, which are borrowed
+    // mutably) or the q list, which only holds distinct indices (written by resolve_plan or
+    // reset); all are live buffers of this context borrowed for the launch.
+    unsafe { raw::commit(dev.kernels(), &p, dev.stream()) }
+}
+
+/// Queues `sl_commit` (never waits; capturable): records a step's choices in `state` exactly as
+/// [`crate::sampler::patch::commit`], for the query `query[..n_query]` (response indices) with
+/// sampled `token` and `confidence`. Query entries `>= state.len()` are skipped (neither
+/// committed nor counted); if fewer than `rule.n_commit` remain, fewer are committed. The
+/// in-range query entries must be distinct (which token a repeated index keeps is unspecified).
+/// Errors (nothing queued): buffers shorter than `n_query`, `n_commit > n_query`, ranks past
+/// the response.
+pub fn commit(
+    dev: &CudaDevice,
+    query: &CudaSlice<u32>,
+    token: &CudaSlice<u32>,
+    confidence: &CudaSlice<f32>,
+    n_query: usize,
+    rule: CommitRule,
+    state: &mut DeviceStateBufs,
+) -> Result<()> {
+    commit_impl(dev, Some(query), token, confidence, n_query, rule, state)
+}
+
+/// [`commit`] with the state's own `q` list (the last [`resolve_plan`]'s undecoded indices of
+/// the block, ascending, padded with [`UNDECODED`]) as the query: the text step's sampled rows
+/// are `q[..n_query]`. `n_query` may pass the list's length (up to `state.len()`): the padding
+/// is skipped.
+pub fn commit_from_lists(
+    dev: &CudaDevice,
+    token: &CudaSlice<u32>,
+    confidence: &CudaSlice<f32>,
+    n_query: usize,
+    rule: CommitRule,
+    state: &mut DeviceStateBufs,
+) -> Result<()> {
+    commit_impl(dev, None, token, confidence, n_query, rule, state)
+}
+
+/// Checks the shapes of [`gather_rows`] (buffer lengths `x_len`, `rows_len`, `out_len`).
+fn check_gather(
+    x_len: usize,
+    x_rows: usize,
+    cols: usize,
+    rows_len: usize,
+    n: usize,
+    out_len: usize,
+) -> Result<()> {
+    let op = "gather_rows";
+    if n > MAX_PROGRAM_LEN {
+        return bad(op, format_args!("{n} rows exceed {MAX_PROGRAM_LEN}"));
+    }
+    to_u32(op, "x_rows", x_rows)?;
+    to_u32(op, "cols", cols)?;
+    if cols == 0 {
+        return Ok(());
+    }
+    check_matrix(op, "x", x_len, (x_rows, cols, cols), 1)?;
+    check_matrix(op, "out", out_len, (n, cols, cols), 1)?;
+    if rows_len < n {
+        return bad(
+            op,
+            format_args!("rows holds {rows_len} entries for {n} rows"),
+        );
+    }
+    Ok(())
+}
+
+/// Queues `out[j, :] = x[rows[j], :]` for `j < n` (`sl_gather_rows`; never waits), `x` and
+/// `out` dense with `cols` columns. A row index `>= x_rows` gives a row of NaN (the sampler's
+/// non-finite check then flags it).
+pub fn gather_rows(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    x_rows: usize,
+    cols: usize,
+    rows: &CudaSlice<u32>,
+    n: usize,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let op = "gather_rows";
+    check_gather(x.len(), x_rows, cols, rows.len(), n, out.len())?;
+    let mut b = Bufs::new(dev, op);
+    let p = SlGatherParams {
+        x: b.read("x", x)?,
+        rows: b.read("rows", rows)?,
+        out: b.write("out", out)?,
+        n: to_u32(op, "n", n)?,
+        cols: to_u32(op, "cols", cols)?,
+        x_rows: to_u32(op, "x_rows", x_rows)?,
+        _pad: 0,
+    };
+    // SAFETY: x holds x_rows rows of cols, rows n entries (the kernel range-checks them
+    // against x_rows), out n rows of cols (`check_gather`); n < 2^31; all are live buffers of
+    // this context borrowed for the launch, out mutably.
+    unsafe { raw::gather_rows(dev.kernels(), &p, dev.stream()) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1687,12 +2549,12 @@ mod tests {
 
     #[test]
     fn sample_checks_follow_the_cpu_rules() {
-        assert_eq!(check_sample(3 * 12, 10, 12, &sp(3)).unwrap(), 3);
+        assert_eq!(check_sample(3 * 12, 10, 12, &sp(3)).unwrap(), (3, None));
         let cfg = SampleParams {
             guidance: Some(2.0),
             ..sp(3)
         };
-        assert_eq!(check_sample(6 * 10, 10, 10, &cfg).unwrap(), 6);
+        assert_eq!(check_sample(6 * 10, 10, 10, &cfg).unwrap().0, 6);
         assert!(msg(check_sample(5 * 10, 10, 10, &cfg)).contains("logits holds 50"));
         assert!(msg(check_sample(30, 10, 9, &sp(3))).contains("below its row width"));
         let t = SampleParams {
@@ -1891,5 +2753,157 @@ mod tests {
         let mut st = state(3, &[&[0]]);
         st.tokens[0] = None;
         assert!(DecodeArrays::from_state(&st).is_err());
+    }
+
+    fn patch(field: Field, index: u32) -> Patch {
+        Patch {
+            field,
+            index,
+            source: crate::sampler::patch::Source::Query,
+            arg: 0,
+            add: 0,
+        }
+    }
+
+    const LENS: PatchLens = PatchLens {
+        rows: 4,
+        keys: 6,
+        logits: 2,
+    };
+
+    #[test]
+    fn patch_checks_name_the_patch() {
+        let ok = [
+            patch(Field::RowId, 3),
+            patch(Field::RowPos, 3),
+            patch(Field::RowSlot, 0),
+            patch(Field::KvIndex, 5),
+            patch(Field::KvTag, 5),
+            patch(Field::LogitsRow, 1),
+            patch(Field::SamplePos, 1),
+        ];
+        check_patches(&ok, LENS).unwrap();
+        check_patches(&[], PatchLens::default()).unwrap();
+        // Each field is bounded by its own length.
+        for (p, what) in [
+            (patch(Field::RowSlot, 4), "row_slots[4], outside its 4"),
+            (patch(Field::KvTag, 6), "kv_tags[6], outside its 6"),
+            (patch(Field::SamplePos, 2), "sample_pos[2], outside its 2"),
+        ] {
+            let mut ps = ok.to_vec();
+            ps.push(p);
+            let m = msg(check_patches(&ps, LENS));
+            assert!(m.contains("patch 7") && m.contains(what), "{m}");
+        }
+        // The same entry twice, even with different sources.
+        let mut ps = ok.to_vec();
+        ps.push(Patch {
+            source: crate::sampler::patch::Source::Token,
+            ..patch(Field::KvIndex, 5)
+        });
+        let m = msg(check_patches(&ps, LENS));
+        assert!(
+            m.contains("patches 3 and 7 both write kv_indices[5]"),
+            "{m}"
+        );
+        // Same index in different fields is fine.
+        check_patches(&[patch(Field::RowId, 0), patch(Field::RowPos, 0)], LENS).unwrap();
+        let huge = PatchLens {
+            keys: u32::MAX as usize + 1,
+            ..LENS
+        };
+        assert!(msg(check_patches(&ok, huge)).contains("keys"));
+    }
+
+    #[test]
+    fn target_checks_need_a_target_for_every_written_field() {
+        let none = [None; 7];
+        let all = [
+            Some(4),
+            Some(4),
+            Some(4),
+            Some(6),
+            Some(6),
+            Some(2),
+            Some(2),
+        ];
+        check_targets(LENS, [false; 7], none).unwrap();
+        check_targets(LENS, [true; 7], all).unwrap();
+        // Longer buffers are fine; a given target nothing writes is fine.
+        let longer = [
+            Some(9),
+            Some(4),
+            Some(4),
+            Some(60),
+            Some(6),
+            Some(2),
+            Some(3),
+        ];
+        check_targets(LENS, [false; 7], longer).unwrap();
+        let mut writes = [false; 7];
+        writes[Field::KvTag as usize] = true;
+        let m = msg(check_targets(LENS, writes, none));
+        assert!(
+            m.contains("patches write kv_tags but no kv_tags target"),
+            "{m}"
+        );
+        let mut short = all;
+        short[Field::LogitsRow as usize] = Some(1);
+        let m = msg(check_targets(LENS, [false; 7], short));
+        assert!(
+            m.contains("target logits_rows holds 1") && m.contains("against 2"),
+            "{m}"
+        );
+    }
+
+    fn rule(n_commit: u32, rank_base: u32) -> CommitRule {
+        CommitRule {
+            step: 1,
+            n_commit,
+            rank_base,
+            by_confidence: true,
+        }
+    }
+
+    #[test]
+    fn commit_checks() {
+        check_commit(10, 4, [4, 4, 4], rule(4, 6)).unwrap();
+        check_commit(10, 0, [1, 1, 1], rule(0, 10)).unwrap();
+        let m = msg(check_commit(10, 4, [4, 3, 4], rule(1, 0)));
+        assert!(m.contains("token holds 3 entries for 4"), "{m}");
+        let m = msg(check_commit(10, 4, [4, 4, 2], rule(1, 0)));
+        assert!(m.contains("confidence holds 2"), "{m}");
+        let m = msg(check_commit(10, 4, [4, 4, 4], rule(5, 0)));
+        assert!(m.contains("5 positions to commit from 4"), "{m}");
+        let m = msg(check_commit(10, 4, [4, 4, 4], rule(4, 7)));
+        assert!(
+            m.contains("ranks 7..11") && m.contains("10 positions"),
+            "{m}"
+        );
+        // No overflow near u32::MAX.
+        assert!(check_commit(10, 4, [4, 4, 4], rule(2, u32::MAX)).is_err());
+        let big = MAX_PROGRAM_LEN + 1;
+        assert!(msg(check_commit(10, big, [big; 3], rule(0, 0))).contains("exceed"));
+    }
+
+    #[test]
+    fn gather_checks() {
+        check_gather(12, 3, 4, 5, 5, 20).unwrap();
+        check_gather(0, 0, 4, 2, 2, 8).unwrap(); // every row out of range: NaN rows
+        check_gather(0, 3, 0, 0, 5, 0).unwrap(); // no columns: nothing to do
+        let m = msg(check_gather(11, 3, 4, 5, 5, 20));
+        assert!(m.contains("x holds 11"), "{m}");
+        let m = msg(check_gather(12, 3, 4, 4, 5, 20));
+        assert!(m.contains("rows holds 4 entries for 5"), "{m}");
+        let m = msg(check_gather(12, 3, 4, 5, 5, 19));
+        assert!(m.contains("out holds 19"), "{m}");
+        assert!(check_gather(12, 3, u32::MAX as usize + 1, 5, 5, 20).is_err());
+    }
+
+    #[test]
+    fn banned_masks() {
+        assert_eq!(banned_bytes(4, &[1, 3, 1]).unwrap(), vec![0, 1, 0, 1]);
+        assert!(msg(banned_bytes(4, &[4])).contains("banned id 4"));
+        assert!(msg(banned_bytes(2, &[0, 1])).contains("every id"));
     }
 }

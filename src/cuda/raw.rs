@@ -27,9 +27,10 @@ use std::ffi::c_void;
 use cudarc::driver::{CudaStream, result};
 
 use crate::cuda::abi::{
-    self, SL_AGG_THREADS, SL_ATTN_THREADS, SL_ELEM_THREADS, SL_MERGE_THREADS, SL_ROW_THREADS,
-    SL_SAMPLE_THREADS, SL_SOFTMAX_THREADS, SlAggregateParams, SlAttnParams, SlEmbedParams,
-    SlInitParams, SlMaskedSoftmaxParams, SlRmsNormParams, SlRopeKvParams, SlSampleParams,
+    self, SL_AGG_THREADS, SL_ATTN_THREADS, SL_ELEM_THREADS, SL_GATHER_THREADS, SL_MERGE_THREADS,
+    SL_PROGRAM_THREADS, SL_ROW_THREADS, SL_SAMPLE_THREADS, SL_SOFTMAX_THREADS, SlAggregateParams,
+    SlAttnParams, SlCommitParams, SlEmbedParams, SlFillParams, SlGatherParams, SlInitParams,
+    SlMaskedSoftmaxParams, SlResolveParams, SlRmsNormParams, SlRopeKvParams, SlSampleParams,
     SlSwigluParams,
 };
 use crate::cuda::device::{Kernel, Kernels, cuda_err};
@@ -350,6 +351,108 @@ pub unsafe fn init_uniform(kernels: &Kernels, p: &SlInitParams, stream: &CudaStr
     unsafe {
         launch(
             kernels.init_uniform(),
+            (blocks, 1, 1),
+            SL_ELEM_THREADS,
+            0,
+            stream,
+            p,
+        )
+    }
+}
+
+/// `sl_resolve_plan`: the step's lists into `list_q` / `list_m` / `list_d`, then the patches
+/// applied to the plan arrays (params.h). Grid 1, `SL_PROGRAM_THREADS` threads. Queued even
+/// when `n` and `n_patches` are 0 (it then writes nothing), so a captured program has the same
+/// launches whatever the sizes.
+///
+/// # Safety
+/// The module's common contract, and: `n < 2^31`; `tokens`, `order`, `decoded_step` and the
+/// three lists hold `n` entries; `patches` holds `n_patches`; every non-null target holds its
+/// length (`n_rows` / `n_keys` / `n_logits`); no two patches name the same (field, index); the
+/// targets alias neither each other, the state nor the lists.
+pub unsafe fn resolve_plan(
+    kernels: &Kernels,
+    p: &SlResolveParams,
+    stream: &CudaStream,
+) -> Result<()> {
+    // SAFETY: the caller's contract; geometry from params.h.
+    unsafe {
+        launch(
+            kernels.resolve_plan(),
+            (1, 1, 1),
+            SL_PROGRAM_THREADS,
+            0,
+            stream,
+            p,
+        )
+    }
+}
+
+/// `sl_commit`: records a step's choices in the decode state (params.h). Grid 1,
+/// `SL_PROGRAM_THREADS` threads; queued even when nothing is committed (see
+/// [`resolve_plan`]).
+///
+/// # Safety
+/// The module's common contract, and: `n < 2^31`; `query`, `token` and `confidence` hold
+/// `n_query` entries, `tokens`, `order` and `decoded_step` hold `n`; `rank_base + n_commit
+/// <= n`; the query entries below `n` are distinct; the outputs alias none of the inputs.
+pub unsafe fn commit(kernels: &Kernels, p: &SlCommitParams, stream: &CudaStream) -> Result<()> {
+    // SAFETY: the caller's contract; geometry from params.h.
+    unsafe {
+        launch(
+            kernels.commit(),
+            (1, 1, 1),
+            SL_PROGRAM_THREADS,
+            0,
+            stream,
+            p,
+        )
+    }
+}
+
+/// `sl_gather_rows`: `out[j, :] = x[rows[j], :]` (NaN rows for out-of-range `rows[j]`). Grid
+/// `min(n, 65535)` (the kernel loops over the rows), `SL_GATHER_THREADS` threads.
+///
+/// # Safety
+/// The module's common contract, and: `x` holds `x_rows · cols` values, `rows` holds `n`
+/// entries and `out` holds `n · cols` values.
+pub unsafe fn gather_rows(
+    kernels: &Kernels,
+    p: &SlGatherParams,
+    stream: &CudaStream,
+) -> Result<()> {
+    if p.n == 0 || p.cols == 0 {
+        return Ok(());
+    }
+    let blocks = p.n.min(ELEM_MAX_BLOCKS);
+    // SAFETY: the caller's contract; the kernel loops over all rows whatever the grid size.
+    unsafe {
+        launch(
+            kernels.gather_rows(),
+            (blocks, 1, 1),
+            SL_GATHER_THREADS,
+            0,
+            stream,
+            p,
+        )
+    }
+}
+
+/// `sl_fill_u32`: `buf[i] = value` for `i < n`, grid-stride, `SL_ELEM_THREADS` threads.
+///
+/// # Safety
+/// The module's common contract, and: `buf` holds `n` values.
+pub unsafe fn fill_u32(kernels: &Kernels, p: &SlFillParams, stream: &CudaStream) -> Result<()> {
+    if p.n == 0 {
+        return Ok(());
+    }
+    let blocks =
+        p.n.div_ceil(u64::from(SL_ELEM_THREADS))
+            .min(u64::from(ELEM_MAX_BLOCKS)) as u32;
+    // SAFETY: the caller's contract; the kernel loops over all elements whatever the grid size.
+    unsafe {
+        launch(
+            kernels.fill_u32(),
             (blocks, 1, 1),
             SL_ELEM_THREADS,
             0,
