@@ -786,7 +786,7 @@ fn run<B: Backend>(
             .logits()
             .filter(|_| has_logits)
             .ok_or_else(|| Error::Input(format!("step {k} has no position to decode")))?;
-        let sampled = be.sample(&logits, &dec.params(k, &query, l.p()))?;
+        let sampled = be.sample(logits, &dec.params(k, &query, l.p()))?;
         let committed = match opts.teacher {
             Some(teacher) => teacher_commit(teacher, k, &query, model.config().vocab(l.branch))?,
             None => dec.commit(k, &query, &sampled),
@@ -806,7 +806,7 @@ fn run<B: Backend>(
             time_s,
             query_positions: query,
             logits: if opts.record_logits {
-                Some(be.to_host(&logits)?)
+                Some(be.to_host(logits)?)
             } else {
                 None
             },

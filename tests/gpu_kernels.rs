@@ -1619,16 +1619,15 @@ fn gpu_text_generation_state_follows_the_host_twin() {
 /// A reset and two resolve + commit steps captured as one CUDA graph, then replayed twice:
 /// step 1's patch reads the token step 0 committed on the device, so the graph really resolves
 /// plans from run-time state; each replay starts with the reset and ends in the host twin's
-/// state. (Capture needs cudarc's event tracking off: with it on, each launch waits on its
-/// buffers' events recorded before the capture, which CUDA rejects inside a capture.)
+/// state. (Capture needs cudarc's event tracking off, which `CudaDevice::new` does: with it
+/// on, each launch would wait on its buffers' events recorded before the capture, which CUDA
+/// rejects inside a capture.)
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_resolve_and_commit_replay_from_a_cuda_graph() {
     use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let dev = device();
-    // SAFETY: everything this test allocates and launches is on the device's one stream, so
-    // stream order alone orders every use of every buffer; no other stream touches them.
-    unsafe { dev.context().disable_event_tracking() };
+    assert!(!dev.context().is_event_tracking());
     let mut r = rng(4100);
     let (n, mask_id) = (64usize, 5u32);
     let mut state = DeviceStateBufs::new(&dev, n).unwrap();

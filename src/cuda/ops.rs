@@ -274,10 +274,6 @@ impl IndexBuf {
     /// ([`resolve_plan`]). The caller keeps the declared facts: every value it lets the device
     /// write stays at or below [`IndexBuf::max`], and stays distinct when [`IndexBuf::distinct`]
     /// says so (ops rely on both for memory safety).
-    #[allow(
-        dead_code,
-        reason = "for the device-resident executor (backend/cuda.rs, issue 4)"
-    )]
     pub(crate) fn patch_target(&mut self) -> &mut CudaSlice<u32> {
         &mut self.buf
     }
@@ -555,10 +551,6 @@ impl AttnPlan {
     /// `(kv_indices, kv_tags)`, writable, for the patches of a device-resolved plan
     /// ([`resolve_plan`]). The caller keeps what [`AttnPlan::new`] validated: every key's slot
     /// stays below the plan's pool rows (the attention kernel gathers through them unchecked).
-    #[allow(
-        dead_code,
-        reason = "for the device-resident executor (backend/cuda.rs, issue 4)"
-    )]
     pub(crate) fn kv_targets(&mut self) -> (&mut CudaSlice<u32>, &mut CudaSlice<u32>) {
         (&mut self.kv_indices, &mut self.kv_tags)
     }

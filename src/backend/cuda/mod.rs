@@ -287,7 +287,7 @@ impl CudaBackend {
     pub fn prepare_attention(&self, plan: &CudaPlan, cache: &CudaCache) -> Result<()> {
         for b in Branch::ALL {
             if let Some(bp) = &plan.branches[b as usize] {
-                self.attn_plan(plan, b, bp, cache.shape)?;
+                drop(self.attn_plan(plan, b, bp, cache.shape)?);
             }
         }
         Ok(())

@@ -27,7 +27,7 @@ use cudarc::driver::{CudaEvent, CudaSlice, sys};
 use super::{CudaBackend, CudaPlan};
 use crate::cuda::device::cuda_err;
 use crate::cuda::ops::{
-    self, DeviceSampleArgs, DeviceStateBufs, PatchBuf, PatchLens, PatchTargets, SampleOut,
+    self, BannedMask, DeviceSampleArgs, DeviceStateBufs, PatchBuf, PatchLens, PatchTargets, SampleOut,
 };
 use crate::error::{Error, Result};
 use crate::model::{Model, Prepared, Workspace};
@@ -58,7 +58,7 @@ struct Resident<'m> {
     cache: super::CudaCache,
     ws: Workspace<CudaBackend>,
     state: DeviceStateBufs,
-    banned: Option<CudaSlice<u8>>,
+    banned: Option<BannedMask>,
     /// Sticky flags: `[0]` a non-finite logit, `[1]` an id outside the embedding table.
     sample_flag: CudaSlice<u32>,
     /// `events[k]` before step `k`'s work, `events[K]` after the last step's.
@@ -176,7 +176,7 @@ impl<'m> Resident<'m> {
         let banned = if prog.params.banned.is_empty() {
             None
         } else {
-            Some(ops::banned_mask(dev, vocab, &prog.params.banned)?)
+            Some(BannedMask::new(dev, vocab, &prog.params.banned)?)
         };
         let ctx = dev.context();
         let events = (0..=steps.len())
@@ -204,12 +204,11 @@ impl<'m> Resident<'m> {
     fn capture(&mut self) -> Result<Vec<cudarc::driver::CudaGraph>> {
         let n = self.steps.len();
         let per_step = self.prog.branch == crate::config::Branch::Text;
+        // Part 0 is the reset and the prefill, part k + 1 step k.
         let parts: Vec<std::ops::Range<usize>> = if per_step {
-            std::iter::once(0..1)
-                .chain((1..=n).map(|k| k..k + 1))
-                .collect()
+            (0..=n).map(|k| k..k + 1).collect()
         } else {
-            vec![0..n + 1]
+            std::iter::once(0..n + 1).collect()
         };
         let stream = self.model.backend().device().stream().clone();
         let mut graphs = Vec::with_capacity(parts.len());
