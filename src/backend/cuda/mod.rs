@@ -1,4 +1,5 @@
-//! The CUDA bf16 backend: the model graph on one GPU, op by op (eager, one stream).
+//! The CUDA bf16 backend: the model graph on one GPU, on one stream — op by op from the host
+//! loop, or device-resident and captured as CUDA graphs ([`resident`]).
 //!
 //! Storage follows [`MatrixKind`]: the residual stream and the logits are f32, every other
 //! activation, the weights and the K/V pool are bf16; all arithmetic accumulates in f32. The ops
@@ -7,24 +8,26 @@
 //!
 //! | trait op | device op | in → out |
 //! |---|---|---|
-//! | `embed` | `ops::embed` | ids → f32 |
+//! | `embed` | `ops::embed_flagged` | ids → f32 |
 //! | `rmsnorm` | `ops::rmsnorm_ro` | f32 → bf16 |
 //! | `matmul` | `Gemm::matmul` | bf16 → bf16, or f32 (`accumulate`: the residual add, beta = 1) |
 //! | `rope_store_kv` | `ops::rope_kv` | bf16 q (in place), k, v → pool |
 //! | `attention` | `ops::attention` | bf16 → bf16 |
 //! | `swiglu` | `ops::swiglu` | bf16 → bf16 |
-//! | `gather_logit_rows` | device-to-device copies | f32 → f32 |
+//! | `gather_logit_rows` | `ops::gather_rows` | f32 → f32 |
 //! | `sample` | `ops::sample` | f32 → host [`Sampled`] |
 //!
-//! Each op but `gather_logit_rows` (copies, visible as such in Nsight) runs inside an NVTX range
-//! named after its kernel family: the trait op's name, `gemm` for `matmul`, `rope_kv` for
-//! `rope_store_kv` ([`crate::profile`]).
+//! Each op runs inside an NVTX range named after its kernel family: the trait op's name, `gemm`
+//! for `matmul`, `rope_kv` for `rope_store_kv` ([`crate::profile`]). No op but `sample` waits
+//! for the device: `embed` checks the host plan's ids itself and leaves the kernel's flag (which
+//! can only catch an id patched in on the device) to [`CudaBackend::check_embed_flag`].
 //!
 //! Every op checks the shapes and element types it is given and returns [`Error::Input`] naming
 //! the problem before anything is queued. An uploaded plan keeps its host [`StepPlan`] (shapes
 //! live there) and its index arrays on the device; its attention plan ([`AttnPlan`], the
 //! FlashInfer-style plan of one branch's rows over their keys) is built by the first attention
-//! call of the step, where the pool's head geometry is known, and reused by every later layer.
+//! call of the step (or by [`CudaBackend::prepare_attention`] before a graph capture), where the
+//! pool's head geometry is known, and reused by every later layer.
 
 mod resident;
 
