@@ -59,10 +59,14 @@ fn generate_writes_trace_and_tokens() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("forwards  6"), "{}", stdout(&o));
+    // The CPU runs the host loop whatever the CUDA execution flags ask for, and says so.
+    assert!(stdout(&o).contains("execution eager"), "{}", stdout(&o));
     let tokens: Vec<u32> = serde_json::from_value(read_json(&out)).unwrap();
     assert_eq!(tokens.len(), 24);
     assert!(tokens.iter().all(|&t| t < 64));
     let t = read_json(&trace);
+    assert_eq!(t["execution"], "eager");
+    assert_eq!(t["setup_s"], 0.0);
     let steps = t["steps"].as_array().unwrap();
     assert_eq!(steps.len(), 5);
     let mut seen: Vec<u64> = steps
@@ -98,11 +102,22 @@ fn generate_writes_trace_and_tokens() {
         "1,2,3",
         "--no-cache-decoded",
         "--no-truncate",
+        "--no-capture",
         "--out",
         out2.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(read_json(&out2), read_json(&out));
+    fails_with(
+        &[
+            "generate",
+            "--preset",
+            "tiny",
+            "--no-graphs",
+            "--no-capture",
+        ],
+        &["--no-graphs", "--no-capture", "cannot be used with"],
+    );
     let o = cli(&[
         "generate",
         "--preset",
@@ -238,6 +253,10 @@ fn bench_writes_step_latencies_and_a_plot() {
     let r = read_json(&json);
     assert_eq!(r["device"], "cpu");
     assert!(r["driver"].is_null());
+    for run in r["runs"].as_array().unwrap() {
+        assert_eq!(run["execution"], "eager", "{run}");
+        assert_eq!(run["setup_s"], 0.0, "{run}");
+    }
     assert_eq!(r["preset"], "tiny");
     assert_eq!(r["step_clock"], "wall");
     assert!(r["machine"].as_str().unwrap().contains("threads"));

@@ -27,12 +27,13 @@ use cudarc::driver::{CudaEvent, CudaSlice, sys};
 use super::{CudaBackend, CudaPlan};
 use crate::cuda::device::cuda_err;
 use crate::cuda::ops::{
-    self, BannedMask, DeviceSampleArgs, DeviceStateBufs, PatchBuf, PatchLens, PatchTargets, SampleOut,
+    self, BannedMask, DeviceSampleArgs, DeviceStateBufs, PatchBuf, PatchLens, PatchTargets,
+    SampleOut,
 };
 use crate::error::{Error, Result};
 use crate::model::{Model, Prepared, Workspace};
 use crate::profile;
-use crate::sampler::patch::{Field, UNDECODED};
+use crate::sampler::patch::UNDECODED;
 use crate::sampler::program::{self, Program};
 use crate::sampler::{Execution, Generation, Mode, StepTrace, Task};
 
@@ -59,7 +60,8 @@ struct Resident<'m> {
     ws: Workspace<CudaBackend>,
     state: DeviceStateBufs,
     banned: Option<BannedMask>,
-    /// Sticky flags: `[0]` a non-finite logit, `[1]` an id outside the embedding table.
+    /// The sampler's sticky flag: a non-finite logit in some step (the embedding kernel's flag
+    /// is the backend's, [`CudaBackend::check_embed_flag`]).
     sample_flag: CudaSlice<u32>,
     /// `events[k]` before step `k`'s work, `events[K]` after the last step's.
     events: Vec<CudaEvent>,
@@ -84,14 +86,9 @@ pub(super) fn generate(
     match &graphs {
         Some(graphs) => {
             let _r = profile::range("generation (graphs)");
-            for (i, g) in graphs.iter().enumerate() {
+            // Launches return at once: progress is reported when the device is done.
+            for g in graphs {
                 g.launch().map_err(cuda_err("launching a CUDA graph"))?;
-                // Graph 0 holds the reset and prefill (and, for t2i, every step).
-                if i > 0
-                    && let Some(p) = progress.as_mut()
-                {
-                    p(i, r.steps.len());
-                }
             }
         }
         None => r.queue(0..r.steps.len() + 1, &mut progress)?,
@@ -104,10 +101,9 @@ pub(super) fn generate(
 }
 
 impl<'m> Resident<'m> {
-    /// Uploads the program: every plan (patched row ids sanitised to 0 so that the host-side
-    /// checks of the template pass; the device overwrites them before use), attention plans
-    /// built, patches validated, sampler buffers, the decode state, a frozen workspace sized
-    /// for the largest step.
+    /// Uploads the program: every template plan (a runnable plan, so the ops' host-side checks
+    /// apply to it) with its attention plans built, the patches validated, sampler buffers, the
+    /// decode state, and a frozen workspace sized for the largest step.
     fn upload(model: &'m Model<CudaBackend>, prog: Program) -> Result<Resident<'m>> {
         let be = model.backend();
         let dev = be.device();
@@ -120,14 +116,8 @@ impl<'m> Resident<'m> {
         let prefill = prog.prefill.as_ref().map(prepare).transpose()?;
         let mut steps = Vec::with_capacity(prog.steps.len());
         for (k, sp) in prog.steps.iter().enumerate() {
-            let mut plan = sp.plan.clone();
-            let ids = &mut plan.branches[prog.branch as usize].ids;
-            for p in sp.patches.iter().filter(|p| p.field == Field::RowId) {
-                if let Some(id) = ids.get_mut(p.index as usize) {
-                    *id = 0;
-                }
-            }
-            let prep = prepare(&plan)?;
+            let plan = &sp.plan;
+            let prep = prepare(plan)?;
             let lens = PatchLens {
                 rows: plan.rows(prog.branch).len(),
                 keys: plan.kv_indices.len(),
@@ -194,7 +184,7 @@ impl<'m> Resident<'m> {
             cache,
             ws,
             banned,
-            sample_flag: dev.alloc_zeros(2)?,
+            sample_flag: dev.alloc_zeros(1)?,
             events,
         })
     }
