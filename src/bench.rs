@@ -16,6 +16,7 @@ use crate::backend::{Backend, DeviceStats};
 use crate::config::{Branch, Config};
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::plan::StepPlan;
 use crate::sampler::{self, Execution, Generation, Mode, RunOptions, Switches, Task};
 use serde::Serialize;
 use std::path::Path;
@@ -35,6 +36,71 @@ pub const FLOOR_RULE: &str = "floor_step_s = active weight bytes of one all-on s
     its joint layers compute them; a text answer feeds no image rows), so with the prompt \
     cached a t2i step touches image weights only. Embedding tables (gathered by row), the K/V \
     pool and activations are not counted.";
+
+/// How `bf16_peak_flops_per_s` and `dense_gemm_flops_per_s` are measured (in the report).
+pub const GEMM_RULE: &str = "bf16_peak_flops_per_s = 2·8192³ ÷ the time of one 8192³ bf16 \
+    product through the backend's own cuBLASLt path (f32 accumulation, bf16 out, median of 10). \
+    dense_gemm_flops_per_s = the FLOPs of one dense step's matrix products (per computed layer \
+    and branch q, k, v, o, gate, up, down, plus the head over the logits rows; 2·m·n·k each) ÷ \
+    their time, each distinct shape timed alone (median of 5, random bf16 inputs) and weighted \
+    by how often the step runs it. dense_gemm_fraction_of_peak is their ratio.";
+
+/// Side of the square product that measures the card's bf16 rate.
+const PEAK_GEMM: usize = 8192;
+
+/// The matrix products of one forward pass over `plan`: each distinct `(m, n, k)` (an `[m, k]`
+/// activation times an `[n, k]` weight) with how many times the pass runs it.
+pub fn pass_products(cfg: &Config, plan: &StepPlan) -> Vec<((usize, usize, usize), usize)> {
+    let mut count: std::collections::BTreeMap<(usize, usize, usize), usize> = Default::default();
+    let mut add = |shape: (usize, usize, usize), times: usize| {
+        if shape.0 > 0 && times > 0 {
+            *count.entry(shape).or_default() += times;
+        }
+    };
+    for b in Branch::ALL {
+        let m = plan.rows(b).len();
+        let layers = (0..cfg.n_layers)
+            .filter(|&l| plan.computes(b, l, cfg.n_joint_layers))
+            .count();
+        let (d, f, a, kv) = (cfg.d_model(b), cfg.d_mlp(b), cfg.attn_dim(), cfg.kv_dim());
+        add((m, a, d), layers);
+        add((m, kv, d), 2 * layers);
+        add((m, d, a), layers);
+        add((m, f, d), 2 * layers);
+        add((m, d, f), layers);
+    }
+    if let Some(lb) = plan.logits_branch {
+        add((plan.logits_rows.len(), cfg.vocab(lb), cfg.d_model(lb)), 1);
+    }
+    count.into_iter().collect()
+}
+
+/// FLOPs of `products` (`2·m·n·k` each, times its count).
+pub fn products_flops(products: &[((usize, usize, usize), usize)]) -> f64 {
+    products
+        .iter()
+        .map(|&((m, n, k), c)| 2.0 * m as f64 * n as f64 * k as f64 * c as f64)
+        .sum()
+}
+
+/// The card's bf16 product rate and the rate of one dense step's products (see [`GEMM_RULE`]),
+/// FLOP/s.
+fn measure_gemms(stats: &dyn DeviceStats, cfg: &Config, task: &Task) -> Result<(f64, f64)> {
+    let p = PEAK_GEMM;
+    let peak = 2.0 * (p as f64).powi(3) / stats.gemm_seconds(p, p, p, 10)?;
+    let program = sampler::program(cfg, task, Mode::Dense)?;
+    let plan = &program
+        .steps
+        .first()
+        .ok_or_else(|| Error::Input("the dense run has no step".into()))?
+        .plan;
+    let products = pass_products(cfg, plan);
+    let mut seconds = 0.0;
+    for &((m, n, k), c) in &products {
+        seconds += c as f64 * stats.gemm_seconds(m, n, k, 5)?;
+    }
+    Ok((peak, products_flops(&products) / seconds))
+}
 
 /// One measured generation.
 #[derive(Debug, Clone, Serialize)]
@@ -125,6 +191,14 @@ pub struct BenchReport {
     pub floor_step_s: Option<f64>,
     /// All-on sparse median step ÷ `floor_step_s`.
     pub sparse_step_over_floor: Option<f64>,
+    /// How the two GEMM rates are measured ([`GEMM_RULE`]).
+    pub gemm_rule: String,
+    /// The card's bf16 product rate measured in this process, FLOP/s; null on the CPU.
+    pub bf16_peak_flops_per_s: Option<f64>,
+    /// The rate of one dense step's matrix products, FLOP/s; null on the CPU.
+    pub dense_gemm_flops_per_s: Option<f64>,
+    /// `dense_gemm_flops_per_s ÷ bf16_peak_flops_per_s`: how strong the dense baseline is.
+    pub dense_gemm_fraction_of_peak: Option<f64>,
     /// The PyTorch peer's report (`--peer-json`), embedded as is; null without one.
     pub peer: Option<serde_json::Value>,
 }
@@ -275,6 +349,10 @@ pub fn run_bench<B: Backend>(
         Some(s) => measure_copy(s)?,
         None => None,
     };
+    let gemms = match stats {
+        Some(s) => Some(measure_gemms(s, model.config(), task)?),
+        None => None,
+    };
     let resident = match stats {
         Some(s) => s.reset_peak_memory()?,
         None => None,
@@ -357,6 +435,10 @@ pub fn run_bench<B: Backend>(
         sparse_step_over_floor: floor.map(|f| sparse.step_median_s / f),
         floor_step_s: floor,
         runs,
+        gemm_rule: GEMM_RULE.into(),
+        bf16_peak_flops_per_s: gemms.map(|g| g.0),
+        dense_gemm_flops_per_s: gemms.map(|g| g.1),
+        dense_gemm_fraction_of_peak: gemms.map(|(peak, dense)| dense / peak),
         peer: None,
     })
 }
@@ -664,6 +746,10 @@ mod tests {
             active_weight_bytes: None,
             floor_step_s: None,
             sparse_step_over_floor: None,
+            gemm_rule: GEMM_RULE.into(),
+            bf16_peak_flops_per_s: None,
+            dense_gemm_flops_per_s: None,
+            dense_gemm_fraction_of_peak: None,
             peer: None,
         }
     }

@@ -635,6 +635,19 @@ fn bench_on<B: Backend>(model: &Model<B>, a: &BenchArgs) -> Result<()> {
             peak as f64 / 1e9
         );
     }
+    if let (Some(peak), Some(dense), Some(frac)) = (
+        report.bf16_peak_flops_per_s,
+        report.dense_gemm_flops_per_s,
+        report.dense_gemm_fraction_of_peak,
+    ) {
+        say!(
+            "gemm      dense step products at {:.1} TFLOP/s = {:.0}% of the bf16 rate measured \
+             here ({:.1} TFLOP/s, 8192³)",
+            dense / 1e12,
+            frac * 100.0,
+            peak / 1e12
+        );
+    }
     match (
         report.floor_step_s,
         report.copy_bandwidth_bytes_per_s,

@@ -253,6 +253,8 @@ fn bench_writes_step_latencies_and_a_plot() {
     let r = read_json(&json);
     assert_eq!(r["device"], "cpu");
     assert!(r["driver"].is_null());
+    assert!(r["bf16_peak_flops_per_s"].is_null() && r["dense_gemm_fraction_of_peak"].is_null());
+    assert!(r["gemm_rule"].as_str().unwrap().contains("8192"));
     for run in r["runs"].as_array().unwrap() {
         assert_eq!(run["execution"], "eager", "{run}");
         assert_eq!(run["setup_s"], 0.0, "{run}");

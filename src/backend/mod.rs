@@ -239,4 +239,8 @@ pub trait DeviceStats {
     fn copy_bandwidth(&self, bytes: usize) -> Result<f64>;
     /// Bytes of device memory free now.
     fn free_memory(&self) -> Result<usize>;
+    /// Seconds of one bf16 matrix product `[m, k] · [n, k]ᵀ → [m, n]` (bf16 out, f32
+    /// accumulation) through the backend's own GEMM path, on random inputs: the median of
+    /// `reps` timed calls after a warm-up.
+    fn gemm_seconds(&self, m: usize, n: usize, k: usize, reps: usize) -> Result<f64>;
 }

@@ -845,6 +845,34 @@ impl DeviceStats for CudaBackend {
     fn free_memory(&self) -> Result<usize> {
         CudaBackend::free_memory(self)
     }
+
+    fn gemm_seconds(&self, m: usize, n: usize, k: usize, reps: usize) -> Result<f64> {
+        let _r = profile::range("gemm timing");
+        let len = |a: usize, b: usize| {
+            a.checked_mul(b).filter(|&l| l > 0).ok_or_else(|| {
+                Error::Input(format!("gemm timing: [{a}, {b}] is empty or overflows"))
+            })
+        };
+        let (x, w) = (
+            self.random_weight(&[len(m, k)?], 1, 0, (0.0, 1.0))?,
+            self.random_weight(&[len(n, k)?], 1, 1, (0.0, 1.0))?,
+        );
+        let mut out = self.dev.alloc_zeros::<bf16>(len(m, n)?)?;
+        let shape = GemmShape { m, n, k };
+        let mut run = || {
+            self.gemm
+                .matmul(&x.buf, &w.buf, shape, GemmOut::Bf16(&mut out), false)
+        };
+        for _ in 0..2 {
+            run()?;
+        }
+        let mut clock = EventClock::new(&self.dev)?;
+        let mut times = (0..reps.max(1))
+            .map(|_| clock.time(&mut run))
+            .collect::<Result<Vec<f64>>>()?;
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,153 @@
+//! `bench::pass_products` (the matrix products the dense GEMM rate is measured on) lists exactly
+//! the products a forward pass runs: a backend that records every `matmul` it is asked for is
+//! the oracle, over the dense plans of t2i (with and without CFG) and text answers.
+
+mod common;
+
+use common::tiny_model;
+use sparse_lavida::Result;
+use sparse_lavida::backend::cpu::{CpuBackend, CpuCache, CpuMatrix};
+use sparse_lavida::backend::{Backend, MatrixKind, SampleParams, Sampled};
+use sparse_lavida::bench::{pass_products, products_flops};
+use sparse_lavida::config::{Branch, Config};
+use sparse_lavida::model::Model;
+use sparse_lavida::plan::StepPlan;
+use sparse_lavida::sampler::{self, Mode, T2iRequest, Task, TextRequest};
+use sparse_lavida::schedule::Order;
+use sparse_lavida::weights::{HostTensor, HostWeights};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+/// The CPU backend, recording the `(m, n, k)` of every product.
+struct Counting(CpuBackend, RefCell<Vec<(usize, usize, usize)>>);
+
+impl Backend for Counting {
+    type Matrix = CpuMatrix;
+    type Weight = HostTensor;
+    type Plan = StepPlan;
+    type Cache = CpuCache;
+
+    fn name(&self) -> String {
+        "counting".into()
+    }
+    fn upload_weight(&self, t: HostTensor) -> Result<HostTensor> {
+        self.0.upload_weight(t)
+    }
+    fn upload_plan(&self, plan: &StepPlan) -> Result<StepPlan> {
+        self.0.upload_plan(plan)
+    }
+    fn new_cache(&self, cfg: &Config, slots: usize) -> Result<CpuCache> {
+        self.0.new_cache(cfg, slots)
+    }
+    fn matrix(&self, rows: usize, cols: usize, kind: MatrixKind) -> Result<CpuMatrix> {
+        self.0.matrix(rows, cols, kind)
+    }
+    fn reshape(&self, m: &mut CpuMatrix, rows: usize, cols: usize) -> Result<()> {
+        self.0.reshape(m, rows, cols)
+    }
+    fn to_host(&self, m: &CpuMatrix) -> Result<Vec<f32>> {
+        self.0.to_host(m)
+    }
+    fn embed(
+        &self,
+        plan: &StepPlan,
+        b: Branch,
+        table: &HostTensor,
+        register: &HostTensor,
+        out: &mut CpuMatrix,
+    ) -> Result<()> {
+        self.0.embed(plan, b, table, register, out)
+    }
+    fn rmsnorm(&self, x: &CpuMatrix, w: &HostTensor, eps: f32, out: &mut CpuMatrix) -> Result<()> {
+        self.0.rmsnorm(x, w, eps, out)
+    }
+    fn matmul(&self, x: &CpuMatrix, w: &HostTensor, out: &mut CpuMatrix, acc: bool) -> Result<()> {
+        self.1.borrow_mut().push((x.rows, w.shape[0], x.cols));
+        self.0.matmul(x, w, out, acc)
+    }
+    fn rope_store_kv(
+        &self,
+        plan: &StepPlan,
+        b: Branch,
+        layer: usize,
+        q: &mut CpuMatrix,
+        k: &CpuMatrix,
+        v: &CpuMatrix,
+        cache: &mut CpuCache,
+    ) -> Result<()> {
+        self.0.rope_store_kv(plan, b, layer, q, k, v, cache)
+    }
+    fn attention(
+        &self,
+        plan: &StepPlan,
+        b: Branch,
+        layer: usize,
+        joint: bool,
+        q: &CpuMatrix,
+        cache: &CpuCache,
+        out: &mut CpuMatrix,
+    ) -> Result<()> {
+        self.0.attention(plan, b, layer, joint, q, cache, out)
+    }
+    fn swiglu(&self, gate: &CpuMatrix, up: &CpuMatrix, out: &mut CpuMatrix) -> Result<()> {
+        self.0.swiglu(gate, up, out)
+    }
+    fn gather_logit_rows(&self, plan: &StepPlan, x: &CpuMatrix, out: &mut CpuMatrix) -> Result<()> {
+        self.0.gather_logit_rows(plan, x, out)
+    }
+    fn sample(&self, logits: &CpuMatrix, p: &SampleParams) -> Result<Vec<Sampled>> {
+        self.0.sample(logits, p)
+    }
+}
+
+#[test]
+fn pass_products_are_the_products_a_dense_pass_runs() {
+    let cfg = tiny_model(1).config().clone();
+    let counting = Counting(CpuBackend::new(), RefCell::new(Vec::new()));
+    let model = Model::new(counting, cfg.clone(), HostWeights::random(&cfg, 1)).unwrap();
+    let t2i = |guidance| {
+        Task::T2i(T2iRequest {
+            prompt: vec![3, 4, 5, 6],
+            height: 3,
+            width: 4,
+            steps: 4,
+            guidance,
+            temperature: 1.0,
+            order: Order::Stratified,
+            seed: 2,
+        })
+    };
+    let text = Task::Text(TextRequest {
+        prompt: vec![1, 2, 3],
+        answer_len: 8,
+        block_len: 4,
+        steps: 4,
+        temperature: 1.0,
+        banned: vec![],
+        seed: 2,
+    });
+    for task in [t2i(0.0), t2i(3.0), text] {
+        let program = sampler::program(&cfg, &task, Mode::Dense).unwrap();
+        for step in &program.steps {
+            model.backend().1.borrow_mut().clear();
+            let mut cache = model.new_cache(program.pool_slots).unwrap();
+            model
+                .forward(&model.prepare(step.plan.clone()).unwrap(), &mut cache)
+                .unwrap();
+            let mut seen: BTreeMap<(usize, usize, usize), usize> = BTreeMap::new();
+            for &s in model.backend().1.borrow().iter() {
+                *seen.entry(s).or_default() += 1;
+            }
+            let listed = pass_products(&cfg, &step.plan);
+            assert_eq!(listed, seen.into_iter().collect::<Vec<_>>(), "{task:?}");
+            let flops: f64 = model
+                .backend()
+                .1
+                .borrow()
+                .iter()
+                .map(|&(m, n, k)| 2.0 * (m * n * k) as f64)
+                .sum();
+            assert_eq!(products_flops(&listed), flops);
+        }
+    }
+}
