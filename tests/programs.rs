@@ -4,6 +4,9 @@
 
 mod common;
 
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
 use common::tiny_model;
 use proptest::prelude::*;
 use sparse_lavida::Error;
@@ -25,19 +28,6 @@ fn prompt(len: usize, seed: u64) -> Vec<u32> {
     (0..len as u64)
         .map(|i| ((i * 7919 + seed * 104_729) % 299) as u32)
         .collect()
-}
-
-/// A small deterministic stream (splitmix64).
-struct Stream(u64);
-
-impl Stream {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
 }
 
 /// Every plan a run hands to `on_plan`: the prefill, then each step in order.
@@ -96,16 +86,18 @@ fn check_random_history(task: &Task, wseed: u64, hseed: u64) {
     for mode in all_modes() {
         let prog = program(cfg, task, mode).unwrap();
         let vocab = cfg.vocab(prog.branch) as u64;
-        let mut rng = Stream(hseed);
+        let mut rng = ChaCha8Rng::seed_from_u64(hseed);
         let mut dev = DeviceState::new(prog.n, prog.mask_id);
         let mut resolved = Vec::new();
         let mut teacher = Vec::new();
         for (k, step) in prog.steps.iter().enumerate() {
             let (plan, positions, query) = step.resolve(prog.branch, &dev);
             // Few confidence levels: ties (broken by position) are common.
-            let conf: Vec<f32> = (0..query.len()).map(|_| (rng.next() % 3) as f32).collect();
+            let conf: Vec<f32> = (0..query.len())
+                .map(|_| (rng.next_u64() % 3) as f32)
+                .collect();
             let tokens: Vec<u32> = (0..query.len())
-                .map(|_| (rng.next() % vocab) as u32)
+                .map(|_| (rng.next_u64() % vocab) as u32)
                 .collect();
             patch::commit(&mut dev, &query, &tokens, &conf, step.commit).unwrap();
             let first = step.commit.rank_base as usize;

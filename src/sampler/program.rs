@@ -583,18 +583,15 @@ mod tests {
         modes
     }
 
-    /// A small deterministic stream (splitmix64) for confidences and tokens.
-    struct Stream(u64);
+    /// Seeded draws for confidences and tokens.
+    struct Stream(rand_chacha::ChaCha8Rng);
     impl Stream {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
+        fn new(seed: u64) -> Stream {
+            Stream(rand::SeedableRng::seed_from_u64(seed))
         }
-        /// Random draws of `len` sampled positions; confidences from `levels` values so that
-        /// ties (broken by position) are common.
+        fn next(&mut self) -> u64 {
+            rand::RngCore::next_u64(&mut self.0)
+        }
         fn sampled(&mut self, len: usize, vocab: u64, levels: u64) -> Vec<Sampled> {
             (0..len)
                 .map(|_| Sampled {
@@ -640,7 +637,7 @@ mod tests {
                 groups: Vec::new(),
             };
             let mut dev = DeviceState::new(l.n, l.mask_id);
-            let mut rng = Stream(seed);
+            let mut rng = Stream::new(seed);
             for (k, step) in prog.steps.iter().enumerate() {
                 let what = format!("{mode} step {k}");
                 let mut fields = std::collections::HashSet::new();
