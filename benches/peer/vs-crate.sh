@@ -71,7 +71,8 @@ echo "== the crate's CUDA random weights (--weights-device-seed), made on the CP
 # `init-weights --like-device` is the crate's host twin of Model::random_on_device (equal bit for
 # bit on a GPU: tests/gpu_backend.rs); the peer must make the same bf16 values from the seed.
 for p in tiny small; do
-    "$bin" init-weights --preset $p --like-device --seed 7 --out "$tmp/dev-$p.safetensors" >/dev/null
+    "$bin" init-weights --preset $p --like-device --seed 7 \
+        --out "$tmp/dev-$p.safetensors" >/dev/null
     echo -n "[$p, seed 7] "
     "$py" "$peer" --preset $p --device cpu --weights-device-seed 7 \
         --check-device-weights "$tmp/dev-$p.safetensors" || fail=1
