@@ -266,6 +266,11 @@ struct InitArgs {
     /// On-disk dtype.
     #[arg(long, value_enum, default_value_t = DtypeArg::Bf16)]
     dtype: DtypeArg,
+    /// Write the weights the CUDA backend generates on the device for this seed (bf16 values;
+    /// `--weights-seed` with `--device cuda`), computed on the CPU, instead of the host ChaCha8
+    /// ones.
+    #[arg(long)]
+    like_device: bool,
     /// Output safetensors file.
     #[arg(long)]
     out: PathBuf,
@@ -689,7 +694,11 @@ fn cmd_init(a: InitArgs) -> Result<()> {
         "random weights in f32",
         sparse_lavida::weights::f32_bytes(&cfg),
     )?;
-    let w = HostWeights::random(&cfg, a.seed);
+    let w = if a.like_device {
+        HostWeights::random_like_device(&cfg, a.seed)?
+    } else {
+        HostWeights::random(&cfg, a.seed)
+    };
     let dtype = match a.dtype {
         DtypeArg::F32 => SaveDtype::F32,
         DtypeArg::Bf16 => SaveDtype::Bf16,

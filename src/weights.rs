@@ -6,6 +6,7 @@
 //! 1. layout: every expected tensor present with its shape (config order), then no extras;
 //! 2. values: every value finite (config order).
 
+use crate::backend::cpu::ops::init_uniform;
 use crate::config::{Config, ensure_fits};
 use crate::error::{Error, Result};
 use half::{bf16, f16};
@@ -126,6 +127,44 @@ impl HostWeights {
             })
             .collect();
         HostWeights { tensors }
+    }
+
+    /// The host twin of [`crate::model::Model::random_on_device`]'s weights: the values the
+    /// CUDA backend generates on the device for `(cfg, seed)`, bit for bit, with no GPU.
+    ///
+    /// Tensor `i` of [`Config::tensor_shapes`] is filled by
+    /// [`crate::backend::cpu::ops::init_uniform`] with key `seed`, tensor index `i` and the
+    /// `(offset, scale)` of [`init_range`], then every value is rounded to bf16 (nearest even)
+    /// as the `sl_init_uniform` kernel stores it, and kept as f32. Other numbers than
+    /// [`HostWeights::random`] (Philox on the device's counter layout, not ChaCha8); a file of
+    /// these weights lets a peer (benches/peer/model.py `--weights-device-seed`) check that it
+    /// reproduces the device's weights.
+    ///
+    /// The result takes [`f32_bytes`] of memory; check it with `ensure_fits` first. Errors: a
+    /// config with more tensors than a u32 tensor index can number (as the device refuses).
+    pub fn random_like_device(cfg: &Config, seed: u64) -> Result<HostWeights> {
+        let shapes = cfg.tensor_shapes();
+        if u32::try_from(shapes.len()).is_err() {
+            return Err(Error::Input(format!(
+                "the config has {} tensors; the device init numbers them with a u32",
+                shapes.len()
+            )));
+        }
+        let tensors = shapes
+            .into_par_iter()
+            .enumerate()
+            .map(|(i, (name, shape))| {
+                let (offset, scale) = init_range(&name, &shape);
+                let mut data = vec![0f32; shape.iter().product()];
+                // In range: checked above.
+                init_uniform(seed, i as u32, offset, scale, &mut data);
+                for v in &mut data {
+                    *v = bf16::from_f32(*v).to_f32();
+                }
+                (name, HostTensor { shape, data })
+            })
+            .collect();
+        Ok(HostWeights { tensors })
     }
 
     /// Writes a safetensors file (bf16 rounds to nearest even).

@@ -157,6 +157,23 @@ fn forward_bench_and_init_weights() {
         HostWeights::load(&w, &cfg).unwrap(),
         HostWeights::random(&cfg, 3)
     );
+    // --like-device: the CUDA backend's device-generated weights (bf16 values, stored exactly).
+    let wd = dir.path().join("wd.safetensors");
+    let o = cli(&[
+        "init-weights",
+        "--preset",
+        "tiny",
+        "--seed",
+        "3",
+        "--like-device",
+        "--out",
+        wd.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        HostWeights::load(&wd, &cfg).unwrap(),
+        HostWeights::random_like_device(&cfg, 3).unwrap()
+    );
 
     let case = dir.path().join("case.json");
     std::fs::write(

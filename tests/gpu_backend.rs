@@ -631,6 +631,57 @@ fn gpu_same_seed_twice_gives_identical_tokens() {
     }
 }
 
+/// `Model::random_on_device` holds exactly `HostWeights::random_like_device` (its CPU twin, which
+/// `init-weights --like-device` writes and the PyTorch peer's `--weights-device-seed`
+/// reproduces): every tensor, downloaded in `Config::tensor_shapes` order, equal bit for bit.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_device_random_weights_equal_the_host_twin_bit_for_bit() {
+    for (seed, cfg) in [
+        (7, tiny_hd64()),
+        (0x1_0000_0003, Config::preset("small").unwrap()),
+    ] {
+        let model = Model::random_on_device(backend(), cfg.clone(), seed).unwrap();
+        let dev = model.backend().device();
+        // from_uploaded's order: per branch embed/register/final_norm/head, then per layer and
+        // branch the nine layer tensors, which is tensor_shapes' order.
+        let mut bufs = Vec::new();
+        for bw in model.branch_weights() {
+            bufs.extend([&bw.embed, &bw.register, &bw.final_norm, &bw.head]);
+        }
+        for lw in model.layer_weights().iter().flatten() {
+            bufs.extend([
+                &lw.attn_norm,
+                &lw.q,
+                &lw.k,
+                &lw.v,
+                &lw.o,
+                &lw.ffn_norm,
+                &lw.gate,
+                &lw.up,
+                &lw.down,
+            ]);
+        }
+        let twin = HostWeights::random_like_device(&cfg, seed).unwrap();
+        let shapes = cfg.tensor_shapes();
+        assert_eq!(bufs.len(), shapes.len());
+        for (w, (name, shape)) in bufs.iter().zip(&shapes) {
+            assert_eq!(&w.shape, shape, "{name}");
+            let got = dev.download(&w.buf).unwrap();
+            let want = &twin.get(name).unwrap().data;
+            assert_eq!(got.len(), want.len(), "{name}");
+            let bad = got
+                .iter()
+                .zip(want)
+                .position(|(g, w)| g.to_f32().to_bits() != w.to_bits());
+            assert!(
+                bad.is_none(),
+                "seed {seed}, {name}: first difference at {bad:?}"
+            );
+        }
+    }
+}
+
 /// Device-side random weights (`Model::random_on_device`, what `--device cuda` without
 /// `--weights` uses): the same seed gives bit-identical weights and tokens twice, another seed
 /// other weights; every tensor follows its distribution (range and mean of

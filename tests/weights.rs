@@ -3,8 +3,9 @@
 use proptest::prelude::*;
 use safetensors::tensor::{Dtype, TensorView};
 use sparse_lavida::Error;
+use sparse_lavida::backend::cpu::ops::{init_uniform, philox4x32_10};
 use sparse_lavida::config::Config;
-use sparse_lavida::weights::{HostTensor, HostWeights, SaveDtype, f32_bytes};
+use sparse_lavida::weights::{HostTensor, HostWeights, SaveDtype, f32_bytes, init_range};
 use std::path::{Path, PathBuf};
 
 fn tiny() -> Config {
@@ -188,6 +189,69 @@ fn random_is_deterministic_per_seed() {
         a.get("layers.0.text.q").unwrap().data,
         a.get("layers.1.text.q").unwrap().data
     );
+}
+
+/// `random_like_device` is the CPU twin of the device init: tensor `i` of `tensor_shapes` is
+/// `init_uniform(seed, i, init_range)` rounded to bf16, and (checked by hand from Philox, the
+/// documented counter and the SPEC distributions, independently of `init_range`) element `e` is
+/// `bf16(offset + scale·u)` with `u = ((w >> 8) + 0.5)·2^-23 − 1`, `w` word `e % 4` of
+/// `philox(counter (e/4, 0, i, 0x1A17), key (seed lo, seed hi))`.
+#[test]
+fn random_like_device_is_init_uniform_per_tensor_rounded_to_bf16() {
+    let cfg = Config {
+        n_heads: 2,
+        n_kv_heads: 1,
+        ..tiny()
+    };
+    let seed = 0x0000_0007_0000_0005_u64;
+    let key = [5u32, 7u32];
+    let w = HostWeights::random_like_device(&cfg, seed).unwrap();
+    w.validate(&cfg).unwrap();
+    let shapes = cfg.tensor_shapes();
+    assert_eq!(w.tensors.len(), shapes.len());
+    for (i, (name, shape)) in shapes.iter().enumerate() {
+        let t = w.get(name).unwrap();
+        assert_eq!(&t.shape, shape, "{name}");
+        let (offset, scale) = init_range(name, shape);
+        let mut want = vec![0f32; t.data.len()];
+        init_uniform(seed, i as u32, offset, scale, &mut want);
+        let want: Vec<u32> = want.iter().map(|&v| bf16_round(v).to_bits()).collect();
+        let got: Vec<u32> = t.data.iter().map(|v| v.to_bits()).collect();
+        assert!(
+            got == want,
+            "{name} (tensor {i}) differs from init_uniform + bf16"
+        );
+
+        let (offset, scale) = if name.ends_with("_norm") {
+            (1.0f32, 0.1f32)
+        } else if name.ends_with(".embed") || name.ends_with(".register") {
+            (0.0, 1.0)
+        } else {
+            (0.0, (3.0 / shape[1] as f64).sqrt() as f32)
+        };
+        let n = t.data.len();
+        for e in [0, 1, 2, 3, 4, 5, n / 2, n - 1] {
+            let words = philox4x32_10([(e / 4) as u32, 0, i as u32, 0x1A17], key);
+            let u = ((f64::from(words[e % 4] >> 8) + 0.5) * (-23f64).exp2() - 1.0) as f32;
+            let v = bf16_round(offset + scale * u);
+            assert_eq!(t.data[e].to_bits(), v.to_bits(), "{name}[{e}]");
+        }
+    }
+    assert_eq!(w, HostWeights::random_like_device(&cfg, seed).unwrap());
+    let other = HostWeights::random_like_device(&cfg, seed + 1).unwrap();
+    let host = HostWeights::random(&cfg, seed);
+    for (name, t) in &w.tensors {
+        assert_ne!(
+            t.data,
+            other.get(name).unwrap().data,
+            "{name}: another seed"
+        );
+        assert_ne!(
+            t.data,
+            host.get(name).unwrap().data,
+            "{name}: not the ChaCha8 numbers"
+        );
+    }
 }
 
 fn mean_and_mean_square(data: &[f32]) -> (f64, f64) {

@@ -33,6 +33,11 @@ Usage (see benches/peer/README.md):
   model.py --json OUT.json                      timing run (CUDA; skipped without it)
   model.py --check-logits CASE_DIR [--device cpu]   logits of a `forward` case vs the crate's
                                                 (f32: rel L2 <= 1e-4; bf16: SPEC §6 bound)
+  model.py --check-logits CASE_DIR --weights-device-seed S   the same on the crate's CUDA
+                                                random weights (`--weights-seed S` there)
+  model.py --check-device-weights FILE --weights-device-seed S --preset P
+                                                those weights vs `init-weights --like-device`
+  model.py --make-case DIR [--case-rows N]      config.json + a random case.json
   model.py --generate --device cpu --task t2i ... --trace T.json [--compare-trace CRATE.json]
   model.py --self-test                          Philox known answers, schedules (no model)
 """
@@ -69,6 +74,8 @@ PRESETS = {
 }
 # Peer-only preset: `tiny` with 4 heads x 64 (the head_dim-64 attention path on a tiny model).
 PRESETS["tiny64"] = dict(PRESETS["tiny"], head_dim=64)
+# Peer-only preset: the crate's GPU tests' `tiny_hd64` (2 query heads sharing 1 K/V head of 64).
+PRESETS["tiny64-gqa"] = dict(PRESETS["tiny"], n_heads=2, n_kv_heads=1, head_dim=64)
 
 TEXT, IMAGE = 0, 1
 BRANCH_NAMES = ("text", "image")
@@ -441,6 +448,80 @@ def random_weights(torch, cfg, seed, device, dtype):
             lo, hi, dt = -a, a, dtype
         out[name] = torch.empty(shape, dtype=dt, device=device).uniform_(lo, hi, generator=gen)
     return out
+
+
+INIT_COUNTER_TAG = 0x1A17  # third Philox counter word of the crate's weight init
+
+
+def init_range(name, shape):
+    """(offset, scale) of the crate's `weights::init_range` as f32 values (python floats):
+    norm gains (1, 0.1), embed/register (0, 1), linear [out, in] (0, sqrt(3/in) in f64 rounded
+    to f32)."""
+    leaf = name.rsplit(".", 1)[1]
+    if leaf.endswith("_norm"):
+        return 1.0, struct.unpack("<f", struct.pack("<f", 0.1))[0]
+    if leaf in ("embed", "register"):
+        return 0.0, 1.0
+    return 0.0, struct.unpack("<f", struct.pack("<f", math.sqrt(3.0 / shape[1])))[0]
+
+
+def device_weights(torch, cfg, seed, device, out_device=None, chunk_groups=1 << 22):
+    """The crate's device-generated weights for (cfg, seed), bit for bit (`Model::random_on_device`,
+    kernels/init.cu `sl_init_uniform`; CPU twin `HostWeights::random_like_device`), as bf16
+    tensors made on `device` and kept on `out_device` (default `device`).
+
+    Tensor i of tensor_shapes(cfg): element e is bf16_rne(offset + scale*u) in f32 with two
+    roundings, u = (2*(w >> 8) + 1 - 2^24) * 2^-24 (exact in f32), w word e % 4 of
+    philox4x32_10(counter (g lo32, g hi32, i, 0x1A17), key (seed lo32, seed hi32)), g = e // 4.
+    Generated `chunk_groups` Philox calls at a time, so the memory beyond the result is bounded
+    (about 80 bytes a group)."""
+    out_device = out_device or device
+    key = (seed & M32, (seed >> 32) & M32)
+    out = {}
+    for i, (name, shape) in enumerate(tensor_shapes(cfg).items()):
+        offset, scale = init_range(name, shape)
+        off_t = torch.tensor(offset, dtype=torch.float32, device=device)
+        scale_t = torch.tensor(scale, dtype=torch.float32, device=device)
+        n = math.prod(shape)
+        flat = torch.empty(n, dtype=torch.bfloat16, device=device)
+        groups = -(-n // 4)
+        for g0 in range(0, groups, chunk_groups):
+            g = torch.arange(g0, min(g0 + chunk_groups, groups), dtype=torch.int64, device=device)
+            z = torch.zeros((), dtype=torch.int64, device=device)
+            words = philox4x32_10((g & M32, g >> 32, z + i, z + INIT_COUNTER_TAG), key)
+            w = torch.stack(words, dim=-1).reshape(-1)[: n - 4 * g0]
+            k = (((w >> 8) << 1) | 1) - (1 << 24)  # odd, |k| < 2^24: exact in f32
+            u = k.to(torch.float32) * (2.0 ** -24)  # a power of two: exact
+            v = torch.add(torch.mul(scale_t, u), off_t)  # two f32 roundings, no FMA
+            flat[4 * g0: 4 * g0 + v.numel()] = v.to(torch.bfloat16)  # round to nearest even
+        out[name] = flat.reshape(shape).to(out_device)
+    return out
+
+
+def check_device_weights(torch, cfg, seed, device, path):
+    """Compares device_weights(cfg, seed) made on `device` with a safetensors file (the crate's
+    `init-weights --like-device`), bit for bit; returns the number of differing tensors."""
+    theirs = read_safetensors(torch, path)
+    check_weights(torch, cfg, theirs, path)
+    ours = device_weights(torch, cfg, seed, device, out_device="cpu")
+    bad = 0
+    for name in tensor_shapes(cfg):
+        a, b = ours[name], theirs[name]
+        if b.dtype == torch.bfloat16:
+            a, b = a.view(torch.int16), b.view(torch.int16)
+        else:  # an f32/f16/f64 file of bf16 values: compare exactly in f64
+            a, b = a.double(), b.double()
+        diff = (a != b).reshape(-1)
+        if bool(diff.any()):
+            e = int(diff.nonzero()[0])
+            bad += 1
+            print(f"  {name}: {int(diff.sum())} of {diff.numel()} values differ, first at {e} "
+                  f"(ours {float(ours[name].reshape(-1)[e])}, "
+                  f"file {float(theirs[name].reshape(-1)[e])})")
+    n = sum(math.prod(s) for s in tensor_shapes(cfg).values())
+    print(f"check-device-weights {path}: seed {seed}, {len(ours)} tensors, {n} values made on "
+          f"{device}: {'identical' if not bad else f'{bad} tensor(s) DIFFER'}")
+    return bad
 
 
 # ------------------------------------------------------------------------------------------------
@@ -916,9 +997,19 @@ def build_model(torch, args, device, dtype):
     if args.weights:
         tensors = read_safetensors(torch, args.weights)
         check_weights(torch, cfg, tensors, args.weights)
+    elif args.weights_device_seed is not None:
+        tensors = device_weights(torch, cfg, args.weights_device_seed, device)
     else:
-        tensors = random_weights(torch, cfg, args.weights_seed, device, dtype)
+        tensors = random_weights(torch, cfg, args.weights_seed or 0, device, dtype)
     return Model(torch, cfg, tensors, device, dtype)
+
+
+def weights_label(args):
+    if args.weights:
+        return args.weights
+    if args.weights_device_seed is not None:
+        return f"random (the crate's device weights, seed {args.weights_device_seed})"
+    return f"random (torch, seed {args.weights_seed or 0})"
 
 
 def make_request(torch, cfg, args, task):
@@ -1000,6 +1091,46 @@ def load_case(cfg, path):
     return (br, ids, pos, blk, msk), lf, skip
 
 
+def random_case(cfg, seed, n_rows=None):
+    """A random `forward` case over cfg's vocabularies (python's random.Random(seed)): clean
+    blocks 0..3, masked blocks 5..6 with registers, both branches, positions drawn from
+    [0, 3n); logits for a random half of one branch's non-register rows. `n_rows` rows, or
+    12..40 drawn from the stream."""
+    import random
+    rng = random.Random(seed)
+    n = rng.randint(12, 40) if n_rows is None else n_rows
+    if n < 1:
+        raise PeerError(f"--case-rows {n}: a case needs at least one row")
+    rows = []
+    for _ in range(n):
+        branch = rng.choice(BRANCH_NAMES)
+        masked = rng.random() < 0.4
+        reg = masked and rng.random() < 0.3
+        rows_b = cfg["text_vocab"] if branch == "text" else cfg["image_vocab"] + 1
+        rows.append({"branch": branch, "id": "reg" if reg else rng.randrange(rows_b),
+                     "pos": rng.randrange(0, 3 * n), "masked": masked,
+                     "block": rng.randint(5, 6) if masked else rng.randint(0, 3)})
+    lb = rng.choice(BRANCH_NAMES)
+    cands = [i for i, r in enumerate(rows) if r["branch"] == lb and r["id"] != "reg"]
+    rng.shuffle(cands)
+    return {"rows": rows, "logits_for": cands[: max(1, len(cands) // 2)]}
+
+
+def cmd_make_case(args):
+    """Writes DIR/config.json (--preset or --config) and DIR/case.json (random_case, --seed,
+    --case-rows), the inputs of `sparse-lavida forward` and of --check-logits."""
+    cfg = load_config(args.preset, args.config)
+    case = random_case(cfg, args.seed, args.case_rows)
+    os.makedirs(args.make_case, exist_ok=True)
+    with open(os.path.join(args.make_case, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with open(os.path.join(args.make_case, "case.json"), "w") as f:
+        json.dump(case, f)
+    print(f"make-case {args.make_case}: {len(case['rows'])} rows, logits for "
+          f"{len(case['logits_for'])}")
+    return 0
+
+
 def case_logits(torch, model, case):
     (br, ids, pos, blk, msk), lf, skip = case
     dev = model.device
@@ -1029,14 +1160,24 @@ def cmd_check_logits(torch, args):
     device = pick_device(torch, args.device)
     dtype = pick_dtype(torch, args.dtype, device)
     wpath = os.path.join(d, "weights.safetensors")
+    seed = args.weights_device_seed
+    twin_device = pick_device(torch, args.twin_device)
 
-    def weights():
+    def weights(dev):
+        """The weights for a model on `dev`: the CASE_DIR file, or the crate's device weights
+        (made on the peer's device, the fastest place, then moved)."""
+        if seed is not None:
+            return device_weights(torch, cfg, seed, device, out_device=dev)
+        if not os.path.exists(wpath):
+            raise PeerError(f"{d}: no weights.safetensors (or give --weights-device-seed)")
         t = read_safetensors(torch, wpath)
         check_weights(torch, cfg, t, wpath)
         return t
 
     ref = read_safetensors(torch, os.path.join(d, "logits.safetensors"))["logits"].float()
-    ours = case_logits(torch, Model(torch, cfg, weights(), device, dtype), case)
+    ours = case_logits(torch, Model(torch, cfg, weights(device), device, dtype), case)
+    if device != "cpu":
+        torch.cuda.empty_cache()  # the model above is gone: room for a twin on the device
     if ours is None or list(ours.shape) != list(ref.shape):
         got = None if ours is None else list(ours.shape)
         raise PeerError(f"logits shape {got} vs the crate's {list(ref.shape)}")
@@ -1048,16 +1189,19 @@ def cmd_check_logits(torch, args):
     elif f32:
         tol = 1e-4
     else:
-        twin = rel_l2(case_logits(torch, Model(torch, cfg, weights(), "cpu", dtype, twin=True),
-                                  case), ref)
+        twin = rel_l2(case_logits(torch, Model(torch, cfg, weights(twin_device), twin_device,
+                                               dtype, twin=True), case), ref)
         tol = max(1e-2, 2 * twin)
     ok = rel <= tol and math.isfinite(rel)
     dn = "f32" if f32 else "bf16"
     tw = "" if twin is None else f", naive bf16 twin {twin:.3e}"
-    print(f"check-logits {d}: {len(case[0][0])} rows, logits {list(ref.shape)}, {device} {dn}: "
-          f"rel L2 {rel:.3e} (tol {tol:.3g}{tw}) {'ok' if ok else 'OVER'}")
+    wl = "weights file" if seed is None else f"device weights seed {seed}"
+    print(f"check-logits {d}: {len(case[0][0])} rows, logits {list(ref.shape)}, {wl}, {device} "
+          f"{dn}: rel L2 {rel:.3e} (tol {tol:.3g}{tw}) {'ok' if ok else 'OVER'}")
     write_json(args.json, {"check_logits": d, "device": device, "dtype": dn, "rel_l2": rel,
-                           "twin_rel_l2": twin, "tol": tol, "pass": ok,
+                           "twin_rel_l2": twin, "twin_device": None if twin is None
+                           else twin_device, "tol": tol, "pass": ok,
+                           "weights": wpath if seed is None else {"device_seed": seed},
                            "torch": torch.__version__})
     return 0 if ok else 1
 
@@ -1149,7 +1293,7 @@ def cmd_bench(torch, args):
         "card": card, "torch": torch.__version__,
         "cuda": torch.version.cuda if device != "cpu" else None,
         "preset": preset, "dtype": "f32" if dtype == torch.float32 else "bf16",
-        "weights": args.weights or f"random (torch, seed {args.weights_seed})",
+        "weights": weights_label(args),
         "timing": ("CUDA events around each whole generation (host sync per step included), "
                    "median of the timed runs after a short warm-up" if device != "cpu"
                    else "perf_counter around each generation"),
@@ -1159,7 +1303,8 @@ def cmd_bench(torch, args):
 
 def self_test(torch):
     """Known answers that need no model: Philox (Random123 KAT), shift counts, text schedule,
-    the stratified order's coverage property. Returns the number of failures."""
+    the stratified order's coverage property, chunked device weights. Returns the number of
+    failures."""
     fails = 0
 
     def check(name, ok):
@@ -1187,6 +1332,11 @@ def self_test(torch):
         tiles = {((cell // 16) >> (4 - j), (cell % 16) >> (4 - j)) for cell in o[: 4 ** j]}
         ok = ok and len(tiles) == 4 ** j
     check("stratified 16x16: first 4^j picks cover the 2^j tiling", ok)
+    cfg = load_config("tiny", None)
+    a = device_weights(torch, cfg, 0x100000005, "cpu")
+    b = device_weights(torch, cfg, 0x100000005, "cpu", chunk_groups=1001)
+    check("device weights: chunks of 1001 groups = one chunk (tiny, 4,800-group embed)",
+          all(torch.equal(a[n].view(torch.int16), b[n].view(torch.int16)) for n in a))
     g = gumbel_noise(torch, 0x0123456789ABCDEF, 10, [17, 3], 3, 2, "cpu")
     check("gumbel noise finite, in [-2.8, 17.3]", bool(torch.isfinite(g).all()) and
           float(g.min()) > -2.8 and float(g.max()) < 17.3)
@@ -1209,8 +1359,13 @@ def main(argv=None):
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--preset", default="lavida-o", help=", ".join(PRESETS))
     ap.add_argument("--config", help="model config JSON (instead of --preset)")
-    ap.add_argument("--weights", help="safetensors weights (bf16/f16/f32; SPEC §2.2 names)")
-    ap.add_argument("--weights-seed", type=int, default=0, help="seed of random torch weights")
+    wsrc = ap.add_mutually_exclusive_group()
+    wsrc.add_argument("--weights", help="safetensors weights (bf16/f16/f32; SPEC §2.2 names)")
+    wsrc.add_argument("--weights-seed", type=int,
+                      help="seed of random torch weights (default 0)")
+    wsrc.add_argument("--weights-device-seed", type=int, metavar="S",
+                      help="the crate's CUDA random weights for seed S, bit for bit "
+                           "(`--device cuda --weights-seed S` there)")
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "f32"],
                     help="compute dtype (auto: bf16 on CUDA, f32 on CPU)")
@@ -1231,8 +1386,17 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=30.0,
                     help="start no further repeat once this much time has passed")
     ap.add_argument("--check-logits", metavar="CASE_DIR",
-                    help="config.json, weights.safetensors, case JSON, logits.safetensors")
+                    help="config.json, weights.safetensors (or --weights-device-seed), case "
+                         "JSON, logits.safetensors")
     ap.add_argument("--tol", type=float, help="rel L2 tolerance of --check-logits")
+    ap.add_argument("--twin-device", default="cpu", choices=["cpu", "cuda"],
+                    help="where --check-logits runs the naive bf16 twin (cuda for lavida-o)")
+    ap.add_argument("--check-device-weights", metavar="FILE",
+                    help="compare --weights-device-seed's tensors with FILE (the crate's "
+                         "`init-weights --like-device`) bit for bit")
+    ap.add_argument("--make-case", metavar="DIR",
+                    help="write DIR/config.json and a random DIR/case.json (--seed)")
+    ap.add_argument("--case-rows", type=int, help="rows of --make-case's case (default 12..40)")
     ap.add_argument("--generate", action="store_true",
                     help="one generation (--task, --mode) instead of the timing run")
     ap.add_argument("--trace", help="with --generate: write the per-step trace here")
@@ -1241,17 +1405,37 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
+    if args.check_device_weights and args.weights_device_seed is None:
+        ap.error("--check-device-weights needs --weights-device-seed")
+    for flag in ("weights_seed", "weights_device_seed"):
+        v = getattr(args, flag)
+        if v is not None and not 0 <= v < 2 ** 64:
+            ap.error(f"--{flag.replace('_', '-')} must be in [0, 2^64)")
+    if args.make_case:  # no torch needed
+        try:
+            return cmd_make_case(args)
+        except PeerError as e:
+            print(f"model.py: error: {e}", file=sys.stderr)
+            return 2
 
     try:
         import torch
     except ImportError as e:
         msg = f"model peer: nothing run, PyTorch is not installed ({e})"
+        if args.self_test or args.check_logits or args.check_device_weights or args.generate:
+            print(f"model.py: error: {msg}", file=sys.stderr)  # a check must not pass unrun
+            return 2
         print(msg)
         write_json(args.json, {"card": None, "torch": None, "runs": [], "skipped": msg})
         return 0
     try:
         if args.self_test:
             return 1 if self_test(torch) else 0
+        if args.check_device_weights:
+            cfg = load_config(args.preset, args.config)
+            device = pick_device(torch, args.device)
+            return 1 if check_device_weights(torch, cfg, args.weights_device_seed, device,
+                                             args.check_device_weights) else 0
         if args.check_logits:
             return cmd_check_logits(torch, args)
         if args.generate:

@@ -2,7 +2,9 @@
 # The peer (benches/peer/model.py) against the crate, on the CPU:
 #  1. --check-logits on random `forward` cases (tiny, tiny with GQA, tiny64, small): rel L2 <= 1e-4
 #     in f32, and in bf16 within SPEC §6's bound (max(1e-2, 2 x the naive bf16 twin's error));
-#  2. generations, dense and sparse, t2i (stratified/random/raster orders, CFG) and text, at
+#  2. the crate's CUDA random weights: `init-weights --like-device` (tiny, small) against the peer's
+#     --weights-device-seed bit for bit, and --check-logits on them with no weights file;
+#  3. generations, dense and sparse, t2i (stratified/random/raster orders, CFG) and text, at
 #     temperature 0 and 1: the same decoded positions as the crate's `generate --trace` (tokens
 #     are reported; at τ = 0 they match unless two logits are within float rounding).
 # Usage: benches/peer/vs-crate.sh [PYTHON]   (PYTHON: one with torch; default python3)
@@ -17,27 +19,12 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 fail=0
 
-# A random case over the config's vocabularies: clean blocks 0..3, masked blocks, registers,
-# both branches, shuffled positions; logits for some non-register rows of one branch.
-make_case() { # make_case CONFIG SEED OUT
-    "$py" - "$1" "$2" "$3" <<'EOF'
-import json, random, sys
-cfg = json.load(open(sys.argv[1])); rng = random.Random(int(sys.argv[2]))
-rows = []
-n = rng.randint(12, 40)
-for i in range(n):
-    branch = rng.choice(["text", "image"])
-    masked = rng.random() < 0.4
-    reg = masked and rng.random() < 0.3
-    rows_b = cfg["text_vocab"] if branch == "text" else cfg["image_vocab"] + 1
-    rows.append({"branch": branch, "id": "reg" if reg else rng.randrange(rows_b),
-                 "pos": rng.randrange(0, 3 * n), "masked": masked,
-                 "block": rng.randint(5, 6) if masked else rng.randint(0, 3)})
-lb = rng.choice(["text", "image"])
-cands = [i for i, r in enumerate(rows) if r["branch"] == lb and r["id"] != "reg"]
-rng.shuffle(cands)
-json.dump({"rows": rows, "logits_for": cands[: max(1, len(cands) // 2)]}, open(sys.argv[3], "w"))
-EOF
+# A random case over the config's vocabularies (model.py's random_case: clean blocks 0..3,
+# masked blocks, registers, both branches, shuffled positions; logits for some non-register rows
+# of one branch). Rewrites DIR/config.json from itself.
+make_case() { # make_case DIR SEED [ROWS]
+    "$py" "$peer" --make-case "$1" --config "$1/config.json" --seed "$2" \
+        ${3:+--case-rows "$3"} >/dev/null
 }
 
 preset_json() { # preset_json NAME [KEY=VALUE...] > file
@@ -63,7 +50,7 @@ for spec in "tiny" "tiny n_kv_heads=2" "tiny64" "small"; do
         preset_json $spec >"$d/config.json"
         "$bin" init-weights --config "$d/config.json" --seed $((seed + 10)) --dtype f32 \
             --out "$d/weights.safetensors" >/dev/null
-        make_case "$d/config.json" $((seed + 100 * i)) "$d/case.json"
+        make_case "$d" $((seed + 100 * i))
         "$bin" forward --config "$d/config.json" --weights "$d/weights.safetensors" \
             --device cpu --case "$d/case.json" --out "$d/logits.safetensors" >/dev/null
         echo -n "[$spec, seed $seed] "
@@ -79,6 +66,31 @@ d=$tmp/case1
     --case "$d/case.json" --out "$d/logits.safetensors" >/dev/null
 echo -n "[tiny, bf16 file] "
 "$py" "$peer" --check-logits "$d" --device cpu || fail=1
+
+echo "== the crate's CUDA random weights (--weights-device-seed), made on the CPU"
+# `init-weights --like-device` is the crate's host twin of Model::random_on_device (equal bit for
+# bit on a GPU: tests/gpu_backend.rs); the peer must make the same bf16 values from the seed.
+for p in tiny small; do
+    "$bin" init-weights --preset $p --like-device --seed 7 \
+        --out "$tmp/dev-$p.safetensors" >/dev/null
+    echo -n "[$p, seed 7] "
+    "$py" "$peer" --preset $p --device cpu --weights-device-seed 7 \
+        --check-device-weights "$tmp/dev-$p.safetensors" || fail=1
+done
+# The logits check with no weights file in CASE_DIR (as scripts/gpu-check runs it on CUDA).
+d=$tmp/devcase
+mkdir -p "$d"
+preset_json tiny64 >"$d/config.json"
+make_case "$d" 77 120
+s=$((2 ** 32 + 9)) # a seed with both key words set
+"$bin" init-weights --config "$d/config.json" --like-device --seed $s \
+    --out "$tmp/dev-w.safetensors" >/dev/null
+"$bin" forward --config "$d/config.json" --weights "$tmp/dev-w.safetensors" --device cpu \
+    --case "$d/case.json" --out "$d/logits.safetensors" >/dev/null
+for dt in f32 bf16; do
+    echo -n "[tiny64, 120 rows, device seed $s] "
+    "$py" "$peer" --check-logits "$d" --device cpu --dtype $dt --weights-device-seed $s || fail=1
+done
 
 echo "== generate vs the crate's trace (f32, CPU)"
 w=$tmp/w.safetensors
