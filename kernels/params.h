@@ -367,7 +367,7 @@ typedef struct SlResolveParams {
     uint32_t *kv_indices;         /* nullable [n_keys] */
     uint32_t *kv_tags;            /* nullable [n_keys] */
     uint32_t *logits_rows;        /* nullable [n_logits] */
-    uint32_t *sample_pos;         /* nullable [n_logits] */
+    uint32_t *sample_pos;         /* nullable [n_samples] */
     uint32_t n;                   /* response length */
     uint32_t n_patches;
     uint32_t block_begin;         /* the step's block [block_begin, block_end) */
@@ -375,7 +375,7 @@ typedef struct SlResolveParams {
     uint32_t n_rows;
     uint32_t n_keys;
     uint32_t n_logits;
-    uint32_t _pad;
+    uint32_t n_samples;           /* sampled positions (logits rows / 2 under CFG) */
 } SlResolveParams;
 
 typedef struct SlCommitParams {

@@ -159,7 +159,7 @@ extern "C" __global__ void __launch_bounds__(SL_PROGRAM_THREADS)
             case SL_FIELD_KV_INDEX: dst = p.kv_indices; len = p.n_keys; break;
             case SL_FIELD_KV_TAG: dst = p.kv_tags; len = p.n_keys; break;
             case SL_FIELD_LOGITS_ROW: dst = p.logits_rows; len = p.n_logits; break;
-            case SL_FIELD_SAMPLE_POS: dst = p.sample_pos; len = p.n_logits; break;
+            case SL_FIELD_SAMPLE_POS: dst = p.sample_pos; len = p.n_samples; break;
             default: continue;  // an unknown field (the host only uploads valid ones)
         }
         if (dst == nullptr || patch.index >= len) continue;

@@ -52,25 +52,10 @@ const PEAK_GEMM: usize = 8192;
 /// activation times an `[n, k]` weight) with how many times the pass runs it.
 pub fn pass_products(cfg: &Config, plan: &StepPlan) -> Vec<((usize, usize, usize), usize)> {
     let mut count: std::collections::BTreeMap<(usize, usize, usize), usize> = Default::default();
-    let mut add = |shape: (usize, usize, usize), times: usize| {
-        if shape.0 > 0 && times > 0 {
-            *count.entry(shape).or_default() += times;
+    for p in crate::model::products(cfg, plan) {
+        if p.m > 0 {
+            *count.entry((p.m, p.n, p.k)).or_default() += 1;
         }
-    };
-    for b in Branch::ALL {
-        let m = plan.rows(b).len();
-        let layers = (0..cfg.n_layers)
-            .filter(|&l| plan.computes(b, l, cfg.n_joint_layers))
-            .count();
-        let (d, f, a, kv) = (cfg.d_model(b), cfg.d_mlp(b), cfg.attn_dim(), cfg.kv_dim());
-        add((m, a, d), layers);
-        add((m, kv, d), 2 * layers);
-        add((m, d, a), layers);
-        add((m, f, d), 2 * layers);
-        add((m, d, f), layers);
-    }
-    if let Some(lb) = plan.logits_branch {
-        add((plan.logits_rows.len(), cfg.vocab(lb), cfg.d_model(lb)), 1);
     }
     count.into_iter().collect()
 }

@@ -14,6 +14,68 @@ use crate::profile;
 use crate::weights::HostWeights;
 use std::collections::HashMap;
 
+/// One matrix product of a forward pass: an `[m, k]` activation times an `[n, k]` weight into an
+/// `[m, n]` matrix of kind `out`, added to it when `accumulate` (the residual adds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Product {
+    /// Rows.
+    pub m: usize,
+    /// Output columns (the weight's rows).
+    pub n: usize,
+    /// Inner dimension.
+    pub k: usize,
+    /// The output's kind (its storage on a backend).
+    pub out: crate::backend::MatrixKind,
+    /// `out += x · wᵀ` instead of `out = x · wᵀ`.
+    pub accumulate: bool,
+}
+
+/// Every matrix product [`Model::forward_in`] runs for `plan`, in its order (so a backend can
+/// prepare each distinct one — cuBLASLt algorithm choice, kernel loading — before the pass is
+/// captured in a graph).
+pub fn products(cfg: &Config, plan: &StepPlan) -> Vec<Product> {
+    let mut out = Vec::new();
+    let mut push = |m: usize, n: usize, k: usize, kind, accumulate| {
+        out.push(Product {
+            m,
+            n,
+            k,
+            out: kind,
+            accumulate,
+        })
+    };
+    for layer in 0..cfg.n_layers {
+        let active: Vec<Branch> = Branch::ALL
+            .into_iter()
+            .filter(|&b| plan.computes(b, layer, cfg.n_joint_layers))
+            .collect();
+        let (a, kv) = (cfg.attn_dim(), cfg.kv_dim());
+        for &b in &active {
+            let (m, d) = (plan.rows(b).len(), cfg.d_model(b));
+            push(m, a, d, Activation, false);
+            push(m, kv, d, Activation, false);
+            push(m, kv, d, Activation, false);
+        }
+        for &b in &active {
+            let (m, d, f) = (plan.rows(b).len(), cfg.d_model(b), cfg.d_mlp(b));
+            push(m, d, a, Residual, true);
+            push(m, f, d, Activation, false);
+            push(m, f, d, Activation, false);
+            push(m, d, f, Residual, true);
+        }
+    }
+    if let Some(lb) = plan.logits_branch {
+        push(
+            plan.logits_rows.len(),
+            cfg.vocab(lb),
+            cfg.d_model(lb),
+            Logits,
+            false,
+        );
+    }
+    out
+}
+
 /// Per-branch weights outside the layers.
 pub struct BranchWeights<W> {
     /// `[rows_b, d_b]` token embeddings.

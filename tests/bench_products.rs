@@ -1,6 +1,7 @@
-//! `bench::pass_products` (the matrix products the dense GEMM rate is measured on) lists exactly
-//! the products a forward pass runs: a backend that records every `matmul` it is asked for is
-//! the oracle, over the dense plans of t2i (with and without CFG) and text answers.
+//! `model::products` (what a device-resident run prepares before a graph capture) and
+//! `bench::pass_products` (the products the dense GEMM rate is measured on) list exactly the
+//! products a forward pass runs: a backend that records every `matmul` it is asked for is the
+//! oracle, over the dense and sparse plans of t2i (with and without CFG) and text answers.
 
 mod common;
 
@@ -10,16 +11,16 @@ use sparse_lavida::backend::cpu::{CpuBackend, CpuCache, CpuMatrix};
 use sparse_lavida::backend::{Backend, MatrixKind, SampleParams, Sampled};
 use sparse_lavida::bench::{pass_products, products_flops};
 use sparse_lavida::config::{Branch, Config};
-use sparse_lavida::model::Model;
+use sparse_lavida::model::{Model, products};
 use sparse_lavida::plan::StepPlan;
-use sparse_lavida::sampler::{self, Mode, T2iRequest, Task, TextRequest};
+use sparse_lavida::sampler::{self, Mode, Switches, T2iRequest, Task, TextRequest};
 use sparse_lavida::schedule::Order;
 use sparse_lavida::weights::{HostTensor, HostWeights};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
-/// The CPU backend, recording the `(m, n, k)` of every product.
-struct Counting(CpuBackend, RefCell<Vec<(usize, usize, usize)>>);
+/// The CPU backend, recording the `(m, n, k, accumulate)` of every product.
+struct Counting(CpuBackend, RefCell<Vec<(usize, usize, usize, bool)>>);
 
 impl Backend for Counting {
     type Matrix = CpuMatrix;
@@ -62,7 +63,7 @@ impl Backend for Counting {
         self.0.rmsnorm(x, w, eps, out)
     }
     fn matmul(&self, x: &CpuMatrix, w: &HostTensor, out: &mut CpuMatrix, acc: bool) -> Result<()> {
-        self.1.borrow_mut().push((x.rows, w.shape[0], x.cols));
+        self.1.borrow_mut().push((x.rows, w.shape[0], x.cols, acc));
         self.0.matmul(x, w, out, acc)
     }
     fn rope_store_kv(
@@ -101,7 +102,7 @@ impl Backend for Counting {
 }
 
 #[test]
-fn pass_products_are_the_products_a_dense_pass_runs() {
+fn listed_products_are_the_products_a_pass_runs() {
     let cfg = tiny_model(1).config().clone();
     let counting = Counting(CpuBackend::new(), RefCell::new(Vec::new()));
     let model = Model::new(counting, cfg.clone(), HostWeights::random(&cfg, 1)).unwrap();
@@ -127,27 +128,40 @@ fn pass_products_are_the_products_a_dense_pass_runs() {
         seed: 2,
     });
     for task in [t2i(0.0), t2i(3.0), text] {
-        let program = sampler::program(&cfg, &task, Mode::Dense).unwrap();
-        for step in &program.steps {
-            model.backend().1.borrow_mut().clear();
-            let mut cache = model.new_cache(program.pool_slots).unwrap();
-            model
-                .forward(&model.prepare(step.plan.clone()).unwrap(), &mut cache)
-                .unwrap();
-            let mut seen: BTreeMap<(usize, usize, usize), usize> = BTreeMap::new();
-            for &s in model.backend().1.borrow().iter() {
-                *seen.entry(s).or_default() += 1;
-            }
-            let listed = pass_products(&cfg, &step.plan);
-            assert_eq!(listed, seen.into_iter().collect::<Vec<_>>(), "{task:?}");
-            let flops: f64 = model
-                .backend()
-                .1
-                .borrow()
+        for mode in [Mode::Dense, Mode::Sparse(Switches::ALL_ON)] {
+            let program = sampler::program(&cfg, &task, mode).unwrap();
+            let plans = program
+                .prefill
                 .iter()
-                .map(|&(m, n, k)| 2.0 * (m * n * k) as f64)
-                .sum();
-            assert_eq!(products_flops(&listed), flops);
+                .chain(program.steps.iter().map(|s| &s.plan));
+            for plan in plans {
+                model.backend().1.borrow_mut().clear();
+                let mut cache = model.new_cache(program.pool_slots).unwrap();
+                model
+                    .forward(&model.prepare(plan.clone()).unwrap(), &mut cache)
+                    .unwrap();
+                // model::products lists them in the pass's order, with the residual adds marked.
+                let seen = model.backend().1.borrow().clone();
+                let listed_in_order: Vec<_> = products(&cfg, plan)
+                    .iter()
+                    .map(|p| (p.m, p.n, p.k, p.accumulate))
+                    .collect();
+                assert_eq!(listed_in_order, seen, "{task:?}");
+                let mut by_shape: BTreeMap<(usize, usize, usize), usize> = BTreeMap::new();
+                for &(m, n, k, _) in &seen {
+                    *by_shape.entry((m, n, k)).or_default() += 1;
+                }
+                let listed = pass_products(&cfg, plan);
+                assert_eq!(listed, by_shape.into_iter().collect::<Vec<_>>(), "{task:?}");
+                let flops: f64 = model
+                    .backend()
+                    .1
+                    .borrow()
+                    .iter()
+                    .map(|&(m, n, k, _)| 2.0 * (m * n * k) as f64)
+                    .sum();
+                assert_eq!(products_flops(&listed), flops);
+            }
         }
     }
 }

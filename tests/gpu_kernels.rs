@@ -1341,10 +1341,13 @@ fn gpu_resolve_plan_matches_patch_lists_and_apply() {
             let st = random_device_state(&mut r, n, decoded, 77);
             let b0 = r.gen_range(0..=n as u32 + 5);
             let b1 = r.gen_range(b0..=n as u32 + 40);
+            let samples = r.gen_range(0..60);
             let lens = PatchLens {
                 rows: r.gen_range(0..60),
                 keys: r.gen_range(0..300),
-                logits: r.gen_range(0..60),
+                // Under CFG (every third case) twice as many logits rows as samples.
+                logits: if case.is_multiple_of(3) { 2 * samples } else { samples },
+                samples,
             };
             // Every other case writes no sample positions and gives no target for them.
             let skip: &[Field] = if case.is_multiple_of(2) {
@@ -1533,6 +1536,7 @@ fn gpu_text_generation_state_follows_the_host_twin() {
         rows: 40,
         keys: 0,
         logits: 40,
+        samples: 40,
     };
     let mut row_ids = dev.upload(&[0u32; 40]).unwrap();
     let mut sample_pos = dev.upload(&[0u32; 40]).unwrap();
@@ -1635,6 +1639,7 @@ fn gpu_resolve_and_commit_replay_from_a_cuda_graph() {
         rows: 2,
         keys: 0,
         logits: 0,
+        samples: 0,
     };
     let p = |index, source, arg| Patch {
         field: Field::RowId,
@@ -1928,13 +1933,13 @@ fn ballot(flags: &[bool; 32]) -> u32 {
 
 /// `sl_resolve_plan` transcribed (warp 0's lanes in lockstep, then the block's threads one after
 /// another): returns the raw lists and patches `targets` (`None`: a null pointer). `lens` is
-/// `(n_rows, n_keys, n_logits)`.
+/// `(n_rows, n_keys, n_logits, n_samples)`.
 fn resolve_transcribed(
     st: &DeviceState,
     block: (u32, u32),
     patches: &[[u32; 4]],
     targets: &mut [Option<Vec<u32>>; 7],
-    lens: (u32, u32, u32),
+    lens: (u32, u32, u32, u32),
 ) -> [Vec<u32>; 3] {
     let n = st.len() as u32;
     let mut lists = [
@@ -1978,7 +1983,8 @@ fn resolve_transcribed(
         let (target, tlen) = match kind >> 8 {
             0..=2 => (kind >> 8, lens.0),
             3 | 4 => (kind >> 8, lens.1),
-            5 | 6 => (kind >> 8, lens.2),
+            5 => (kind >> 8, lens.2),
+            6 => (kind >> 8, lens.3),
             _ => continue,
         };
         let Some(dst) = targets[target as usize].as_mut() else {
@@ -2126,10 +2132,13 @@ fn program_kernels_transcribed_match_patch_rs() {
         let st = random_device_state(&mut r, n, decoded, 77);
         let b0 = r.gen_range(0..=n as u32 + 5);
         let b1 = r.gen_range(b0..=n as u32 + 40);
+        let samples = r.gen_range(0..30);
         let lens = PatchLens {
             rows: r.gen_range(0..30),
             keys: r.gen_range(0..80),
-            logits: r.gen_range(0..30),
+            // Under CFG (every other case) twice as many logits rows as sampled positions.
+            logits: if case.is_multiple_of(2) { 2 * samples } else { samples },
+            samples,
         };
         let skip: &[Field] = if case.is_multiple_of(3) {
             &[Field::KvTag]
@@ -2166,7 +2175,12 @@ fn program_kernels_transcribed_match_patch_rs() {
             (b0, b1),
             &encoded,
             &mut targets,
-            (lens.rows as u32, lens.keys as u32, lens.logits as u32),
+            (
+                lens.rows as u32,
+                lens.keys as u32,
+                lens.logits as u32,
+                lens.samples as u32,
+            ),
         );
         let what = format!("case {case}: n {n} block [{b0}, {b1})");
         for (k, t) in targets.iter().enumerate() {

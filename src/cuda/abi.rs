@@ -156,7 +156,7 @@ mod tests {
             tokens: 0, order: 8, decoded_step: 16, list_q: 24, list_m: 32, list_d: 40,
             patches: 48, row_ids: 56, row_pos: 64, row_slots: 72, kv_indices: 80, kv_tags: 88,
             logits_rows: 96, sample_pos: 104, n: 112, n_patches: 116, block_begin: 120,
-            block_end: 124, n_rows: 128, n_keys: 132, n_logits: 136, _pad: 140,
+            block_end: 124, n_rows: 128, n_keys: 132, n_logits: 136, n_samples: 140,
         }
         SlCommitParams { size: 72, align: 8 } {
             query: 0, token: 8, confidence: 16, tokens: 24, order: 32, decoded_step: 40, n: 48,

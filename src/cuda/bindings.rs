@@ -389,7 +389,7 @@ pub struct SlResolveParams {
     pub kv_tags: *mut u32,
     #[doc = " nullable [n_logits]"]
     pub logits_rows: *mut u32,
-    #[doc = " nullable [n_logits]"]
+    #[doc = " nullable [n_samples]"]
     pub sample_pos: *mut u32,
     #[doc = " response length"]
     pub n: u32,
@@ -400,7 +400,8 @@ pub struct SlResolveParams {
     pub n_rows: u32,
     pub n_keys: u32,
     pub n_logits: u32,
-    pub _pad: u32,
+    #[doc = " sampled positions (logits rows / 2 under CFG)"]
+    pub n_samples: u32,
 }
 impl Default for SlResolveParams {
     fn default() -> Self {

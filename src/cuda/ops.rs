@@ -2054,8 +2054,10 @@ pub struct PatchLens {
     pub rows: usize,
     /// Keys.
     pub keys: usize,
-    /// Logits rows (and sampled positions).
+    /// Logits rows (twice the sampled positions under CFG).
     pub logits: usize,
+    /// Sampled positions (the sampler's rows: one per query position).
+    pub samples: usize,
 }
 
 impl PatchLens {
@@ -2064,7 +2066,8 @@ impl PatchLens {
         match field {
             Field::RowId | Field::RowPos | Field::RowSlot => self.rows,
             Field::KvIndex | Field::KvTag => self.keys,
-            Field::LogitsRow | Field::SamplePos => self.logits,
+            Field::LogitsRow => self.logits,
+            Field::SamplePos => self.samples,
         }
     }
 }
@@ -2296,7 +2299,7 @@ pub fn resolve_plan(
         n_rows: to_u32(op, "rows", lens.rows)?,
         n_keys: to_u32(op, "keys", lens.keys)?,
         n_logits: to_u32(op, "logits", lens.logits)?,
-        _pad: 0,
+        n_samples: to_u32(op, "samples", lens.samples)?,
     };
     // SAFETY: n <= MAX_PROGRAM_LEN (< 2^31) and every state buffer holds n entries (`check`);
     // the patch buffer holds n_patches 16-byte records (4 u32 each, 4-byte aligned as SlPatch
@@ -2760,7 +2763,8 @@ mod tests {
     const LENS: PatchLens = PatchLens {
         rows: 4,
         keys: 6,
-        logits: 2,
+        logits: 4,
+        samples: 2,
     };
 
     #[test]
@@ -2781,6 +2785,7 @@ mod tests {
             (patch(Field::RowSlot, 4), "row_slots[4], outside its 4"),
             (patch(Field::KvTag, 6), "kv_tags[6], outside its 6"),
             (patch(Field::SamplePos, 2), "sample_pos[2], outside its 2"),
+            (patch(Field::LogitsRow, 4), "logits_rows[4], outside its 4"),
         ] {
             let mut ps = ok.to_vec();
             ps.push(p);
@@ -2810,13 +2815,15 @@ mod tests {
     #[test]
     fn target_checks_need_a_target_for_every_written_field() {
         let none = [None; 7];
+        // Under CFG the logits rows are twice the sampled positions: each target is checked
+        // against its own length.
         let all = [
             Some(4),
             Some(4),
             Some(4),
             Some(6),
             Some(6),
-            Some(2),
+            Some(4),
             Some(2),
         ];
         check_targets(LENS, [false; 7], none).unwrap();
@@ -2828,7 +2835,7 @@ mod tests {
             Some(4),
             Some(60),
             Some(6),
-            Some(2),
+            Some(4),
             Some(3),
         ];
         check_targets(LENS, [false; 7], longer).unwrap();
@@ -2843,7 +2850,7 @@ mod tests {
         short[Field::LogitsRow as usize] = Some(1);
         let m = msg(check_targets(LENS, [false; 7], short));
         assert!(
-            m.contains("target logits_rows holds 1") && m.contains("against 2"),
+            m.contains("target logits_rows holds 1") && m.contains("against 4"),
             "{m}"
         );
     }

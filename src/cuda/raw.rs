@@ -368,7 +368,7 @@ pub unsafe fn init_uniform(kernels: &Kernels, p: &SlInitParams, stream: &CudaStr
 /// # Safety
 /// The module's common contract, and: `n < 2^31`; `tokens`, `order`, `decoded_step` and the
 /// three lists hold `n` entries; `patches` holds `n_patches`; every non-null target holds its
-/// length (`n_rows` / `n_keys` / `n_logits`); no two patches name the same (field, index); the
+/// length (`n_rows` / `n_keys` / `n_logits` / `n_samples`); no two patches name the same (field, index); the
 /// targets alias neither each other, the state nor the lists.
 pub unsafe fn resolve_plan(
     kernels: &Kernels,

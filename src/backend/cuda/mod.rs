@@ -323,6 +323,36 @@ impl CudaBackend {
         Ok(attn)
     }
 
+    /// Runs each distinct product of `products` once on scratch buffers and waits: cuBLASLt
+    /// chooses (and caches) its algorithm for the shape and loads its kernel, so that neither
+    /// happens while a graph is being captured (cuBLASLt loads kernels lazily, on first launch).
+    pub fn warm_products(&self, products: &[crate::model::Product]) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        for p in products {
+            let f32_out = p.out != MatrixKind::Activation;
+            if p.m == 0 || !seen.insert((p.m, p.n, p.k, f32_out, p.accumulate)) {
+                continue;
+            }
+            let x = self.dev.alloc_zeros::<bf16>(p.m * p.k)?;
+            let w = self.dev.alloc_zeros::<bf16>(p.n * p.k)?;
+            let shape = GemmShape {
+                m: p.m,
+                n: p.n,
+                k: p.k,
+            };
+            if f32_out {
+                let mut out = self.dev.alloc_zeros::<f32>(p.m * p.n)?;
+                self.gemm
+                    .matmul(&x, &w, shape, GemmOut::F32(&mut out), p.accumulate)?;
+            } else {
+                let mut out = self.dev.alloc_zeros::<bf16>(p.m * p.n)?;
+                self.gemm
+                    .matmul(&x, &w, shape, GemmOut::Bf16(&mut out), p.accumulate)?;
+            }
+        }
+        self.dev.synchronize()
+    }
+
     /// Fails when the embedding kernel has met an id outside its table since the last check
     /// (and clears the flag). Waits for the device.
     pub fn check_embed_flag(&self) -> Result<()> {

@@ -25,7 +25,9 @@ use std::time::Instant;
 use cudarc::driver::{CudaEvent, CudaSlice, sys};
 
 use super::{CudaBackend, CudaPlan};
+use crate::config::Branch;
 use crate::cuda::device::cuda_err;
+use crate::cuda::ops::IndexBuf;
 use crate::cuda::ops::{
     self, BannedMask, DeviceSampleArgs, DeviceStateBufs, PatchBuf, PatchLens, PatchTargets,
     SampleOut,
@@ -33,7 +35,7 @@ use crate::cuda::ops::{
 use crate::error::{Error, Result};
 use crate::model::{Model, Prepared, Workspace};
 use crate::profile;
-use crate::sampler::patch::UNDECODED;
+use crate::sampler::patch::{Field, UNDECODED};
 use crate::sampler::program::{self, Program};
 use crate::sampler::{Execution, Generation, Mode, StepTrace, Task};
 
@@ -65,6 +67,8 @@ struct Resident<'m> {
     sample_flag: CudaSlice<u32>,
     /// `events[k]` before step `k`'s work, `events[K]` after the last step's.
     events: Vec<CudaEvent>,
+    /// Whether the stream is capturing (events then become graph nodes).
+    capturing: bool,
 }
 
 /// The entry point of [`Backend::generate_resident`] for [`CudaBackend`].
@@ -93,6 +97,9 @@ pub(super) fn generate(
         }
         None => r.queue(0..r.steps.len() + 1, &mut progress)?,
     }
+    // No graph outlives the buffers and events it uses.
+    model.backend().device().synchronize()?;
+    drop(graphs);
     let g = r.finish(start, setup_s, exec)?;
     if let Some(p) = progress.as_mut() {
         p(g.steps.len(), g.steps.len());
@@ -117,11 +124,33 @@ impl<'m> Resident<'m> {
         let mut steps = Vec::with_capacity(prog.steps.len());
         for (k, sp) in prog.steps.iter().enumerate() {
             let plan = &sp.plan;
-            let prep = prepare(plan)?;
+            let mut prep = prepare(plan)?;
+            let writes = |f: Field| sp.patches.iter().any(|p| p.field == f);
+            // Each attending branch holds its own copy of the keys; patches reach the response
+            // branch's only.
+            let other = Branch::ALL.into_iter().find(|&b| b != prog.branch);
+            if (writes(Field::KvIndex) || writes(Field::KvTag))
+                && other.is_some_and(|b| !plan.rows(b).is_empty())
+            {
+                return Err(Error::Input(format!(
+                    "program step {k}: key patches with rows of both branches are not supported"
+                )));
+            }
+            // Patched slots stay response or scratch slots of the pool: declare that bound
+            // rather than the template's maximum.
+            if writes(Field::RowSlot) {
+                let slots = &plan.rows(prog.branch).slots;
+                let bound = u32::try_from(prog.pool_slots.saturating_sub(1))
+                    .map_err(|_| Error::Input("pool slots beyond u32".into()))?;
+                if let Some(bp) = prep.dev.branches[prog.branch as usize].as_mut() {
+                    bp.slots = IndexBuf::with_bound(dev, slots, bound)?;
+                }
+            }
             let lens = PatchLens {
                 rows: plan.rows(prog.branch).len(),
                 keys: plan.kv_indices.len(),
                 logits: plan.logits_rows.len(),
+                samples: sp.sample_positions.len(),
             };
             // A text step resolves even without patches: the commit reads its query from the
             // lists the resolve kernel computes.
@@ -186,6 +215,7 @@ impl<'m> Resident<'m> {
             banned,
             sample_flag: dev.alloc_zeros(1)?,
             events,
+            capturing: false,
         })
     }
 
@@ -200,13 +230,22 @@ impl<'m> Resident<'m> {
         } else {
             std::iter::once(0..n + 1).collect()
         };
+        // Every product's algorithm chosen and kernel loaded before any capture.
+        let cfg = self.model.config();
+        let products: Vec<_> = (self.prog.prefill.iter())
+            .chain(self.prog.steps.iter().map(|s| &s.plan))
+            .flat_map(|plan| crate::model::products(cfg, plan))
+            .collect();
+        self.model.backend().warm_products(&products)?;
         let stream = self.model.backend().device().stream().clone();
         let mut graphs = Vec::with_capacity(parts.len());
         for part in parts {
             stream
                 .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                 .map_err(cuda_err("beginning a graph capture"))?;
+            self.capturing = true;
             let queued = self.queue(part.clone(), &mut None);
+            self.capturing = false;
             // End the capture even when queuing failed, so the stream is usable again.
             let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
             queued?;
@@ -251,7 +290,12 @@ impl<'m> Resident<'m> {
         self.state.reset(dev, self.prog.mask_id)?;
         dev.stream()
             .memset_zeros(&mut self.sample_flag)
-            .map_err(cuda_err("clearing the error flags"))?;
+            .map_err(cuda_err("clearing the sampler's error flag"))?;
+        let mut embed_flag = be.embed_flag.lock().unwrap_or_else(|e| e.into_inner());
+        dev.stream()
+            .memset_zeros(&mut *embed_flag)
+            .map_err(cuda_err("clearing the embedding's error flag"))?;
+        drop(embed_flag);
         if let Some(p) = &self.prefill {
             let _r = profile::range("prefill");
             self.model.forward_in(p, &mut self.cache, &mut self.ws)?;
@@ -350,20 +394,28 @@ impl<'m> Resident<'m> {
         }
     }
 
-    /// Records `events[i]` on the stream: an event node when the stream is capturing.
+    /// Records `events[i]` on the stream; while capturing, as an event-record node of the graph
+    /// (`CU_EVENT_RECORD_EXTERNAL`, which is valid only then), so that replays time the steps.
     fn record(&self, i: usize) -> Result<()> {
         let stream = self.model.backend().device().stream();
+        let event = &self.events[i];
+        if !self.capturing {
+            return event
+                .record(stream)
+                .map_err(cuda_err("recording a step event"));
+        }
         // SAFETY: the event and the stream are live objects of the same context (both made from
-        // it and held by `self`); the flag is a valid `CUevent_record_flags` value.
+        // it and held by `self`); the flag is a valid `CUevent_record_flags` value, used while
+        // the stream is capturing as it requires.
         unsafe {
             sys::cuEventRecordWithFlags(
-                self.events[i].cu_event(),
+                event.cu_event(),
                 stream.cu_stream(),
                 sys::CUevent_record_flags::CU_EVENT_RECORD_EXTERNAL as u32,
             )
         }
         .result()
-        .map_err(cuda_err("recording a step event"))
+        .map_err(cuda_err("recording a step event node"))
     }
 
     /// Waits for the device, checks the flags, reads the state and builds the [`Generation`].
