@@ -229,9 +229,9 @@ extern "C" __global__ void __launch_bounds__(SL_GATHER_THREADS)
         float *out = p.out + static_cast<size_t>(j) * p.cols;
         if (r < p.x_rows) {
             const float *src = p.x + static_cast<size_t>(r) * p.cols;
-            for (uint32_t c = threadIdx.x; c < p.cols; c += blockDim.x) out[c] = src[c];
+            for (uint64_t c = threadIdx.x; c < p.cols; c += blockDim.x) out[c] = src[c];
         } else {
-            for (uint32_t c = threadIdx.x; c < p.cols; c += blockDim.x) out[c] = nan;
+            for (uint64_t c = threadIdx.x; c < p.cols; c += blockDim.x) out[c] = nan;
         }
     }
 }

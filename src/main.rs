@@ -624,6 +624,12 @@ fn bench_on<B: Backend>(model: &Model<B>, a: &BenchArgs) -> Result<()> {
         "speedup sparse vs dense: {:.2}x",
         report.speedup_sparse_vs_dense
     );
+    if report.runs.iter().any(|r| r.setup_s > 0.0) {
+        say!(
+            "speedup sparse vs dense without setup (graph capture): {:.2}x",
+            report.speedup_run_sparse_vs_dense
+        );
+    }
     if let Some(driver) = &report.driver {
         say!("device    {}, driver {driver}", report.device);
     }

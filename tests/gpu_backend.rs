@@ -3,8 +3,9 @@
 //! `forward` pass on random cases.
 //!
 //! GPU tests are `#[ignore = "needs a CUDA GPU"]`; run them on a GPU machine with
-//! `cargo test --release --test gpu_backend -- --ignored --nocapture` (they print the largest
-//! error of each case). Every model uses the same bf16-rounded weights (the CUDA backend stores
+//! `cargo test --release --test gpu_backend -- --ignored --nocapture --test-threads=1` (they
+//! print the largest error of each case; one thread, as graph captures must not share the
+//! device with another test's synchronising calls). Every model uses the same bf16-rounded weights (the CUDA backend stores
 //! bf16 weights by design), so the comparison measures the bf16 activations and the kernels,
 //! not the weights' storage.
 //!

@@ -2,7 +2,9 @@
 //! (`sparse_lavida::cuda::ops`).
 //!
 //! GPU tests are `#[ignore = "needs a CUDA GPU"]`; run them on a GPU machine with
-//! `cargo test --release --test gpu_kernels -- --ignored`. Each draws random inputs, rounds them
+//! `cargo test --release --test gpu_kernels -- --ignored --test-threads=1` (one thread: a test
+//! that captures a CUDA graph must not share the device with another test's synchronising
+//! calls). Each draws random inputs, rounds them
 //! to bf16 where the kernel stores bf16, runs the CPU op on the SAME rounded values, poisons every
 //! output before the launch (NaN, or `u32::MAX` for indices) and checks: relative L2 error
 //! ≤ 1e-2 for bf16 outputs, exact equality where the kernel only moves data or must match bit
@@ -1346,7 +1348,11 @@ fn gpu_resolve_plan_matches_patch_lists_and_apply() {
                 rows: r.gen_range(0..60),
                 keys: r.gen_range(0..300),
                 // Under CFG (every third case) twice as many logits rows as samples.
-                logits: if case.is_multiple_of(3) { 2 * samples } else { samples },
+                logits: if case.is_multiple_of(3) {
+                    2 * samples
+                } else {
+                    samples
+                },
                 samples,
             };
             // Every other case writes no sample positions and gives no target for them.
@@ -2137,7 +2143,11 @@ fn program_kernels_transcribed_match_patch_rs() {
             rows: r.gen_range(0..30),
             keys: r.gen_range(0..80),
             // Under CFG (every other case) twice as many logits rows as sampled positions.
-            logits: if case.is_multiple_of(2) { 2 * samples } else { samples },
+            logits: if case.is_multiple_of(2) {
+                2 * samples
+            } else {
+                samples
+            },
             samples,
         };
         let skip: &[Field] = if case.is_multiple_of(3) {

@@ -239,8 +239,9 @@ pub trait DeviceStats {
     fn copy_bandwidth(&self, bytes: usize) -> Result<f64>;
     /// Bytes of device memory free now.
     fn free_memory(&self) -> Result<usize>;
-    /// Seconds of one bf16 matrix product `[m, k] · [n, k]ᵀ → [m, n]` (bf16 out, f32
-    /// accumulation) through the backend's own GEMM path, on random inputs: the median of
-    /// `reps` timed calls after a warm-up.
-    fn gemm_seconds(&self, m: usize, n: usize, k: usize, reps: usize) -> Result<f64>;
+    /// Seconds of one matrix product `p` (bf16 inputs, f32 accumulation, the output's kind and
+    /// `accumulate` as given) through the backend's own GEMM path, on random inputs: `reps`
+    /// products queued back to back between two timing points after a warm-up, divided by
+    /// `reps` (so the host's launch cost is not in a small product's time).
+    fn gemm_seconds(&self, p: &crate::model::Product, reps: usize) -> Result<f64>;
 }

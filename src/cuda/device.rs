@@ -510,13 +510,15 @@ impl CudaDevice {
         let ctx = CudaContext::new(ordinal).map_err(cuda_err(format_args!(
             "creating a context on device {ordinal}"
         )))?;
-        let stream = ctx.new_stream().map_err(cuda_err("creating a stream"))?;
-        // SAFETY: every buffer, kernel, copy and cuBLASLt call of this crate goes to `stream`
-        // (one stream per device), so stream order alone orders all uses of every buffer and
-        // cudarc's per-buffer events would only add host work (and waits on events recorded
-        // outside a graph capture, which a capture rejects). Called before any allocation, so
-        // no buffer of this context tracks events.
+        // SAFETY: every buffer, kernel, copy and cuBLASLt call of this crate goes to the one
+        // stream made below (one stream per device), so stream order alone orders all uses of
+        // every buffer and cudarc's per-buffer events would only add host work (and waits on
+        // events recorded outside a graph capture, which a capture rejects). Called before any
+        // allocation, so no buffer of this context tracks events; and before the stream is
+        // made, so making it does not synchronize the whole (shared, primary) context, which
+        // would break a graph capture running on another thread's device handle.
         unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(cuda_err("creating a stream"))?;
         let (major, minor) = ctx
             .compute_capability()
             .map_err(cuda_err("reading the compute capability"))?;

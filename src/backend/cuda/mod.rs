@@ -323,10 +323,16 @@ impl CudaBackend {
         Ok(attn)
     }
 
-    /// Runs each distinct product of `products` once on scratch buffers and waits: cuBLASLt
-    /// chooses (and caches) its algorithm for the shape and loads its kernel, so that neither
-    /// happens while a graph is being captured (cuBLASLt loads kernels lazily, on first launch).
-    pub fn warm_products(&self, products: &[crate::model::Product]) -> Result<()> {
+    /// Runs each distinct product of `products` once and waits: cuBLASLt chooses (and caches)
+    /// its algorithm for the shape and loads its kernel, so that neither happens while a graph
+    /// is being captured (cuBLASLt loads kernels lazily, on first launch). The weight operand is
+    /// one of `weights` of the product's shape `[n, k]` when there is one (no copy of a large
+    /// head), else zeroed scratch; the activation and output are zeroed scratch.
+    pub fn warm_products(
+        &self,
+        products: &[crate::model::Product],
+        weights: &[&CudaWeight],
+    ) -> Result<()> {
         let mut seen = std::collections::HashSet::new();
         for p in products {
             let f32_out = p.out != MatrixKind::Activation;
@@ -334,7 +340,14 @@ impl CudaBackend {
                 continue;
             }
             let x = self.dev.alloc_zeros::<bf16>(p.m * p.k)?;
-            let w = self.dev.alloc_zeros::<bf16>(p.n * p.k)?;
+            let scratch;
+            let w = match weights.iter().find(|w| w.shape == [p.n, p.k]) {
+                Some(w) => &w.buf,
+                None => {
+                    scratch = self.dev.alloc_zeros::<bf16>(p.n * p.k)?;
+                    &scratch
+                }
+            };
             let shape = GemmShape {
                 m: p.m,
                 n: p.n,
@@ -343,11 +356,11 @@ impl CudaBackend {
             if f32_out {
                 let mut out = self.dev.alloc_zeros::<f32>(p.m * p.n)?;
                 self.gemm
-                    .matmul(&x, &w, shape, GemmOut::F32(&mut out), p.accumulate)?;
+                    .matmul(&x, w, shape, GemmOut::F32(&mut out), p.accumulate)?;
             } else {
                 let mut out = self.dev.alloc_zeros::<bf16>(p.m * p.n)?;
                 self.gemm
-                    .matmul(&x, &w, shape, GemmOut::Bf16(&mut out), p.accumulate)?;
+                    .matmul(&x, w, shape, GemmOut::Bf16(&mut out), p.accumulate)?;
             }
         }
         self.dev.synchronize()
@@ -876,7 +889,7 @@ impl DeviceStats for CudaBackend {
         CudaBackend::free_memory(self)
     }
 
-    fn gemm_seconds(&self, m: usize, n: usize, k: usize, reps: usize) -> Result<f64> {
+    fn gemm_seconds(&self, p: &crate::model::Product, reps: usize) -> Result<f64> {
         let _r = profile::range("gemm timing");
         let len = |a: usize, b: usize| {
             a.checked_mul(b).filter(|&l| l > 0).ok_or_else(|| {
@@ -884,24 +897,29 @@ impl DeviceStats for CudaBackend {
             })
         };
         let (x, w) = (
-            self.random_weight(&[len(m, k)?], 1, 0, (0.0, 1.0))?,
-            self.random_weight(&[len(n, k)?], 1, 1, (0.0, 1.0))?,
+            self.random_weight(&[len(p.m, p.k)?], 1, 0, (0.0, 1.0))?,
+            self.random_weight(&[len(p.n, p.k)?], 1, 1, (0.0, 1.0))?,
         );
-        let mut out = self.dev.alloc_zeros::<bf16>(len(m, n)?)?;
-        let shape = GemmShape { m, n, k };
-        let mut run = || {
-            self.gemm
-                .matmul(&x.buf, &w.buf, shape, GemmOut::Bf16(&mut out), false)
+        let mut out = self.matrix(p.m, p.n, p.out)?;
+        let shape = GemmShape {
+            m: p.m,
+            n: p.n,
+            k: p.k,
+        };
+        let mut run = || -> Result<()> {
+            let out = match &mut out.buf {
+                DeviceBuf::F32(o) => GemmOut::F32(o),
+                DeviceBuf::Bf16(o) => GemmOut::Bf16(o),
+            };
+            self.gemm.matmul(&x.buf, &w.buf, shape, out, p.accumulate)
         };
         for _ in 0..2 {
             run()?;
         }
+        let reps = reps.max(1);
         let mut clock = EventClock::new(&self.dev)?;
-        let mut times = (0..reps.max(1))
-            .map(|_| clock.time(&mut run))
-            .collect::<Result<Vec<f64>>>()?;
-        times.sort_by(f64::total_cmp);
-        Ok(times[times.len() / 2])
+        let total = clock.time(|| (0..reps).try_for_each(|_| run()))?;
+        Ok(total / reps as f64)
     }
 }
 
