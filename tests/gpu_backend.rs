@@ -991,3 +991,34 @@ fn gpu_resident_bad_requests_are_errors() {
     let ok = &tasks(&cfg, 3)[1];
     run_exec(&gpu, ok, Mode::Sparse(Switches::ALL_ON), Execution::Graphs);
 }
+
+/// What the device finds while a resident run is queued (here a non-finite logit: one head row
+/// of +inf weights, so the logits of every image row hold inf) is reported once the run ends,
+/// through the sampler's sticky flag, as the same kind of error the eager loop gives; the next
+/// run on a sound model starts with clear flags.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_resident_reports_device_errors_after_the_run() {
+    let cfg = Config::preset("small").unwrap();
+    let mut w = bf16_weights(&cfg, 6);
+    // `Model::new` refuses non-finite weights; upload them one by one instead.
+    let head = w.tensors.get_mut("image.head").unwrap();
+    let d = head.shape[1];
+    head.data[5 * d..6 * d].fill(f32::INFINITY);
+    let mut tensors = w.tensors;
+    let broken = Model::from_uploaded(backend(), cfg.clone(), |be, _, name, _| {
+        be.upload_weight(tensors.remove(name).unwrap())
+    })
+    .unwrap();
+    let t2i = tasks(&cfg, 4).remove(0);
+    let mode = Mode::Sparse(Switches::ALL_ON);
+    for exec in [Execution::Eager, Execution::Queued, Execution::Graphs] {
+        let e = sampler::generate_with(&broken, &t2i, mode, exec, RunOptions::default())
+            .expect_err("an inf logit must be an error");
+        assert!(matches!(e, Error::Input(_)), "{exec}: {e}");
+        assert!(e.to_string().contains("non-finite logit"), "{exec}: {e}");
+    }
+    let gpu = cuda_model(&cfg, bf16_weights(&cfg, 6));
+    run_exec(&gpu, &t2i, mode, Execution::Graphs);
+    run_exec(&gpu, &t2i, mode, Execution::Queued);
+}
