@@ -746,6 +746,27 @@ fn kernel_module_version(text: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Records `event` on `stream`; with `graph_node` (only while `stream` is capturing a graph), as
+/// an event-record node of the graph (`CU_EVENT_RECORD_EXTERNAL`), so that every replay records
+/// it and the time between two such events can be read after the replay.
+pub fn record_event(event: &CudaEvent, stream: &CudaStream, graph_node: bool) -> Result<()> {
+    if !graph_node {
+        return event.record(stream).map_err(cuda_err("recording an event"));
+    }
+    // SAFETY: the event and the stream are live handles (borrowed for the call); the flag is a
+    // valid `CUevent_record_flags` value, which the caller uses only while capturing, as the
+    // driver requires.
+    unsafe {
+        sys::cuEventRecordWithFlags(
+            event.cu_event(),
+            stream.cu_stream(),
+            sys::CUevent_record_flags::CU_EVENT_RECORD_EXTERNAL as u32,
+        )
+    }
+    .result()
+    .map_err(cuda_err("recording an event node in a graph"))
+}
+
 /// Two timing events on a device's stream: the GPU time between two points of its queue.
 #[derive(Debug)]
 pub struct EventClock {

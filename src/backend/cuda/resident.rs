@@ -26,7 +26,7 @@ use cudarc::driver::{CudaEvent, CudaSlice, sys};
 
 use super::{CudaBackend, CudaPlan};
 use crate::config::Branch;
-use crate::cuda::device::cuda_err;
+use crate::cuda::device::{cuda_err, record_event};
 use crate::cuda::ops::IndexBuf;
 use crate::cuda::ops::{
     self, BannedMask, DeviceSampleArgs, DeviceStateBufs, PatchBuf, PatchLens, PatchTargets,
@@ -410,24 +410,7 @@ impl<'m> Resident<'m> {
     /// (`CU_EVENT_RECORD_EXTERNAL`, which is valid only then), so that replays time the steps.
     fn record(&self, i: usize) -> Result<()> {
         let stream = self.model.backend().device().stream();
-        let event = &self.events[i];
-        if !self.capturing {
-            return event
-                .record(stream)
-                .map_err(cuda_err("recording a step event"));
-        }
-        // SAFETY: the event and the stream are live objects of the same context (both made from
-        // it and held by `self`); the flag is a valid `CUevent_record_flags` value, used while
-        // the stream is capturing as it requires.
-        unsafe {
-            sys::cuEventRecordWithFlags(
-                event.cu_event(),
-                stream.cu_stream(),
-                sys::CUevent_record_flags::CU_EVENT_RECORD_EXTERNAL as u32,
-            )
-        }
-        .result()
-        .map_err(cuda_err("recording a step event node"))
+        record_event(&self.events[i], stream, self.capturing)
     }
 
     /// Waits for the device, checks the flags, reads the state and builds the [`Generation`].
