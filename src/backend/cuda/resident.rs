@@ -22,15 +22,14 @@
 
 use std::time::Instant;
 
-use cudarc::driver::{CudaEvent, CudaSlice, sys};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, sys};
 
 use super::{CudaBackend, CudaPlan};
 use crate::config::Branch;
 use crate::cuda::device::{cuda_err, record_event};
-use crate::cuda::ops::IndexBuf;
 use crate::cuda::ops::{
-    self, BannedMask, DeviceSampleArgs, DeviceStateBufs, PatchBuf, PatchLens, PatchTargets,
-    SampleOut,
+    self, BannedMask, DeviceSampleArgs, DeviceStateBufs, IndexBuf, PatchBuf, PatchLens,
+    PatchTargets, SampleOut,
 };
 use crate::error::{Error, Result};
 use crate::model::{Model, Prepared, Workspace};
@@ -221,34 +220,16 @@ impl<'m> Resident<'m> {
 
     /// Captures the generation: one graph for t2i; for text the reset and prefill, then one
     /// graph per step.
-    fn capture(&mut self) -> Result<Vec<cudarc::driver::CudaGraph>> {
+    fn capture(&mut self) -> Result<Vec<CudaGraph>> {
         let n = self.steps.len();
-        let per_step = self.prog.branch == crate::config::Branch::Text;
+        let per_step = self.prog.branch == Branch::Text;
         // Part 0 is the reset and the prefill, part k + 1 step k.
         let parts: Vec<std::ops::Range<usize>> = if per_step {
             (0..=n).map(|k| k..k + 1).collect()
         } else {
             std::iter::once(0..n + 1).collect()
         };
-        // Every product's algorithm chosen and kernel loaded before any capture.
-        let cfg = self.model.config();
-        let products: Vec<_> = (self.prog.prefill.iter())
-            .chain(self.prog.steps.iter().map(|s| &s.plan))
-            .flat_map(|plan| crate::model::products(cfg, plan))
-            .collect();
-        // The model's own weights serve as the products' weight operands (every layer has the
-        // same shapes, so layer 0 and the heads cover them all).
-        let m = self.model;
-        let mut weights = Vec::new();
-        for (bw, lw) in m
-            .branch_weights()
-            .iter()
-            .zip(m.layer_weights().first().into_iter().flatten())
-        {
-            weights.push(&bw.head);
-            weights.extend([&lw.q, &lw.k, &lw.v, &lw.o, &lw.gate, &lw.up, &lw.down]);
-        }
-        m.backend().warm_products(&products, &weights)?;
+        self.warm_up()?;
         let stream = self.model.backend().device().stream().clone();
         let mut graphs = Vec::with_capacity(parts.len());
         for part in parts {
@@ -270,6 +251,29 @@ impl<'m> Resident<'m> {
             graphs.push(graph);
         }
         Ok(graphs)
+    }
+
+    /// Runs every product of the program once (cuBLASLt chooses its algorithm and loads its
+    /// kernel) so that neither happens inside a capture.
+    fn warm_up(&self) -> Result<()> {
+        let cfg = self.model.config();
+        let products: Vec<_> = (self.prog.prefill.iter())
+            .chain(self.prog.steps.iter().map(|s| &s.plan))
+            .flat_map(|plan| crate::model::products(cfg, plan))
+            .collect();
+        // The model's own weights serve as the products' weight operands (every layer has the
+        // same shapes, so layer 0 and the heads cover them all).
+        let m = self.model;
+        let mut weights = Vec::new();
+        for (bw, lw) in m
+            .branch_weights()
+            .iter()
+            .zip(m.layer_weights().first().into_iter().flatten())
+        {
+            weights.push(&bw.head);
+            weights.extend([&lw.q, &lw.k, &lw.v, &lw.o, &lw.gate, &lw.up, &lw.down]);
+        }
+        m.backend().warm_products(&products, &weights)
     }
 
     /// Queues parts of the generation: part 0 is the state reset and the prefill, part `k + 1`
