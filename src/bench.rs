@@ -365,12 +365,11 @@ pub fn run_bench<B: Backend>(
         Some(s) => s.reset_peak_memory()?,
         None => None,
     };
-    let mut modes = vec![Mode::Dense];
-    if spec.ablation {
-        modes.extend(Switches::all_combinations().into_iter().map(Mode::Sparse));
+    let modes = if spec.ablation {
+        Mode::all()
     } else {
-        modes.push(Mode::Sparse(Switches::ALL_ON));
-    }
+        vec![Mode::Dense, Mode::Sparse(Switches::ALL_ON)]
+    };
     let mut runs = Vec::new();
     let mut reference: Option<Vec<u32>> = None;
     for mode in modes {

@@ -73,6 +73,15 @@ pub enum Mode {
     Sparse(Switches),
 }
 
+impl Mode {
+    /// Dense, then sparse under each of the eight switch combinations (all-on first).
+    pub fn all() -> Vec<Mode> {
+        let mut modes = vec![Mode::Dense];
+        modes.extend(Switches::all_combinations().into_iter().map(Mode::Sparse));
+        modes
+    }
+}
+
 impl std::fmt::Display for Mode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -416,6 +425,27 @@ pub fn sparse_plan(
     pb.build()
 }
 
+/// Whether a run in `mode` prefills the prompt before step 0 (sparse, prompt cached and not
+/// empty).
+fn prefills(mode: Mode, l: &Layout) -> bool {
+    matches!(mode, Mode::Sparse(sw) if sw.cache_prompt) && l.p() > 0
+}
+
+/// The plan of step `k` in `mode` from the decode state `st` (`prefilled`: see [`prefills`]).
+fn step_plan(
+    l: &Layout,
+    st: &DecodeState,
+    query: &[u32],
+    k: usize,
+    mode: Mode,
+    prefilled: bool,
+) -> Result<StepPlan> {
+    match mode {
+        Mode::Dense => dense_plan(l, st, query),
+        Mode::Sparse(sw) => sparse_plan(l, st, query, k, sw, prefilled),
+    }
+}
+
 fn check_prompt(cfg: &Config, prompt: &[u32]) -> Result<()> {
     for (i, &id) in prompt.iter().enumerate() {
         if id as usize >= cfg.text_vocab {
@@ -751,11 +781,8 @@ fn run<B: Backend>(
         groups: Vec::new(),
     };
     let (mut forwards, mut rows_fed) = (0, 0);
-    let mut prefilled = false;
-    if let Mode::Sparse(sw) = mode
-        && sw.cache_prompt
-        && l.p() > 0
-    {
+    let prefilled = prefills(mode, l);
+    if prefilled {
         let _r = profile::range("prefill");
         let plan = prefill_plan(l)?;
         if let Some(f) = opts.on_plan.as_mut() {
@@ -764,7 +791,6 @@ fn run<B: Backend>(
         rows_fed += plan.n_rows();
         model.forward_in(&model.prepare(plan)?, &mut cache, &mut ws)?;
         forwards += 1;
-        prefilled = true;
     }
     let mut steps = Vec::with_capacity(dec.steps());
     // Per-step time on the backend's clock (CUDA events on a GPU, wall time on the CPU).
@@ -773,10 +799,7 @@ fn run<B: Backend>(
         let _r = profile::range(format_args!("step {k}"));
         clock.start()?;
         let query = dec.query(k, &st);
-        let plan = match mode {
-            Mode::Dense => dense_plan(l, &st, &query)?,
-            Mode::Sparse(sw) => sparse_plan(l, &st, &query, k, sw, prefilled)?,
-        };
+        let plan = step_plan(l, &st, &query, k, mode, prefilled)?;
         if let Some(f) = opts.on_plan.as_mut() {
             f(Some(k), &plan);
         }

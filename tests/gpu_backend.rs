@@ -391,12 +391,6 @@ fn tasks(cfg: &Config, seed: u64) -> Vec<Task> {
     ]
 }
 
-fn modes() -> Vec<Mode> {
-    let mut m = vec![Mode::Dense];
-    m.extend(Switches::all_combinations().into_iter().map(Mode::Sparse));
-    m
-}
-
 fn generate<B: Backend>(
     model: &Model<B>,
     task: &Task,
@@ -551,7 +545,7 @@ fn compare_generations<B: Backend>(
 ) -> (f64, f64) {
     let (mut worst_twin, mut worst_other) = (0f64, 0f64);
     for task in tasks(cfg, 3) {
-        for mode in modes() {
+        for mode in Mode::all() {
             let want = generate(&o.cpu, &task, mode, None);
             let twin = generate(&o.twin, &task, mode, Some(&want.steps));
             let got = generate(other, &task, mode, Some(&want.steps));
@@ -937,7 +931,7 @@ fn gpu_graphs_equal_eager_tokens() {
             }));
         }
         for task in &tasks {
-            for mode in modes() {
+            for mode in Mode::all() {
                 let what = format!("{name} {} {mode}", task_name(task));
                 let eager = run_exec(&gpu, task, mode, Execution::Eager);
                 let queued = run_exec(&gpu, task, mode, Execution::Queued);

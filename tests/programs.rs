@@ -18,12 +18,6 @@ use sparse_lavida::sampler::{
 };
 use sparse_lavida::schedule::Order;
 
-fn all_modes() -> Vec<Mode> {
-    let mut modes = vec![Mode::Dense];
-    modes.extend(Switches::all_combinations().into_iter().map(Mode::Sparse));
-    modes
-}
-
 fn prompt(len: usize, seed: u64) -> Vec<u32> {
     (0..len as u64)
         .map(|i| ((i * 7919 + seed * 104_729) % 299) as u32)
@@ -83,7 +77,7 @@ fn check_random_history(task: &Task, wseed: u64, hseed: u64) {
         Task::T2i(r) => r.prompt.len(),
         Task::Text(r) => r.prompt.len(),
     } as u32;
-    for mode in all_modes() {
+    for mode in Mode::all() {
         let prog = program(cfg, task, mode).unwrap();
         let vocab = cfg.vocab(prog.branch) as u64;
         let mut rng = ChaCha8Rng::seed_from_u64(hseed);
@@ -211,7 +205,7 @@ fn text_task(temperature: f32, plen: usize) -> Task {
 /// queries, rows), forwards, plans and logits, bit for bit.
 fn check_same_run(task: &Task) {
     let model = tiny_model(42);
-    for mode in all_modes() {
+    for mode in Mode::all() {
         let run = |via_program: bool| {
             let mut plans = Plans::default();
             let mut progress = Vec::new();

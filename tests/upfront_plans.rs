@@ -8,15 +8,9 @@ use common::tiny_model;
 use proptest::prelude::*;
 use sparse_lavida::plan::StepPlan;
 use sparse_lavida::sampler::{
-    self, Mode, PLACEHOLDER, RunOptions, Switches, T2iRequest, Task, t2i_upfront_plans,
+    self, Mode, PLACEHOLDER, RunOptions, T2iRequest, Task, t2i_upfront_plans,
 };
 use sparse_lavida::schedule::Order;
-
-fn all_modes() -> Vec<Mode> {
-    let mut modes = vec![Mode::Dense];
-    modes.extend(Switches::all_combinations().into_iter().map(Mode::Sparse));
-    modes
-}
 
 fn has_placeholder(p: &StepPlan) -> bool {
     p.branches.iter().any(|b| b.ids.contains(&PLACEHOLDER))
@@ -25,7 +19,7 @@ fn has_placeholder(p: &StepPlan) -> bool {
 fn check(wseed: u64, req: &T2iRequest) {
     let model = tiny_model(wseed);
     let cfg = model.config();
-    for mode in all_modes() {
+    for mode in Mode::all() {
         // The incremental run, recording every plan it executes.
         let mut prefill_seen: Option<StepPlan> = None;
         let mut seen: Vec<StepPlan> = Vec::new();

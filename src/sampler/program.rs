@@ -4,7 +4,7 @@
 //! A [`Program`] holds, per step, a template [`StepPlan`] and the [`Patch`]es that turn it into
 //! the plan [`super::generate`] would build at that step, whatever was decoded before
 //! ([`patch`] is the contract with the device kernels). The templates come from the same
-//! [`prefill_plan`] / [`dense_plan`] / [`sparse_plan`] as the incremental run, fed a *canonical*
+//! [`prefill_plan`] / [`dense_plan`](super::dense_plan) / [`sparse_plan`](super::sparse_plan) as the incremental run, fed a *canonical*
 //! decode history; the patches are read off the template by asking, for each entry that names a
 //! response index, which list of the state that index belongs to:
 //!
@@ -31,8 +31,7 @@
 use super::patch::{self, CommitRule, DeviceState, Field, Lists, Patch, PlanArrays, Source};
 use super::{
     DecodeState, Decoder, Execution, Generation, Layout, Mode, RunOptions, StepTrace, T2iRequest,
-    Task, TextRequest, dense_plan, prefill_plan, sparse_plan, t2i_setup, t2i_upfront_plans,
-    text_setup,
+    Task, TextRequest, prefill_plan, prefills, step_plan, t2i_setup, t2i_upfront_plans, text_setup,
 };
 use crate::backend::{Backend, SampleParams};
 use crate::config::{Branch, Config};
@@ -207,26 +206,6 @@ pub fn program(cfg: &Config, task: &Task, mode: Mode) -> Result<Program> {
 fn committed_ranks(rule: CommitRule) -> std::ops::Range<usize> {
     let first = rule.rank_base as usize;
     first..first + rule.n_commit as usize
-}
-
-/// Whether a run in `mode` prefills the prompt before step 0.
-fn prefills(mode: Mode, l: &Layout) -> bool {
-    matches!(mode, Mode::Sparse(sw) if sw.cache_prompt) && l.p() > 0
-}
-
-/// The plan [`super::generate`] builds at step `k` from the decode state `st`.
-fn step_plan(
-    l: &Layout,
-    st: &DecodeState,
-    query: &[u32],
-    k: usize,
-    mode: Mode,
-    prefilled: bool,
-) -> Result<StepPlan> {
-    match mode {
-        Mode::Dense => dense_plan(l, st, query),
-        Mode::Sparse(sw) => sparse_plan(l, st, query, k, sw, prefilled),
-    }
 }
 
 /// The program of a text-to-image request. The decode order is fixed, so every template is the
@@ -573,15 +552,8 @@ mod tests {
 
     use super::*;
     use crate::backend::Sampled;
-    use crate::sampler::Switches;
     use crate::schedule::Order;
     use proptest::prelude::*;
-
-    fn all_modes() -> Vec<Mode> {
-        let mut modes = vec![Mode::Dense];
-        modes.extend(Switches::all_combinations().into_iter().map(Mode::Sparse));
-        modes
-    }
 
     /// Seeded draws for confidences and tokens.
     struct Stream(rand_chacha::ChaCha8Rng);
@@ -624,7 +596,7 @@ mod tests {
             }
         };
         let vocab = cfg.vocab(l.branch) as u64;
-        for mode in all_modes() {
+        for mode in Mode::all() {
             let prog = program(cfg, task, mode).unwrap();
             let prefilled = prefills(mode, &l);
             let want_prefill = prefilled.then(|| prefill_plan(&l).unwrap());
@@ -747,7 +719,7 @@ mod tests {
             banned: Vec::new(),
             seed: 5,
         };
-        for mode in all_modes() {
+        for mode in Mode::all() {
             let prog = text_program(&cfg, &req, mode).unwrap();
             for (k, s) in prog.steps.iter().enumerate() {
                 let rows = s.plan.rows(prog.branch).len();

@@ -4,13 +4,11 @@
 //! For t2i the schedule, the decode order and the pool slots are fixed by the request, so every
 //! step's [`StepPlan`] is known up front except for the ids of rows decoded at earlier steps.
 //! Those rows carry [`PLACEHOLDER`], and a [`TokenFill`] says which sampled token replaces each.
-//! The plans come from the same [`prefill_plan`] / [`dense_plan`] / [`sparse_plan`] as the
+//! The plans come from the same [`prefill_plan`] / [`dense_plan`](super::dense_plan) / [`sparse_plan`](super::sparse_plan) as the
 //! incremental run, fed a [`DecodeState`] whose decoded tokens are placeholders, so no plan
 //! logic is duplicated.
 
-use super::{
-    DecodeState, Decoder, Mode, T2iRequest, dense_plan, prefill_plan, sparse_plan, t2i_setup,
-};
+use super::{DecodeState, Decoder, Mode, T2iRequest, prefill_plan, prefills, step_plan, t2i_setup};
 use crate::config::{Branch, Config};
 use crate::error::{Error, Result};
 use crate::plan::{REGISTER, StepPlan};
@@ -97,7 +95,7 @@ pub fn t2i_upfront_plans(model_cfg: &Config, req: &T2iRequest, mode: Mode) -> Re
             model_cfg.vocab(l.branch)
         )));
     }
-    let prefilled = matches!(mode, Mode::Sparse(sw) if sw.cache_prompt) && l.p() > 0;
+    let prefilled = prefills(mode, &l);
     let prefill = if prefilled {
         Some(prefill_plan(&l)?)
     } else {
@@ -113,10 +111,7 @@ pub fn t2i_upfront_plans(model_cfg: &Config, req: &T2iRequest, mode: Mode) -> Re
     let mut fills = Vec::new();
     for k in 0..dec.steps() {
         let query = dec.query(k, &st);
-        let plan = match mode {
-            Mode::Dense => dense_plan(&l, &st, &query)?,
-            Mode::Sparse(sw) => sparse_plan(&l, &st, &query, k, sw, prefilled)?,
-        };
+        let plan = step_plan(&l, &st, &query, k, mode, prefilled)?;
         // Placeholder rows are response rows, at RoPE position P + response index.
         let rows = plan.rows(l.branch);
         for (row, (&id, &pos)) in rows.ids.iter().zip(&rows.pos).enumerate() {

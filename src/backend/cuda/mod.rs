@@ -1,5 +1,5 @@
 //! The CUDA bf16 backend: the model graph on one GPU, on one stream — op by op from the host
-//! loop, or device-resident and captured as CUDA graphs ([`resident`]).
+//! loop, or device-resident and captured as CUDA graphs (its `resident` module).
 //!
 //! Storage follows [`MatrixKind`]: the residual stream and the logits are f32, every other
 //! activation, the weights and the K/V pool are bf16; all arithmetic accumulates in f32. The ops
