@@ -7,7 +7,7 @@ mod common;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use common::tiny_model;
+use common::{prompt, tiny_model};
 use proptest::prelude::*;
 use sparse_lavida::Error;
 use sparse_lavida::plan::StepPlan;
@@ -17,12 +17,6 @@ use sparse_lavida::sampler::{
     TextRequest, program, run_program,
 };
 use sparse_lavida::schedule::Order;
-
-fn prompt(len: usize, seed: u64) -> Vec<u32> {
-    (0..len as u64)
-        .map(|i| ((i * 7919 + seed * 104_729) % 299) as u32)
-        .collect()
-}
 
 /// Every plan a run hands to `on_plan`: the prefill, then each step in order.
 #[derive(Default, Debug, PartialEq)]

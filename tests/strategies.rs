@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{max_rel_err, tiny_model};
+use common::{max_rel_err, prompt, tiny_model};
 use proptest::prelude::*;
 use sparse_lavida::case::{Case, CaseId, CaseRow, RegisterMarker};
 use sparse_lavida::config::Branch;
@@ -57,12 +57,6 @@ fn assert_all_switches_agree(weights_seed: u64, task: &Task) {
         }
         assert_eq!(g.tokens, reference.tokens, "{sw:?}");
     }
-}
-
-fn prompt(len: usize, seed: u64) -> Vec<u32> {
-    (0..len as u64)
-        .map(|i| ((i * 7919 + seed * 104729) % 299) as u32)
-        .collect()
 }
 
 proptest! {

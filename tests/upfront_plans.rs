@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::tiny_model;
+use common::{prompt, tiny_model};
 use proptest::prelude::*;
 use sparse_lavida::plan::StepPlan;
 use sparse_lavida::sampler::{
@@ -79,12 +79,6 @@ fn check(wseed: u64, req: &T2iRequest) {
         }
         assert!(up.prefill.as_ref().is_none_or(|p| !has_placeholder(p)));
     }
-}
-
-fn prompt(len: usize, seed: u64) -> Vec<u32> {
-    (0..len as u64)
-        .map(|i| ((i * 7919 + seed * 104729) % 299) as u32)
-        .collect()
 }
 
 proptest! {

@@ -13,6 +13,14 @@ pub fn tiny_model(seed: u64) -> Model<CpuBackend> {
     Model::new(CpuBackend::new(), cfg, w).unwrap()
 }
 
+/// A deterministic prompt of `len` text ids for `seed`, all below 299: inside `tiny`'s text
+/// vocabulary and never its `[MASK]` (299).
+pub fn prompt(len: usize, seed: u64) -> Vec<u32> {
+    (0..len as u64)
+        .map(|i| ((i * 7919 + seed * 104_729) % 299) as u32)
+        .collect()
+}
+
 /// `max |a − b| / max |b|`: the error relative to the reference's largest magnitude, so
 /// near-zero entries do not blow it up.
 pub fn max_rel_err(a: &[f32], b: &[f32]) -> f64 {
