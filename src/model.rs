@@ -292,6 +292,29 @@ impl<B: Backend> Model<B> {
         &self.layers
     }
 
+    /// Every weight, in [`Config::tensor_shapes`] order (the order [`Model::from_uploaded`]
+    /// makes them in).
+    pub fn tensors(&self) -> Vec<&B::Weight> {
+        let mut out = Vec::new();
+        for bw in &self.branches {
+            out.extend([&bw.embed, &bw.register, &bw.final_norm, &bw.head]);
+        }
+        for lw in self.layers.iter().flatten() {
+            out.extend([
+                &lw.attn_norm,
+                &lw.q,
+                &lw.k,
+                &lw.v,
+                &lw.o,
+                &lw.ffn_norm,
+                &lw.gate,
+                &lw.up,
+                &lw.down,
+            ]);
+        }
+        out
+    }
+
     /// Uploads a plan for [`Model::forward`].
     pub fn prepare(&self, plan: StepPlan) -> Result<Prepared<B>> {
         let dev = self.backend.upload_plan(&plan)?;

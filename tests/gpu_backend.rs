@@ -638,25 +638,7 @@ fn gpu_device_random_weights_equal_the_host_twin_bit_for_bit() {
     ] {
         let model = Model::random_on_device(backend(), cfg.clone(), seed).unwrap();
         let dev = model.backend().device();
-        // from_uploaded's order: per branch embed/register/final_norm/head, then per layer and
-        // branch the nine layer tensors, which is tensor_shapes' order.
-        let mut bufs = Vec::new();
-        for bw in model.branch_weights() {
-            bufs.extend([&bw.embed, &bw.register, &bw.final_norm, &bw.head]);
-        }
-        for lw in model.layer_weights().iter().flatten() {
-            bufs.extend([
-                &lw.attn_norm,
-                &lw.q,
-                &lw.k,
-                &lw.v,
-                &lw.o,
-                &lw.ffn_norm,
-                &lw.gate,
-                &lw.up,
-                &lw.down,
-            ]);
-        }
+        let bufs = model.tensors();
         let twin = HostWeights::random_like_device(&cfg, seed).unwrap();
         let shapes = cfg.tensor_shapes();
         assert_eq!(bufs.len(), shapes.len());
@@ -690,28 +672,9 @@ fn gpu_device_random_weights_are_seeded_and_run() {
     let c = Model::random_on_device(backend(), cfg.clone(), 12).unwrap();
     let weights = |m: &Model<CudaBackend>| -> Vec<Vec<bf16>> {
         let dev = m.backend().device();
-        let mut out = Vec::new();
-        for bw in m.branch_weights() {
-            for w in [&bw.embed, &bw.register, &bw.final_norm, &bw.head] {
-                out.push(dev.download(&w.buf).unwrap());
-            }
-        }
-        for lw in m.layer_weights().iter().flatten() {
-            for w in [
-                &lw.attn_norm,
-                &lw.q,
-                &lw.k,
-                &lw.v,
-                &lw.o,
-                &lw.ffn_norm,
-                &lw.gate,
-            ] {
-                out.push(dev.download(&w.buf).unwrap());
-            }
-            out.push(dev.download(&lw.up.buf).unwrap());
-            out.push(dev.download(&lw.down.buf).unwrap());
-        }
-        out
+        (m.tensors().iter())
+            .map(|w| dev.download(&w.buf).unwrap())
+            .collect()
     };
     let (wa, wb, wc) = (weights(&a), weights(&b), weights(&c));
     assert_eq!(wa, wb, "same seed, same weights");

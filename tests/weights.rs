@@ -546,3 +546,24 @@ proptest! {
         }
     }
 }
+
+/// `Model::tensors` lists every weight once, in `Config::tensor_shapes` order: on the CPU
+/// backend each is the uploaded tensor of that name.
+#[test]
+fn model_tensors_follow_tensor_shapes() {
+    let cfg = Config::preset("tiny").unwrap();
+    let w = HostWeights::random(&cfg, 4);
+    let model = sparse_lavida::model::Model::new(
+        sparse_lavida::backend::cpu::CpuBackend::new(),
+        cfg.clone(),
+        w.clone(),
+    )
+    .unwrap();
+    let tensors = model.tensors();
+    let shapes = cfg.tensor_shapes();
+    assert_eq!(tensors.len(), shapes.len());
+    for (t, (name, shape)) in tensors.iter().zip(&shapes) {
+        assert_eq!(&t.shape, shape, "{name}");
+        assert_eq!(t.data, w.get(name).unwrap().data, "{name}");
+    }
+}

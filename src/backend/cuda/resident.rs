@@ -261,19 +261,9 @@ impl<'m> Resident<'m> {
             .chain(self.prog.steps.iter().map(|s| &s.plan))
             .flat_map(|plan| crate::model::products(cfg, plan))
             .collect();
-        // The model's own weights serve as the products' weight operands (every layer has the
-        // same shapes, so layer 0 and the heads cover them all).
+        // The model's own weights serve as the products' weight operands.
         let m = self.model;
-        let mut weights = Vec::new();
-        for (bw, lw) in m
-            .branch_weights()
-            .iter()
-            .zip(m.layer_weights().first().into_iter().flatten())
-        {
-            weights.push(&bw.head);
-            weights.extend([&lw.q, &lw.k, &lw.v, &lw.o, &lw.gate, &lw.up, &lw.down]);
-        }
-        m.backend().warm_products(&products, &weights)
+        m.backend().warm_products(&products, &m.tensors())
     }
 
     /// Queues parts of the generation: part 0 is the state reset and the prefill, part `k + 1`
