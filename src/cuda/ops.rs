@@ -205,7 +205,7 @@ impl<'a> Bufs<'a> {
 
 /// Uploads `host`, or one zero when it is empty (a zero-byte allocation is not portable); the
 /// logical length is kept by the caller.
-fn upload_padded<T: cudarc::driver::DeviceRepr + Copy + Default>(
+pub(crate) fn upload_padded<T: cudarc::driver::DeviceRepr + Copy + Default>(
     dev: &CudaDevice,
     host: &[T],
 ) -> Result<CudaSlice<T>> {

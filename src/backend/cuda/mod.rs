@@ -116,6 +116,14 @@ impl CudaMatrix {
         }
     }
 
+    /// The matrix as a cuBLASLt product's output, in its storage type.
+    fn gemm_out(&mut self) -> GemmOut<'_> {
+        match &mut self.buf {
+            DeviceBuf::F32(o) => GemmOut::F32(o),
+            DeviceBuf::Bf16(o) => GemmOut::Bf16(o),
+        }
+    }
+
     fn bf16_mut(&mut self, what: &str) -> Result<&mut CudaSlice<bf16>> {
         match &mut self.buf {
             DeviceBuf::Bf16(b) => Ok(b),
@@ -353,15 +361,9 @@ impl CudaBackend {
                 n: p.n,
                 k: p.k,
             };
-            if f32_out {
-                let mut out = self.dev.alloc_zeros::<f32>(p.m * p.n)?;
-                self.gemm
-                    .matmul(&x, w, shape, GemmOut::F32(&mut out), p.accumulate)?;
-            } else {
-                let mut out = self.dev.alloc_zeros::<bf16>(p.m * p.n)?;
-                self.gemm
-                    .matmul(&x, w, shape, GemmOut::Bf16(&mut out), p.accumulate)?;
-            }
+            let mut out = self.matrix(p.m, p.n, p.out)?;
+            self.gemm
+                .matmul(&x, w, shape, out.gemm_out(), p.accumulate)?;
         }
         self.dev.synchronize()
     }
@@ -480,11 +482,7 @@ impl Backend for CudaBackend {
                 attn: Mutex::new(None),
             });
         }
-        let logits_rows = if plan.logits_rows.is_empty() {
-            self.dev.upload(&[0u32])?
-        } else {
-            self.dev.upload(&plan.logits_rows)?
-        };
+        let logits_rows = ops::upload_padded(&self.dev, &plan.logits_rows)?;
         Ok(CudaPlan {
             host: plan.clone(),
             branches,
@@ -651,11 +649,8 @@ impl Backend for CudaBackend {
             n,
             k: x.cols,
         };
-        let out = match &mut out.buf {
-            DeviceBuf::F32(o) => GemmOut::F32(o),
-            DeviceBuf::Bf16(o) => GemmOut::Bf16(o),
-        };
-        self.gemm.matmul(xb, &w.buf, shape, out, accumulate)
+        self.gemm
+            .matmul(xb, &w.buf, shape, out.gemm_out(), accumulate)
     }
 
     fn rope_store_kv(
@@ -906,12 +901,9 @@ impl DeviceStats for CudaBackend {
             n: p.n,
             k: p.k,
         };
-        let mut run = || -> Result<()> {
-            let out = match &mut out.buf {
-                DeviceBuf::F32(o) => GemmOut::F32(o),
-                DeviceBuf::Bf16(o) => GemmOut::Bf16(o),
-            };
-            self.gemm.matmul(&x.buf, &w.buf, shape, out, p.accumulate)
+        let mut run = || {
+            self.gemm
+                .matmul(&x.buf, &w.buf, shape, out.gemm_out(), p.accumulate)
         };
         for _ in 0..2 {
             run()?;

@@ -167,14 +167,14 @@ impl<'m> Resident<'m> {
                 )));
             }
             let query = match &sp.query {
-                Some(q) => Some(dev.upload(&padded(q))?),
+                Some(q) => Some(ops::upload_padded(dev, q)?),
                 None => None,
             };
             steps.push(DevStep {
                 prep,
                 patches,
                 query,
-                sample_pos: dev.upload(&padded(&sp.sample_positions))?,
+                sample_pos: ops::upload_padded(dev, &sp.sample_positions)?,
                 n_query,
                 token: dev.alloc_zeros(n_query.max(1))?,
                 confidence: dev.alloc_zeros(n_query.max(1))?,
@@ -457,9 +457,4 @@ impl<'m> Resident<'m> {
             execution,
         })
     }
-}
-
-/// `v`, or one zero when it is empty (a zero-byte allocation is not portable).
-fn padded(v: &[u32]) -> Vec<u32> {
-    if v.is_empty() { vec![0] } else { v.to_vec() }
 }
