@@ -805,9 +805,9 @@ impl Backend for CudaBackend {
             )));
         }
         let buf = logits.f32("sample logits")?;
-        let sampled = ops::sample(&self.dev, buf, logits.cols, logits.cols, params)?;
-        self.check_embed_flag()?;
-        Ok(sampled)
+        // No embedding-flag read here: `embed` checked the host plan's ids, so only an id
+        // patched in on the device (a resident run, which reads the flag itself) can set it.
+        ops::sample(&self.dev, buf, logits.cols, logits.cols, params)
     }
 
     /// CUDA events on the backend's stream (every op runs there).
