@@ -1270,32 +1270,12 @@ fn upload_state(dev: &CudaDevice, st: &DeviceState) -> DeviceStateBufs {
     bufs
 }
 
-const SOURCES: [Source; 7] = [
-    Source::Token,
-    Source::RankToken,
-    Source::Rank,
-    Source::Query,
-    Source::Other,
-    Source::Decoded,
-    Source::DecodedTag,
-];
-
-const FIELDS: [Field; 7] = [
-    Field::RowId,
-    Field::RowPos,
-    Field::RowSlot,
-    Field::KvIndex,
-    Field::KvTag,
-    Field::LogitsRow,
-    Field::SamplePos,
-];
-
 /// Random patches over arrays of `lens`: a random subset of each field's entries (fields in
 /// `skip` get none), each with a random source, an argument that is sometimes past the state or
 /// the list it reads, and an offset that sometimes wraps.
 fn random_patches(r: &mut ChaCha8Rng, n: usize, lens: PatchLens, skip: &[Field]) -> Vec<Patch> {
     let mut patches = Vec::new();
-    for field in FIELDS {
+    for field in Field::ALL {
         if skip.contains(&field) {
             continue;
         }
@@ -1316,7 +1296,7 @@ fn random_patches(r: &mut ChaCha8Rng, n: usize, lens: PatchLens, skip: &[Field])
             patches.push(Patch {
                 field,
                 index,
-                source: SOURCES[r.gen_range(0..SOURCES.len())],
+                source: Source::ALL[r.gen_range(0..Source::ALL.len())],
                 arg,
                 add,
             });
@@ -1365,7 +1345,7 @@ fn gpu_resolve_plan_matches_patch_lists_and_apply() {
             let template = |r: &mut ChaCha8Rng, len: usize| -> Vec<u32> {
                 (0..len).map(|_| r.r#gen()).collect()
             };
-            let mut want: Vec<Vec<u32>> = FIELDS
+            let mut want: Vec<Vec<u32>> = Field::ALL
                 .iter()
                 .map(|&f| template(&mut r, lens.of(f)))
                 .collect();
@@ -1406,7 +1386,7 @@ fn gpu_resolve_plan_matches_patch_lists_and_apply() {
                 ops::resolve_plan(&dev, &pbuf, &mut state, (b0, b1), targets).unwrap();
             }
             let what = format!("n {n} decoded {decoded} block [{b0}, {b1}) lens {lens:?}");
-            for (k, f) in FIELDS.iter().enumerate() {
+            for (k, f) in Field::ALL.iter().enumerate() {
                 let got = cut(dev.download(&dev_targets[k]).unwrap(), lens.of(*f));
                 assert_eq!(got, want[k], "{what}: {f:?}");
             }
@@ -2157,12 +2137,12 @@ fn program_kernels_transcribed_match_patch_rs() {
         };
         let patches = random_patches(&mut r, n, lens, skip);
         ops::check_patches(&patches, lens).unwrap();
-        let mut want: Vec<Vec<u32>> = FIELDS
+        let mut want: Vec<Vec<u32>> = Field::ALL
             .iter()
             .map(|&f| (0..lens.of(f)).map(|_| r.r#gen()).collect())
             .collect();
         let mut targets: [Option<Vec<u32>>; 7] =
-            std::array::from_fn(|k| (!skip.contains(&FIELDS[k])).then(|| want[k].clone()));
+            std::array::from_fn(|k| (!skip.contains(&Field::ALL[k])).then(|| want[k].clone()));
         let l = patch::lists(&st, (b0, b1));
         {
             let [ids, pos, slots, kv, tags, lr, sp] = &mut want[..] else {
@@ -2195,7 +2175,7 @@ fn program_kernels_transcribed_match_patch_rs() {
         let what = format!("case {case}: n {n} block [{b0}, {b1})");
         for (k, t) in targets.iter().enumerate() {
             if let Some(t) = t {
-                assert_eq!(t, &want[k], "{what}: {:?}", FIELDS[k]);
+                assert_eq!(t, &want[k], "{what}: {:?}", Field::ALL[k]);
             }
         }
         for (raw, list) in lists.iter().zip([&l.q, &l.m, &l.d]) {

@@ -1889,17 +1889,6 @@ fn field_name(f: Field) -> &'static str {
     }
 }
 
-/// Every patch field, in [`Field`] order.
-const FIELDS: [Field; 7] = [
-    Field::RowId,
-    Field::RowPos,
-    Field::RowSlot,
-    Field::KvIndex,
-    Field::KvTag,
-    Field::LogitsRow,
-    Field::SamplePos,
-];
-
 /// Queues `buf[i] = value` for every element of `buf` (`sl_fill_u32`; capturable).
 pub fn fill_u32(dev: &CudaDevice, buf: &mut CudaSlice<u32>, value: u32) -> Result<()> {
     let op = "fill_u32";
@@ -2189,7 +2178,7 @@ pub struct PatchTargets<'a> {
 /// needs a target, and a given target must hold its [`PatchLens`] length.
 fn check_targets(lens: PatchLens, writes: [bool; 7], given: [Option<usize>; 7]) -> Result<()> {
     let op = "resolve_plan";
-    for f in FIELDS {
+    for f in Field::ALL {
         let need = lens.of(f);
         match given[f as usize] {
             None if writes[f as usize] => {
@@ -2271,7 +2260,7 @@ pub fn resolve_plan(
     } = state;
     let mut b = Bufs::new(dev, op);
     let mut ptrs = [null_mut::<u32>(); 7];
-    for (f, t) in FIELDS.iter().zip(ts.iter_mut()) {
+    for (f, t) in Field::ALL.iter().zip(ts.iter_mut()) {
         if let Some(buf) = t.take() {
             ptrs[*f as usize] = b.write(field_name(*f), buf)?;
         }

@@ -37,6 +37,19 @@ pub enum Field {
     SamplePos = 6,
 }
 
+impl Field {
+    /// Every field, in discriminant order.
+    pub const ALL: [Field; 7] = [
+        Field::RowId,
+        Field::RowPos,
+        Field::RowSlot,
+        Field::KvIndex,
+        Field::KvTag,
+        Field::LogitsRow,
+        Field::SamplePos,
+    ];
+}
+
 /// Where a [`Patch`]'s value comes from. `arg` is the patch's argument, `add` its offset; the
 /// lists `q`, `m`, `d` are those of [`Lists`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,6 +70,19 @@ pub enum Source {
     /// `add + ((decoded_step[d[arg]] + 1) << 2)`: the clean tag of the group holding `d[arg]`
     /// (`add` carries the branch bit).
     DecodedTag = 6,
+}
+
+impl Source {
+    /// Every source, in discriminant order.
+    pub const ALL: [Source; 7] = [
+        Source::Token,
+        Source::RankToken,
+        Source::Rank,
+        Source::Query,
+        Source::Other,
+        Source::Decoded,
+        Source::DecodedTag,
+    ];
 }
 
 /// One entry of a template plan to overwrite at run time: `field[index] = value(source, arg,
@@ -273,6 +299,16 @@ pub fn commit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_lists_every_field_and_source_in_discriminant_order() {
+        for (i, f) in Field::ALL.iter().enumerate() {
+            assert_eq!(*f as usize, i, "{f:?}");
+        }
+        for (i, s) in Source::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i, "{s:?}");
+        }
+    }
 
     #[test]
     fn lists_split_the_response() {
