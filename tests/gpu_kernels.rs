@@ -1270,6 +1270,25 @@ fn upload_state(dev: &CudaDevice, st: &DeviceState) -> DeviceStateBufs {
     bufs
 }
 
+/// Random plan lengths: up to `max.0` rows, `max.1` keys and `max.2` sampled positions; under
+/// CFG (`cfg`) twice as many logits rows as sampled positions.
+fn random_lens(r: &mut ChaCha8Rng, max: (usize, usize, usize), cfg: bool) -> PatchLens {
+    let samples = r.gen_range(0..max.2);
+    let rows = r.gen_range(0..max.0);
+    let keys = r.gen_range(0..max.1);
+    PatchLens {
+        rows,
+        keys,
+        logits: if cfg { 2 * samples } else { samples },
+        samples,
+    }
+}
+
+/// Random template arrays of `lens`, one per field in `Field::ALL` order.
+fn random_arrays(r: &mut ChaCha8Rng, lens: PatchLens) -> [Vec<u32>; 7] {
+    Field::ALL.map(|f| (0..lens.of(f)).map(|_| r.r#gen()).collect())
+}
+
 /// Random patches over arrays of `lens`: a random subset of each field's entries (fields in
 /// `skip` get none), each with a random source, an argument that is sometimes past the state or
 /// the list it reads, and an offset that sometimes wraps.
@@ -1323,18 +1342,8 @@ fn gpu_resolve_plan_matches_patch_lists_and_apply() {
             let st = random_device_state(&mut r, n, decoded, 77);
             let b0 = r.gen_range(0..=n as u32 + 5);
             let b1 = r.gen_range(b0..=n as u32 + 40);
-            let samples = r.gen_range(0..60);
-            let lens = PatchLens {
-                rows: r.gen_range(0..60),
-                keys: r.gen_range(0..300),
-                // Under CFG (every third case) twice as many logits rows as samples.
-                logits: if case.is_multiple_of(3) {
-                    2 * samples
-                } else {
-                    samples
-                },
-                samples,
-            };
+            // Under CFG (every third case) twice as many logits rows as samples.
+            let lens = random_lens(&mut r, (60, 300, 60), case.is_multiple_of(3));
             // Every other case writes no sample positions and gives no target for them.
             let skip: &[Field] = if case.is_multiple_of(2) {
                 &[Field::SamplePos]
@@ -1342,31 +1351,11 @@ fn gpu_resolve_plan_matches_patch_lists_and_apply() {
                 &[]
             };
             let patches = random_patches(&mut r, n, lens, skip);
-            let template = |r: &mut ChaCha8Rng, len: usize| -> Vec<u32> {
-                (0..len).map(|_| r.r#gen()).collect()
-            };
-            let mut want: Vec<Vec<u32>> = Field::ALL
-                .iter()
-                .map(|&f| template(&mut r, lens.of(f)))
-                .collect();
+            let mut want = random_arrays(&mut r, lens);
             let mut dev_targets: Vec<_> = want.iter().map(|v| upload_u32(&dev, v, 0)).collect();
 
             let l = patch::lists(&st, (b0, b1));
-            {
-                let [ids, pos, slots, kv, tags, lr, sp] = &mut want[..] else {
-                    unreachable!()
-                };
-                let mut arrays = PlanArrays {
-                    row_ids: ids,
-                    row_pos: pos,
-                    row_slots: slots,
-                    kv_indices: kv,
-                    kv_tags: tags,
-                    logits_rows: lr,
-                    sample_pos: sp,
-                };
-                patch::apply(&patches, &st, &l, &mut arrays);
-            }
+            patch::apply(&patches, &st, &l, &mut PlanArrays::by_field(&mut want));
 
             let mut state = upload_state(&dev, &st);
             let pbuf = ops::upload_patches(&dev, &patches, lens).unwrap();
@@ -2118,18 +2107,8 @@ fn program_kernels_transcribed_match_patch_rs() {
         let st = random_device_state(&mut r, n, decoded, 77);
         let b0 = r.gen_range(0..=n as u32 + 5);
         let b1 = r.gen_range(b0..=n as u32 + 40);
-        let samples = r.gen_range(0..30);
-        let lens = PatchLens {
-            rows: r.gen_range(0..30),
-            keys: r.gen_range(0..80),
-            // Under CFG (every other case) twice as many logits rows as sampled positions.
-            logits: if case.is_multiple_of(2) {
-                2 * samples
-            } else {
-                samples
-            },
-            samples,
-        };
+        // Under CFG (every other case) twice as many logits rows as sampled positions.
+        let lens = random_lens(&mut r, (30, 80, 30), case.is_multiple_of(2));
         let skip: &[Field] = if case.is_multiple_of(3) {
             &[Field::KvTag]
         } else {
@@ -2137,28 +2116,11 @@ fn program_kernels_transcribed_match_patch_rs() {
         };
         let patches = random_patches(&mut r, n, lens, skip);
         ops::check_patches(&patches, lens).unwrap();
-        let mut want: Vec<Vec<u32>> = Field::ALL
-            .iter()
-            .map(|&f| (0..lens.of(f)).map(|_| r.r#gen()).collect())
-            .collect();
+        let mut want = random_arrays(&mut r, lens);
         let mut targets: [Option<Vec<u32>>; 7] =
             std::array::from_fn(|k| (!skip.contains(&Field::ALL[k])).then(|| want[k].clone()));
         let l = patch::lists(&st, (b0, b1));
-        {
-            let [ids, pos, slots, kv, tags, lr, sp] = &mut want[..] else {
-                unreachable!()
-            };
-            let mut arrays = PlanArrays {
-                row_ids: ids,
-                row_pos: pos,
-                row_slots: slots,
-                kv_indices: kv,
-                kv_tags: tags,
-                logits_rows: lr,
-                sample_pos: sp,
-            };
-            patch::apply(&patches, &st, &l, &mut arrays);
-        }
+        patch::apply(&patches, &st, &l, &mut PlanArrays::by_field(&mut want));
         let encoded: Vec<[u32; 4]> = patches.iter().map(|p| p.encode()).collect();
         let lists = resolve_transcribed(
             &st,

@@ -196,6 +196,30 @@ pub struct PlanArrays<'a> {
     pub sample_pos: &'a mut [u32],
 }
 
+impl<'a> PlanArrays<'a> {
+    /// Views seven arrays, one per [`Field`] in [`Field::ALL`] order.
+    pub fn by_field(arrays: &'a mut [Vec<u32>; 7]) -> PlanArrays<'a> {
+        let [
+            row_ids,
+            row_pos,
+            row_slots,
+            kv_indices,
+            kv_tags,
+            logits_rows,
+            sample_pos,
+        ] = arrays;
+        PlanArrays {
+            row_ids,
+            row_pos,
+            row_slots,
+            kv_indices,
+            kv_tags,
+            logits_rows,
+            sample_pos,
+        }
+    }
+}
+
 /// The value a patch writes, or `None` when its source reads outside the state or the lists
 /// (a malformed program; the device kernel writes nothing then).
 pub fn value(p: &Patch, state: &DeviceState, l: &Lists) -> Option<u32> {
