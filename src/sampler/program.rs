@@ -120,6 +120,24 @@ impl StepProgram {
 }
 
 impl Program {
+    /// The program of a generation laid out by `l` and decoded by `dec`.
+    fn of(
+        l: &Layout,
+        dec: &dyn Decoder,
+        prefill: Option<StepPlan>,
+        steps: Vec<StepProgram>,
+    ) -> Program {
+        Program {
+            prefill,
+            steps,
+            branch: l.branch,
+            n: l.n,
+            mask_id: l.mask_id,
+            pool_slots: l.pool_slots(),
+            params: dec.base_params().clone(),
+        }
+    }
+
     /// The per-step traces of a finished generation, from its final state: for step `k`, the
     /// query (t2i: fixed; text: [`patch::Lists::q`] of the state before step `k`, i.e. with the
     /// positions whose `decoded_step < k` decoded), the positions committed
@@ -257,15 +275,7 @@ pub fn t2i_program(cfg: &Config, req: &T2iRequest, mode: Mode) -> Result<Program
             }
         })
         .collect();
-    Ok(Program {
-        prefill: up.prefill,
-        steps,
-        branch: l.branch,
-        n: l.n,
-        mask_id: l.mask_id,
-        pool_slots: l.pool_slots(),
-        params: dec.base_params().clone(),
-    })
+    Ok(Program::of(&l, &dec, up.prefill, steps))
 }
 
 /// The program of a text-answer request. Each template is the plan after a canonical history
@@ -312,15 +322,7 @@ pub fn text_program(cfg: &Config, req: &TextRequest, mode: Mode) -> Result<Progr
             commit,
         });
     }
-    Ok(Program {
-        prefill,
-        steps,
-        branch: l.branch,
-        n: l.n,
-        mask_id: l.mask_id,
-        pool_slots: l.pool_slots(),
-        params: dec.base_params().clone(),
-    })
+    Ok(Program::of(&l, &dec, prefill, steps))
 }
 
 /// The host sampler's view of a device state after `steps` steps: tokens, and the groups in
