@@ -15,7 +15,7 @@
 use crate::backend::{Backend, DeviceStats};
 use crate::config::{Branch, Config};
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{Model, Product};
 use crate::plan::StepPlan;
 use crate::sampler::{self, Execution, Generation, Mode, RunOptions, Switches, Task};
 use serde::Serialize;
@@ -50,23 +50,28 @@ pub const GEMM_RULE: &str = "bf16_peak_flops_per_s = 2·8192³ ÷ the time of on
 /// Side of the square product that measures the card's bf16 rate.
 const PEAK_GEMM: usize = 8192;
 
-/// The matrix products of one forward pass over `plan`: each distinct `(m, n, k)` (an `[m, k]`
-/// activation times an `[n, k]` weight) with how many times the pass runs it.
-pub fn pass_products(cfg: &Config, plan: &StepPlan) -> Vec<((usize, usize, usize), usize)> {
-    let mut count: std::collections::BTreeMap<(usize, usize, usize), usize> = Default::default();
+/// The distinct matrix products of one forward pass over `plan` (those of
+/// [`crate::model::products`] with rows: shape, output kind and residual add), each with how
+/// many times the pass runs it, in order of first use.
+pub fn distinct_products(cfg: &Config, plan: &StepPlan) -> Vec<(Product, usize)> {
+    let mut distinct: Vec<(Product, usize)> = Vec::new();
     for p in crate::model::products(cfg, plan) {
-        if p.m > 0 {
-            *count.entry((p.m, p.n, p.k)).or_default() += 1;
+        if p.m == 0 {
+            continue;
+        }
+        match distinct.iter_mut().find(|(q, _)| *q == p) {
+            Some((_, c)) => *c += 1,
+            None => distinct.push((p, 1)),
         }
     }
-    count.into_iter().collect()
+    distinct
 }
 
 /// FLOPs of `products` (`2·m·n·k` each, times its count).
-pub fn products_flops(products: &[((usize, usize, usize), usize)]) -> f64 {
+pub fn products_flops(products: &[(Product, usize)]) -> f64 {
     products
         .iter()
-        .map(|&((m, n, k), c)| 2.0 * m as f64 * n as f64 * k as f64 * c as f64)
+        .map(|&(p, c)| 2.0 * p.m as f64 * p.n as f64 * p.k as f64 * c as f64)
         .sum()
 }
 
@@ -74,7 +79,7 @@ pub fn products_flops(products: &[((usize, usize, usize), usize)]) -> f64 {
 /// FLOP/s.
 fn measure_gemms(stats: &dyn DeviceStats, cfg: &Config, task: &Task) -> Result<(f64, f64)> {
     let p = PEAK_GEMM;
-    let square = crate::model::Product {
+    let square = Product {
         m: p,
         n: p,
         k: p,
@@ -88,20 +93,13 @@ fn measure_gemms(stats: &dyn DeviceStats, cfg: &Config, task: &Task) -> Result<(
         .first()
         .ok_or_else(|| Error::Input("the dense run has no step".into()))?
         .plan;
-    // Each distinct product (shape, output kind, residual add) timed once, counted as often as
-    // the step runs it.
-    let mut distinct: Vec<(crate::model::Product, usize)> = Vec::new();
-    for prod in crate::model::products(cfg, plan) {
-        match distinct.iter_mut().find(|(q, _)| *q == prod) {
-            Some((_, c)) => *c += 1,
-            None => distinct.push((prod, 1)),
-        }
-    }
-    let (mut flops, mut seconds) = (0.0, 0.0);
+    // Each distinct product timed once, counted as often as the step runs it.
+    let distinct = distinct_products(cfg, plan);
+    let mut seconds = 0.0;
     for (prod, c) in &distinct {
-        flops += *c as f64 * 2.0 * (prod.m * prod.n) as f64 * prod.k as f64;
         seconds += *c as f64 * stats.gemm_seconds(prod, 20)?;
     }
+    let flops = products_flops(&distinct);
     Ok((peak, flops / seconds))
 }
 

@@ -1,5 +1,5 @@
 //! `model::products` (what a device-resident run prepares before a graph capture) and
-//! `bench::pass_products` (the products the dense GEMM rate is measured on) list exactly the
+//! `bench::distinct_products` (the products the dense GEMM rate is measured on) list exactly the
 //! products a forward pass runs: a backend that records every `matmul` it is asked for is the
 //! oracle, over the dense and sparse plans of t2i (with and without CFG) and text answers.
 
@@ -9,7 +9,7 @@ use common::tiny_model;
 use sparse_lavida::Result;
 use sparse_lavida::backend::cpu::{CpuBackend, CpuCache, CpuMatrix};
 use sparse_lavida::backend::{Backend, MatrixKind, SampleParams, Sampled};
-use sparse_lavida::bench::{pass_products, products_flops};
+use sparse_lavida::bench::{distinct_products, products_flops};
 use sparse_lavida::config::{Branch, Config};
 use sparse_lavida::model::{Model, products};
 use sparse_lavida::plan::StepPlan;
@@ -147,12 +147,16 @@ fn listed_products_are_the_products_a_pass_runs() {
                     .map(|p| (p.m, p.n, p.k, p.accumulate))
                     .collect();
                 assert_eq!(listed_in_order, seen, "{task:?}");
-                let mut by_shape: BTreeMap<(usize, usize, usize), usize> = BTreeMap::new();
-                for &(m, n, k, _) in &seen {
-                    *by_shape.entry((m, n, k)).or_default() += 1;
+                let mut counted: BTreeMap<(usize, usize, usize, bool), usize> = BTreeMap::new();
+                for &s in &seen {
+                    *counted.entry(s).or_default() += 1;
                 }
-                let listed = pass_products(&cfg, plan);
-                assert_eq!(listed, by_shape.into_iter().collect::<Vec<_>>(), "{task:?}");
+                let listed = distinct_products(&cfg, plan);
+                let mut distinct: BTreeMap<(usize, usize, usize, bool), usize> = BTreeMap::new();
+                for &(p, c) in &listed {
+                    *distinct.entry((p.m, p.n, p.k, p.accumulate)).or_default() += c;
+                }
+                assert_eq!(distinct, counted, "{task:?}");
                 let flops: f64 = model
                     .backend()
                     .1
