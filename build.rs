@@ -22,7 +22,10 @@
 //! Reruns when a file in `kernels/` or one of `NVCC`, `CUDA_HOME`, `CUDA_PATH`, `CUDA_ARCHS`,
 //! `SL_NO_CUDA` changes (not `PATH`: it changes too often to recompile the kernels for it).
 //!
-//! Std only, no build dependencies.
+//! With the cargo feature `emulator`, it also builds the emulated device (`build/emulator.rs`):
+//! the same kernel files compiled as host C++ against `kernels/emu/`, linked into an emulated
+//! `libcuda.so.1` and `libcublasLt.so.13` under `target/<profile>/emu/`. That part uses the `cc`
+//! crate; the nvcc part uses std only.
 
 use std::env;
 use std::fmt::Write as _;
@@ -31,6 +34,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+#[path = "build/emulator.rs"]
+mod emulator;
 
 /// Architectures built when `CUDA_ARCHS` is unset: Ampere (A100) and Hopper (H100/H200).
 const DEFAULT_ARCHS: &str = "80;90";
@@ -69,7 +75,15 @@ fn main() {
         println!("cargo::rerun-if-changed={}", file.display());
     }
 
-    let nvcc = match find_nvcc(&manifest_dir) {
+    let search = find_nvcc(&manifest_dir);
+    if env::var_os("CARGO_FEATURE_EMULATOR").is_some() {
+        let nvcc = match &search {
+            NvccSearch::Found(nvcc) => Some(nvcc.as_path()),
+            _ => None,
+        };
+        emulator::build(&manifest_dir, &out_dir, &sources.cu, nvcc);
+    }
+    let nvcc = match search {
         NvccSearch::Found(nvcc) => nvcc,
         NvccSearch::Disabled => return write_kernels_rs(&out_dir, &[], Some(NO_CUDA_REASON)),
         NvccSearch::NotFound => {

@@ -90,10 +90,14 @@ struct SmemLayout {
 };
 
 // --- PTX wrappers ------------------------------------------------------------------------------
+// On the emulated device (SL_EMULATE, kernels/emu) each one is the emulator's model of the same
+// instruction, with the semantics its comment states.
 
 __device__ __forceinline__ uint32_t smem_addr(const void *p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+
+#ifndef SL_EMULATE
 
 // 16 bytes global -> shared, bypassing L1 (the data is used once per CTA).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void *src) {
@@ -138,6 +142,29 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+#else  // SL_EMULATE: the emulator's instructions (kernels/emu/device.h)
+
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void *src) {
+    sl_emu::cp_async_16(dst, src);
+}
+__device__ __forceinline__ void cp_async_commit() { sl_emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    sl_emu::cp_async_wait(N);
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+    sl_emu::ldmatrix_x4(r, addr, false);
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+    sl_emu::ldmatrix_x4(r, addr, true);
+}
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                               uint32_t b1) {
+    sl_emu::mma_m16n8k16_bf16_f32(d, a, b0, b1);
+}
+
+#endif  // SL_EMULATE
 
 // Two floats as one bf16x2 register: `lo` (the lower column) in bits 0..15.
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
@@ -441,7 +468,7 @@ __device__ __forceinline__ void attention_cta(const SlAttnParams &p) {
     Work w;
     if (!plan_work(p, w)) return;  // CTA-uniform, before any barrier
 
-    extern __shared__ __align__(16) unsigned char smem[];
+    SL_DYNAMIC_SHARED(unsigned char, smem);
     using L = SmemLayout<D>;
     // Buffer b of K / V / tags (computed, not table-indexed: a pointer array indexed by a
     // runtime value would live in local memory).

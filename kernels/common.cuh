@@ -8,6 +8,15 @@
 
 #include "params.h"
 
+// The block's dynamic shared memory as `type *name` (launch argument sharedMemBytes), 16-byte
+// aligned. On the emulated device (kernels/emu, SL_EMULATE) it is the block's buffer, which the
+// runtime hands out, since host C++ has no `extern __shared__`.
+#ifdef SL_EMULATE
+#define SL_DYNAMIC_SHARED(type, name) SL_EMU_DYNAMIC_SHARED(type, name)
+#else
+#define SL_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#endif
+
 namespace sl {
 
 // --- Tags (src/plan.rs `Tag`, `visible`) ---------------------------------------------------

@@ -17,7 +17,7 @@
 
 #include <stdint.h>
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(SL_EMULATE) /* nvcc, or the emulated device (kernels/emu) */
 #include <cuda_bf16.h>
 typedef __nv_bfloat16 sl_bf16;
 #else
