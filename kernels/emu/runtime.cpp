@@ -53,9 +53,9 @@
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// Fiber switch (x86-64 System V): saves the callee-saved registers, MXCSR and the x87 control
-// word on the current stack, stores the stack pointer in *save, and resumes the context whose
-// stack pointer is `next`. A new context starts in sl_emu_fiber_start with r12 = its argument,
+// Fiber switch (x86-64 System V): saves the callee-saved registers on the current stack, stores
+// the stack pointer in *save, and resumes the context whose stack pointer is `next`. (MXCSR and
+// the x87 control word are not switched: nothing in the emulator or the kernels changes them.) A new context starts in sl_emu_fiber_start with r12 = its argument,
 // r13 = its entry function and r14 = its exit function (which never returns).
 // ---------------------------------------------------------------------------------------------
 
@@ -75,14 +75,8 @@ sl_emu_switch:
     pushq %r13
     pushq %r14
     pushq %r15
-    subq $8, %rsp
-    stmxcsr (%rsp)
-    fnstcw 4(%rsp)
     movq %rsp, (%rdi)
     movq %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw 4(%rsp)
-    addq $8, %rsp
     popq %r15
     popq %r14
     popq %r13
@@ -268,6 +262,11 @@ struct Warp {
     uint32_t waiting = 0;     // lanes waiting at a collective
     uint32_t done = 0;        // lanes that have exited
     uint32_t at_barrier = 0;  // lanes waiting at a barrier
+    // While every waiting lane waits at the same collective (the usual case), which one: an
+    // arriving lane then checks itself against it in O(1) instead of against every lane.
+    bool uniform = true;
+    Coll coll = Coll::Shfl;
+    uint32_t mask = 0;
 };
 
 struct Block {
@@ -279,9 +278,9 @@ struct Block {
     uint32_t n_warps = 0;
     unsigned char *smem = nullptr;  // dynamic shared memory
     size_t smem_bytes = 0;
-    // Ready fibers (a ring of lane indices).
+    // Ready fibers: a ring of lane indices (capacity a power of two, `ready_mask` = capacity - 1).
     std::vector<uint32_t> ready;
-    size_t ready_head = 0, ready_len = 0;
+    size_t ready_mask = 0, ready_head = 0, ready_len = 0;
     // Barrier in progress.
     uint32_t at_barrier = 0;
     Barrier barrier_kind = Barrier::Sync;
@@ -311,10 +310,11 @@ struct Worker {
 #endif
 };
 
-pthread_key_t worker_key;
-pthread_once_t worker_key_once = PTHREAD_ONCE_INIT;
-
 void delete_worker(void *w) { delete static_cast<Worker *>(w); }
+
+// The per-OS-thread Worker, made when the library is loaded (before any thread can ask).
+pthread_key_t worker_key;
+__attribute__((constructor)) void make_worker_key() { pthread_key_create(&worker_key, delete_worker); }
 
 // The TLS segment of this library (the kernels' __shared__ variables): its size, from the
 // program headers.
@@ -360,7 +360,6 @@ unsigned char *tls_block_of_this_thread() {
 }
 
 Worker &worker() {
-    pthread_once(&worker_key_once, [] { pthread_key_create(&worker_key, delete_worker); });
     auto *w = static_cast<Worker *>(pthread_getspecific(worker_key));
     if (!w) {
         w = new Worker;
@@ -393,7 +392,6 @@ Worker &worker() {
 }
 
 Worker *worker_if_any() {
-    pthread_once(&worker_key_once, [] { pthread_key_create(&worker_key, delete_worker); });
     return static_cast<Worker *>(pthread_getspecific(worker_key));
 }
 
@@ -414,19 +412,17 @@ void init_fiber(Lane &lane) {
     }
 #endif
     s.dirty = false;
-    auto *sp = reinterpret_cast<uint64_t *>(s.top()) - 8;
-    uint32_t mxcsr;
-    uint16_t fpucw;
-    asm volatile("stmxcsr %0" : "=m"(mxcsr));
-    asm volatile("fnstcw %0" : "=m"(fpucw));
-    sp[0] = mxcsr | (static_cast<uint64_t>(fpucw) << 32);
-    sp[1] = 0;                                              // r15
-    sp[2] = reinterpret_cast<uint64_t>(&lane_exit);         // r14
-    sp[3] = reinterpret_cast<uint64_t>(&lane_entry);        // r13
-    sp[4] = reinterpret_cast<uint64_t>(&lane);              // r12
-    sp[5] = 0;                                              // rbx
-    sp[6] = 0;                                              // rbp
-    sp[7] = reinterpret_cast<uint64_t>(&sl_emu_fiber_start);  // return address
+    // What sl_emu_switch pops: r15, r14, r13, r12, rbx, rbp, then the return address, which
+    // sits right below the (16-byte aligned) top, so sl_emu_fiber_start runs with rsp = top and
+    // its calls see the ABI's alignment.
+    auto *sp = reinterpret_cast<uint64_t *>(s.top()) - 7;
+    sp[0] = 0;                                                // r15
+    sp[1] = reinterpret_cast<uint64_t>(&lane_exit);           // r14
+    sp[2] = reinterpret_cast<uint64_t>(&lane_entry);          // r13
+    sp[3] = reinterpret_cast<uint64_t>(&lane);                // r12
+    sp[4] = 0;                                                // rbx
+    sp[5] = 0;                                                // rbp
+    sp[6] = reinterpret_cast<uint64_t>(&sl_emu_fiber_start);  // return address
     lane.sp = sp;
 }
 
@@ -457,7 +453,7 @@ void switch_context(Lane *from, Lane *to, bool from_exits = false) {
 
 void push_ready(Block &b, Lane &l) {
     l.state = State::Ready;
-    b.ready[(b.ready_head + b.ready_len) % b.ready.size()] = l.linear;
+    b.ready[(b.ready_head + b.ready_len) & b.ready_mask] = l.linear;
     ++b.ready_len;
 }
 
@@ -466,10 +462,10 @@ Lane *pop_ready(Block &b) {
     if (b.random && b.ready_len > 1) {
         // Swap a random entry to the head.
         const size_t k = b.rng() % b.ready_len;
-        std::swap(b.ready[b.ready_head], b.ready[(b.ready_head + k) % b.ready.size()]);
+        std::swap(b.ready[b.ready_head], b.ready[(b.ready_head + k) & b.ready_mask]);
     }
     Lane *l = &b.lanes[b.ready[b.ready_head]];
-    b.ready_head = (b.ready_head + 1) % b.ready.size();
+    b.ready_head = (b.ready_head + 1) & b.ready_mask;
     --b.ready_len;
     return l;
 }
@@ -627,14 +623,23 @@ void rendezvous(Lane &self, Coll coll, uint32_t mask) {
                              " of the mask waits at a block barrier");
     }
     // Every waiting lane whose mask meets ours must be at this very collective.
-    for (uint32_t pend = w.waiting; pend; pend &= pend - 1) {
-        const Lane &o = b.lanes[self.warp * 32 + __builtin_ctz(pend)];
-        if ((o.mask & mask) && (o.mask != mask || o.coll != coll)) {
-            fail_block(self, std::string("lanes of one warp reached different collectives: ") +
-                                 coll_name(coll) + " (mask " + hex(mask) + ") here, " +
-                                 coll_name(o.coll) + " (mask " + hex(o.mask) + ") at lane " +
-                                 std::to_string(o.lane));
+    if (w.waiting == 0) {
+        w.uniform = true;
+        w.coll = coll;
+        w.mask = mask;
+    } else if (w.uniform && w.coll == coll && w.mask == mask) {
+        // Same collective as every waiting lane.
+    } else {
+        for (uint32_t pend = w.waiting; pend; pend &= pend - 1) {
+            const Lane &o = b.lanes[self.warp * 32 + __builtin_ctz(pend)];
+            if ((o.mask & mask) && (o.mask != mask || o.coll != coll)) {
+                fail_block(self, std::string("lanes of one warp reached different collectives: ") +
+                                     coll_name(coll) + " (mask " + hex(mask) + ") here, " +
+                                     coll_name(o.coll) + " (mask " + hex(o.mask) + ") at lane " +
+                                     std::to_string(o.lane));
+            }
         }
+        w.uniform = false;  // disjoint groups wait at once
     }
     self.coll = coll;
     self.mask = mask;
@@ -920,7 +925,10 @@ bool run_block(const GridLaunch &g, uint64_t linear, uint64_t launch_seq, std::s
     if (w.warps.size() < b.n_warps) w.warps.resize(b.n_warps);
     b.lanes = w.lanes.data();
     b.warps = w.warps.data();
-    b.ready.assign(n, 0);
+    size_t capacity = 1;
+    while (capacity < n) capacity *= 2;
+    if (b.ready.size() < capacity) b.ready.resize(capacity);
+    b.ready_mask = capacity - 1;
     b.ready_head = 0;
     b.ready_len = 0;
 
