@@ -221,9 +221,8 @@ pub fn text_schedule(answer_len: usize, block_len: usize, steps: usize) -> Resul
 pub fn text_block_steps(answer_len: usize, block_len: usize, steps: usize) -> Result<Vec<usize>> {
     check_text_steps(answer_len, block_len, steps)?;
     let nblocks = answer_len.div_ceil(block_len);
-    let even = |total: usize, blocks: usize, b: usize| {
-        total / blocks + usize::from(b < total % blocks)
-    };
+    let even =
+        |total: usize, blocks: usize, b: usize| total / blocks + usize::from(b < total % blocks);
     let last = text_block_range(answer_len, block_len, nblocks - 1).len();
     // The last block is the only one that can be short; blocks before it hold `block_len`
     // positions, and `steps − last ≤ (nblocks − 1)·block_len` keeps their shares within that.
