@@ -112,8 +112,11 @@ impl Backend for CpuBackend {
 
     fn new_cache(&self, cfg: &Config, slots: usize) -> Result<CpuCache> {
         let kv_dim = cfg.kv_dim();
-        let bytes = 2 * cfg.n_layers as u64 * slots as u64 * kv_dim as u64 * 4;
-        crate::config::ensure_fits("the K/V pool", bytes)?;
+        let bytes = [cfg.n_layers as u64, slots as u64, kv_dim as u64, 8]
+            .into_iter()
+            .try_fold(1u64, u64::checked_mul)
+            .unwrap_or(u64::MAX);
+        crate::memory::ensure_fits(&format!("the K/V pool of {slots} slots"), bytes)?;
         Ok(CpuCache {
             slots,
             kv_dim,
