@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch peer of the crate: the SPEC §2.3 graph and both samplers (SPEC §4), in eager PyTorch.
 
-Written from SPEC.md (conventions checked against src/sampler.rs, src/schedule.rs and
+Written from docs/SPEC.md (conventions checked against src/sampler.rs, src/schedule.rs and
 src/backend/cpu/ops.rs). Two execution modes, as the crate's `dense` and `sparse` (all savings):
 
 - dense (LaViDa-O): every step feeds the prompt and every response position (masks included),
