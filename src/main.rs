@@ -957,12 +957,17 @@ fn cmd_info() -> Result<()> {
     match KERNELS_MISSING {
         Some(why) => say!("cuda      bf16 backend not in this build: {why}"),
         None => {
-            let targets: std::collections::BTreeSet<&str> =
-                KERNEL_IMAGES.iter().map(|i| i.target).collect();
-            let targets: Vec<&str> = targets.into_iter().collect();
+            let targets = |ptx: bool| {
+                let set: std::collections::BTreeSet<&str> = (KERNEL_IMAGES.iter())
+                    .map(|i| i.target)
+                    .filter(|t| t.starts_with("compute_") == ptx)
+                    .collect();
+                set.into_iter().collect::<Vec<_>>().join(", ")
+            };
             say!(
-                "cuda      bf16 backend built, kernels for {}",
-                targets.join(", ")
+                "cuda      bf16 backend built: cubins for {}, PTX for {}",
+                targets(false),
+                targets(true)
             );
             match sparse_lavida::backend::cuda::CudaBackend::new() {
                 Ok(cuda) => {
