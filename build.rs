@@ -16,8 +16,9 @@
 //! nvcc is looked up in this order: `$NVCC`, `$CUDA_HOME/bin/nvcc`, `$CUDA_PATH/bin/nvcc`,
 //! `nvcc` on `PATH`, then the project's local install made by `scripts/install-nvcc`
 //! (`.tools/cuda/lib/python3*/site-packages/nvidia/cu13/bin/nvcc`). Without nvcc (or with
-//! `SL_NO_CUDA=1`, for a CPU-only build) the crate still builds, with no kernels embedded and
-//! `KERNELS_MISSING` saying why. A kernel that fails to compile fails the build.
+//! `SL_NO_CUDA=1`, or with the `cuda` cargo feature off, for a CPU-only build) the crate still
+//! builds, with no kernels embedded and `KERNELS_MISSING` saying why. A kernel that fails to
+//! compile fails the build.
 //!
 //! Reruns when a file in `kernels/` or one of `NVCC`, `CUDA_HOME`, `CUDA_PATH`, `CUDA_ARCHS`,
 //! `SL_NO_CUDA` changes (not `PATH`: it changes too often to recompile the kernels for it).
@@ -53,6 +54,8 @@ const MISSING_NVCC_REASON: &str = "built without CUDA kernels: nvcc was not foun
 const NO_SOURCES_REASON: &str = "built without CUDA kernels: kernels/ has no .cu file";
 const NO_CUDA_REASON: &str = "built without CUDA kernels: SL_NO_CUDA was set at build time; \
     unset it (with nvcc installed: scripts/install-nvcc or NVCC) and rebuild";
+const NO_FEATURE_REASON: &str = "built without CUDA kernels: the `cuda` cargo feature is off \
+    (--no-default-features); rebuild with it (the default)";
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(sl_kernels)");
@@ -82,6 +85,11 @@ fn main() {
             _ => None,
         };
         emulator::build(&manifest_dir, &out_dir, &sources.cu, nvcc);
+    }
+    // Cargo sets CARGO_FEATURE_CUDA when the `cuda` feature is on (and reruns this script when
+    // the features change).
+    if env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return write_kernels_rs(&out_dir, &[], Some(NO_FEATURE_REASON));
     }
     let nvcc = match search {
         NvccSearch::Found(nvcc) => nvcc,

@@ -137,11 +137,10 @@ pub struct BenchRun {
     /// cached prompt is not a step: it is in `wall_s` only).
     pub step_s: Vec<f64>,
     /// Most device memory in use at once during the run's repeats (weights included), bytes;
-    /// absent on the CPU.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// null on the CPU (the host has no such watermark).
     pub peak_device_bytes: Option<u64>,
-    /// Whether this run's tokens equal the all-on sparse run's (sparse runs only).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Whether this run's tokens equal the all-on sparse run's; null for the dense run, whose
+    /// attention rule (full bidirectional, SPEC §3) differs, so equal tokens are not expected.
     pub tokens_match_sparse: Option<bool>,
 }
 
@@ -300,6 +299,7 @@ fn measure<B: Backend>(
     task: &Task,
     mode: Mode,
     spec: &BenchSpec,
+    progress: &mut dyn FnMut(Mode, usize, usize),
 ) -> Result<Measured> {
     let stats = model.backend().device_stats();
     if let Some(s) = stats {
@@ -307,7 +307,12 @@ fn measure<B: Backend>(
     }
     let mut best: Option<Generation> = None;
     for _ in 0..spec.repeat.max(1) {
-        let g = sampler::generate_with(model, task, mode, spec.execution, RunOptions::default())?;
+        let mut tick = |done, total| progress(mode, done, total);
+        let opts = RunOptions {
+            progress: Some(&mut tick),
+            ..RunOptions::default()
+        };
+        let g = sampler::generate_with(model, task, mode, spec.execution, opts)?;
         if best.as_ref().is_none_or(|b| g.wall_s < b.wall_s) {
             best = Some(g);
         }
@@ -341,12 +346,15 @@ fn measure_copy(stats: &dyn DeviceStats) -> Result<Option<(f64, usize)>> {
 /// Runs dense, then sparse with all savings (and, with `ablation`, the other seven switch
 /// combinations), each `repeat` times keeping the best wall time. On a device backend it first
 /// measures the copy bandwidth, and reads the peak device memory of each run. `on_run` sees
-/// each run as it finishes. The report's `peer` is left null.
+/// each run as it finishes, with the generation of its best repeat; `progress` sees each
+/// generation's steps as they finish (mode, steps done, steps in total). The report's `peer` is
+/// left null.
 pub fn run_bench<B: Backend>(
     model: &Model<B>,
     task: &Task,
     spec: &BenchSpec,
-    mut on_run: impl FnMut(&BenchRun),
+    mut on_run: impl FnMut(&BenchRun, &Generation),
+    mut progress: impl FnMut(Mode, usize, usize),
 ) -> Result<BenchReport> {
     let be = model.backend();
     let stats = be.device_stats();
@@ -371,7 +379,7 @@ pub fn run_bench<B: Backend>(
     let mut runs = Vec::new();
     let mut reference: Option<Vec<u32>> = None;
     for mode in modes {
-        let m = measure(model, task, mode, spec)?;
+        let m = measure(model, task, mode, spec, &mut progress)?;
         let (name, sw, matches) = match mode {
             Mode::Dense => (
                 "dense",
@@ -406,7 +414,7 @@ pub fn run_bench<B: Backend>(
             peak_device_bytes: m.peak,
             tokens_match_sparse: matches,
         };
-        on_run(&run);
+        on_run(&run, &m.g);
         runs.push(run);
     }
     let dense = &runs[0];
@@ -505,7 +513,9 @@ pub fn plot_steps_svg(report: &BenchReport, path: &Path) -> Result<()> {
     };
     let svg = render_steps_svg(report, dense, sparse)
         .map_err(|e| Error::io(path, std::io::Error::other(format!("plotting: {e}"))))?;
-    std::fs::write(path, svg).map_err(|e| Error::io(path, e))
+    crate::io::write_atomic(path, |w| {
+        w.write_all(svg.as_bytes()).map_err(|e| Error::io(path, e))
+    })
 }
 
 type Series<'a> = (&'a str, Vec<(i32, f64)>, plotters::style::RGBColor);

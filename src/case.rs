@@ -14,8 +14,9 @@ use crate::plan::{MAX_BLOCK, PlanBuilder, REGISTER, Row, StepPlan, Tag};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// A token id or the register marker `"reg"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A token id or the register marker `"reg"`. Parsed by hand so that a bad id (negative,
+/// fractional, too large, another string) is named in the error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(untagged)]
 pub enum CaseId {
     /// A token id in the row's branch.
@@ -25,11 +26,55 @@ pub enum CaseId {
 }
 
 /// The literal `"reg"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum RegisterMarker {
     /// `"reg"`.
     #[serde(rename = "reg")]
     Reg,
+}
+
+impl<'de> Deserialize<'de> for CaseId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct IdVisitor;
+        impl serde::de::Visitor<'_> for IdVisitor {
+            type Value = CaseId;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a token id (an integer in 0..2^32) or \"reg\"")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<CaseId, E> {
+                u32::try_from(v)
+                    .map(CaseId::Token)
+                    .map_err(|_| E::custom(format!("id {v} does not fit 32 bits (ids are u32)")))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<CaseId, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(format!(
+                        "id {v} is negative: an id is a token id (0 or more) or \"reg\""
+                    ))),
+                }
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<CaseId, E> {
+                Err(E::custom(format!(
+                    "id {v} is not an integer: an id is a token id or \"reg\""
+                )))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<CaseId, E> {
+                match v {
+                    "reg" => Ok(CaseId::Register(RegisterMarker::Reg)),
+                    other => Err(E::custom(format!(
+                        "id {other:?} is neither a token id nor \"reg\""
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(IdVisitor)
+    }
 }
 
 /// One row of a case.
@@ -68,10 +113,60 @@ impl Case {
         })
     }
 
+    /// Rows per branch (`[text, image]`), for the memory bound of the pass.
+    pub fn rows_per_branch(&self) -> [u64; 2] {
+        let image = self
+            .rows
+            .iter()
+            .filter(|r| r.branch == Branch::Image)
+            .count() as u64;
+        [self.rows.len() as u64 - image, image]
+    }
+
+    /// A note on rows the file may not mean: masked rows carrying a token id other than their
+    /// branch's [MASK]. They are valid (`masked` is an attention tag, SPEC §3; the id is
+    /// embedded as given, e.g. to test visibility or to teacher-force a masked block), so this
+    /// is a note, not an error.
+    pub fn note(&self, cfg: &Config) -> Option<String> {
+        let odd: Vec<usize> = (self.rows.iter().enumerate())
+            .filter(|(_, r)| {
+                r.masked && matches!(r.id, CaseId::Token(id) if id != cfg.mask_id(r.branch))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let first = *odd.first()?;
+        Some(format!(
+            "note: {} masked row(s) carry a token id other than their branch's [MASK] (first: \
+             row {first}); such a row is embedded as that token, `masked` only tags its \
+             visibility (docs/SPEC.md §3)",
+            odd.len()
+        ))
+    }
+
     /// Checks ids, positions and blocks against `cfg` and builds the plan of one full pass.
+    ///
+    /// Errors besides out-of-range fields: no rows; an empty `logits_for` (a case exists to
+    /// produce logits); two identical rows (same branch, id, position, block and tag: one token
+    /// twice, which doubles its weight as a key and is always a mistake in a file). Rows that
+    /// share a position with different content are allowed: positions are free inputs.
     pub fn plan(&self, cfg: &Config) -> Result<StepPlan> {
         if self.rows.is_empty() {
             return Err(Error::Input("case: no rows".into()));
+        }
+        if self.logits_for.is_empty() {
+            return Err(Error::Input(
+                "case logits_for is empty: list the rows whose logits to compute".into(),
+            ));
+        }
+        let mut seen = std::collections::HashMap::with_capacity(self.rows.len());
+        for (i, r) in self.rows.iter().enumerate() {
+            let key = (r.branch, r.id, r.pos, r.block, r.masked);
+            if let Some(first) = seen.insert(key, i) {
+                return Err(Error::Input(format!(
+                    "case rows {first} and {i} are identical (branch, id, pos, block, masked): \
+                     a token cannot be fed twice"
+                )));
+            }
         }
         let mut pb = PlanBuilder::new(1);
         for (i, r) in self.rows.iter().enumerate() {

@@ -213,7 +213,66 @@ impl Config {
                 self.norm_eps
             )));
         }
+        // Sizes in checked arithmetic: after this, every size helper below is exact.
+        self.try_param_count()?;
         Ok(())
+    }
+
+    /// Total parameter count in checked arithmetic, from the widths alone (no tensor list is
+    /// built, so a config of 10¹² layers is answered at once). [`Error::Config`] naming the
+    /// product that overflows 64 bits.
+    pub fn try_param_count(&self) -> Result<u64> {
+        let over = |what: &str| {
+            Error::Config(format!(
+                "{what} overflows 64-bit arithmetic: the config is far too large for any machine"
+            ))
+        };
+        let mul = |a: usize, b: usize, what: &str| {
+            (a as u64).checked_mul(b as u64).ok_or_else(|| over(what))
+        };
+        let sum = |parts: &[u64], what: &str| {
+            parts
+                .iter()
+                .try_fold(0u64, |acc, &p| acc.checked_add(p))
+                .ok_or_else(|| over(what))
+        };
+        let attn = mul(self.n_heads, self.head_dim, "n_heads × head_dim")?;
+        let kv = mul(self.n_kv_heads, self.head_dim, "n_kv_heads × head_dim")?;
+        if usize::try_from(attn.max(kv)).is_err() {
+            return Err(over("n_heads × head_dim"));
+        }
+        let mut fixed = 0u64;
+        let mut per_layer = 0u64;
+        for b in Branch::ALL {
+            let (n, d, f) = (b.name(), self.d_model(b), self.d_mlp(b));
+            let rows = (self.vocab(b) as u64).checked_add(u64::from(b == Branch::Image));
+            let rows = rows.ok_or_else(|| over("image_vocab + 1"))?;
+            let embed = mul(rows as usize, d, &format!("{n}.embed"))?;
+            let head = mul(self.vocab(b), d, &format!("{n}.head"))?;
+            let a = (attn as usize, kv as usize);
+            let layer = sum(
+                &[
+                    mul(2, d, &format!("{n} norms"))?,
+                    mul(a.0, d, &format!("layers.*.{n}.q"))?,
+                    mul(a.1, d, &format!("layers.*.{n}.k"))?,
+                    mul(a.1, d, &format!("layers.*.{n}.v"))?,
+                    mul(d, a.0, &format!("layers.*.{n}.o"))?,
+                    mul(
+                        3,
+                        mul(f, d, &format!("layers.*.{n}.gate"))? as usize,
+                        "SwiGLU",
+                    )?,
+                ],
+                &format!("one {n} layer"),
+            )?;
+            fixed = sum(
+                &[fixed, embed, head, mul(2, d, "norms")?],
+                "the parameter count",
+            )?;
+            per_layer = sum(&[per_layer, layer], "one layer")?;
+        }
+        let layers = mul(self.n_layers, per_layer as usize, "n_layers × one layer")?;
+        sum(&[fixed, layers], "the parameter count")
     }
 
     /// Residual width of `b`.
@@ -266,7 +325,9 @@ impl Config {
         self.n_kv_heads * self.head_dim
     }
 
-    /// Every weight tensor with its shape, in a fixed order (SPEC §2.2 names).
+    /// Every weight tensor with its shape, in a fixed order (SPEC §2.2 names). Allocates one
+    /// entry per tensor ([`Config::tensor_count`]): bound the config's memory first (a
+    /// validated config may still be far too large for the machine; see [`crate::memory`]).
     pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let mut out = Vec::new();
         for b in Branch::ALL {
@@ -294,35 +355,36 @@ impl Config {
         out
     }
 
-    /// Total parameter count.
+    /// Total parameter count, from the widths (O(1), no tensor list). Exact for a validated
+    /// config; saturates at `u64::MAX` for one whose sizes overflow ([`Config::try_param_count`]
+    /// says which).
     pub fn param_count(&self) -> u64 {
-        self.tensor_shapes()
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>() as u64)
-            .sum()
+        self.try_param_count().unwrap_or(u64::MAX)
     }
-}
 
-/// Bytes of memory this machine can still give (Linux `MemAvailable`), if known.
-pub fn available_memory_bytes() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// Refuses a run needing `needed` bytes when the machine has less available.
-pub fn ensure_fits(what: &str, needed: u64) -> Result<()> {
-    if let Some(avail) = available_memory_bytes()
-        && needed > avail
-    {
-        return Err(Error::OutOfMemory(format!(
-            "{what} needs {:.1} GB but only {:.1} GB is available",
-            needed as f64 / 1e9,
-            avail as f64 / 1e9
-        )));
+    /// Number of weight tensors: 4 per branch plus 9 per branch and layer (saturating).
+    pub fn tensor_count(&self) -> u64 {
+        (self.n_layers as u64).saturating_mul(18).saturating_add(8)
     }
-    Ok(())
+
+    /// Elements of the largest weight tensor (saturating), for memory bounds of code that
+    /// holds one tensor at a time.
+    pub fn largest_tensor(&self) -> u64 {
+        let m = |a: usize, b: usize| (a as u64).saturating_mul(b as u64);
+        Branch::ALL
+            .into_iter()
+            .flat_map(|b| {
+                let (d, f) = (self.d_model(b), self.d_mlp(b));
+                let attn = m(self.n_heads, self.head_dim).min(usize::MAX as u64) as usize;
+                [
+                    m(self.vocab(b), d).saturating_add(d as u64),
+                    m(attn, d),
+                    m(f, d),
+                ]
+            })
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 #[cfg(test)]

@@ -3,9 +3,11 @@
 //! trait that the CUDA backend implements.
 //!
 //! Data flow: [`config`] → [`weights`] → [`schedule`] → [`plan`] → [`backend`] → [`model`] →
-//! [`sampler`] → CLI (`src/main.rs`, with [`case`], [`bench`](mod@bench) and [`runtime`]).
-//! [`cuda`] holds the CUDA kernels' ABI and the kernel images `build.rs` compiles; [`profile`]
-//! the NVTX ranges and the Nsight capture region.
+//! [`sampler`] → CLI (`src/main.rs`, with [`request`], [`case`], [`bench`](mod@bench) and
+//! [`runtime`]). [`memory`] bounds what a request needs before anything is allocated; [`io`]
+//! writes every output atomically; [`image`] draws a t2i generation. [`cuda`] holds the CUDA
+//! kernels' ABI and the kernel images `build.rs` compiles; [`profile`] the NVTX ranges and the
+//! Nsight capture region. The contract all of it implements is `docs/SPEC.md`.
 #![warn(missing_docs)]
 
 pub mod backend;
@@ -14,9 +16,13 @@ pub mod case;
 pub mod config;
 pub mod cuda;
 pub mod error;
+pub mod image;
+pub mod io;
+pub mod memory;
 pub mod model;
 pub mod plan;
 pub mod profile;
+pub mod request;
 pub mod runtime;
 pub mod sampler;
 pub mod schedule;

@@ -2,21 +2,25 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::{Rng, SeedableRng};
 use sparse_lavida::backend::Backend;
 use sparse_lavida::bench;
 use sparse_lavida::case::Case;
-use sparse_lavida::config::Config;
+use sparse_lavida::config::{Branch, Config};
 use sparse_lavida::cuda::device::CudaDevice;
+use sparse_lavida::image::{GridPicture, PictureLayout};
+use sparse_lavida::io::{check_outputs, write_json};
+use sparse_lavida::memory::{self, Need, Target, WeightsFrom, human_bytes, human_count};
 use sparse_lavida::model::Model;
 use sparse_lavida::profile;
-use sparse_lavida::runtime::{self, AnyModel, Device, WeightSource};
+use sparse_lavida::request::{PromptSpec, TaskKind, Workload};
+use sparse_lavida::runtime::{self, AnyModel, Device, Resolved, WeightSource};
 use sparse_lavida::sampler::{
-    self, Execution, Generation, Mode, RunOptions, Switches, T2iRequest, Task, TextRequest,
+    self, Execution, Generation, Mode, RunOptions, StepTrace, Switches, Task,
 };
 use sparse_lavida::schedule::Order;
-use sparse_lavida::weights::{HostTensor, HostWeights, SaveDtype};
+use sparse_lavida::weights::{self, HostTensor, HostWeights, RandomKind, SaveDtype};
 use sparse_lavida::{Error, Result};
+use std::cell::RefCell;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -61,6 +65,10 @@ fn write_stdout(args: std::fmt::Arguments) {
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Host memory this run may use, e.g. 8G (GiB), 1.5GB (10⁹ bytes), 4096: a request that
+    /// needs more is refused before it allocates. Default: the memory available now.
+    #[arg(long, global = true, value_parser = memory::parse_bytes)]
+    max_memory: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -73,7 +81,9 @@ enum Command {
     Bench(BenchArgs),
     /// Write seeded random weights to a safetensors file.
     InitWeights(InitArgs),
-    /// Describe the backend, threads and build.
+    /// Draw the picture of a t2i generation from its `generate --trace` file.
+    Render(RenderArgs),
+    /// Describe the build (what it can run), the backends, threads and memory.
     Info,
 }
 
@@ -99,7 +109,7 @@ struct ModelArgs {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum TaskKind {
+enum TaskArg {
     /// Text-to-image.
     T2i,
     /// Text answer.
@@ -114,42 +124,71 @@ enum ModeKind {
     Sparse,
 }
 
-/// The generation workload (shared by generate and bench).
+/// The generation workload (shared by generate and bench). Flags of the other task are
+/// refused; defaults of the flags left out follow from the others (`request::Workload`).
 #[derive(Args, Clone)]
 struct WorkArgs {
     /// Task.
-    #[arg(long, value_enum, default_value_t = TaskKind::T2i)]
-    task: TaskKind,
-    /// Steps K (default: 64 for t2i, answer-len/2 for text).
+    #[arg(long, value_enum, default_value_t = TaskArg::T2i)]
+    task: TaskArg,
+    /// Steps K [default: 64 for t2i (at most one per grid cell); for text about two positions
+    /// per step, ceil(answer-len/2), at least one per block].
     #[arg(long)]
     steps: Option<usize>,
-    /// Image grid HxW (t2i).
-    #[arg(long, default_value = "32x32", value_parser = parse_grid)]
-    grid: (usize, usize),
+    /// Image grid HxW (t2i) [default: 32x32].
+    #[arg(long, value_parser = parse_grid)]
+    grid: Option<(usize, usize)>,
     /// Random prompt of this many ids (seeded by --seed).
-    #[arg(long, default_value_t = 64, conflicts_with = "prompt")]
+    #[arg(long, default_value_t = Workload::PROMPT_LEN, conflicts_with = "prompt")]
     prompt_len: usize,
-    /// Explicit prompt ids, comma-separated.
+    /// Explicit prompt ids, comma-separated (text ids, never the text [MASK]).
     #[arg(long, value_delimiter = ',')]
     prompt: Option<Vec<u32>>,
-    /// Answer length G (text).
-    #[arg(long, default_value_t = 128)]
-    answer_len: usize,
-    /// Semi-autoregressive block length S (text).
-    #[arg(long, default_value_t = 32)]
-    block: usize,
-    /// CFG scale g (t2i; 0 runs one sequence).
-    #[arg(long, default_value_t = 4.0)]
-    guidance: f32,
+    /// Answer length G (text) [default: 128].
+    #[arg(long)]
+    answer_len: Option<usize>,
+    /// Semi-autoregressive block length S (text) [default: 32; a shorter last block is fine].
+    #[arg(long)]
+    block: Option<usize>,
+    /// CFG scale g (t2i; 0 runs one sequence) [default: 4].
+    #[arg(long)]
+    guidance: Option<f32>,
     /// Gumbel temperature (0 = argmax).
     #[arg(long, default_value_t = 1.0)]
     temperature: f32,
-    /// Image decode order (t2i).
-    #[arg(long, value_enum, default_value_t = OrderArg::Stratified)]
-    order: OrderArg,
+    /// Image decode order (t2i) [default: stratified].
+    #[arg(long, value_enum)]
+    order: Option<OrderArg>,
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+impl WorkArgs {
+    fn workload(&self) -> Workload {
+        Workload {
+            task: match self.task {
+                TaskArg::T2i => TaskKind::T2i,
+                TaskArg::Text => TaskKind::Text,
+            },
+            steps: self.steps,
+            grid: self.grid,
+            prompt: match &self.prompt {
+                Some(ids) => PromptSpec::Ids(ids.clone()),
+                None => PromptSpec::Random(self.prompt_len),
+            },
+            answer_len: self.answer_len,
+            block: self.block,
+            guidance: self.guidance,
+            temperature: self.temperature,
+            order: self.order.map(|o| match o {
+                OrderArg::Stratified => Order::Stratified,
+                OrderArg::Raster => Order::Raster,
+                OrderArg::Random => Order::Random,
+            }),
+            seed: self.seed,
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -208,6 +247,10 @@ struct GenerateArgs {
     /// Write the response token ids (JSON array) here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// t2i: write a PNG picture of the generation here (each cell's decode step beside its
+    /// token id; see the README).
+    #[arg(long)]
+    image: Option<PathBuf>,
     /// CUDA only: run the generation once untimed (warm-up), then again between
     /// cuProfilerStart/Stop, for `nsys --capture-range=cudaProfilerApi` and
     /// `ncu --profile-from-start off`.
@@ -250,6 +293,19 @@ struct BenchArgs {
     /// The PyTorch peer's JSON report, embedded as the report's `peer`.
     #[arg(long)]
     peer_json: Option<PathBuf>,
+    /// t2i: write a PNG picture of the all-on sparse run's generation here.
+    #[arg(long)]
+    image: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RenderArgs {
+    /// A `generate --trace` file of a t2i generation.
+    #[arg(long)]
+    trace: PathBuf,
+    /// The PNG to write.
+    #[arg(long)]
+    image: PathBuf,
 }
 
 #[derive(Args)]
@@ -307,63 +363,53 @@ fn load_config(preset: &str, config: Option<&Path>) -> Result<Config> {
     }
 }
 
-fn build_model(args: &ModelArgs) -> Result<AnyModel> {
-    let cfg = load_config(&args.preset, args.config.as_deref())?;
-    let source = match &args.weights {
+fn weight_source(args: &ModelArgs) -> WeightSource {
+    match &args.weights {
         Some(p) => WeightSource::File(p.clone()),
         None => WeightSource::Random(args.weights_seed),
+    }
+}
+
+/// Resolves the device, then refuses the request if it does not fit: the weights plus what
+/// `run` adds, against the host limit and (on a GPU) the device's free memory. Nothing is
+/// allocated before this passes; the note of `auto` is printed once it does.
+fn resolve_within_memory(
+    what: &str,
+    cfg: &Config,
+    args: &ModelArgs,
+    run: impl Fn(&mut Need, Target) -> Result<()>,
+) -> Result<Resolved> {
+    let (resolved, note) = runtime::resolve_device(args.device, cfg)?;
+    let target = match resolved {
+        Resolved::Cpu => Target::Cpu,
+        Resolved::Cuda(_) => Target::Cuda,
     };
-    let (model, note) = runtime::build_model(cfg, args.device, &source)?;
+    let from = match &args.weights {
+        Some(p) => WeightsFrom::File(std::fs::metadata(p).map_err(|e| Error::io(p, e))?.len()),
+        None => WeightsFrom::Random,
+    };
+    let mut need = Need::default();
+    memory::add_weights(&mut need, cfg, target, from)?;
+    run(&mut need, target)?;
+    need.check_host(what)?;
+    if let Resolved::Cuda(backend) = &resolved {
+        need.check_device(what, backend.free_memory()? as u64)?;
+    }
     if let Some(note) = note {
         eprintln!("{note}");
     }
-    Ok(model)
+    Ok(resolved)
 }
 
-fn build_task(w: &WorkArgs, cfg: &Config) -> Result<Task> {
-    let prompt = match &w.prompt {
-        Some(ids) => ids.clone(),
-        None => {
-            // A random prompt that avoids the [MASK] id, reproducible from the seed.
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(w.seed ^ 0x5EED_9A0B);
-            (0..w.prompt_len)
-                .map(|_| {
-                    loop {
-                        let id = rng.gen_range(0..cfg.text_vocab as u32);
-                        if id != cfg.text_mask_id {
-                            break id;
-                        }
-                    }
-                })
-                .collect()
-        }
-    };
-    let order = match w.order {
-        OrderArg::Stratified => Order::Stratified,
-        OrderArg::Raster => Order::Raster,
-        OrderArg::Random => Order::Random,
-    };
-    Ok(match w.task {
-        TaskKind::T2i => Task::T2i(T2iRequest {
-            prompt,
-            height: w.grid.0,
-            width: w.grid.1,
-            steps: w.steps.unwrap_or(64),
-            guidance: w.guidance,
-            temperature: w.temperature,
-            order,
-            seed: w.seed,
-        }),
-        TaskKind::Text => Task::Text(TextRequest {
-            prompt,
-            answer_len: w.answer_len,
-            block_len: w.block,
-            steps: w.steps.unwrap_or(w.answer_len.div_ceil(2)),
-            temperature: w.temperature,
-            banned: Vec::new(),
-            seed: w.seed,
-        }),
-    })
+/// The pixels of a `--image` picture of `shape`'s grid (0 without `--image`).
+fn image_pixels(image: Option<&Path>, shape: &memory::GenShape) -> Result<u64> {
+    match (image, shape.grid) {
+        (None, _) => Ok(0),
+        (Some(_), Some((h, w))) => Ok(PictureLayout::of(h as usize, w as usize)?.pixels()),
+        (Some(_), None) => Err(Error::Input(
+            "--image draws the grid of a t2i generation; a text answer has none".into(),
+        )),
+    }
 }
 
 fn describe(task: &Task) -> String {
@@ -389,43 +435,60 @@ fn describe(task: &Task) -> String {
     }
 }
 
-fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Json {
-        context: format!("writing {}", path.display()),
-        source: e,
-    })?;
-    std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
-}
-
-/// A progress bar that appears only on a terminal and only once a run passes one second.
+/// A progress bar on stderr that appears only on a terminal and only once a run passes one
+/// second, so piped output and quick runs stay quiet.
 struct LazyProgress {
     start: Instant,
     bar: Option<ProgressBar>,
     tty: bool,
+    template: &'static str,
 }
 
 impl LazyProgress {
-    fn new() -> Self {
+    /// Counts steps (`generate`, `bench`).
+    fn steps() -> Self {
+        Self::with("{msg} {bar:40} {pos}/{len} steps {elapsed}")
+    }
+
+    /// Counts bytes (`init-weights`).
+    fn bytes() -> Self {
+        Self::with("{msg} {bar:40} {bytes}/{total_bytes} {elapsed} (eta {eta})")
+    }
+
+    fn with(template: &'static str) -> Self {
         LazyProgress {
             start: Instant::now(),
             bar: None,
             tty: std::io::stderr().is_terminal(),
+            template,
         }
     }
 
-    fn update(&mut self, done: usize, total: usize) {
+    fn update(&mut self, msg: &str, done: u64, total: u64) {
         if !self.tty || (self.bar.is_none() && self.start.elapsed().as_secs_f64() < 1.0) {
             return;
         }
+        let template = self.template;
         let bar = self.bar.get_or_insert_with(|| {
-            let b = ProgressBar::new(total as u64);
-            if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} steps {elapsed}")
-            {
+            let b = ProgressBar::new(total);
+            if let Ok(style) = ProgressStyle::with_template(template) {
                 b.set_style(style);
             }
             b
         });
-        bar.set_position(done as u64);
+        bar.set_length(total);
+        bar.set_position(done);
+        if bar.message() != msg {
+            bar.set_message(msg.to_string());
+        }
+    }
+
+    /// Runs `f` (printing to stdout) with the bar hidden, so their lines do not mix.
+    fn suspend(&self, f: impl FnOnce()) {
+        match &self.bar {
+            Some(bar) => bar.suspend(f),
+            None => f(),
+        }
     }
 
     fn finish(self) {
@@ -435,30 +498,9 @@ impl LazyProgress {
     }
 }
 
-fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let model = build_model(&a.model)?;
-    match &model {
-        AnyModel::Cuda(m) => generate_on(&**m, &a, a.profile.then(|| m.backend().device())),
-        AnyModel::Cpu(m) if a.profile => Err(Error::Input(format!(
-            "--profile needs --device cuda (it brackets the CUDA work with cuProfilerStart/Stop \
-             for nsys and ncu); this run is on the {} backend; for the CPU use perf (README, \
-             \"Profiling\")",
-            m.backend().name()
-        ))),
-        AnyModel::Cpu(m) => generate_on(&**m, &a, None),
-    }
-}
-
-/// Runs `a`'s generation on `model` and reports it. With `capture` (`--profile`), a first,
-/// untimed run warms up (module loading, cuBLASLt algorithm choice for every shape), and the
-/// reported run is bracketed by cuProfilerStart/Stop on that device.
-fn generate_on<B: Backend>(
-    model: &Model<B>,
-    a: &GenerateArgs,
-    capture: Option<&CudaDevice>,
-) -> Result<()> {
-    let task = build_task(&a.work, model.config())?;
-    let mode = match a.mode {
+/// The mode `generate`'s flags ask for.
+fn generate_mode(a: &GenerateArgs) -> Result<Mode> {
+    Ok(match a.mode {
         ModeKind::Dense => {
             if a.no_cache_prompt || a.no_cache_decoded || a.no_truncate {
                 return Err(Error::Input(
@@ -472,11 +514,82 @@ fn generate_on<B: Backend>(
             cache_decoded: !a.no_cache_decoded,
             truncate: !a.no_truncate,
         }),
-    };
+    })
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    // Everything that can be refused without a model is refused first: flags, sizes, output
+    // locations, memory.
+    let cfg = load_config(&a.model.preset, a.model.config.as_deref())?;
+    let work = a.work.workload();
+    let shape = work.shape(&cfg)?;
+    let mode = generate_mode(&a)?;
+    let image_px = image_pixels(a.image.as_deref(), &shape)?;
+    let outputs: Vec<(&str, &Path)> = [
+        ("--trace", &a.trace),
+        ("--out", &a.out),
+        ("--image", &a.image),
+    ]
+    .into_iter()
+    .filter_map(|(flag, p)| p.as_deref().map(|p| (flag, p)))
+    .collect();
+    check_outputs(&outputs)?;
+    let resolved = resolve_within_memory("this generation", &cfg, &a.model, |need, target| {
+        memory::add_generation(need, &cfg, &shape, target, image_px)
+    })?;
+    let task = work.task(&cfg)?;
+    let model = runtime::build_on(resolved, cfg, &weight_source(&a.model))?;
+    match &model {
+        AnyModel::Cuda(m) => generate_on(
+            &**m,
+            &a,
+            &task,
+            mode,
+            a.profile.then(|| m.backend().device()),
+        ),
+        AnyModel::Cpu(m) if a.profile => Err(Error::Input(format!(
+            "--profile needs --device cuda (it brackets the CUDA work with cuProfilerStart/Stop \
+             for nsys and ncu); this run is on the {} backend; for the CPU use perf (README, \
+             \"Profiling\")",
+            m.backend().name()
+        ))),
+        AnyModel::Cpu(m) => generate_on(&**m, &a, &task, mode, None),
+    }
+}
+
+/// The `--trace` file: the run's facts, then every step. A t2i trace also records its grid
+/// and image vocabulary, so that `render` can draw it.
+#[derive(serde::Serialize)]
+struct TraceFile<'a> {
+    backend: String,
+    task: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grid: Option<[usize; 2]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vocab: Option<usize>,
+    mode: String,
+    forwards: usize,
+    rows_fed: usize,
+    wall_s: f64,
+    setup_s: f64,
+    execution: Execution,
+    steps: &'a [StepTrace],
+}
+
+/// Runs `task` on `model` and reports it. With `capture` (`--profile`), a first, untimed run
+/// warms up (module loading, cuBLASLt algorithm choice for every shape), and the reported run
+/// is bracketed by cuProfilerStart/Stop on that device.
+fn generate_on<B: Backend>(
+    model: &Model<B>,
+    a: &GenerateArgs,
+    task: &Task,
+    mode: Mode,
+    capture: Option<&CudaDevice>,
+) -> Result<()> {
     let exec = a.exec.execution();
     let region = match capture {
         Some(dev) => {
-            let warm = sampler::generate_with(model, &task, mode, exec, RunOptions::default())?;
+            let warm = sampler::generate_with(model, task, mode, exec, RunOptions::default())?;
             eprintln!(
                 "profile: warm-up run {:.3} s; the run below is inside cuProfilerStart/Stop",
                 warm.wall_s
@@ -485,11 +598,11 @@ fn generate_on<B: Backend>(
         }
         None => None,
     };
-    let mut progress = LazyProgress::new();
-    let mut tick = |d, t| progress.update(d, t);
+    let mut progress = LazyProgress::steps();
+    let mut tick = |d: usize, t: usize| progress.update("generate", d as u64, t as u64);
     let g = sampler::generate_with(
         model,
-        &task,
+        task,
         mode,
         exec,
         RunOptions {
@@ -501,23 +614,34 @@ fn generate_on<B: Backend>(
         region.stop()?;
     }
     progress.finish();
-    print_summary(model, &task, mode, &g);
+    print_summary(model, task, mode, &g);
+    let grid = match task {
+        Task::T2i(r) => Some([r.height, r.width]),
+        Task::Text(_) => None,
+    };
+    let image_vocab = model.config().vocab(Branch::Image);
     if let Some(path) = &a.trace {
-        let trace = serde_json::json!({
-            "backend": model.backend().name(),
-            "task": describe(&task),
-            "mode": mode.to_string(),
-            "forwards": g.forwards,
-            "rows_fed": g.rows_fed,
-            "wall_s": g.wall_s,
-            "setup_s": g.setup_s,
-            "execution": g.execution,
-            "steps": g.steps,
-        });
+        let trace = TraceFile {
+            backend: model.backend().name(),
+            task: describe(task),
+            grid,
+            vocab: grid.map(|_| image_vocab),
+            mode: mode.to_string(),
+            forwards: g.forwards,
+            rows_fed: g.rows_fed,
+            wall_s: g.wall_s,
+            setup_s: g.setup_s,
+            execution: g.execution,
+            steps: &g.steps,
+        };
         write_json(path, &trace)?;
     }
     if let Some(path) = &a.out {
         write_json(path, &g.tokens)?;
+    }
+    if let (Some(path), Some([h, w])) = (&a.image, grid) {
+        GridPicture::from_trace(h, w, image_vocab, &g.steps)?.write_png(path)?;
+        say!("image     {}", path.display());
     }
     Ok(())
 }
@@ -542,13 +666,38 @@ fn print_summary(model: &Model<impl Backend>, task: &Task, mode: Mode, g: &Gener
 }
 
 fn cmd_forward(a: ForwardArgs) -> Result<()> {
-    let model = build_model(&a.model)?;
-    with_model!(&model, m => forward_on(m, &a))
+    let cfg = load_config(&a.model.preset, a.model.config.as_deref())?;
+    check_outputs(&[("--out", &a.out)])?;
+    let case = Case::load(&a.case)?;
+    let vocab = case
+        .logits_for
+        .first()
+        .and_then(|&i| case.rows.get(i))
+        .map_or(0, |r| cfg.vocab(r.branch));
+    let resolved = resolve_within_memory("this forward pass", &cfg, &a.model, |need, target| {
+        let rows = case.rows_per_branch();
+        memory::add_forward(
+            need,
+            &cfg,
+            rows,
+            case.logits_for.len() as u64,
+            vocab as u64,
+            target,
+        )
+    })?;
+    let plan = case.plan(&cfg)?;
+    if let Some(note) = case.note(&cfg) {
+        eprintln!("{note}");
+    }
+    let model = runtime::build_on(resolved, cfg, &weight_source(&a.model))?;
+    with_model!(&model, m => forward_on(m, plan, &a.out))
 }
 
-fn forward_on<B: Backend>(model: &Model<B>, a: &ForwardArgs) -> Result<()> {
-    let case = Case::load(&a.case)?;
-    let plan = case.plan(model.config())?;
+fn forward_on<B: Backend>(
+    model: &Model<B>,
+    plan: sparse_lavida::plan::StepPlan,
+    out: &Path,
+) -> Result<()> {
     let vocab = plan
         .logits_branch
         .map(|b| model.config().vocab(b))
@@ -567,29 +716,25 @@ fn forward_on<B: Backend>(model: &Model<B>, a: &ForwardArgs) -> Result<()> {
             data: logits,
         },
     );
-    HostWeights { tensors }.save(&a.out, SaveDtype::F32)?;
-    say!("wrote logits [{n}, {vocab}] to {}", a.out.display());
+    HostWeights { tensors }.save(out, SaveDtype::F32)?;
+    say!("wrote logits [{n}, {vocab}] to {}", out.display());
     Ok(())
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
-    let model = build_model(&a.model)?;
-    with_model!(&model, m => bench_on(m, &a))
-}
-
-fn bench_on<B: Backend>(model: &Model<B>, a: &BenchArgs) -> Result<()> {
-    let task = build_task(&a.work, model.config())?;
-    let preset = a
-        .model
-        .config
-        .as_ref()
-        .map_or(a.model.preset.clone(), |p| p.display().to_string());
-    let model_name = if a.model.config.is_some() {
-        preset.clone()
-    } else {
-        format!("preset {preset}")
-    };
-    let workload = format!("{} ({model_name})", describe(&task));
+    let cfg = load_config(&a.model.preset, a.model.config.as_deref())?;
+    let work = a.work.workload();
+    let shape = work.shape(&cfg)?;
+    let image_px = image_pixels(a.image.as_deref(), &shape)?;
+    let outputs: Vec<(&str, &Path)> = [
+        ("--json", &a.json),
+        ("--plot", &a.plot),
+        ("--image", &a.image),
+    ]
+    .into_iter()
+    .filter_map(|(flag, p)| p.as_deref().map(|p| (flag, p)))
+    .collect();
+    check_outputs(&outputs)?;
     // Read the peer's report first: a bad file should fail before minutes of benchmarking.
     let peer = match &a.peer_json {
         Some(path) => {
@@ -603,6 +748,40 @@ fn bench_on<B: Backend>(model: &Model<B>, a: &BenchArgs) -> Result<()> {
         }
         None => None,
     };
+    let resolved = resolve_within_memory("this benchmark", &cfg, &a.model, |need, target| {
+        memory::add_generation(need, &cfg, &shape, target, image_px)?;
+        // The all-on sparse generation's steps are kept for --image while the other runs go,
+        // and every run keeps its per-step times.
+        let kept = shape.response_len.saturating_mul(64);
+        let runs = shape.steps.saturating_mul(9 * 16);
+        need.host(
+            "the kept generation and per-step times",
+            kept.saturating_add(runs),
+        );
+        Ok(())
+    })?;
+    let task = work.task(&cfg)?;
+    let model = runtime::build_on(resolved, cfg, &weight_source(&a.model))?;
+    with_model!(&model, m => bench_on(m, &a, &task, peer))
+}
+
+fn bench_on<B: Backend>(
+    model: &Model<B>,
+    a: &BenchArgs,
+    task: &Task,
+    peer: Option<serde_json::Value>,
+) -> Result<()> {
+    let preset = a
+        .model
+        .config
+        .as_ref()
+        .map_or(a.model.preset.clone(), |p| p.display().to_string());
+    let model_name = if a.model.config.is_some() {
+        preset.clone()
+    } else {
+        format!("preset {preset}")
+    };
+    let workload = format!("{} ({model_name})", describe(task));
     say!("backend   {}", model.backend().name());
     say!("machine   {}", runtime::cpu_description());
     say!("workload  {workload}");
@@ -615,10 +794,28 @@ fn bench_on<B: Backend>(model: &Model<B>, a: &BenchArgs) -> Result<()> {
         repeat: a.repeat as usize,
         execution: a.exec.execution(),
     };
-    let mut report = bench::run_bench(model, &task, &spec, |r| {
-        let d = *dense_wall.get_or_insert(r.wall_s);
-        say!("{}", bench::table_row(r, d));
-    })?;
+    let progress = RefCell::new(LazyProgress::steps());
+    let mut picture = None;
+    let mut report = bench::run_bench(
+        model,
+        task,
+        &spec,
+        |r, g| {
+            let d = *dense_wall.get_or_insert(r.wall_s);
+            progress
+                .borrow()
+                .suspend(|| say!("{}", bench::table_row(r, d)));
+            if r.is_sparse_all_on() && a.image.is_some() {
+                picture = Some(g.steps.clone());
+            }
+        },
+        |mode, done, total| {
+            progress
+                .borrow_mut()
+                .update(&mode.to_string(), done as u64, total as u64)
+        },
+    )?;
+    progress.into_inner().finish();
     report.peer = peer;
     say!(
         "speedup sparse vs dense: {:.2}x",
@@ -641,9 +838,9 @@ fn bench_on<B: Backend>(model: &Model<B>, a: &BenchArgs) -> Result<()> {
             .max()
             .unwrap_or(resident);
         say!(
-            "memory    {:.2} GB resident, {:.2} GB peak",
-            resident as f64 / 1e9,
-            peak as f64 / 1e9
+            "memory    {} resident, {} peak",
+            human_bytes(resident),
+            human_bytes(peak)
         );
     }
     if let (Some(peak), Some(dense), Some(frac)) = (
@@ -665,10 +862,10 @@ fn bench_on<B: Backend>(model: &Model<B>, a: &BenchArgs) -> Result<()> {
         report.sparse_step_over_floor,
     ) {
         (Some(floor), Some(bw), Some(ratio)) => say!(
-            "floor     {:.3} ms per sparse step ({:.2} GB of weights at {:.0} GB/s copy); \
+            "floor     {:.3} ms per sparse step ({} of weights at {:.0} GB/s copy); \
              sparse step median is {ratio:.2}x the floor",
             floor * 1e3,
-            report.active_weight_bytes.unwrap_or(0) as f64 / 1e9,
+            human_bytes(report.active_weight_bytes.unwrap_or(0)),
             bw / 1e9
         ),
         _ if model.backend().device_stats().is_some() => eprintln!(
@@ -691,34 +888,60 @@ fn bench_on<B: Backend>(model: &Model<B>, a: &BenchArgs) -> Result<()> {
     if let Some(path) = &a.plot {
         bench::plot_steps_svg(&report, path)?;
     }
+    if let (Some(path), Some(steps), Task::T2i(r)) = (&a.image, &picture, task) {
+        let vocab = model.config().vocab(Branch::Image);
+        GridPicture::from_trace(r.height, r.width, vocab, steps)?.write_png(path)?;
+        say!("image     {} (the all-on sparse run)", path.display());
+    }
     Ok(())
 }
 
 fn cmd_init(a: InitArgs) -> Result<()> {
     let cfg = load_config(&a.preset, a.config.as_deref())?;
-    sparse_lavida::config::ensure_fits(
-        "random weights in f32",
-        sparse_lavida::weights::f32_bytes(&cfg),
-    )?;
-    let w = if a.like_device {
-        HostWeights::random_like_device(&cfg, a.seed)?
-    } else {
-        HostWeights::random(&cfg, a.seed)
-    };
+    check_outputs(&[("--out", &a.out)])?;
     let dtype = match a.dtype {
         DtypeArg::F32 => SaveDtype::F32,
         DtypeArg::Bf16 => SaveDtype::Bf16,
     };
-    w.save(&a.out, dtype)?;
+    let mut need = Need::default();
+    memory::add_weight_writer(&mut need, &cfg, dtype)?;
+    need.check_host(&format!("writing random weights in {dtype}"))?;
+    let kind = if a.like_device {
+        RandomKind::LikeDevice
+    } else {
+        RandomKind::Host
+    };
+    let mut progress = LazyProgress::bytes();
+    weights::write_random(&cfg, a.seed, kind, dtype, &a.out, &mut |done, total| {
+        progress.update("init-weights", done, total)
+    })?;
+    progress.finish();
+    let bytes = std::fs::metadata(&a.out).map_or(0, |m| m.len());
     say!(
-        "wrote {} parameters to {}",
-        cfg.param_count(),
+        "wrote {} parameters ({}, {dtype}) to {}",
+        human_count(cfg.param_count()),
+        human_bytes(bytes),
         a.out.display()
     );
     Ok(())
 }
 
+fn cmd_render(a: RenderArgs) -> Result<()> {
+    check_outputs(&[("--image", &a.image)])?;
+    let picture = GridPicture::from_trace_file(&a.trace)?;
+    picture.write_png(&a.image)?;
+    say!(
+        "wrote the picture of a {}x{} grid, {} steps, to {}",
+        picture.height,
+        picture.width,
+        picture.steps,
+        a.image.display()
+    );
+    Ok(())
+}
+
 fn cmd_info() -> Result<()> {
+    use sparse_lavida::cuda::images::{KERNEL_IMAGES, KERNELS_MISSING};
     let be = sparse_lavida::backend::cpu::CpuBackend::new();
     say!("sparse-lavida {}", env!("CARGO_PKG_VERSION"));
     say!(
@@ -730,33 +953,52 @@ fn cmd_info() -> Result<()> {
         },
         std::env::consts::ARCH
     );
-    say!("backends  cpu (f32), cuda (bf16)");
-    say!("cpu       {} threads", be.threads());
-    match sparse_lavida::backend::cuda::CudaBackend::new() {
-        Ok(cuda) => {
-            let info = cuda.device().info();
+    say!("cpu       f32 backend, {} threads", be.threads());
+    match KERNELS_MISSING {
+        Some(why) => say!("cuda      bf16 backend not in this build: {why}"),
+        None => {
+            let targets = |ptx: bool| {
+                let set: std::collections::BTreeSet<&str> = (KERNEL_IMAGES.iter())
+                    .map(|i| i.target)
+                    .filter(|t| t.starts_with("compute_") == ptx)
+                    .collect();
+                set.into_iter().collect::<Vec<_>>().join(", ")
+            };
             say!(
-                "cuda      {}, {} SMs, {:.1} GB",
-                cuda.name(),
-                info.sm_count,
-                info.total_mem as f64 / 1e9
+                "cuda      bf16 backend built: cubins for {}, PTX for {}",
+                targets(false),
+                targets(true)
             );
+            match sparse_lavida::backend::cuda::CudaBackend::new() {
+                Ok(cuda) => {
+                    let info = cuda.device().info();
+                    say!(
+                        "device    {}, {} SMs, {}",
+                        cuda.name(),
+                        info.sm_count,
+                        human_bytes(info.total_mem as u64)
+                    );
+                }
+                Err(e) => say!("device    none usable here: {}", runtime::reason(&e)),
+            }
         }
-        Err(e) => say!("cuda      unavailable: {}", runtime::reason(&e)),
     }
-    if let Some(b) = sparse_lavida::config::available_memory_bytes() {
-        say!("memory    {:.1} GB available", b as f64 / 1e9);
+    match memory::host_limit() {
+        Some(limit) => say!("memory    {limit}"),
+        None => say!("memory    limit unknown (no /proc): nothing is refused up front"),
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    memory::set_max_memory(cli.max_memory);
     let result = match cli.command {
         Command::Generate(a) => cmd_generate(a),
         Command::Forward(a) => cmd_forward(a),
         Command::Bench(a) => cmd_bench(a),
         Command::InitWeights(a) => cmd_init(a),
+        Command::Render(a) => cmd_render(a),
         Command::Info => cmd_info(),
     };
     match result {

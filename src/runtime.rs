@@ -3,8 +3,9 @@
 use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{self, CudaBackend};
-use crate::config::{Config, ensure_fits};
+use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::memory::{ensure_fits, human_bytes, human_count};
 use crate::model::Model;
 use crate::weights::HostWeights;
 use std::path::PathBuf;
@@ -113,11 +114,16 @@ pub fn build_model(
 ) -> Result<(AnyModel, Option<String>)> {
     cfg.validate()?;
     let (resolved, note) = resolve_device(device, &cfg)?;
-    let model = match resolved {
+    Ok((build_on(resolved, cfg, source)?, note))
+}
+
+/// Builds the model on an already resolved device (after the caller bounded the request's
+/// memory there, see [`crate::memory`]).
+pub fn build_on(resolved: Resolved, cfg: Config, source: &WeightSource) -> Result<AnyModel> {
+    Ok(match resolved {
         Resolved::Cpu => AnyModel::Cpu(Box::new(cpu_model(cfg, source)?)),
         Resolved::Cuda(backend) => AnyModel::Cuda(Box::new(cuda_model(*backend, cfg, source)?)),
-    };
-    Ok((model, note))
+    })
 }
 
 fn host_weights(cfg: &Config, source: &WeightSource) -> Result<HostWeights> {
@@ -133,8 +139,8 @@ pub fn cpu_model(cfg: Config, source: &WeightSource) -> Result<Model<CpuBackend>
     let bytes = crate::weights::f32_bytes(&cfg);
     ensure_fits(
         &format!(
-            "the model's {:.2} B parameters in f32 on the CPU backend",
-            cfg.param_count() as f64 / 1e9
+            "the model's {} parameters in f32 on the CPU backend",
+            human_count(cfg.param_count())
         ),
         bytes,
     )?;
@@ -158,21 +164,21 @@ pub fn cuda_model(
     let params = cfg.param_count();
     backend.ensure_fits(
         &format!(
-            "the model's {:.2} B parameters in bf16 ({:.2} GB)",
-            params as f64 / 1e9,
-            params as f64 * 2.0 / 1e9
+            "the model's {} parameters in bf16 ({})",
+            human_count(params),
+            human_bytes(params.saturating_mul(2))
         ),
-        params * 2,
+        params.saturating_mul(2),
     )?;
     if let WeightSource::Random(seed) = source {
         return Model::random_on_device(backend, cfg, *seed);
     }
     ensure_fits(
         &format!(
-            "the host copy of the model's {:.2} B parameters in f32 (before the upload)",
-            params as f64 / 1e9
+            "the host copy of the model's {} parameters in f32 (before the upload)",
+            human_count(params)
         ),
-        params * 4,
+        params.saturating_mul(4),
     )?;
     let weights = host_weights(&cfg, source)?;
     Model::new(backend, cfg, weights)

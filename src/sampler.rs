@@ -14,6 +14,7 @@
 //! slots that the next step reuses.
 
 use crate::backend::{Backend, SampleParams};
+use crate::bail_input;
 use crate::config::{Branch, Config};
 use crate::error::{Error, Result};
 use crate::model::{Model, Workspace};
@@ -244,9 +245,14 @@ impl Layout {
     fn new(cfg: &Config, prompts: Vec<Vec<u32>>, n: usize, branch: Branch) -> Result<Layout> {
         let p = prompts[0].len();
         let r = cfg.n_registers;
-        if (p + n + r) as u64 >= (1u64 << 31) / prompts.len() as u64 {
+        // Positions and slots are u32 in plans and tags; checked so that no size wraps.
+        let too_long = p
+            .checked_add(n)
+            .and_then(|v| v.checked_add(r))
+            .is_none_or(|v| v as u64 >= (1u64 << 31) / prompts.len() as u64);
+        if too_long {
             return Err(Error::Input(format!(
-                "sequence too long: prompt {p} + response {n}"
+                "sequence too long: prompt {p} + response {n} + {r} registers"
             )));
         }
         let skip = (branch == Branch::Image).then_some(Branch::Text);
@@ -446,7 +452,11 @@ fn step_plan(
     }
 }
 
-fn check_prompt(cfg: &Config, prompt: &[u32]) -> Result<()> {
+/// Checks prompt ids: each inside the text vocabulary and not the text [MASK]. A prompt is
+/// clean text (block 0); a [MASK] id there would be embedded as a token that is not a mask to
+/// attention, which no request means (the unconditional CFG prompt of [MASK] ids is built
+/// here, not given).
+pub fn check_prompt(cfg: &Config, prompt: &[u32]) -> Result<()> {
     for (i, &id) in prompt.iter().enumerate() {
         if id as usize >= cfg.text_vocab {
             return Err(Error::Input(format!(
@@ -454,6 +464,24 @@ fn check_prompt(cfg: &Config, prompt: &[u32]) -> Result<()> {
                 cfg.text_vocab
             )));
         }
+        if id == cfg.text_mask_id {
+            return Err(Error::Input(format!(
+                "prompt token {i} is {id}, the text [MASK] id: a prompt holds clean text ids \
+                 (the unconditional prompt of classifier-free guidance is made of [MASK] ids \
+                 internally)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the step count against the block tags: step `k` decodes masked block `k + 1`.
+fn check_steps(steps: usize) -> Result<()> {
+    if steps >= MAX_BLOCK as usize {
+        return Err(Error::Input(format!(
+            "{steps} steps: at most {} fit a block tag",
+            MAX_BLOCK - 1
+        )));
     }
     Ok(())
 }
@@ -506,11 +534,16 @@ pub fn generate_with<B: Backend>(
     mut opts: RunOptions,
 ) -> Result<Generation> {
     let host_only = opts.record_logits || opts.teacher.is_some() || opts.on_plan.is_some();
-    if exec != Execution::Eager
-        && !host_only
-        && let Some(g) = B::generate_resident(model, task, mode, exec, opts.progress.take())
-    {
-        return g;
+    if exec != Execution::Eager && !host_only {
+        // Lent, not taken: a backend without a resident path (the CPU) declines, and the host
+        // loop below must still report progress.
+        let progress = opts
+            .progress
+            .as_mut()
+            .map(|p| &mut **p as &mut dyn FnMut(usize, usize));
+        if let Some(g) = B::generate_resident(model, task, mode, exec, progress) {
+            return g;
+        }
     }
     generate(model, task, mode, opts)
 }
@@ -649,8 +682,30 @@ fn t2i_setup(cfg: &Config, req: &T2iRequest) -> Result<(Layout, T2iDecoder)> {
             req.guidance
         )));
     }
+    check_steps(req.steps)?;
+    // The grid's size and the layout first: they refuse an oversized request before the
+    // order and the schedule allocate per cell.
+    let n = match req.height.checked_mul(req.width) {
+        Some(0) => bail_input!("image order: zero-size grid {}x{}", req.height, req.width),
+        Some(n) if n <= u32::MAX as usize => n,
+        _ => bail_input!(
+            "grid {}x{} has more than u32::MAX cells",
+            req.height,
+            req.width
+        ),
+    };
+    let mut prompts = vec![req.prompt.clone()];
+    if req.guidance > 0.0 {
+        prompts.push(vec![cfg.text_mask_id; req.prompt.len()]);
+    }
+    let layout = Layout::new(cfg, prompts, n, Branch::Image)?;
+    if req.steps > n {
+        bail_input!(
+            "shift schedule: steps (K) must be ≤ positions (N), got K = {}, N = {n}",
+            req.steps
+        );
+    }
     let order = schedule::image_order(req.order, req.height, req.width, req.seed)?;
-    let n = order.len();
     let counts = schedule::shift_counts(n, req.steps)?;
     let mut groups = Vec::with_capacity(counts.len());
     let mut next = 0;
@@ -658,11 +713,6 @@ fn t2i_setup(cfg: &Config, req: &T2iRequest) -> Result<(Layout, T2iDecoder)> {
         groups.push(order[next..next + c].to_vec());
         next += c;
     }
-    let mut prompts = vec![req.prompt.clone()];
-    if req.guidance > 0.0 {
-        prompts.push(vec![cfg.text_mask_id; req.prompt.len()]);
-    }
-    let layout = Layout::new(cfg, prompts, n, Branch::Image)?;
     let params = SampleParams {
         guidance: (req.guidance > 0.0).then_some(req.guidance),
         temperature: req.temperature,
@@ -690,7 +740,8 @@ fn generate_text<B: Backend>(
 fn text_setup(cfg: &Config, req: &TextRequest) -> Result<(Layout, TextDecoder)> {
     check_prompt(cfg, &req.prompt)?;
     check_sampling(req.temperature)?;
-    let schedule = schedule::text_schedule(req.answer_len, req.block_len, req.steps)?;
+    check_steps(req.steps)?;
+    schedule::check_text_steps(req.answer_len, req.block_len, req.steps)?;
     let mut banned = vec![cfg.text_mask_id];
     for &id in &req.banned {
         if id as usize >= cfg.text_vocab {
@@ -701,7 +752,18 @@ fn text_setup(cfg: &Config, req: &TextRequest) -> Result<(Layout, TextDecoder)> 
         }
         banned.push(id);
     }
+    // Every step must have an id to choose; checked before the layout and schedule allocate.
+    let mut distinct = banned.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if distinct.len() >= cfg.text_vocab {
+        return Err(Error::Input(format!(
+            "every id of the text vocabulary ({}) is banned ([MASK] included): nothing to sample",
+            cfg.text_vocab
+        )));
+    }
     let layout = Layout::new(cfg, vec![req.prompt.clone()], req.answer_len, Branch::Text)?;
+    let schedule = schedule::text_schedule(req.answer_len, req.block_len, req.steps)?;
     let params = SampleParams {
         guidance: None,
         temperature: req.temperature,

@@ -199,9 +199,46 @@ pub struct TextStep {
 ///
 /// The answer is cut into `ceil(answer_len / block_len)` blocks decoded left to right; `steps` is
 /// split evenly over blocks (remainder to the first blocks) and, within a block, its positions
-/// evenly over its steps (remainder to the first steps). Fails if any block would get no step or
-/// more steps than positions.
+/// evenly over its steps (remainder to the first steps). Only the last block can be shorter than
+/// `block_len`; when its even share of steps exceeds its positions it gets one step per position
+/// and the other blocks split the rest evenly (remainder first), so every step count from the
+/// number of blocks to `answer_len` is valid. Fails outside that range.
 pub fn text_schedule(answer_len: usize, block_len: usize, steps: usize) -> Result<Vec<TextStep>> {
+    let per_block = text_block_steps(answer_len, block_len, steps)?;
+    let mut schedule = Vec::with_capacity(steps);
+    for (block, &block_steps) in per_block.iter().enumerate() {
+        let size = text_block_range(answer_len, block_len, block).len();
+        schedule.extend((0..block_steps).map(|t| TextStep {
+            block,
+            commit: size / block_steps + usize::from(t < size % block_steps),
+        }));
+    }
+    Ok(schedule)
+}
+
+/// Steps per semi-AR block under the rule of [`text_schedule`] (one entry per block), with its
+/// errors. Allocates one entry per block: callers bound `answer_len` first.
+pub fn text_block_steps(answer_len: usize, block_len: usize, steps: usize) -> Result<Vec<usize>> {
+    check_text_steps(answer_len, block_len, steps)?;
+    let nblocks = answer_len.div_ceil(block_len);
+    let even =
+        |total: usize, blocks: usize, b: usize| total / blocks + usize::from(b < total % blocks);
+    let last = text_block_range(answer_len, block_len, nblocks - 1).len();
+    // The last block is the only one that can be short; blocks before it hold `block_len`
+    // positions, and `steps − last ≤ (nblocks − 1)·block_len` keeps their shares within that.
+    let capped = nblocks > 1 && even(steps, nblocks, nblocks - 1) > last;
+    Ok((0..nblocks)
+        .map(|b| match (capped, b + 1 == nblocks) {
+            (false, _) => even(steps, nblocks, b),
+            (true, true) => last,
+            (true, false) => even(steps - last, nblocks - 1, b),
+        })
+        .collect())
+}
+
+/// The range rule of [`text_schedule`] without building it: positive sizes, and at least one
+/// step per block and at most one per position. O(1), no allocation.
+pub fn check_text_steps(answer_len: usize, block_len: usize, steps: usize) -> Result<()> {
     if answer_len == 0 {
         bail_input!("text schedule: answer length must be > 0");
     }
@@ -224,22 +261,17 @@ pub fn text_schedule(answer_len: usize, block_len: usize, steps: usize) -> Resul
              (answer length {answer_len}); at least one step per block is needed"
         );
     }
-    let mut schedule = Vec::with_capacity(steps);
-    for block in 0..nblocks {
-        let size = text_block_range(answer_len, block_len, block).len();
-        let block_steps = steps / nblocks + usize::from(block < steps % nblocks);
-        if block_steps > size {
-            bail_input!(
-                "text schedule: block {block} has {size} positions but gets {block_steps} steps \
-                 ({steps} steps over {nblocks} blocks); each step must commit at least one"
-            );
-        }
-        schedule.extend((0..block_steps).map(|t| TextStep {
-            block,
-            commit: size / block_steps + usize::from(t < size % block_steps),
-        }));
-    }
-    Ok(schedule)
+    Ok(())
+}
+
+/// The step count a text answer gets when none is asked for: about two positions per step
+/// (`ceil(answer_len / 2)`), raised to one step per block when blocks are shorter than two
+/// positions. Always valid for [`text_schedule`] when `answer_len` and `block_len` are > 0.
+pub fn default_text_steps(answer_len: usize, block_len: usize) -> usize {
+    answer_len
+        .div_ceil(2)
+        .max(answer_len.div_ceil(block_len.max(1)))
+        .min(answer_len)
 }
 
 /// Positions (0-based within the answer) of semi-AR block `b`:
@@ -328,5 +360,29 @@ mod tests {
             got,
             vec![(0, 11), (0, 11), (0, 10), (1, 16), (1, 16), (2, 3), (2, 3)]
         );
+    }
+
+    #[test]
+    fn a_short_last_block_gets_one_step_per_position_at_most() {
+        // 33 = 32 + 1, 17 steps: the even split 9 + 8 would give the 1-position block 8 steps.
+        assert_eq!(text_block_steps(33, 32, 17).unwrap(), vec![16, 1]);
+        // 100 = 3·32 + 4, 50 steps: 13 13 12 12 → the last block 4, the rest 46 = 16 15 15.
+        assert_eq!(text_block_steps(100, 32, 50).unwrap(), vec![16, 15, 15, 4]);
+        // A share the short block can take is left alone: 70 = 32 + 32 + 6 with 7 steps.
+        assert_eq!(text_block_steps(70, 32, 7).unwrap(), vec![3, 2, 2]);
+    }
+
+    #[test]
+    fn default_text_steps_are_always_valid() {
+        for answer_len in 1..200 {
+            for block_len in 1..70 {
+                let steps = default_text_steps(answer_len, block_len);
+                let s = text_schedule(answer_len, block_len, steps).unwrap();
+                assert_eq!(s.len(), steps);
+            }
+        }
+        assert_eq!(default_text_steps(128, 32), 64);
+        assert_eq!(default_text_steps(33, 32), 17);
+        assert_eq!(default_text_steps(130, 1), 130);
     }
 }

@@ -7,16 +7,18 @@
 //! 2. values: every value finite (config order).
 
 use crate::backend::cpu::ops::init_uniform;
-use crate::config::{Config, ensure_fits};
+use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::memory::{ensure_fits, human_bytes};
 use half::{bf16, f16};
 use rand::SeedableRng;
 use rand::distributions::{Distribution, Uniform};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
 use std::path::Path;
 
 /// A dense f32 tensor on the host (row-major).
@@ -44,10 +46,59 @@ pub struct HostWeights {
     pub tensors: BTreeMap<String, HostTensor>,
 }
 
-/// Bytes the weights of `cfg` occupy as f32 on the host (`param_count * 4`); compare with
-/// [`crate::config::ensure_fits`] before materialising a model.
+impl SaveDtype {
+    /// Bytes per element on disk.
+    pub fn bytes(self) -> u64 {
+        match self {
+            SaveDtype::F32 => 4,
+            SaveDtype::Bf16 => 2,
+        }
+    }
+
+    /// The safetensors dtype name (`F32`, `BF16`).
+    fn name(self) -> &'static str {
+        match self {
+            SaveDtype::F32 => "F32",
+            SaveDtype::Bf16 => "BF16",
+        }
+    }
+}
+
+impl std::fmt::Display for SaveDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SaveDtype::F32 => "f32",
+            SaveDtype::Bf16 => "bf16",
+        })
+    }
+}
+
+/// Which generator [`write_random`] draws values from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RandomKind {
+    /// [`HostWeights::random`]'s (ChaCha8 on the host).
+    Host,
+    /// [`HostWeights::random_like_device`]'s (the CUDA backend's device init, bf16 values).
+    LikeDevice,
+}
+
+/// Bytes the weights of `cfg` occupy as f32 on the host (`param_count * 4`, saturating); compare
+/// with [`crate::memory::ensure_fits`] before materialising a model.
 pub fn f32_bytes(cfg: &Config) -> u64 {
-    cfg.param_count() * 4
+    cfg.param_count().saturating_mul(4)
+}
+
+/// Tensors are encoded in parallel in batches of at most this many bytes (f32 values plus their
+/// encoding) before being written; a larger tensor forms a batch of its own. Bounds the memory
+/// of [`write_random`] (and of [`HostWeights::save`]'s bf16 copies) whatever the model's size.
+pub const WRITE_BATCH_BYTES: u64 = 256 << 20;
+
+/// Peak bytes of one batch when writing `cfg`'s weights in `dtype`: [`WRITE_BATCH_BYTES`] or the
+/// largest tensor's f32 values plus its encoding (saturating).
+pub fn write_batch_bytes(cfg: &Config, dtype: SaveDtype) -> u64 {
+    cfg.largest_tensor()
+        .saturating_mul(4 + dtype.bytes())
+        .max(WRITE_BATCH_BYTES)
 }
 
 impl HostWeights {
@@ -62,8 +113,12 @@ impl HostWeights {
             .map_err(|e| Error::io(path, e))?
             .len();
         ensure_fits(
-            &format!("loading weights as f32 from {}", path.display()),
-            file_len + f32_bytes(cfg),
+            &format!(
+                "loading weights from {} ({}) as f32",
+                path.display(),
+                human_bytes(file_len)
+            ),
+            file_len.saturating_add(f32_bytes(cfg)),
         )?;
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         HostWeights::from_safetensors(&bytes, cfg).map_err(|e| match e {
@@ -119,10 +174,7 @@ impl HostWeights {
             .into_par_iter()
             .enumerate()
             .map(|(i, (name, shape))| {
-                let mut rng = ChaCha8Rng::seed_from_u64(seed);
-                rng.set_stream(i as u64);
-                let len = shape.iter().product();
-                let data = init_for(&name, &shape).sample(&mut rng, len);
+                let data = random_values(seed, i, &name, &shape);
                 (name, HostTensor { shape, data })
             })
             .collect();
@@ -143,60 +195,35 @@ impl HostWeights {
     /// The result takes [`f32_bytes`] of memory; check it with `ensure_fits` first. Errors: a
     /// config with more tensors than a u32 tensor index can number (as the device refuses).
     pub fn random_like_device(cfg: &Config, seed: u64) -> Result<HostWeights> {
-        let shapes = cfg.tensor_shapes();
-        if u32::try_from(shapes.len()).is_err() {
-            return Err(Error::Input(format!(
-                "the config has {} tensors; the device init numbers them with a u32",
-                shapes.len()
-            )));
-        }
-        let tensors = shapes
+        check_device_tensor_count(cfg)?;
+        let tensors = cfg
+            .tensor_shapes()
             .into_par_iter()
             .enumerate()
             .map(|(i, (name, shape))| {
-                let (offset, scale) = init_range(&name, &shape);
-                let mut data = vec![0f32; shape.iter().product()];
                 // In range: checked above.
-                init_uniform(seed, i as u32, offset, scale, &mut data);
-                for v in &mut data {
-                    *v = bf16::from_f32(*v).to_f32();
-                }
+                let data = device_values(seed, i as u32, &name, &shape);
                 (name, HostTensor { shape, data })
             })
             .collect();
         Ok(HostWeights { tensors })
     }
 
-    /// Writes a safetensors file (bf16 rounds to nearest even).
+    /// Writes a safetensors file (bf16 rounds to nearest even), atomically
+    /// ([`crate::io::write_atomic`]): a failure half way leaves an existing file untouched.
     ///
     /// Refuses, naming tensor and index, a tensor whose data length does not match its shape or
     /// a value that is not finite after conversion (NaN, ±inf, or an f32 beyond the bf16 range):
     /// `load` would reject such a file.
     pub fn save(&self, path: &Path, dtype: SaveDtype) -> Result<()> {
-        // Collecting in map order, then taking the first error, reports the first bad tensor by
-        // name whatever the scheduling.
-        let encoded: Vec<Result<Cow<[u8]>>> = self
-            .tensors
-            .par_iter()
-            .map(|(name, t)| encode(name, t, dtype))
+        let tensors: Vec<(&String, &HostTensor)> = self.tensors.iter().collect();
+        let entries: Vec<(&str, &[usize])> = tensors
+            .iter()
+            .map(|(name, t)| (name.as_str(), t.shape.as_slice()))
             .collect();
-        let encoded = encoded.into_iter().collect::<Result<Vec<_>>>()?;
-        let st_dtype = match dtype {
-            SaveDtype::F32 => Dtype::F32,
-            SaveDtype::Bf16 => Dtype::BF16,
-        };
-        let mut views = Vec::with_capacity(encoded.len());
-        for ((name, t), bytes) in self.tensors.iter().zip(&encoded) {
-            // `encode` checked the length, so this cannot fail; map it anyway rather than panic.
-            let view = TensorView::new(st_dtype, t.shape.clone(), bytes)
-                .map_err(|e| Error::Weights(format!("tensor `{name}`: {e}")))?;
-            views.push((name.as_str(), view));
-        }
-        // Hugging Face loaders look for this key to know the tensors are PyTorch-shaped.
-        let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-        safetensors::serialize_to_file(views, &metadata, path).map_err(|e| match e {
-            SafeTensorError::IoError(io) => Error::io(path, io),
-            e => Error::Weights(format!("{}: {e}", path.display())),
+        let encode = |j: usize| encode(tensors[j].0, tensors[j].1, dtype);
+        crate::io::write_atomic(path, |w| {
+            write_safetensors(w, path, &entries, dtype, &encode, &mut |_, _| {})
         })
     }
 
@@ -232,6 +259,158 @@ impl HostWeights {
         }
         Ok(())
     }
+}
+
+/// Refuses a config with more tensors than the device init's u32 tensor index can number.
+fn check_device_tensor_count(cfg: &Config) -> Result<()> {
+    if u32::try_from(cfg.tensor_count()).is_err() {
+        return Err(Error::Input(format!(
+            "the config has {} tensors; the device init numbers them with a u32",
+            cfg.tensor_count()
+        )));
+    }
+    Ok(())
+}
+
+/// Tensor `i` of [`HostWeights::random`]: its own ChaCha8 stream `i` under key `seed`.
+fn random_values(seed: u64, i: usize, name: &str, shape: &[usize]) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(i as u64);
+    let len = shape.iter().product();
+    init_for(name, shape).sample(&mut rng, len)
+}
+
+/// Tensor `i` of [`HostWeights::random_like_device`]: `init_uniform`, rounded to bf16.
+fn device_values(seed: u64, i: u32, name: &str, shape: &[usize]) -> Vec<f32> {
+    let (offset, scale) = init_range(name, shape);
+    let mut data = vec![0f32; shape.iter().product()];
+    init_uniform(seed, i, offset, scale, &mut data);
+    for v in &mut data {
+        *v = bf16::from_f32(*v).to_f32();
+    }
+    data
+}
+
+/// Writes seeded random weights for `cfg` (the values of [`HostWeights::random`] or, with
+/// [`RandomKind::LikeDevice`], of [`HostWeights::random_like_device`]) straight to a
+/// safetensors file in `dtype`, atomically, one batch of tensors at a time: memory stays at
+/// [`write_batch_bytes`] however large the model. The file equals `save` of the in-memory
+/// weights. `progress` sees (bytes written, bytes in total).
+pub fn write_random(
+    cfg: &Config,
+    seed: u64,
+    kind: RandomKind,
+    dtype: SaveDtype,
+    path: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    cfg.validate()?;
+    if kind == RandomKind::LikeDevice {
+        check_device_tensor_count(cfg)?;
+    }
+    let mut shapes: Vec<(usize, String, Vec<usize>)> = (cfg.tensor_shapes().into_iter())
+        .enumerate()
+        .map(|(i, (name, shape))| (i, name, shape))
+        .collect();
+    // File order is name order, as `save` writes a name-sorted map; values follow the config
+    // index, as in memory.
+    shapes.sort_by(|a, b| a.1.cmp(&b.1));
+    let entries: Vec<(&str, &[usize])> = shapes
+        .iter()
+        .map(|(_, name, shape)| (name.as_str(), shape.as_slice()))
+        .collect();
+    let encode = |j: usize| -> Result<Cow<'static, [u8]>> {
+        let (i, name, shape) = &shapes[j];
+        let data = match kind {
+            RandomKind::Host => random_values(seed, *i, name, shape),
+            // In range: checked above.
+            RandomKind::LikeDevice => device_values(seed, *i as u32, name, shape),
+        };
+        let t = HostTensor {
+            shape: shape.clone(),
+            data,
+        };
+        Ok(Cow::Owned(encode(name, &t, dtype)?.into_owned()))
+    };
+    crate::io::write_atomic(path, |w| {
+        write_safetensors(w, path, &entries, dtype, &encode, progress)
+    })
+}
+
+/// Writes a safetensors file to `w`: the header for `entries` (name, shape, in file order;
+/// format metadata `pt`, padded with spaces to 8 bytes as the reference writer does), then each
+/// tensor's bytes from `encode(j)`. Consecutive tensors are encoded in parallel in batches of
+/// at most [`WRITE_BATCH_BYTES`] (f32 plus encoded bytes) and written in order; the first error
+/// in file order is returned. `path` names the file in I/O errors.
+fn write_safetensors<'a>(
+    w: &mut dyn Write,
+    path: &Path,
+    entries: &[(&str, &[usize])],
+    dtype: SaveDtype,
+    encode: &(dyn Fn(usize) -> Result<Cow<'a, [u8]>> + Sync),
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    let too_big = || Error::Weights("the tensors' byte sizes overflow 64 bits".into());
+    let elements = |shape: &[usize]| {
+        shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+            .ok_or_else(too_big)
+    };
+    let mut header = String::from(r#"{"__metadata__":{"format":"pt"}"#);
+    let mut offset = 0u64;
+    for (name, shape) in entries {
+        let len = elements(shape)?
+            .checked_mul(dtype.bytes())
+            .ok_or_else(too_big)?;
+        let end = offset.checked_add(len).ok_or_else(too_big)?;
+        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+        let name = serde_json::to_string(name).map_err(|e| Error::Json {
+            context: "tensor name".into(),
+            source: e,
+        })?;
+        header.push_str(&format!(
+            r#",{name}:{{"dtype":"{}","shape":[{}],"data_offsets":[{offset},{end}]}}"#,
+            dtype.name(),
+            dims.join(",")
+        ));
+        offset = end;
+    }
+    header.push('}');
+    while !header.len().is_multiple_of(8) {
+        header.push(' ');
+    }
+    let total = (8 + header.len() as u64).saturating_add(offset);
+    let io = |e| Error::io(path, e);
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(header.as_bytes()).map_err(io)?;
+    let mut written = 8 + header.len() as u64;
+    progress(written, total);
+
+    let cost = |shape: &[usize]| elements(shape).map(|n| n.saturating_mul(4 + dtype.bytes()));
+    let mut start = 0;
+    while start < entries.len() {
+        let mut end = start + 1;
+        let mut batch = cost(entries[start].1)?;
+        while end < entries.len() {
+            let next = batch.saturating_add(cost(entries[end].1)?);
+            if next > WRITE_BATCH_BYTES {
+                break;
+            }
+            batch = next;
+            end += 1;
+        }
+        let encoded: Vec<Result<Cow<[u8]>>> = (start..end).into_par_iter().map(encode).collect();
+        for bytes in encoded {
+            let bytes = bytes?;
+            w.write_all(&bytes).map_err(io)?;
+            written += bytes.len() as u64;
+            progress(written, total);
+        }
+        start = end;
+    }
+    Ok(())
 }
 
 /// Every expected tensor present with its shape (first problem in config order), then no tensor

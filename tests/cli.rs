@@ -312,8 +312,20 @@ fn bench_writes_step_latencies_and_a_plot() {
         let p90 = run["step_p90_s"].as_f64().unwrap();
         let max = steps.iter().cloned().fold(0.0, f64::max);
         assert!(0.0 < med && med <= p90 && p90 <= max, "{med} {p90} {max}");
-        assert!(run.get("peak_device_bytes").is_none());
+        // Device fields are present and null on the CPU, never left out.
+        assert!(
+            run.get("peak_device_bytes").is_some_and(|v| v.is_null()),
+            "{run}"
+        );
     }
+    // Every run states whether its tokens match the all-on sparse run's: null for dense (a
+    // different attention rule), a bool for sparse.
+    assert!(
+        runs[0]
+            .get("tokens_match_sparse")
+            .is_some_and(|v| v.is_null())
+    );
+    assert_eq!(runs[1]["tokens_match_sparse"], true);
     let text = std::fs::read_to_string(&svg).unwrap();
     let doc = roxmltree::Document::parse(&text).unwrap();
     assert_eq!(doc.root_element().tag_name().name(), "svg");
@@ -418,7 +430,7 @@ fn bad_cli_values_are_named() {
 #[test]
 fn lavida_o_on_cpu_is_refused_with_its_size_when_it_does_not_fit() {
     let need = Config::preset("lavida-o").unwrap().param_count() * 4;
-    match sparse_lavida::config::available_memory_bytes() {
+    match sparse_lavida::memory::available_memory_bytes() {
         Some(avail) if avail < need => {
             fails_with(
                 &["generate", "--preset", "lavida-o"],

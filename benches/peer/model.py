@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch peer of the crate: the SPEC §2.3 graph and both samplers (SPEC §4), in eager PyTorch.
 
-Written from SPEC.md (conventions checked against src/sampler.rs, src/schedule.rs and
+Written from docs/SPEC.md (conventions checked against src/sampler.rs, src/schedule.rs and
 src/backend/cpu/ops.rs). Two execution modes, as the crate's `dense` and `sparse` (all savings):
 
 - dense (LaViDa-O): every step feeds the prompt and every response position (masks included),
@@ -191,7 +191,9 @@ def shift_counts(n, k):
 
 
 def text_schedule(answer_len, block_len, steps):
-    """[(semi-AR block, commits)] per step: steps split evenly over blocks, remainder first."""
+    """[(semi-AR block, commits)] per step: steps split evenly over blocks, remainder first; a
+    short last block whose even share exceeds its positions gets one step per position and the
+    other blocks split the rest evenly (the crate's schedule::text_block_steps)."""
     if answer_len <= 0 or block_len <= 0 or steps <= 0:
         raise PeerError("text schedule: answer length, block length and steps must be > 0")
     if steps > answer_len:
@@ -199,13 +201,21 @@ def text_schedule(answer_len, block_len, steps):
     nblocks = -(-answer_len // block_len)
     if steps < nblocks:
         raise PeerError(f"text schedule: {steps} steps for {nblocks} blocks")
+
+    def even(total, blocks, b):
+        return total // blocks + (1 if b < total % blocks else 0)
+
+    last = len(text_block_range(answer_len, block_len, nblocks - 1))
+    capped = nblocks > 1 and even(steps, nblocks, nblocks - 1) > last
     out = []
     for block in range(nblocks):
         size = len(text_block_range(answer_len, block_len, block))
-        block_steps = steps // nblocks + (1 if block < steps % nblocks else 0)
-        if block_steps > size:
-            raise PeerError(f"text schedule: block {block} has {size} positions but "
-                            f"{block_steps} steps")
+        if not capped:
+            block_steps = even(steps, nblocks, block)
+        elif block == nblocks - 1:
+            block_steps = last
+        else:
+            block_steps = even(steps - last, nblocks - 1, block)
         out += [(block, size // block_steps + (1 if t < size % block_steps else 0))
                 for t in range(block_steps)]
     return out
@@ -1326,6 +1336,8 @@ def self_test(torch):
     check("shift_counts(11, 7) (f64 rounding)", shift_counts(11, 7) == [1, 1, 1, 1, 1, 3, 3])
     check("text_schedule(70, 32, 7)", text_schedule(70, 32, 7) ==
           [(0, 11), (0, 11), (0, 10), (1, 16), (1, 16), (2, 3), (2, 3)])
+    check("text_schedule(33, 32, 4) (short last block capped)", text_schedule(33, 32, 4) ==
+          [(0, 11), (0, 11), (0, 10), (1, 1)])
     o = image_order("stratified", 16, 16, 7)
     ok = sorted(o) == list(range(256))
     for j in range(1, 4):

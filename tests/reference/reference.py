@@ -2,7 +2,7 @@
 """Independent float64 reference for the sparse-lavida forward graph (SPEC §2.3) and
 visibility rule (SPEC §3).
 
-Written from /work/shared/SPEC.md only, without reading the Rust implementation, so that a
+Written from the contract (docs/SPEC.md) only, without reading the Rust implementation, so that a
 Rust test can compare against it as an oracle. It is deliberately plain: every row of every
 branch is computed in every layer, attention builds the full T x T visibility matrix, and all
 arithmetic is float64.

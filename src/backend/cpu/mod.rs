@@ -72,6 +72,13 @@ impl Default for CpuBackend {
     }
 }
 
+/// `rows · cols` elements of f32, or [`Error::OutOfMemory`] when their bytes overflow.
+fn elements(rows: usize, cols: usize, what: &str) -> Result<usize> {
+    rows.checked_mul(cols)
+        .filter(|n| n.checked_mul(4).is_some())
+        .ok_or_else(|| Error::OutOfMemory(format!("{what}: its size overflows 64 bits")))
+}
+
 fn check_shape(what: &str, m: &CpuMatrix, rows: usize, cols: usize) -> Result<()> {
     if m.rows != rows || m.cols != cols || m.data.len() != rows * cols {
         return Err(Error::Input(format!(
@@ -112,8 +119,14 @@ impl Backend for CpuBackend {
 
     fn new_cache(&self, cfg: &Config, slots: usize) -> Result<CpuCache> {
         let kv_dim = cfg.kv_dim();
-        let bytes = 2 * cfg.n_layers as u64 * slots as u64 * kv_dim as u64 * 4;
-        crate::config::ensure_fits("the K/V pool", bytes)?;
+        let what = format!("the K/V pool of {slots} slots");
+        // Sizes in checked arithmetic: a wrapped product would allocate a wrong, small pool.
+        let per_layer = elements(slots, kv_dim, &what)?;
+        let bytes = [cfg.n_layers as u64, per_layer as u64, 8]
+            .into_iter()
+            .try_fold(1u64, u64::checked_mul)
+            .unwrap_or(u64::MAX);
+        crate::memory::ensure_fits(&what, bytes)?;
         Ok(CpuCache {
             slots,
             kv_dim,
@@ -123,16 +136,17 @@ impl Backend for CpuBackend {
                 head_dim: cfg.head_dim,
             },
             rope_theta: cfg.rope_theta,
-            k: vec![vec![0.0; slots * kv_dim]; cfg.n_layers],
-            v: vec![vec![0.0; slots * kv_dim]; cfg.n_layers],
+            k: vec![vec![0.0; per_layer]; cfg.n_layers],
+            v: vec![vec![0.0; per_layer]; cfg.n_layers],
         })
     }
 
     fn matrix(&self, rows: usize, cols: usize, _kind: MatrixKind) -> Result<CpuMatrix> {
+        let len = elements(rows, cols, &format!("a [{rows}, {cols}] matrix"))?;
         Ok(CpuMatrix {
             rows,
             cols,
-            data: vec![0.0; rows * cols],
+            data: vec![0.0; len],
         })
     }
 

@@ -1,0 +1,670 @@
+//! Memory bounds: what a request needs, computed from the config and the request's sizes alone
+//! in checked integer arithmetic before anything is allocated, and the limit it must fit in.
+//!
+//! Every size here is an upper bound of what the run allocates on the heap (weights, K/V pool,
+//! activations, plans, schedule and trace, outputs), so a request that passes the check never
+//! aborts for memory and one that fails is refused in microseconds with both numbers. A size
+//! that overflows 64 bits is refused the same way: no request is ever that small.
+//!
+//! The host limit is the smallest of what this process may still take: the machine's available
+//! memory (`MemAvailable` in `/proc/meminfo`), the cgroup's `memory.max` less its usage, and the
+//! address-space limit (`ulimit -v`) less what the process already maps. `--max-memory`
+//! ([`set_max_memory`]) replaces the first two; the address-space limit still applies, as the
+//! kernel enforces it whatever the user says.
+
+use crate::config::{Branch, Config};
+use crate::error::{Error, Result};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Heap bytes of fixed overhead every run may use besides its sized parts: the argument
+/// parser, thread pools, per-thread attention tiles, matrix-product packing buffers, output
+/// buffers, error and progress strings.
+pub const FIXED_OVERHEAD: u64 = 32 << 20;
+/// Host bytes of bookkeeping per weight tensor (its name and shape in the tensor list, the
+/// weight map and the model's index of it, each built a few times during a load).
+pub const TENSOR_OVERHEAD: u64 = 1024;
+/// Host bytes per fed row of one pass: the plan builder's rows, sort order and ranks, the
+/// packed plan and the backend's copy of it.
+pub const PLAN_BYTES_PER_ROW: u64 = 160;
+/// Host bytes per key of one pass: the builder's per-sequence key lists and slot set, the
+/// packed index and tag lists and the backend's copy.
+pub const PLAN_BYTES_PER_KEY: u64 = 112;
+/// Host bytes of scratch per worker thread on the CPU backend: matrix-product packing buffers
+/// (about 1.1 MB per product in flight) and attention tiles.
+pub const THREAD_SCRATCH: u64 = 4 << 20;
+/// Device bytes of fixed overhead on a GPU (cuBLASLt workspaces, module images, pool slack).
+pub const DEVICE_OVERHEAD: u64 = 512 << 20;
+
+/// `--max-memory`, in bytes; 0 when unset.
+static MAX_MEMORY: AtomicU64 = AtomicU64::new(0);
+
+/// Sets (or with `None` clears) the host memory limit that replaces the machine's available
+/// memory in every check of this process (`--max-memory`).
+pub fn set_max_memory(bytes: Option<u64>) {
+    MAX_MEMORY.store(bytes.unwrap_or(0), Ordering::Relaxed);
+}
+
+/// The host memory limit a check compares with, and where it comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limit {
+    /// Bytes.
+    pub bytes: u64,
+    /// What sets it, for messages: `--max-memory`, available memory, cgroup or `ulimit -v`.
+    pub source: &'static str,
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", human_bytes(self.bytes), self.source)
+    }
+}
+
+/// The host memory this process may still allocate (see the module docs), or `None` when no
+/// source can be read (then nothing is refused).
+pub fn host_limit() -> Option<Limit> {
+    let user = MAX_MEMORY.load(Ordering::Relaxed);
+    let mut candidates = Vec::new();
+    if user > 0 {
+        candidates.push(Limit {
+            bytes: user,
+            source: "--max-memory",
+        });
+    } else {
+        if let Some(bytes) = available_memory_bytes() {
+            candidates.push(Limit {
+                bytes,
+                source: "available memory, MemAvailable in /proc/meminfo; --max-memory sets another limit",
+            });
+        }
+        if let Some(bytes) = cgroup_headroom() {
+            candidates.push(Limit {
+                bytes,
+                source: "the cgroup's memory.max less its usage",
+            });
+        }
+    }
+    if let Some(bytes) = address_space_headroom() {
+        candidates.push(Limit {
+            bytes,
+            source: "the address-space limit (ulimit -v) less what this process maps",
+        });
+    }
+    candidates.into_iter().min_by_key(|l| l.bytes)
+}
+
+/// Bytes of memory this machine can still give (Linux `MemAvailable`), if known.
+pub fn available_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    kib_field(&info, "MemAvailable:")
+}
+
+/// The `N kB` value of the line starting with `key`, in bytes.
+fn kib_field(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// The soft `RLIMIT_AS` (from `/proc/self/limits`) less the process's mapped size (`VmSize`).
+fn address_space_headroom() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max address space"))?;
+    let soft: u64 = line
+        .trim_start_matches("Max address space")
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let mapped = kib_field(&status, "VmSize:")?;
+    Some(soft.saturating_sub(mapped))
+}
+
+/// cgroup v2 `memory.max − memory.current` of this process's cgroup, when it has a limit.
+fn cgroup_headroom() -> Option<u64> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+    let max: u64 = std::fs::read_to_string(dir.join("memory.max"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let current: u64 = std::fs::read_to_string(dir.join("memory.current"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(max.saturating_sub(current))
+}
+
+/// Refuses `what` needing `needed` host bytes when [`host_limit`] is lower.
+pub fn ensure_fits(what: &str, needed: u64) -> Result<()> {
+    match host_limit() {
+        Some(limit) if needed > limit.bytes => Err(Error::OutOfMemory(format!(
+            "{what} needs {} but the limit is {limit}",
+            human_bytes(needed)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Parses a byte count: an integer or decimal number with an optional unit, case-insensitive:
+/// `B`; `K`, `M`, `G`, `T`, `P` or `KiB` … `PiB` (powers of 1024); `kB`, `MB`, `GB`, `TB`, `PB`
+/// (powers of 1000). `8G` is 8 GiB, `1.5GB` is 1.5·10⁹ bytes.
+pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
+    let s = text.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = (&s[..split], s[split..].trim());
+    let bad =
+        || format!("`{text}` is not a byte count (e.g. 8G = 8 GiB, 1.5GB = 1.5·10⁹ bytes, 4096)");
+    let scale: u128 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "p" | "pib" => 1 << 50,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "pb" => 1_000_000_000_000_000,
+        _ => return Err(bad()),
+    };
+    let (int, frac) = number.split_once('.').unwrap_or((number, ""));
+    if int.is_empty() && frac.is_empty() || frac.contains('.') || frac.len() > 18 {
+        return Err(bad());
+    }
+    let digits = |d: &str| -> std::result::Result<u128, String> {
+        if d.is_empty() {
+            Ok(0)
+        } else {
+            d.parse::<u128>().map_err(|_| bad())
+        }
+    };
+    let too_big = || format!("`{text}` is more than 2^64 bytes");
+    let whole = digits(int)?.checked_mul(scale).ok_or_else(too_big)?;
+    let part = digits(frac)?
+        .checked_mul(scale)
+        .ok_or_else(too_big)?
+        .checked_div(10u128.pow(frac.len() as u32))
+        .unwrap_or(0);
+    let bytes = whole.checked_add(part).ok_or_else(too_big)?;
+    u64::try_from(bytes).map_err(|_| too_big())
+}
+
+/// Bytes with a decimal unit and three significant digits: `512 B`, `36.9 MB`, `43.0 GB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 999.95 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
+    }
+    match unit {
+        0 => format!("{bytes} B"),
+        _ if v >= 99.95 => format!("{v:.0} {}", UNITS[unit]),
+        _ if v >= 9.995 => format!("{v:.1} {}", UNITS[unit]),
+        _ => format!("{v:.2} {}", UNITS[unit]),
+    }
+}
+
+/// An integer with thousands separators: `10,757,193,216`.
+pub fn human_count(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Where a request runs: what it stores per element and where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The f32 CPU backend: everything on the host, 4 bytes per weight and cached key/value.
+    Cpu,
+    /// The CUDA backend: bf16 weights and K/V pool on the device (2 bytes), f32 residual and
+    /// logits; the host keeps plans, schedule and trace.
+    Cuda,
+}
+
+/// Where a model's weights come from, for their memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsFrom {
+    /// Seeded random weights (made on the host for the CPU, on the device for CUDA).
+    Random,
+    /// A safetensors file of this many bytes, read whole on the host then converted to f32.
+    File(u64),
+}
+
+/// One part of a request's memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// What it is: `weights`, `K/V pool`, ...
+    pub what: String,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// The memory a request needs on the host and (on a GPU) on the device, by part.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Need {
+    /// Host parts.
+    pub host: Vec<Part>,
+    /// Device parts (empty on the CPU).
+    pub device: Vec<Part>,
+}
+
+impl Need {
+    fn add(parts: &mut Vec<Part>, what: impl Into<String>, bytes: u64) {
+        if bytes > 0 {
+            parts.push(Part {
+                what: what.into(),
+                bytes,
+            });
+        }
+    }
+
+    /// Adds a host part.
+    pub fn host(&mut self, what: impl Into<String>, bytes: u64) {
+        Self::add(&mut self.host, what, bytes);
+    }
+
+    /// Adds a device part.
+    pub fn device(&mut self, what: impl Into<String>, bytes: u64) {
+        Self::add(&mut self.device, what, bytes);
+    }
+
+    /// Host bytes in total; [`Error::OutOfMemory`] when they overflow 64 bits.
+    pub fn host_total(&self) -> Result<u64> {
+        total(&self.host)
+    }
+
+    /// Device bytes in total; [`Error::OutOfMemory`] when they overflow 64 bits.
+    pub fn device_total(&self) -> Result<u64> {
+        total(&self.device)
+    }
+
+    /// Refuses `what` when its host total exceeds [`host_limit`], with the total, the parts
+    /// and the limit.
+    pub fn check_host(&self, what: &str) -> Result<()> {
+        self.check_host_against(what, host_limit())
+    }
+
+    /// [`Need::check_host`] against a given limit (`None`: no limit known).
+    pub fn check_host_against(&self, what: &str, limit: Option<Limit>) -> Result<()> {
+        let total = self.host_total()?;
+        match limit {
+            Some(limit) if total > limit.bytes => Err(Error::OutOfMemory(format!(
+                "{what} needs {} of host memory ({}) but the limit is {limit}",
+                human_bytes(total),
+                describe(&self.host)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses `what` when its device total exceeds `free` device bytes.
+    pub fn check_device(&self, what: &str, free: u64) -> Result<()> {
+        let total = self.device_total()?;
+        if total > free {
+            return Err(Error::OutOfMemory(format!(
+                "{what} needs {} of device memory ({}) but {} is free on the device",
+                human_bytes(total),
+                describe(&self.device),
+                human_bytes(free)
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn total(parts: &[Part]) -> Result<u64> {
+    parts
+        .iter()
+        .try_fold(0u64, |acc, p| acc.checked_add(p.bytes))
+        .ok_or_else(overflow)
+}
+
+/// `weights 43.0 GB (10,757,193,216 parameters in f32), K/V pool 1.20 GB (...)`: the bytes
+/// right after a part's name, its details after them.
+fn describe(parts: &[Part]) -> String {
+    parts
+        .iter()
+        .map(|p| match p.what.split_once(" (") {
+            Some((name, detail)) => format!("{name} {} ({detail}", human_bytes(p.bytes)),
+            None => format!("{} {}", p.what, human_bytes(p.bytes)),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn overflow() -> Error {
+    Error::OutOfMemory(
+        "the request's memory overflows 64-bit arithmetic (more than 18.4 EB)".into(),
+    )
+}
+
+/// `Σ aᵢ·bᵢ·…` in checked arithmetic: each term a product of factors.
+fn sum_of_products(terms: &[&[u64]]) -> Result<u64> {
+    terms.iter().try_fold(0u64, |acc, factors| {
+        let product = factors
+            .iter()
+            .try_fold(1u64, |p, &f| p.checked_mul(f))
+            .ok_or_else(overflow)?;
+        acc.checked_add(product).ok_or_else(overflow)
+    })
+}
+
+/// `a · b` checked.
+fn mul(a: u64, b: u64) -> Result<u64> {
+    a.checked_mul(b).ok_or_else(overflow)
+}
+
+/// `a + b` checked.
+fn add(a: u64, b: u64) -> Result<u64> {
+    a.checked_add(b).ok_or_else(overflow)
+}
+
+/// Adds the weights of `cfg` to `need`: on the CPU f32 values (and a weight file read whole
+/// first), on CUDA bf16 on the device (a file also passes through an f32 host copy).
+pub fn add_weights(need: &mut Need, cfg: &Config, target: Target, from: WeightsFrom) -> Result<()> {
+    let params = cfg.try_param_count()?;
+    let book = mul(cfg.tensor_count(), TENSOR_OVERHEAD)?;
+    let f32_bytes = mul(params, 4)?;
+    let label = |dtype: &str| format!("weights ({} parameters in {dtype})", human_count(params));
+    need.host(
+        format!(
+            "tensor bookkeeping ({} tensors)",
+            human_count(cfg.tensor_count())
+        ),
+        book,
+    );
+    match (target, from) {
+        (Target::Cpu, WeightsFrom::Random) => need.host(label("f32"), f32_bytes),
+        (Target::Cpu, WeightsFrom::File(len)) => {
+            need.host(label("f32"), f32_bytes);
+            need.host("the weight file, read whole", len);
+        }
+        (Target::Cuda, from) => {
+            need.device(label("bf16"), mul(params, 2)?);
+            if let WeightsFrom::File(len) = from {
+                need.host(
+                    "the weight file and its f32 copy before the upload",
+                    add(len, f32_bytes)?,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Adds writing `cfg`'s random weights to a file in `dtype` ([`crate::weights::write_random`])
+/// to `need`: one batch of tensors at a time, plus the tensor list and the file header.
+pub fn add_weight_writer(
+    need: &mut Need,
+    cfg: &Config,
+    dtype: crate::weights::SaveDtype,
+) -> Result<()> {
+    cfg.try_param_count()?;
+    need.host("fixed overhead", FIXED_OVERHEAD);
+    need.host(
+        format!(
+            "the list and file header of {} tensors",
+            human_count(cfg.tensor_count())
+        ),
+        mul(cfg.tensor_count(), TENSOR_OVERHEAD)?,
+    );
+    need.host(
+        format!("one batch of tensors (f32 values and their {dtype} encoding)"),
+        crate::weights::write_batch_bytes(cfg, dtype),
+    );
+    Ok(())
+}
+
+/// The sizes of one generation that decide its memory: see
+/// [`crate::request::Workload::shape`], which derives them from a config and the flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenShape {
+    /// The response's branch (image for text-to-image, text for a text answer).
+    pub response: Branch,
+    /// Prompt length `P`.
+    pub prompt: u64,
+    /// Response length `N`.
+    pub response_len: u64,
+    /// Sequences: 2 for a CFG pair, else 1.
+    pub n_seqs: u64,
+    /// Steps `K`.
+    pub steps: u64,
+    /// Most positions one step decodes per sequence (the largest t2i group, or a text block).
+    pub max_query: u64,
+    /// `H × W` of a text-to-image grid.
+    pub grid: Option<(u64, u64)>,
+}
+
+/// Activation bytes of `rows` rows of branch `b` in one pass on the CPU backend (the CUDA
+/// backend stores less: bf16 for all but the residual), with the backend's transient copies:
+/// RoPE's rotated keys and the attention's split partials (`splits` per query tile and head).
+fn activation_bytes(cfg: &Config, b: Branch, rows: u64, splits: u64) -> Result<u64> {
+    let (d, f) = (cfg.d_model(b) as u64, cfg.d_mlp(b) as u64);
+    let (a, kv) = (cfg.attn_dim() as u64, cfg.kv_dim() as u64);
+    let heads = cfg.n_heads as u64;
+    let per_row = sum_of_products(&[
+        &[2, d],
+        &[2, a],
+        &[3, kv],
+        &[3, f],
+        &[splits, heads, cfg.head_dim as u64 + 1],
+        &[heads],
+        &[4],
+    ])?;
+    mul(mul(rows, per_row)?, 4)
+}
+
+/// Adds the run of `shape` (everything but the weights) to `need`. `resident`: the target keeps
+/// every step's plan (a device-resident CUDA run) rather than one at a time; `image_px`: the
+/// pixels of a `--image` picture, if one is drawn.
+pub fn add_generation(
+    need: &mut Need,
+    cfg: &Config,
+    shape: &GenShape,
+    target: Target,
+    image_px: u64,
+) -> Result<()> {
+    let GenShape {
+        prompt: p,
+        response_len: n,
+        n_seqs,
+        steps: k,
+        max_query,
+        ..
+    } = *shape;
+    let r = cfg.n_registers as u64;
+    let (layers, kv) = (cfg.n_layers as u64, cfg.kv_dim() as u64);
+    // Pool: [prompt | response | scratch of N + R] per sequence (sampler::Layout).
+    let slots = mul(n_seqs, sum_of_products(&[&[p], &[2, n], &[r]])?)?;
+    // Rows and keys of the largest pass of any mode: sparse without truncation feeds at most
+    // the prompt, every response position once (decoded, queried or another mask) and the
+    // registers; dense feeds prompt and response.
+    let seq_rows = sum_of_products(&[&[p], &[n], &[r]])?;
+    let (text_rows, image_rows) = match shape.response {
+        Branch::Image => (mul(n_seqs, p)?, mul(n_seqs, add(n, r)?)?),
+        Branch::Text => (mul(n_seqs, seq_rows)?, 0),
+    };
+    let rows = add(text_rows, image_rows)?;
+    let keys = mul(n_seqs, seq_rows)?;
+    let logits_rows = mul(n_seqs, max_query)?;
+    let d_max = cfg.d_text.max(cfg.d_image) as u64;
+    let v_max = cfg.text_vocab.max(cfg.image_vocab) as u64;
+    let threads = rayon::current_num_threads() as u64;
+    let splits = threads.clamp(
+        1,
+        crate::backend::cpu::attention::AttnTiling::MAX_SPLITS as u64,
+    );
+    let activations = add(
+        activation_bytes(cfg, Branch::Text, text_rows, splits)?,
+        activation_bytes(cfg, Branch::Image, image_rows, splits)?,
+    )?;
+    // Head: gathered rows, their norm, the logits; the sampler's ban mask and results.
+    let head = sum_of_products(&[
+        &[logits_rows, 2 * d_max + v_max, 4],
+        &[v_max],
+        &[logits_rows, 16],
+    ])?;
+    let plan_pass = sum_of_products(&[&[rows, PLAN_BYTES_PER_ROW], &[keys, PLAN_BYTES_PER_KEY]])?;
+    // Schedule (order, stratified keys and quadtree shuffles, groups), decode state, trace
+    // (decoded positions and tokens, each step's query), the prompts and the output tokens.
+    let (h, w) = shape.grid.unwrap_or((0, 0));
+    let queries = match shape.response {
+        Branch::Image => n,
+        Branch::Text => mul(k, max_query)?,
+    };
+    let bookkeeping = sum_of_products(&[
+        &[n, 64],
+        &[33, add(h, w)?, 4],
+        &[k, 256],
+        &[queries, 4],
+        &[add(n_seqs, 2)?, p, 4],
+        &[image_px, 8],
+    ])?;
+    need.host("fixed overhead", FIXED_OVERHEAD);
+    need.host("schedule, decode state, trace and outputs", bookkeeping);
+    match target {
+        Target::Cpu => {
+            need.host(
+                format!("K/V pool ({} slots)", human_count(slots)),
+                sum_of_products(&[&[2, layers, slots, kv, 4]])?,
+            );
+            need.host("activations", add(activations, head)?);
+            need.host("plans", plan_pass);
+            need.host("per-thread scratch", mul(threads, THREAD_SCRATCH)?);
+        }
+        Target::Cuda => {
+            need.device(
+                format!("K/V pool ({} slots)", human_count(slots)),
+                sum_of_products(&[&[2, layers, slots, kv, 2]])?,
+            );
+            need.device("activations", add(activations, head)?);
+            // A device-resident run uploads every step's plan up front, and keeps their host
+            // copies (its program) while it runs.
+            let programs = mul(add(k, 1)?, plan_pass)?;
+            need.device("step plans", programs);
+            need.host("step plans", programs);
+            need.device("device overhead", DEVICE_OVERHEAD);
+        }
+    }
+    Ok(())
+}
+
+/// Adds one `forward` pass over `rows` rows (`[text, image]`, one sequence, every row a key of
+/// every other) with `logits_rows` logits rows of vocabulary `vocab` to `need`.
+pub fn add_forward(
+    need: &mut Need,
+    cfg: &Config,
+    rows: [u64; 2],
+    logits_rows: u64,
+    vocab: u64,
+    target: Target,
+) -> Result<()> {
+    let all = add(rows[0], rows[1])?;
+    let (layers, kv) = (cfg.n_layers as u64, cfg.kv_dim() as u64);
+    let d_max = cfg.d_text.max(cfg.d_image) as u64;
+    let threads = rayon::current_num_threads() as u64;
+    let splits = threads.clamp(
+        1,
+        crate::backend::cpu::attention::AttnTiling::MAX_SPLITS as u64,
+    );
+    let activations = add(
+        activation_bytes(cfg, Branch::Text, rows[0], splits)?,
+        activation_bytes(cfg, Branch::Image, rows[1], splits)?,
+    )?;
+    // Head and the output tensor, its host copy and its file bytes.
+    let head = sum_of_products(&[
+        &[logits_rows, 2 * d_max + vocab, 4],
+        &[logits_rows, vocab, 12],
+    ])?;
+    let plan = sum_of_products(&[&[all, PLAN_BYTES_PER_ROW], &[all, PLAN_BYTES_PER_KEY]])?;
+    need.host("fixed overhead", FIXED_OVERHEAD);
+    need.host("plan and logits output", add(plan, head)?);
+    let pool = |bytes: u64| sum_of_products(&[&[2, layers, all, kv, bytes]]);
+    match target {
+        Target::Cpu => {
+            need.host(format!("K/V pool ({} slots)", human_count(all)), pool(4)?);
+            need.host("activations", activations);
+            need.host("per-thread scratch", mul(threads, THREAD_SCRATCH)?);
+        }
+        Target::Cuda => {
+            need.device(format!("K/V pool ({} slots)", human_count(all)), pool(2)?);
+            need.device("activations", add(activations, head)?);
+            need.device("device overhead", DEVICE_OVERHEAD);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts_parse_with_units() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("8G"), Ok(8 << 30));
+        assert_eq!(parse_bytes("8gib"), Ok(8 << 30));
+        assert_eq!(parse_bytes("512M"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(parse_bytes("0.5k"), Ok(512));
+        assert_eq!(parse_bytes(" 2 kB "), Ok(2000));
+        for bad in [
+            "",
+            "G",
+            "1.2.3",
+            "-1",
+            "8X",
+            "1e9",
+            "99999999999999999999999P",
+        ] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+        assert!(parse_bytes("16385P").unwrap_err().contains("2^64"));
+    }
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(43_028_772_864), "43.0 GB");
+        assert_eq!(human_bytes(1_999_000), "2.00 MB");
+        assert_eq!(human_bytes(u64::MAX), "18.4 EB");
+        assert_eq!(human_count(10_757_193_216), "10,757,193,216");
+        assert_eq!(human_count(999), "999");
+        assert_eq!(human_count(1000), "1,000");
+    }
+
+    #[test]
+    fn overflowing_requests_are_out_of_memory_not_panics() {
+        let cfg = Config::preset("tiny").unwrap();
+        let shape = GenShape {
+            response: Branch::Image,
+            prompt: u64::MAX / 3,
+            response_len: u64::MAX / 3,
+            n_seqs: 2,
+            steps: u64::MAX,
+            max_query: u64::MAX,
+            grid: Some((u64::MAX, 3)),
+        };
+        let mut need = Need::default();
+        let e = add_generation(&mut need, &cfg, &shape, Target::Cpu, 0).unwrap_err();
+        assert!(matches!(e, Error::OutOfMemory(_)), "{e}");
+    }
+}
