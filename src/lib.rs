@@ -14,8 +14,11 @@ pub mod backend;
 pub mod bench;
 pub mod case;
 pub mod config;
+pub mod contract;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+pub mod exec;
 pub mod image;
 pub mod io;
 pub mod memory;
