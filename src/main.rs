@@ -617,11 +617,11 @@ fn generate_on<B: Resident>(
     mode: Mode,
     capture: Option<&ProfiledDevice>,
 ) -> Result<()> {
-    let exec = a.exec.execution();
+    let execution = a.exec.execution();
     #[cfg(feature = "cuda")]
     let region = match capture {
         Some(dev) => {
-            let warm = exec::generate_with(model, task, mode, exec, RunOptions::default())?;
+            let warm = exec::generate_with(model, task, mode, execution, RunOptions::default())?;
             eprintln!(
                 "profile: warm-up run {:.3} s; the run below is inside cuProfilerStart/Stop",
                 warm.wall_s
@@ -638,7 +638,7 @@ fn generate_on<B: Resident>(
         model,
         task,
         mode,
-        exec,
+        execution,
         RunOptions {
             progress: Some(&mut tick),
             ..RunOptions::default()

@@ -35,7 +35,7 @@ pub enum WeightSource {
     /// A safetensors file.
     File(PathBuf),
     /// Seeded random weights: [`HostWeights::random`] on the CPU backend, generated on the
-    /// device on the CUDA backend ([`Model::random_on_device`]: same distributions, other
+    /// device on the CUDA backend (`Model::random_on_device`: same distributions, other
     /// numbers).
     Random(u64),
 }

@@ -452,9 +452,9 @@ fn step_plan(
     }
 }
 
-/// Checks prompt ids: each inside the text vocabulary and not the text [MASK]. A prompt is
-/// clean text (block 0); a [MASK] id there would be embedded as a token that is not a mask to
-/// attention, which no request means (the unconditional CFG prompt of [MASK] ids is built
+/// Checks prompt ids: each inside the text vocabulary and not the text \[MASK\]. A prompt is
+/// clean text (block 0); a \[MASK\] id there would be embedded as a token that is not a mask to
+/// attention, which no request means (the unconditional CFG prompt of \[MASK\] ids is built
 /// here, not given).
 pub fn check_prompt(cfg: &Config, prompt: &[u32]) -> Result<()> {
     for (i, &id) in prompt.iter().enumerate() {
@@ -710,7 +710,7 @@ fn text_setup(cfg: &Config, req: &TextRequest) -> Result<(Layout, TextDecoder)> 
 
 /// A generation compiled for the host loop: its layout, its decoder (which positions each step
 /// decodes, with which sampler parameters, and which of them it commits) and its mode. The host
-/// executor drives it step by step from a [`DecodeState`]; [`program`] compiles the same request
+/// executor drives it step by step from a [`DecodeState`]; [`program()`] compiles the same request
 /// for a device-resident run. Building it checks the whole request (prompt ids, sampling
 /// parameters, sizes, the schedule) before anything is allocated on a backend.
 pub struct Sampling {

@@ -840,7 +840,7 @@ fn gpu_backend_rejects_bad_inputs() {
 // ------------------------------------------------------------------------------------------
 
 fn run_exec(model: &Model<CudaBackend>, task: &Task, mode: Mode, exec: Execution) -> Generation {
-    let g = exec::generate_with(model, task, mode, exec, RunOptions::default())
+    let g = sparse_lavida::exec::generate_with(model, task, mode, exec, RunOptions::default())
         .unwrap_or_else(|e| panic!("{} {mode} {exec}: {e}", task_name(task)));
     assert_eq!(g.execution, exec, "{} {mode}", task_name(task));
     g
@@ -970,8 +970,9 @@ fn gpu_resident_reports_device_errors_after_the_run() {
     let t2i = tasks(&cfg, 4).remove(0);
     let mode = Mode::Sparse(Switches::ALL_ON);
     for exec in [Execution::Eager, Execution::Queued, Execution::Graphs] {
-        let e = exec::generate_with(&broken, &t2i, mode, exec, RunOptions::default())
-            .expect_err("an inf logit must be an error");
+        let e =
+            sparse_lavida::exec::generate_with(&broken, &t2i, mode, exec, RunOptions::default())
+                .expect_err("an inf logit must be an error");
         assert!(matches!(e, Error::Input(_)), "{exec}: {e}");
         assert!(e.to_string().contains("non-finite logit"), "{exec}: {e}");
     }
