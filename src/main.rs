@@ -818,6 +818,12 @@ fn bench_on<B: Resident>(
     };
     let workload = format!("{} ({model_name})", describe(task));
     say!("backend   {}", model.backend().name());
+    if model.backend().name().contains("emulated") {
+        say!(
+            "note      the emulated device is a CPU model for correctness: its timings say \
+             nothing about a GPU's"
+        );
+    }
     say!("machine   {}", runtime::cpu_description());
     say!("workload  {workload}");
     say!("{}", bench::table_header());
@@ -1020,6 +1026,12 @@ fn cmd_info() -> Result<()> {
                         info.sm_count,
                         human_bytes(info.total_mem as u64)
                     );
+                    if info.emulated {
+                        say!(
+                            "          emulated: a CPU model of the device (kernels/emu) for \
+                             correctness tests; its speed means nothing"
+                        );
+                    }
                 }
                 Err(e) => say!("device    none usable here: {}", runtime::reason(&e)),
             }

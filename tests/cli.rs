@@ -433,7 +433,7 @@ fn lavida_o_on_cpu_is_refused_with_its_size_when_it_does_not_fit() {
     match sparse_lavida::memory::available_memory_bytes() {
         Some(avail) if avail < need => {
             fails_with(
-                &["generate", "--preset", "lavida-o"],
+                &["generate", "--preset", "lavida-o", "--device", "cpu"],
                 &["out of memory", "43.0 GB"],
             );
         }

@@ -2,10 +2,12 @@
 //! step by step (teacher-forced, so both backends see identical inputs at every step), and the
 //! `forward` pass on random cases.
 //!
-//! GPU tests are `#[ignore = "needs a CUDA GPU"]`; run them on a GPU machine with
-//! `cargo test --release --test gpu_backend -- --ignored --nocapture --test-threads=1` (they
-//! print the largest error of each case; one thread, as graph captures must not share the
-//! device with another test's synchronising calls). Every model uses the same bf16-rounded weights (the CUDA backend stores
+//! Device tests need a CUDA device: built with the `emulator` feature they run on the emulated
+//! one (`./scripts/test` puts it on the loader's path), otherwise they are ignored and a GPU
+//! machine runs them with `cargo test --release --test gpu_backend -- --include-ignored
+//! --nocapture --test-threads=1` (`scripts/gpu-check`; they print the largest error of each
+//! case; one thread, as graph captures must not share the device with another test's
+//! synchronising calls). Every model uses the same bf16-rounded weights (the CUDA backend stores
 //! bf16 weights by design), so the comparison measures the bf16 activations and the kernels,
 //! not the weights' storage.
 //!
@@ -21,22 +23,21 @@
 mod common;
 
 use common::rel_l2;
+use common::twin::{Bf16Twin, bound};
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sparse_lavida::Error;
-use sparse_lavida::backend::cpu::attention::{self, AttnInputs, AttnShape, AttnTiling};
+use sparse_lavida::backend::cpu::CpuBackend;
 use sparse_lavida::backend::cpu::ops as cpu;
-use sparse_lavida::backend::cpu::{CpuBackend, CpuMatrix};
 use sparse_lavida::backend::cuda::CudaBackend;
-use sparse_lavida::backend::{Backend, MatrixKind, SampleParams, Sampled};
+use sparse_lavida::backend::{Backend, MatrixKind};
 use sparse_lavida::case::{Case, CaseId, CaseRow, RegisterMarker};
 use sparse_lavida::config::{Branch, Config};
 use sparse_lavida::cuda::blas::{Gemm, GemmOut, GemmShape};
 use sparse_lavida::cuda::device::{CudaDevice, NO_DRIVER};
 use sparse_lavida::exec;
 use sparse_lavida::model::Model;
-use sparse_lavida::plan::StepPlan;
 use sparse_lavida::runtime::{self, Device, Resolved, WeightSource};
 use sparse_lavida::sampler::{
     Execution, Generation, Mode, RunOptions, StepTrace, Switches, T2iRequest, Task, TextRequest,
@@ -97,203 +98,8 @@ fn auto_falls_back_to_cpu_with_a_note_and_cuda_names_the_reason() {
 // Helpers
 // ------------------------------------------------------------------------------------------
 
-/// The naive bf16 implementation of the graph (see the module docs): f32 CPU arithmetic, with
-/// each value the CUDA backend stores in bf16 rounded to bf16.
-struct Bf16Twin(CpuBackend);
-
-/// A CPU matrix that remembers whether the CUDA backend would store it in bf16.
-struct TwinMatrix(CpuMatrix, MatrixKind);
-
-/// The twin's K/V pool (bf16-rounded values in f32).
-struct TwinCache {
-    shape: AttnShape,
-    rope_theta: f64,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-}
-
-fn round_bf16(x: &mut [f32]) {
-    for v in x {
-        *v = bf16::from_f32(*v).to_f32();
-    }
-}
-
-fn stored(m: &mut TwinMatrix) {
-    if m.1 == MatrixKind::Activation {
-        round_bf16(&mut m.0.data);
-    }
-}
-
-impl Backend for Bf16Twin {
-    type Matrix = TwinMatrix;
-    type Weight = HostTensor;
-    type Plan = StepPlan;
-    type Cache = TwinCache;
-
-    fn name(&self) -> String {
-        "naive bf16 twin".into()
-    }
-    fn upload_weight(&self, mut t: HostTensor) -> sparse_lavida::Result<HostTensor> {
-        round_bf16(&mut t.data);
-        Ok(t)
-    }
-    fn upload_plan(&self, plan: &StepPlan) -> sparse_lavida::Result<StepPlan> {
-        Ok(plan.clone())
-    }
-    fn new_cache(&self, cfg: &Config, slots: usize) -> sparse_lavida::Result<TwinCache> {
-        let len = slots * cfg.kv_dim();
-        Ok(TwinCache {
-            shape: AttnShape {
-                n_heads: cfg.n_heads,
-                n_kv_heads: cfg.n_kv_heads,
-                head_dim: cfg.head_dim,
-            },
-            rope_theta: cfg.rope_theta,
-            k: vec![vec![0.0; len]; cfg.n_layers],
-            v: vec![vec![0.0; len]; cfg.n_layers],
-        })
-    }
-    fn matrix(
-        &self,
-        rows: usize,
-        cols: usize,
-        kind: MatrixKind,
-    ) -> sparse_lavida::Result<TwinMatrix> {
-        Ok(TwinMatrix(self.0.matrix(rows, cols, kind)?, kind))
-    }
-    fn reshape(&self, m: &mut TwinMatrix, rows: usize, cols: usize) -> sparse_lavida::Result<()> {
-        self.0.reshape(&mut m.0, rows, cols)
-    }
-    fn to_host(&self, m: &TwinMatrix) -> sparse_lavida::Result<Vec<f32>> {
-        self.0.to_host(&m.0)
-    }
-    fn embed(
-        &self,
-        plan: &StepPlan,
-        b: Branch,
-        table: &HostTensor,
-        register: &HostTensor,
-        out: &mut TwinMatrix,
-    ) -> sparse_lavida::Result<()> {
-        self.0.embed(plan, b, table, register, &mut out.0)
-    }
-    fn rmsnorm(
-        &self,
-        x: &TwinMatrix,
-        w: &HostTensor,
-        eps: f32,
-        out: &mut TwinMatrix,
-    ) -> sparse_lavida::Result<()> {
-        self.0.rmsnorm(&x.0, w, eps, &mut out.0)?;
-        stored(out);
-        Ok(())
-    }
-    fn matmul(
-        &self,
-        x: &TwinMatrix,
-        w: &HostTensor,
-        out: &mut TwinMatrix,
-        accumulate: bool,
-    ) -> sparse_lavida::Result<()> {
-        self.0.matmul(&x.0, w, &mut out.0, accumulate)?;
-        stored(out);
-        Ok(())
-    }
-    fn rope_store_kv(
-        &self,
-        plan: &StepPlan,
-        b: Branch,
-        layer: usize,
-        q: &mut TwinMatrix,
-        k: &TwinMatrix,
-        v: &TwinMatrix,
-        cache: &mut TwinCache,
-    ) -> sparse_lavida::Result<()> {
-        let AttnShape {
-            n_heads,
-            n_kv_heads,
-            head_dim,
-        } = cache.shape;
-        let rows = plan.rows(b);
-        cpu::rope(
-            &mut q.0.data,
-            n_heads,
-            head_dim,
-            &rows.pos,
-            cache.rope_theta,
-        )?;
-        round_bf16(&mut q.0.data);
-        let mut k_rot = k.0.data.clone();
-        cpu::rope(
-            &mut k_rot,
-            n_kv_heads,
-            head_dim,
-            &rows.pos,
-            cache.rope_theta,
-        )?;
-        round_bf16(&mut k_rot);
-        let d = cache.shape.kv_dim();
-        for (i, &slot) in rows.slots.iter().enumerate() {
-            let s = slot as usize;
-            cache.k[layer][s * d..(s + 1) * d].copy_from_slice(&k_rot[i * d..(i + 1) * d]);
-            cache.v[layer][s * d..(s + 1) * d].copy_from_slice(&v.0.data[i * d..(i + 1) * d]);
-        }
-        Ok(())
-    }
-    fn attention(
-        &self,
-        plan: &StepPlan,
-        b: Branch,
-        layer: usize,
-        joint: bool,
-        q: &TwinMatrix,
-        cache: &TwinCache,
-        out: &mut TwinMatrix,
-    ) -> sparse_lavida::Result<()> {
-        let rows = plan.rows(b);
-        let inp = AttnInputs {
-            q: &q.0.data,
-            row_tags: &rows.tags,
-            seq_indptr: &rows.seq_indptr,
-            k_pool: &cache.k[layer],
-            v_pool: &cache.v[layer],
-            kv_indptr: &plan.kv_indptr,
-            kv_indices: &plan.kv_indices,
-            kv_tags: &plan.kv_tags,
-            joint,
-            shape: cache.shape,
-        };
-        let tiling =
-            AttnTiling::heuristic(rows.len(), plan.kv_indices.len(), cache.shape.n_heads, 1);
-        attention::attention_tiled(&inp, tiling, &mut out.0.data, None)?;
-        stored(out);
-        Ok(())
-    }
-    fn swiglu(
-        &self,
-        gate: &TwinMatrix,
-        up: &TwinMatrix,
-        out: &mut TwinMatrix,
-    ) -> sparse_lavida::Result<()> {
-        self.0.swiglu(&gate.0, &up.0, &mut out.0)?;
-        stored(out);
-        Ok(())
-    }
-    fn gather_logit_rows(
-        &self,
-        plan: &StepPlan,
-        x: &TwinMatrix,
-        out: &mut TwinMatrix,
-    ) -> sparse_lavida::Result<()> {
-        self.0.gather_logit_rows(plan, &x.0, &mut out.0)
-    }
-    fn sample(&self, logits: &TwinMatrix, p: &SampleParams) -> sparse_lavida::Result<Vec<Sampled>> {
-        self.0.sample(&logits.0, p)
-    }
-}
-
 fn backend() -> CudaBackend {
-    CudaBackend::new().unwrap_or_else(|e| panic!("the GPU tests need a CUDA device: {e}"))
+    CudaBackend::new().unwrap_or_else(|e| panic!("{}: {e}", common::NEED_DEVICE))
 }
 
 fn rng(seed: u64) -> ChaCha8Rng {
@@ -345,11 +151,6 @@ fn oracles(cfg: &Config, seed: u64) -> (Oracles, HostWeights) {
 
 fn cuda_model(cfg: &Config, w: HostWeights) -> Model<CudaBackend> {
     Model::new(backend(), cfg.clone(), w).unwrap()
-}
-
-/// SPEC §6's bound for one comparison: 1e-2, or twice the naive bf16 implementation's error.
-fn bound(twin_err: f64) -> f64 {
-    1e-2f64.max(2.0 * twin_err)
 }
 
 fn prompt(cfg: &Config, len: usize, seed: u64) -> Vec<u32> {
@@ -425,7 +226,7 @@ fn task_name(t: &Task) -> &'static str {
 /// f32 output and the fused residual add (≤ 1e-3), odd sizes included; outputs are poisoned
 /// first, values past the shape are left alone, and a shape is planned once.
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_gemm_matches_cpu_matmul() {
     let be = backend();
     let dev: &CudaDevice = be.device();
@@ -591,7 +392,7 @@ fn comparison_harness_runs_on_cpu() {
 /// the CUDA run, teacher-forced by the CPU run's trace, gives each step's `C_k` logits within
 /// SPEC §6's bound of the CPU's.
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_generations_match_cpu_step_by_step() {
     for (name, cfg) in configs() {
         let (o, w) = oracles(&cfg, 11);
@@ -606,7 +407,7 @@ fn gpu_generations_match_cpu_step_by_step() {
 /// The same request twice on CUDA chooses the same tokens (and, as the kernels and the cached
 /// cuBLASLt algorithms are deterministic, the same logits).
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_same_seed_twice_gives_identical_tokens() {
     let cfg = Config::preset("small").unwrap();
     let gpu = cuda_model(&cfg, bf16_weights(&cfg, 4));
@@ -630,7 +431,7 @@ fn gpu_same_seed_twice_gives_identical_tokens() {
 /// `init-weights --like-device` writes and the PyTorch peer's `--weights-device-seed`
 /// reproduces): every tensor, downloaded in `Config::tensor_shapes` order, equal bit for bit.
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_device_random_weights_equal_the_host_twin_bit_for_bit() {
     for (seed, cfg) in [
         (7, tiny_hd64()),
@@ -664,7 +465,7 @@ fn gpu_device_random_weights_equal_the_host_twin_bit_for_bit() {
 /// other weights; every tensor follows its distribution (range and mean of
 /// `weights::init_range`); and a generation runs on them in every mode.
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_device_random_weights_are_seeded_and_run() {
     let cfg = tiny_hd64();
     let a = Model::random_on_device(backend(), cfg.clone(), 11).unwrap();
@@ -756,7 +557,7 @@ fn forward<B: Backend>(model: &Model<B>, case: &Case) -> Vec<f32> {
 
 /// One full `forward` over random SPEC §3-tagged rows: CUDA within SPEC §6's bound of the CPU.
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_forward_matches_cpu_on_random_cases() {
     let mut r = rng(17);
     for (name, cfg) in configs() {
@@ -786,7 +587,7 @@ fn gpu_forward_matches_cpu_on_random_cases() {
 
 /// Wrong element types, shapes and head widths are errors naming the problem, not panics.
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_backend_rejects_bad_inputs() {
     let be = backend();
     let tiny = Config::preset("tiny").unwrap();
@@ -874,7 +675,7 @@ fn assert_same_run(a: &Generation, b: &Generation, what: &str) {
 /// dense mode and every switch combination, at temperature 0 and 1; running the graphs twice
 /// gives the same tokens again.
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_graphs_equal_eager_tokens() {
     for (name, cfg) in configs() {
         let gpu = cuda_model(&cfg, bf16_weights(&cfg, 21));
@@ -916,7 +717,7 @@ fn gpu_graphs_equal_eager_tokens() {
 /// A device-resident run that cannot be planned fails before anything is queued, naming the
 /// problem, and the backend stays usable.
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_resident_bad_requests_are_errors() {
     let cfg = Config::preset("small").unwrap();
     let gpu = cuda_model(&cfg, bf16_weights(&cfg, 2));
@@ -954,7 +755,7 @@ fn gpu_resident_bad_requests_are_errors() {
 /// through the sampler's sticky flag, as the same kind of error the eager loop gives; the next
 /// run on a sound model starts with clear flags.
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_resident_reports_device_errors_after_the_run() {
     let cfg = Config::preset("small").unwrap();
     let mut w = bf16_weights(&cfg, 6);

@@ -1,7 +1,7 @@
 //! The CUDA kernels against their CPU twins (SPEC §6), through the safe layer
 //! (`sparse_lavida::cuda::ops`).
 //!
-//! GPU tests are `#[ignore = "needs a CUDA GPU"]`; run them on a GPU machine with
+//! GPU tests are `#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]`; run them on a GPU machine with
 //! `cargo test --release --test gpu_kernels -- --ignored --test-threads=1` (one thread: a test
 //! that captures a CUDA graph must not share the device with another test's synchronising
 //! calls). Each draws random inputs, rounds them
@@ -11,8 +11,10 @@
 //! for bit (sampled tokens, aggregation), no NaN, every output written, nothing outside the
 //! output touched.
 //!
-//! The tests without a GPU (not ignored) check what can be checked on the host: the probe fails
-//! cleanly, the attention plan's tables, and the validation of inputs.
+//! The host-side tests (run everywhere) check what can be checked without a device: the probe
+//! fails cleanly, the attention plan's tables, and the validation of inputs.
+
+mod common;
 
 use half::bf16;
 use proptest::prelude::*;
@@ -46,7 +48,7 @@ fn rng(seed: u64) -> ChaCha8Rng {
 }
 
 fn device() -> CudaDevice {
-    CudaDevice::new(0).unwrap_or_else(|e| panic!("the GPU tests need a CUDA device: {e}"))
+    CudaDevice::new(0).unwrap_or_else(|e| panic!("{}: {e}", common::NEED_DEVICE))
 }
 
 fn uniform(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
@@ -272,7 +274,7 @@ fn aggregate_validation_rejects_inconsistent_decode_state() {
 // ------------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_device_opens_and_loads_every_kernel_file() {
     let dev = device();
     let info = dev.info();
@@ -291,7 +293,7 @@ fn gpu_device_opens_and_loads_every_kernel_file() {
 /// seeds whose two key words both matter, and a large tensor (timed: the rate of device-side
 /// random weights).
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_init_uniform_equals_the_cpu_twin_in_bf16() {
     let dev = device();
     let cases: [(usize, u64, u32, f32, f32); 7] = [
@@ -342,7 +344,7 @@ fn gpu_init_uniform_equals_the_cpu_twin_in_bf16() {
 // ------------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_rmsnorm_matches_cpu_with_and_without_add() {
     let dev = device();
     // d = 4096 / 256 take the 16-byte path, 4095 / 100 the scalar one.
@@ -383,7 +385,7 @@ fn gpu_rmsnorm_matches_cpu_with_and_without_add() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_embed_matches_cpu_and_fuses_the_norm() {
     let dev = device();
     for (case, &(table_rows, d, n_rows)) in
@@ -448,7 +450,7 @@ fn gpu_embed_matches_cpu_and_fuses_the_norm() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_rope_kv_matches_cpu_rope_and_stores_at_slots() {
     let dev = device();
     let shapes = [
@@ -560,7 +562,7 @@ fn gpu_rope_kv_matches_cpu_rope_and_stores_at_slots() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_swiglu_matches_cpu_separate_and_fused_gate_up() {
     let dev = device();
     for (case, &(n_rows, width)) in [(6usize, 256usize), (5, 200), (1, 8), (17, 1000)]
@@ -616,7 +618,7 @@ fn gpu_swiglu_matches_cpu_separate_and_fused_gate_up() {
 // ------------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_masked_softmax_matches_cpu_rule_and_prefix() {
     let dev = device();
     for (case, &(n_rows, n_cols, pad)) in [(37usize, 300usize, 4usize), (5, 2000, 0), (64, 7, 1)]
@@ -719,7 +721,7 @@ fn close(a: f32, b: f32, rel: f32) -> bool {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_sample_matches_cpu_tokens_exactly() {
     let dev = device();
     let mut case = 0u64;
@@ -771,7 +773,7 @@ fn gpu_sample_matches_cpu_tokens_exactly() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_sample_reports_non_finite_logits() {
     let dev = device();
     let mut r = rng(650);
@@ -902,7 +904,7 @@ fn aggregate_counts_match_sparse_plan() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_aggregate_matches_sparse_plan() {
     let dev = device();
     for (case, (layout, st, query, plan)) in aggregate_cases().iter().enumerate() {
@@ -1109,18 +1111,28 @@ fn check_attention(what: &str, want: &(Vec<f32>, Vec<f64>), d: usize, o: &[bf16]
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_attention_matches_naive_and_splits_agree() {
     let dev = device();
+    // (rows, cached keys, hidden) per sequence. On the emulated device (a CPU, thousands of times
+    // slower) the long lists are shorter; every feature stays covered: partial query and key
+    // tiles, several query tiles per sequence, splits, an empty key list, a row-less sequence,
+    // fully hidden rows, GQA.
+    let emulated = dev.info().emulated;
+    let (long, longer, decode_keys) = if emulated {
+        ((130, 200), (70, 700), 300)
+    } else {
+        ((300, 500), (150, 2000), 700)
+    };
     let many = [
-        (300usize, 500usize, false),
-        (150, 2000, false),
+        (long.0, long.1, false),
+        (longer.0, longer.1, false),
         (1, 0, false),
         (0, 40, false),
         (70, 100, true),
     ];
-    let few = [(5usize, 3000usize, false)];
-    let decode = [(3usize, 700usize, false), (2, 64, true), (4, 129, false)];
+    let few = [(5usize, if emulated { 1300 } else { 3000 }, false)];
+    let decode = [(3usize, decode_keys, false), (2, 64, true), (4, 129, false)];
     let mut seed = 800;
     for head_dim in [64usize, 128] {
         for (n_heads, n_kv_heads) in [(4usize, 2usize), (2, 2), (8, 1)] {
@@ -1173,7 +1185,7 @@ fn gpu_attention_matches_naive_and_splits_agree() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_attention_rejects_bad_shapes_before_launch() {
     let dev = device();
     let shape = AttnShape {
@@ -1330,7 +1342,7 @@ fn random_patches(r: &mut ChaCha8Rng, n: usize, lens: PatchLens, skip: &[Field])
 /// the state is left as it was. Sizes around the warp width, blocks inside, across and past
 /// the response, patches reading past the state and the lists, one target not given.
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_resolve_plan_matches_patch_lists_and_apply() {
     let dev = device();
     let mut case = 0u64;
@@ -1429,7 +1441,7 @@ fn tied_confidences(r: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
 /// ordered as `f32::total_cmp`) and t2i (query order), committing none, some and all of the
 /// query; query entries past the response are skipped, as if absent.
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_commit_matches_patch_commit() {
     let dev = device();
     let mut case = 0u64;
@@ -1496,7 +1508,7 @@ fn gpu_commit_matches_patch_commit() {
 /// block and step `resolve_plan` (lists of the block, patches reading them) and
 /// `commit_from_lists` with `n_query` = the response length (the list padding is skipped).
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_text_generation_state_follows_the_host_twin() {
     let dev = device();
     let mut r = rng(4000);
@@ -1602,7 +1614,7 @@ fn gpu_text_generation_state_follows_the_host_twin() {
 /// on, each launch would wait on its buffers' events recorded before the capture, which CUDA
 /// rejects inside a capture.)
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_resolve_and_commit_replay_from_a_cuda_graph() {
     use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let dev = device();
@@ -1701,7 +1713,7 @@ fn gpu_resolve_and_commit_replay_from_a_cuda_graph() {
 /// `gather_rows` moves rows bit for bit, an out-of-range row index gives a NaN row, and
 /// nothing past `n` rows is written.
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_gather_rows_matches_host_and_nans_bad_rows() {
     let dev = device();
     let mut r = rng(4200);
@@ -1748,7 +1760,7 @@ fn gpu_gather_rows_matches_host_and_nans_bad_rows() {
 /// `sample_to_device` runs the same kernel as `ops::sample`: bit-identical tokens, confidences
 /// and LSEs; a non-finite logit sets the flag, which stays set through a later clean call.
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_sample_to_device_equals_sample_and_its_flag_is_sticky() {
     let dev = device();
     let mut case = 0u64;
@@ -1862,7 +1874,7 @@ fn gpu_sample_to_device_equals_sample_and_its_flag_is_sticky() {
 /// `embed_flagged` writes what `ops::embed` writes and ORs a bad id into the caller's flag
 /// (sticky), where `ops::embed` reports it as an error.
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_embed_flagged_matches_embed_and_flags_a_bad_id() {
     let dev = device();
     let mut r = rng(4400);

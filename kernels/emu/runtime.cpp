@@ -474,6 +474,10 @@ Lane *pop_ready(Block &b) {
 void suspend(Lane &self) {
     Block &b = *self.block;
     Lane *next = pop_ready(b);
+    if (next == &self) {  // a yielding lane picked itself (random schedule): just go on
+        self.state = State::Running;
+        return;
+    }
     if (next) next->state = State::Running;
     switch_context(&self, next);
     self.state = State::Running;
@@ -1115,6 +1119,7 @@ struct RangeJob : Job {
 
 // --- Memory faults inside a kernel --------------------------------------------------------------
 
+#if !SL_EMU_ASAN  // AddressSanitizer reports faults itself, with the kernel's source line
 struct sigaction previous_segv, previous_bus;
 
 void on_fault(int sig, siginfo_t *info, void *uctx) {
@@ -1141,8 +1146,10 @@ void on_fault(int sig, siginfo_t *info, void *uctx) {
     }
 }
 
+#endif
+
 void install_fault_handler() {
-#if !SL_EMU_ASAN  // AddressSanitizer reports faults itself, with the kernel's source line
+#if !SL_EMU_ASAN
     static std::once_flag once;
     std::call_once(once, [] {
         struct sigaction sa {};

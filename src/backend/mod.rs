@@ -193,6 +193,9 @@ impl StepClock for WallClock {
 pub trait DeviceStats {
     /// The card, e.g. `NVIDIA H100 80GB HBM3`.
     fn device_name(&self) -> String;
+    /// Whether the device is the emulated one (a CPU model for correctness): its timings, copy
+    /// bandwidth and GEMM rate describe the host, not a GPU, so benchmarks skip the ceilings.
+    fn emulated(&self) -> bool;
     /// The driver's version (e.g. `13.0`), when it can be read.
     fn driver_version(&self) -> Option<String>;
     /// Bytes of one stored weight parameter (2 for bf16).

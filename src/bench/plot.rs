@@ -150,6 +150,7 @@ mod tests {
             step_s: steps.to_vec(),
             peak_device_bytes: None,
             tokens_match_sparse: None,
+            tokens: Vec::new(),
         }
     }
 

@@ -48,3 +48,11 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
     (num / den.max(1e-300)).sqrt()
 }
+
+/// Why a device test failed to open a device: it runs on a GPU, or on the emulated device when
+/// built with the `emulator` feature and its libraries are on the loader's path.
+pub const NEED_DEVICE: &str = "this test needs a CUDA device: a GPU, or the emulated one (built \
+    with --features emulator into target/<profile>/emu; scripts/test and scripts/emu put it on \
+    LD_LIBRARY_PATH)";
+
+pub mod twin;

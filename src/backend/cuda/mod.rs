@@ -870,6 +870,10 @@ impl DeviceStats for CudaBackend {
         self.dev.info().name.clone()
     }
 
+    fn emulated(&self) -> bool {
+        self.dev.info().emulated
+    }
+
     fn driver_version(&self) -> Option<String> {
         self.dev.driver_version().ok()
     }

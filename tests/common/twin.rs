@@ -1,0 +1,213 @@
+//! The naive bf16 twin of the CUDA backend (SPEC §6's "naive bf16 implementation of the same
+//! op" for a whole forward pass): the CPU backend's f32 arithmetic with every value the CUDA
+//! backend stores in bf16 rounded to bf16. A device result is within SPEC §6 when its error
+//! against the f32 CPU oracle is at most `max(1e-2, 2 × the twin's error)`.
+
+use half::bf16;
+use sparse_lavida::backend::cpu::attention::{self, AttnInputs, AttnShape, AttnTiling};
+use sparse_lavida::backend::cpu::ops as cpu;
+use sparse_lavida::backend::cpu::{CpuBackend, CpuMatrix};
+use sparse_lavida::backend::{Backend, MatrixKind, SampleParams, Sampled};
+use sparse_lavida::config::{Branch, Config};
+use sparse_lavida::plan::StepPlan;
+use sparse_lavida::weights::HostTensor;
+
+/// SPEC §6's bound for one comparison: 1e-2, or twice the naive bf16 implementation's error.
+pub fn bound(twin_err: f64) -> f64 {
+    1e-2f64.max(2.0 * twin_err)
+}
+
+/// The naive bf16 implementation of the graph (see the module docs): f32 CPU arithmetic, with
+/// each value the CUDA backend stores in bf16 rounded to bf16.
+pub struct Bf16Twin(pub CpuBackend);
+
+/// A CPU matrix that remembers whether the CUDA backend would store it in bf16.
+pub struct TwinMatrix(CpuMatrix, MatrixKind);
+
+/// The twin's K/V pool (bf16-rounded values in f32).
+pub struct TwinCache {
+    shape: AttnShape,
+    rope_theta: f64,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+fn round_bf16(x: &mut [f32]) {
+    for v in x {
+        *v = bf16::from_f32(*v).to_f32();
+    }
+}
+
+fn stored(m: &mut TwinMatrix) {
+    if m.1 == MatrixKind::Activation {
+        round_bf16(&mut m.0.data);
+    }
+}
+
+impl Backend for Bf16Twin {
+    type Matrix = TwinMatrix;
+    type Weight = HostTensor;
+    type Plan = StepPlan;
+    type Cache = TwinCache;
+
+    fn name(&self) -> String {
+        "naive bf16 twin".into()
+    }
+    fn upload_weight(&self, mut t: HostTensor) -> sparse_lavida::Result<HostTensor> {
+        round_bf16(&mut t.data);
+        Ok(t)
+    }
+    fn upload_plan(&self, plan: &StepPlan) -> sparse_lavida::Result<StepPlan> {
+        Ok(plan.clone())
+    }
+    fn new_cache(&self, cfg: &Config, slots: usize) -> sparse_lavida::Result<TwinCache> {
+        let len = slots * cfg.kv_dim();
+        Ok(TwinCache {
+            shape: AttnShape {
+                n_heads: cfg.n_heads,
+                n_kv_heads: cfg.n_kv_heads,
+                head_dim: cfg.head_dim,
+            },
+            rope_theta: cfg.rope_theta,
+            k: vec![vec![0.0; len]; cfg.n_layers],
+            v: vec![vec![0.0; len]; cfg.n_layers],
+        })
+    }
+    fn matrix(
+        &self,
+        rows: usize,
+        cols: usize,
+        kind: MatrixKind,
+    ) -> sparse_lavida::Result<TwinMatrix> {
+        Ok(TwinMatrix(self.0.matrix(rows, cols, kind)?, kind))
+    }
+    fn reshape(&self, m: &mut TwinMatrix, rows: usize, cols: usize) -> sparse_lavida::Result<()> {
+        self.0.reshape(&mut m.0, rows, cols)
+    }
+    fn to_host(&self, m: &TwinMatrix) -> sparse_lavida::Result<Vec<f32>> {
+        self.0.to_host(&m.0)
+    }
+    fn embed(
+        &self,
+        plan: &StepPlan,
+        b: Branch,
+        table: &HostTensor,
+        register: &HostTensor,
+        out: &mut TwinMatrix,
+    ) -> sparse_lavida::Result<()> {
+        self.0.embed(plan, b, table, register, &mut out.0)
+    }
+    fn rmsnorm(
+        &self,
+        x: &TwinMatrix,
+        w: &HostTensor,
+        eps: f32,
+        out: &mut TwinMatrix,
+    ) -> sparse_lavida::Result<()> {
+        self.0.rmsnorm(&x.0, w, eps, &mut out.0)?;
+        stored(out);
+        Ok(())
+    }
+    fn matmul(
+        &self,
+        x: &TwinMatrix,
+        w: &HostTensor,
+        out: &mut TwinMatrix,
+        accumulate: bool,
+    ) -> sparse_lavida::Result<()> {
+        self.0.matmul(&x.0, w, &mut out.0, accumulate)?;
+        stored(out);
+        Ok(())
+    }
+    fn rope_store_kv(
+        &self,
+        plan: &StepPlan,
+        b: Branch,
+        layer: usize,
+        q: &mut TwinMatrix,
+        k: &TwinMatrix,
+        v: &TwinMatrix,
+        cache: &mut TwinCache,
+    ) -> sparse_lavida::Result<()> {
+        let AttnShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = cache.shape;
+        let rows = plan.rows(b);
+        cpu::rope(
+            &mut q.0.data,
+            n_heads,
+            head_dim,
+            &rows.pos,
+            cache.rope_theta,
+        )?;
+        round_bf16(&mut q.0.data);
+        let mut k_rot = k.0.data.clone();
+        cpu::rope(
+            &mut k_rot,
+            n_kv_heads,
+            head_dim,
+            &rows.pos,
+            cache.rope_theta,
+        )?;
+        round_bf16(&mut k_rot);
+        let d = cache.shape.kv_dim();
+        for (i, &slot) in rows.slots.iter().enumerate() {
+            let s = slot as usize;
+            cache.k[layer][s * d..(s + 1) * d].copy_from_slice(&k_rot[i * d..(i + 1) * d]);
+            cache.v[layer][s * d..(s + 1) * d].copy_from_slice(&v.0.data[i * d..(i + 1) * d]);
+        }
+        Ok(())
+    }
+    fn attention(
+        &self,
+        plan: &StepPlan,
+        b: Branch,
+        layer: usize,
+        joint: bool,
+        q: &TwinMatrix,
+        cache: &TwinCache,
+        out: &mut TwinMatrix,
+    ) -> sparse_lavida::Result<()> {
+        let rows = plan.rows(b);
+        let inp = AttnInputs {
+            q: &q.0.data,
+            row_tags: &rows.tags,
+            seq_indptr: &rows.seq_indptr,
+            k_pool: &cache.k[layer],
+            v_pool: &cache.v[layer],
+            kv_indptr: &plan.kv_indptr,
+            kv_indices: &plan.kv_indices,
+            kv_tags: &plan.kv_tags,
+            joint,
+            shape: cache.shape,
+        };
+        let tiling =
+            AttnTiling::heuristic(rows.len(), plan.kv_indices.len(), cache.shape.n_heads, 1);
+        attention::attention_tiled(&inp, tiling, &mut out.0.data, None)?;
+        stored(out);
+        Ok(())
+    }
+    fn swiglu(
+        &self,
+        gate: &TwinMatrix,
+        up: &TwinMatrix,
+        out: &mut TwinMatrix,
+    ) -> sparse_lavida::Result<()> {
+        self.0.swiglu(&gate.0, &up.0, &mut out.0)?;
+        stored(out);
+        Ok(())
+    }
+    fn gather_logit_rows(
+        &self,
+        plan: &StepPlan,
+        x: &TwinMatrix,
+        out: &mut TwinMatrix,
+    ) -> sparse_lavida::Result<()> {
+        self.0.gather_logit_rows(plan, &x.0, &mut out.0)
+    }
+    fn sample(&self, logits: &TwinMatrix, p: &SampleParams) -> sparse_lavida::Result<Vec<Sampled>> {
+        self.0.sample(&logits.0, p)
+    }
+}
