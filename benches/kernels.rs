@@ -631,7 +631,7 @@ impl Workload for SampleWork {
         // validated exactly this shape on each of these buffers in `new` —, positions and the
         // three outputs of n entries, the flag of one; `banned` is null; the outputs are
         // written only by these launches, which are serialised on the one stream.
-        unsafe { raw::sample(dev.kernels(), &self.params[i], dev.stream()) }
+        unsafe { raw::sample(dev.kernels(), &self.params[i], dev.stream().cu_stream()) }
     }
 }
 

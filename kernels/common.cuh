@@ -19,7 +19,7 @@
 
 namespace sl {
 
-// --- Tags (src/plan.rs `Tag`, `visible`) ---------------------------------------------------
+// --- Tags (src/contract/tags.rs `Tag`, `visible`) -------------------------------------------
 
 __device__ __forceinline__ bool tag_masked(uint32_t t) { return t & 1u; }
 __device__ __forceinline__ uint32_t tag_branch(uint32_t t) { return (t >> 1) & 1u; }

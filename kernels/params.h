@@ -1,13 +1,13 @@
 /*
  * sparse-lavida kernel ABI: the one definition of every kernel's parameter struct and launch
- * constants. Rust sees this file through bindgen (src/cuda/bindings.rs, committed; regenerate
+ * constants. Rust sees this file through bindgen (src/contract/bindings.rs, committed; regenerate
  * with scripts/gen-bindings and never edit by hand). Kernels take one struct by value.
  *
  * Conventions
  * - Matrices are row-major; `*_stride` is the distance between rows in elements.
  * - bf16 is storage only; all arithmetic accumulates in f32.
  * - Attention tags are one u32: bit 0 masked, bit 1 branch (1 = image), bits 2..31 block
- *   (SPEC §3; src/plan.rs `Tag`).
+ *   (SPEC §3; src/contract/tags.rs `Tag`).
  * - Index arrays are u32. Pointers marked "nullable" may be 0.
  * - Every kernel is `extern "C"` and named here; launch geometry is fixed here too, so the
  *   host wrappers and the kernels cannot disagree.

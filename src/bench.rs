@@ -1,5 +1,6 @@
 //! `bench`: dense vs sparse (and the eight-switch ablation) in one process, same weights and
-//! schedule, reported as a table, as JSON and as an SVG plot of the per-step latency.
+//! schedule, reported as a table, as JSON and (feature `cli`, which brings plotters) as an SVG
+//! plot of the per-step latency.
 //!
 //! Per run: wall time, forwards, rows fed, every step's latency on the backend's
 //! [`crate::backend::StepClock`] (CUDA events on the GPU, wall time on the CPU) with its median
@@ -12,14 +13,19 @@
 //! (read + write bytes per second, as `benches/kernels.rs` counts it), and the ratio of the
 //! all-on sparse step's median to it.
 
-use crate::backend::{Backend, DeviceStats};
+use crate::backend::DeviceStats;
 use crate::config::{Branch, Config};
 use crate::error::{Error, Result};
+use crate::exec::{self, Resident};
 use crate::model::{Model, Product};
 use crate::plan::StepPlan;
 use crate::sampler::{self, Execution, Generation, Mode, RunOptions, Switches, Task};
 use serde::Serialize;
-use std::path::Path;
+
+#[cfg(feature = "cli")]
+mod plot;
+#[cfg(feature = "cli")]
+pub use plot::{LOG_Y_RATIO, plot_steps_svg};
 
 /// Bytes of the copy that measures the bandwidth for the floor (halved until two buffers of
 /// it take at most a quarter of the free device memory, down to [`MIN_COPY_BYTES`]).
@@ -297,7 +303,7 @@ struct Measured {
     peak: Option<u64>,
 }
 
-fn measure<B: Backend>(
+fn measure<B: Resident>(
     model: &Model<B>,
     task: &Task,
     mode: Mode,
@@ -315,7 +321,7 @@ fn measure<B: Backend>(
             progress: Some(&mut tick),
             ..RunOptions::default()
         };
-        let g = sampler::generate_with(model, task, mode, spec.execution, opts)?;
+        let g = exec::generate_with(model, task, mode, spec.execution, opts)?;
         if best.as_ref().is_none_or(|b| g.wall_s < b.wall_s) {
             best = Some(g);
         }
@@ -352,7 +358,7 @@ fn measure_copy(stats: &dyn DeviceStats) -> Result<Option<(f64, usize)>> {
 /// each run as it finishes, with the generation of its best repeat; `progress` sees each
 /// generation's steps as they finish (mode, steps done, steps in total). The report's `peer` is
 /// left null.
-pub fn run_bench<B: Backend>(
+pub fn run_bench<B: Resident>(
     model: &Model<B>,
     task: &Task,
     spec: &BenchSpec,
@@ -505,126 +511,6 @@ pub fn table_header() -> String {
     )
 }
 
-/// Largest over smallest step latency of the plotted runs above which the y axis is
-/// logarithmic.
-pub const LOG_Y_RATIO: f64 = 20.0;
-
-/// Writes an SVG plot of the per-step latency (ms) of the dense run and the all-on sparse run
-/// of `report` to `path`: step on x, latency on y (logarithmic when the largest over the
-/// smallest step exceeds [`LOG_Y_RATIO`]), titled with the device and the workload.
-pub fn plot_steps_svg(report: &BenchReport, path: &Path) -> Result<()> {
-    let (Some(dense), Some(sparse)) = (report.dense(), report.sparse_all_on()) else {
-        return Err(Error::Input(
-            "plot: the report needs a dense and an all-on sparse run".into(),
-        ));
-    };
-    let svg = render_steps_svg(report, dense, sparse)
-        .map_err(|e| Error::io(path, std::io::Error::other(format!("plotting: {e}"))))?;
-    crate::io::write_atomic(path, |w| {
-        w.write_all(svg.as_bytes()).map_err(|e| Error::io(path, e))
-    })
-}
-
-type Series<'a> = (&'a str, Vec<(i32, f64)>, plotters::style::RGBColor);
-
-/// Mesh, curves and legend of the per-step plot, for either y axis (linear or log).
-fn draw_steps<'a, DB, Y>(
-    mut c: plotters::chart::ChartContext<
-        'a,
-        DB,
-        plotters::coord::cartesian::Cartesian2d<plotters::coord::types::RangedCoordi32, Y>,
-    >,
-    y_desc: &str,
-    series: &[Series],
-) -> std::result::Result<(), String>
-where
-    DB: plotters::prelude::DrawingBackend + 'a,
-    Y: plotters::coord::ranged1d::Ranged<ValueType = f64>
-        + plotters::coord::ranged1d::ValueFormatter<f64>,
-{
-    use plotters::prelude::*;
-    c.configure_mesh()
-        .x_desc("step")
-        .y_desc(y_desc)
-        .draw()
-        .map_err(|e| e.to_string())?;
-    for (name, pts, color) in series {
-        let color = *color;
-        c.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
-            .map_err(|e| e.to_string())?
-            .label(*name)
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
-    }
-    c.configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| e.to_string())
-}
-
-fn render_steps_svg(
-    report: &BenchReport,
-    dense: &BenchRun,
-    sparse: &BenchRun,
-) -> std::result::Result<String, String> {
-    use plotters::prelude::*;
-    // Latencies in ms, floored at 1 ns so that a log axis has a positive range.
-    let points = |r: &BenchRun| -> Vec<(i32, f64)> {
-        (r.step_s.iter().enumerate())
-            .map(|(k, &s)| (k as i32, (s * 1e3).max(1e-6)))
-            .collect()
-    };
-    let series: Vec<Series> = vec![
-        ("dense", points(dense), RGBColor(214, 39, 40)),
-        ("sparse (all on)", points(sparse), RGBColor(31, 119, 180)),
-    ];
-    let all = || {
-        series
-            .iter()
-            .flat_map(|(_, p, _)| p.iter().map(|&(_, y)| y))
-    };
-    let lo = all().fold(f64::INFINITY, f64::min);
-    let hi = all().fold(0.0, f64::max);
-    let (lo, hi) = if lo.is_finite() && hi > 0.0 {
-        (lo, hi)
-    } else {
-        (1e-3, 1.0)
-    };
-    let steps = series.iter().map(|(_, p, _)| p.len()).max().unwrap_or(0);
-    let x = 0i32..(steps.max(2) as i32 - 1);
-    let title = format!("{}: per-step latency, dense vs sparse", report.device);
-    let caption = format!("{} ({})", report.workload, report.step_clock);
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (1000, 600)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| e.to_string())?;
-        let root = root
-            .titled(&title, ("sans-serif", 22))
-            .map_err(|e| e.to_string())?;
-        let mut chart = ChartBuilder::on(&root);
-        chart
-            .caption(&caption, ("sans-serif", 13))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(70);
-        if hi / lo > LOG_Y_RATIO {
-            // Headroom above the curves for the legend (upper right).
-            let c = chart
-                .build_cartesian_2d(x, (lo / 1.5..hi * 4.0).log_scale())
-                .map_err(|e| e.to_string())?;
-            draw_steps(c, "step latency (ms, log scale)", &series)?;
-        } else {
-            let c = chart
-                .build_cartesian_2d(x, 0.0..hi * 1.3)
-                .map_err(|e| e.to_string())?;
-            draw_steps(c, "step latency (ms)", &series)?;
-        }
-        root.present().map_err(|e| e.to_string())?;
-    }
-    Ok(svg)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -727,80 +613,5 @@ mod tests {
             seed: 0,
         });
         assert_eq!(step_branches(&text, off), (Branch::Text, false));
-    }
-
-    fn run(mode: &str, all_on: bool, steps: &[f64]) -> BenchRun {
-        BenchRun {
-            mode: mode.into(),
-            cache_prompt: all_on,
-            cache_decoded: all_on,
-            truncate: all_on,
-            execution: Execution::Eager,
-            wall_s: steps.iter().sum(),
-            setup_s: 0.0,
-            run_s: steps.iter().sum(),
-            forwards: steps.len(),
-            mean_rows: 1.0,
-            rows_fed: steps.len(),
-            step_median_s: median(steps),
-            step_p90_s: percentile(steps, 90.0),
-            step_s: steps.to_vec(),
-            peak_device_bytes: None,
-            tokens_match_sparse: None,
-            tokens: Vec::new(),
-        }
-    }
-
-    fn report(dense: &[f64], sparse: &[f64]) -> BenchReport {
-        BenchReport {
-            backend: "test".into(),
-            device: "Test Card".into(),
-            driver: None,
-            preset: "tiny".into(),
-            machine: "host".into(),
-            workload: "t2i 4x4 <&> test".into(),
-            step_clock: "wall".into(),
-            runs: vec![run("dense", false, dense), run("sparse", true, sparse)],
-            speedup_sparse_vs_dense: 1.0,
-            speedup_run_sparse_vs_dense: 1.0,
-            speedup_step_median_sparse_vs_dense: 1.0,
-            memory_source: None,
-            resident_device_bytes: None,
-            copy_bandwidth_bytes_per_s: None,
-            copy_bytes: None,
-            floor_rule: FLOOR_RULE.into(),
-            active_weight_params: 0,
-            active_weight_bytes: None,
-            floor_step_s: None,
-            sparse_step_over_floor: None,
-            gemm_rule: GEMM_RULE.into(),
-            bf16_peak_flops_per_s: None,
-            dense_gemm_flops_per_s: None,
-            dense_gemm_fraction_of_peak: None,
-            peer: None,
-        }
-    }
-
-    /// Both axis kinds render a well-formed SVG with one polyline per run, the title naming
-    /// the card and the workload (escaped), and "log scale" exactly when the gap is large.
-    #[test]
-    fn plot_is_an_svg_with_both_runs_linear_or_log() {
-        let dir = tempfile::tempdir().unwrap();
-        for (sparse, log) in [(vec![0.5, 0.6, 0.4, 0.5], false), (vec![0.001; 4], true)] {
-            let r = report(&[1.0, 1.1, 0.9, 1.0], &sparse);
-            let path = dir.path().join("p.svg");
-            plot_steps_svg(&r, &path).unwrap();
-            let svg = std::fs::read_to_string(&path).unwrap();
-            assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);
-            assert!(svg.trim_end().ends_with("</svg>"));
-            assert!(svg.matches("<polyline").count() >= 2, "{svg}");
-            assert!(svg.contains("Test Card: per-step latency"));
-            assert!(svg.contains("t2i 4x4 &lt;&amp;&gt; test"), "{svg}");
-            assert_eq!(svg.contains("log scale"), log);
-        }
-        let mut r = report(&[1.0], &[1.0]);
-        r.runs.pop();
-        let e = plot_steps_svg(&r, &dir.path().join("q.svg")).unwrap_err();
-        assert!(e.to_string().contains("all-on sparse"), "{e}");
     }
 }

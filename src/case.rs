@@ -124,7 +124,7 @@ impl Case {
     }
 
     /// A note on rows the file may not mean: masked rows carrying a token id other than their
-    /// branch's [MASK]. They are valid (`masked` is an attention tag, SPEC §3; the id is
+    /// branch's \[MASK\]. They are valid (`masked` is an attention tag, SPEC §3; the id is
     /// embedded as given, e.g. to test visibility or to teacher-force a masked block), so this
     /// is a note, not an error.
     pub fn note(&self, cfg: &Config) -> Option<String> {

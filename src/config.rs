@@ -1,39 +1,9 @@
 //! Model configuration (SPEC §2.1): the JSON schema, validation and the named presets.
 
+pub use crate::contract::Branch;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-
-/// The two residual streams of the Elastic Mixture-of-Transformers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Branch {
-    /// Text branch (prompt, text answers).
-    Text = 0,
-    /// Image branch (image codes, text-to-image responses).
-    Image = 1,
-}
-
-impl Branch {
-    /// Both branches, in storage order.
-    pub const ALL: [Branch; 2] = [Branch::Text, Branch::Image];
-
-    /// The weight-name prefix (`text` / `image`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Branch::Text => "text",
-            Branch::Image => "image",
-        }
-    }
-
-    /// The other branch.
-    pub fn other(self) -> Branch {
-        match self {
-            Branch::Text => Branch::Image,
-            Branch::Image => Branch::Text,
-        }
-    }
-}
 
 /// Hyper-parameters of a LaViDa-O-shaped model. Every field is required in JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -327,7 +297,8 @@ impl Config {
 
     /// Every weight tensor with its shape, in a fixed order (SPEC §2.2 names). Allocates one
     /// entry per tensor ([`Config::tensor_count`]): bound the config's memory first (a
-    /// validated config may still be far too large for the machine; see [`crate::memory`]).
+    /// validated config may still be far too large for the machine; the memory module bounds
+    /// it).
     pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let mut out = Vec::new();
         for b in Branch::ALL {

@@ -1,4 +1,5 @@
-//! The crate's one error type.
+//! The crate's one error type. It imports nothing of the crate: every layer, the kernel layer
+//! included, reports through it.
 
 use std::path::PathBuf;
 
@@ -56,6 +57,7 @@ impl Error {
     }
 }
 
+#[cfg(feature = "cuda")]
 impl From<cudarc::driver::DriverError> for Error {
     fn from(e: cudarc::driver::DriverError) -> Self {
         Error::Cuda(e.to_string())

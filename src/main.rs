@@ -6,17 +6,16 @@ use sparse_lavida::backend::Backend;
 use sparse_lavida::bench;
 use sparse_lavida::case::Case;
 use sparse_lavida::config::{Branch, Config};
-use sparse_lavida::cuda::device::CudaDevice;
+#[cfg(feature = "cuda")]
+use sparse_lavida::cuda::{device::CudaDevice, profiler};
+use sparse_lavida::exec::{self, Resident};
 use sparse_lavida::image::{GridPicture, PictureLayout};
 use sparse_lavida::io::{check_outputs, write_json};
 use sparse_lavida::memory::{self, Need, Target, WeightsFrom, human_bytes, human_count};
 use sparse_lavida::model::Model;
-use sparse_lavida::profile;
 use sparse_lavida::request::{PromptSpec, TaskKind, Workload};
 use sparse_lavida::runtime::{self, AnyModel, Device, Resolved, WeightSource};
-use sparse_lavida::sampler::{
-    self, Execution, Generation, Mode, RunOptions, StepTrace, Switches, Task,
-};
+use sparse_lavida::sampler::{Execution, Generation, Mode, RunOptions, StepTrace, Switches, Task};
 use sparse_lavida::schedule::Order;
 use sparse_lavida::weights::{self, HostTensor, HostWeights, RandomKind, SaveDtype};
 use sparse_lavida::{Error, Result};
@@ -39,6 +38,7 @@ macro_rules! with_model {
                 let $m = &**$m;
                 $body
             }
+            #[cfg(feature = "cuda")]
             AnyModel::Cuda($m) => {
                 let $m = &**$m;
                 $body
@@ -104,8 +104,30 @@ struct ModelArgs {
     #[arg(long, default_value_t = 0)]
     weights_seed: u64,
     /// Backend.
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    device: Device,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+}
+
+/// Where to run (`runtime::Device`).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    /// The CUDA backend when a GPU, its driver, the compiled kernels and cuBLASLt are there and
+    /// the model's head_dim has an attention kernel; the CPU backend otherwise.
+    Auto,
+    /// The f32 CPU backend.
+    Cpu,
+    /// The CUDA bf16 backend.
+    Cuda,
+}
+
+impl From<DeviceArg> for Device {
+    fn from(d: DeviceArg) -> Device {
+        match d {
+            DeviceArg::Auto => Device::Auto,
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::Cuda,
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -379,9 +401,10 @@ fn resolve_within_memory(
     args: &ModelArgs,
     run: impl Fn(&mut Need, Target) -> Result<()>,
 ) -> Result<Resolved> {
-    let (resolved, note) = runtime::resolve_device(args.device, cfg)?;
+    let (resolved, note) = runtime::resolve_device(args.device.into(), cfg)?;
     let target = match resolved {
         Resolved::Cpu => Target::Cpu,
+        #[cfg(feature = "cuda")]
         Resolved::Cuda(_) => Target::Cuda,
     };
     let from = match &args.weights {
@@ -392,6 +415,7 @@ fn resolve_within_memory(
     memory::add_weights(&mut need, cfg, target, from)?;
     run(&mut need, target)?;
     need.check_host(what)?;
+    #[cfg(feature = "cuda")]
     if let Resolved::Cuda(backend) = &resolved {
         need.check_device(what, backend.free_memory()? as u64)?;
     }
@@ -540,6 +564,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let task = work.task(&cfg)?;
     let model = runtime::build_on(resolved, cfg, &weight_source(&a.model))?;
     match &model {
+        #[cfg(feature = "cuda")]
         AnyModel::Cuda(m) => generate_on(
             &**m,
             &a,
@@ -576,40 +601,50 @@ struct TraceFile<'a> {
     steps: &'a [StepTrace],
 }
 
+/// The device `--profile` brackets with cuProfilerStart/Stop (none in a build without CUDA).
+#[cfg(feature = "cuda")]
+type ProfiledDevice = CudaDevice;
+#[cfg(not(feature = "cuda"))]
+type ProfiledDevice = std::convert::Infallible;
+
 /// Runs `task` on `model` and reports it. With `capture` (`--profile`), a first, untimed run
 /// warms up (module loading, cuBLASLt algorithm choice for every shape), and the reported run
 /// is bracketed by cuProfilerStart/Stop on that device.
-fn generate_on<B: Backend>(
+fn generate_on<B: Resident>(
     model: &Model<B>,
     a: &GenerateArgs,
     task: &Task,
     mode: Mode,
-    capture: Option<&CudaDevice>,
+    capture: Option<&ProfiledDevice>,
 ) -> Result<()> {
-    let exec = a.exec.execution();
+    let execution = a.exec.execution();
+    #[cfg(feature = "cuda")]
     let region = match capture {
         Some(dev) => {
-            let warm = sampler::generate_with(model, task, mode, exec, RunOptions::default())?;
+            let warm = exec::generate_with(model, task, mode, execution, RunOptions::default())?;
             eprintln!(
                 "profile: warm-up run {:.3} s; the run below is inside cuProfilerStart/Stop",
                 warm.wall_s
             );
-            Some(profile::Capture::start(dev)?)
+            Some(profiler::Capture::start(dev)?)
         }
         None => None,
     };
+    #[cfg(not(feature = "cuda"))]
+    let _ = capture;
     let mut progress = LazyProgress::steps();
     let mut tick = |d: usize, t: usize| progress.update("generate", d as u64, t as u64);
-    let g = sampler::generate_with(
+    let g = exec::generate_with(
         model,
         task,
         mode,
-        exec,
+        execution,
         RunOptions {
             progress: Some(&mut tick),
             ..RunOptions::default()
         },
     )?;
+    #[cfg(feature = "cuda")]
     if let Some(region) = region {
         region.stop()?;
     }
@@ -765,7 +800,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     with_model!(&model, m => bench_on(m, &a, &task, peer))
 }
 
-fn bench_on<B: Backend>(
+fn bench_on<B: Resident>(
     model: &Model<B>,
     a: &BenchArgs,
     task: &Task,
@@ -910,7 +945,7 @@ fn cmd_init(a: InitArgs) -> Result<()> {
         DtypeArg::Bf16 => SaveDtype::Bf16,
     };
     let mut need = Need::default();
-    memory::add_weight_writer(&mut need, &cfg, dtype)?;
+    weights::add_weight_writer(&mut need, &cfg, dtype)?;
     need.check_host(&format!("writing random weights in {dtype}"))?;
     let kind = if a.like_device {
         RandomKind::LikeDevice
@@ -947,6 +982,7 @@ fn cmd_render(a: RenderArgs) -> Result<()> {
 }
 
 fn cmd_info() -> Result<()> {
+    #[cfg(feature = "cuda")]
     use sparse_lavida::cuda::images::{KERNEL_IMAGES, KERNELS_MISSING};
     let be = sparse_lavida::backend::cpu::CpuBackend::new();
     say!("sparse-lavida {}", env!("CARGO_PKG_VERSION"));
@@ -960,6 +996,12 @@ fn cmd_info() -> Result<()> {
         std::env::consts::ARCH
     );
     say!("cpu       f32 backend, {} threads", be.threads());
+    #[cfg(not(feature = "cuda"))]
+    say!(
+        "cuda      bf16 backend not in this build: {}",
+        runtime::NO_CUDA_FEATURE
+    );
+    #[cfg(feature = "cuda")]
     match KERNELS_MISSING {
         Some(why) => say!("cuda      bf16 backend not in this build: {why}"),
         None => {

@@ -368,7 +368,7 @@ fn sum_of_products(terms: &[&[u64]]) -> Result<u64> {
 }
 
 /// `a · b` checked.
-fn mul(a: u64, b: u64) -> Result<u64> {
+pub(crate) fn mul(a: u64, b: u64) -> Result<u64> {
     a.checked_mul(b).ok_or_else(overflow)
 }
 
@@ -410,31 +410,8 @@ pub fn add_weights(need: &mut Need, cfg: &Config, target: Target, from: WeightsF
     Ok(())
 }
 
-/// Adds writing `cfg`'s random weights to a file in `dtype` ([`crate::weights::write_random`])
-/// to `need`: one batch of tensors at a time, plus the tensor list and the file header.
-pub fn add_weight_writer(
-    need: &mut Need,
-    cfg: &Config,
-    dtype: crate::weights::SaveDtype,
-) -> Result<()> {
-    cfg.try_param_count()?;
-    need.host("fixed overhead", FIXED_OVERHEAD);
-    need.host(
-        format!(
-            "the list and file header of {} tensors",
-            human_count(cfg.tensor_count())
-        ),
-        mul(cfg.tensor_count(), TENSOR_OVERHEAD)?,
-    );
-    need.host(
-        format!("one batch of tensors (f32 values and their {dtype} encoding)"),
-        crate::weights::write_batch_bytes(cfg, dtype),
-    );
-    Ok(())
-}
-
-/// The sizes of one generation that decide its memory: see
-/// [`crate::request::Workload::shape`], which derives them from a config and the flags.
+/// The sizes of one generation that decide its memory (the CLI's request derives them from a
+/// config and the flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GenShape {
     /// The response's branch (image for text-to-image, text for a text answer).
@@ -508,10 +485,7 @@ pub fn add_generation(
     let d_max = cfg.d_text.max(cfg.d_image) as u64;
     let v_max = cfg.text_vocab.max(cfg.image_vocab) as u64;
     let threads = rayon::current_num_threads() as u64;
-    let splits = threads.clamp(
-        1,
-        crate::backend::cpu::attention::AttnTiling::MAX_SPLITS as u64,
-    );
+    let splits = threads.clamp(1, crate::contract::AttnTiling::MAX_SPLITS as u64);
     let activations = add(
         activation_bytes(cfg, Branch::Text, text_rows, splits)?,
         activation_bytes(cfg, Branch::Image, image_rows, splits)?,
@@ -581,10 +555,7 @@ pub fn add_forward(
     let (layers, kv) = (cfg.n_layers as u64, cfg.kv_dim() as u64);
     let d_max = cfg.d_text.max(cfg.d_image) as u64;
     let threads = rayon::current_num_threads() as u64;
-    let splits = threads.clamp(
-        1,
-        crate::backend::cpu::attention::AttnTiling::MAX_SPLITS as u64,
-    );
+    let splits = threads.clamp(1, crate::contract::AttnTiling::MAX_SPLITS as u64);
     let activations = add(
         activation_bytes(cfg, Branch::Text, rows[0], splits)?,
         activation_bytes(cfg, Branch::Image, rows[1], splits)?,

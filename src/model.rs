@@ -7,28 +7,13 @@
 
 use crate::backend::Backend;
 use crate::backend::MatrixKind::{Activation, Logits, Residual};
+pub use crate::backend::Product;
 use crate::config::{Branch, Config};
 use crate::error::Result;
 use crate::plan::StepPlan;
 use crate::profile;
 use crate::weights::HostWeights;
 use std::collections::HashMap;
-
-/// One matrix product of a forward pass: an `[m, k]` activation times an `[n, k]` weight into an
-/// `[m, n]` matrix of kind `out`, added to it when `accumulate` (the residual adds).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Product {
-    /// Rows.
-    pub m: usize,
-    /// Output columns (the weight's rows).
-    pub n: usize,
-    /// Inner dimension.
-    pub k: usize,
-    /// The output's kind (its storage on a backend).
-    pub out: crate::backend::MatrixKind,
-    /// `out += x · wᵀ` instead of `out = x · wᵀ`.
-    pub accumulate: bool,
-}
 
 /// Every matrix product [`Model::forward_in`] runs for `plan`, in its order (so a backend can
 /// prepare each distinct one — cuBLASLt algorithm choice, kernel loading — before the pass is

@@ -22,7 +22,7 @@ pub enum TaskKind {
 /// The prompt: random ids (seeded by the workload's seed) or given ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PromptSpec {
-    /// This many random text ids, never the text [MASK].
+    /// This many random text ids, never the text \[MASK\].
     Random(usize),
     /// These ids.
     Ids(Vec<u32>),
@@ -241,7 +241,7 @@ impl Workload {
     }
 
     /// The request to run: checks as [`Workload::shape`] does, then draws the random prompt
-    /// (ids uniform over the text vocabulary without [MASK], from ChaCha8 seeded by
+    /// (ids uniform over the text vocabulary without \[MASK\], from ChaCha8 seeded by
     /// `seed ^ 0x5EED_9A0B`).
     pub fn task(&self, cfg: &Config) -> Result<Task> {
         let shape = self.shape(cfg)?;

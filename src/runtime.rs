@@ -1,17 +1,24 @@
 //! Choosing a device and building a ready model from a config and a weight source.
 
-use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::cuda::{self, CudaBackend};
+#[cfg(feature = "cuda")]
+use crate::backend::{
+    Backend,
+    cuda::{self, CudaBackend},
+};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::memory::{ensure_fits, human_bytes, human_count};
+use crate::memory::{ensure_fits, human_count};
 use crate::model::Model;
 use crate::weights::HostWeights;
 use std::path::PathBuf;
 
+/// Why the CUDA backend is missing from a build without the `cuda` feature.
+pub const NO_CUDA_FEATURE: &str = "the CUDA backend is not in this build: the `cuda` cargo \
+    feature is off; rebuild with it (the default)";
+
 /// Where to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
     /// The CUDA backend when a GPU, its driver, the compiled kernels and cuBLASLt are there and
     /// the model's head_dim has an attention kernel; the CPU backend otherwise.
@@ -28,7 +35,7 @@ pub enum WeightSource {
     /// A safetensors file.
     File(PathBuf),
     /// Seeded random weights: [`HostWeights::random`] on the CPU backend, generated on the
-    /// device on the CUDA backend ([`Model::random_on_device`]: same distributions, other
+    /// device on the CUDA backend (`Model::random_on_device`: same distributions, other
     /// numbers).
     Random(u64),
 }
@@ -39,6 +46,7 @@ pub enum Resolved {
     /// The CPU backend.
     Cpu,
     /// The CUDA backend, opened.
+    #[cfg(feature = "cuda")]
     Cuda(Box<CudaBackend>),
 }
 
@@ -47,8 +55,20 @@ pub enum Resolved {
 /// run is an error saying why: no driver, no device, no compiled kernels, no cuBLASLt, or an
 /// unsupported head_dim.
 pub fn resolve_device(device: Device, cfg: &Config) -> Result<(Resolved, Option<String>)> {
+    #[cfg(not(feature = "cuda"))]
+    let _ = cfg;
     match device {
         Device::Cpu => Ok((Resolved::Cpu, None)),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => Err(Error::Unavailable(format!(
+            "--device cuda: {NO_CUDA_FEATURE}"
+        ))),
+        #[cfg(not(feature = "cuda"))]
+        Device::Auto => Ok((
+            Resolved::Cpu,
+            Some("device auto: using the CPU backend (CUDA is not in this build)".into()),
+        )),
+        #[cfg(feature = "cuda")]
         Device::Cuda => {
             let why = |e: Error| match e {
                 Error::Unavailable(m) => {
@@ -60,6 +80,7 @@ pub fn resolve_device(device: Device, cfg: &Config) -> Result<(Resolved, Option<
             cuda::check_config(cfg).map_err(why)?;
             Ok((Resolved::Cuda(Box::new(backend)), None))
         }
+        #[cfg(feature = "cuda")]
         Device::Auto => {
             let cpu = |why: String| {
                 Ok((
@@ -93,6 +114,7 @@ pub enum AnyModel {
     /// On the CPU backend.
     Cpu(Box<Model<CpuBackend>>),
     /// On the CUDA backend.
+    #[cfg(feature = "cuda")]
     Cuda(Box<Model<CudaBackend>>),
 }
 
@@ -101,6 +123,7 @@ impl AnyModel {
     pub fn config(&self) -> &Config {
         match self {
             AnyModel::Cpu(m) => m.config(),
+            #[cfg(feature = "cuda")]
             AnyModel::Cuda(m) => m.config(),
         }
     }
@@ -122,6 +145,7 @@ pub fn build_model(
 pub fn build_on(resolved: Resolved, cfg: Config, source: &WeightSource) -> Result<AnyModel> {
     Ok(match resolved {
         Resolved::Cpu => AnyModel::Cpu(Box::new(cpu_model(cfg, source)?)),
+        #[cfg(feature = "cuda")]
         Resolved::Cuda(backend) => AnyModel::Cuda(Box::new(cuda_model(*backend, cfg, source)?)),
     })
 }
@@ -154,6 +178,7 @@ pub fn cpu_model(cfg: Config, source: &WeightSource) -> Result<Model<CpuBackend>
 /// with no host copy. Refuses up front a model whose bf16 weights do not fit in the device's
 /// free memory, or (from a file) whose f32 host copy does not fit in the machine's memory; the
 /// K/V pool is checked against what is left when a generation allocates it.
+#[cfg(feature = "cuda")]
 pub fn cuda_model(
     backend: CudaBackend,
     cfg: Config,
@@ -166,7 +191,7 @@ pub fn cuda_model(
         &format!(
             "the model's {} parameters in bf16 ({})",
             human_count(params),
-            human_bytes(params.saturating_mul(2))
+            crate::memory::human_bytes(params.saturating_mul(2))
         ),
         params.saturating_mul(2),
     )?;
@@ -182,6 +207,28 @@ pub fn cuda_model(
     )?;
     let weights = host_weights(&cfg, source)?;
     Model::new(backend, cfg, weights)
+}
+
+#[cfg(feature = "cuda")]
+impl Model<CudaBackend> {
+    /// A model of `cfg` on `backend` with seeded random weights generated on the device: no
+    /// host copy, so only the bf16 weights (2 bytes a parameter) need room, on the device.
+    ///
+    /// Tensor `i` of [`Config::tensor_shapes`] is filled by `sl_init_uniform` with key `seed`
+    /// and tensor index `i`, from the distribution of [`crate::weights::init_range`] — the same
+    /// distributions as [`crate::weights::HostWeights::random`], not the same numbers (that one
+    /// draws from ChaCha8 on the host). The same `(cfg, seed)` gives the same weights on every
+    /// run and device.
+    pub fn random_on_device(backend: CudaBackend, cfg: Config, seed: u64) -> Result<Self> {
+        let model = Model::from_uploaded(backend, cfg, |be, index, name, shape| {
+            let index = u32::try_from(index)
+                .map_err(|_| Error::Input(format!("tensor index {index} beyond u32")))?;
+            be.random_weight(shape, seed, index, crate::weights::init_range(name, shape))
+        })?;
+        // Launch errors of the init kernels surface here, not at the first forward.
+        model.backend().device().synchronize()?;
+        Ok(model)
+    }
 }
 
 /// The host CPU's model name and thread count, for benchmark reports.

@@ -1,5 +1,9 @@
-//! The sampling loops (SPEC §4): text-to-image and text answers, each in `dense` mode (the
-//! LaViDa-O baseline) or `sparse` mode under the three switches of SPEC §4.3.
+//! The samplers (SPEC §4): text-to-image and text answers, each in `dense` mode (the LaViDa-O
+//! baseline) or `sparse` mode under the three switches of SPEC §4.3, compiled into what an
+//! executor runs: a [`Sampling`] (each step's plan from the decode state, for the host loop) or
+//! a [`Program`] (every step's template plan and patches, fixed before sampling, for a
+//! device-resident run). The executors that run them are `exec`'s; the records they produce
+//! ([`Generation`], [`StepTrace`]) and the options they honour ([`RunOptions`]) are defined here.
 //!
 //! Every step is: decide the rows of the step (a [`StepPlan`]), run one forward pass, sample.
 //! The pool layout of one sequence is fixed for the whole generation:
@@ -13,23 +17,19 @@
 //! there (no copy when it is retired into the cache); masked rows and registers write scratch
 //! slots that the next step reuses.
 
-use crate::backend::{Backend, SampleParams};
+use crate::backend::{SampleParams, Sampled};
 use crate::bail_input;
 use crate::config::{Branch, Config};
 use crate::error::{Error, Result};
-use crate::model::{Model, Workspace};
 use crate::plan::{MAX_BLOCK, PlanBuilder, REGISTER, Row, StepPlan, Tag};
-use crate::profile;
 use crate::schedule::{self, Order, TextStep};
 use serde::{Deserialize, Serialize};
-use std::time::Instant;
 
 pub mod patch;
 pub mod program;
 mod upfront;
 pub use program::{
-    CANONICAL_TOKEN, Program, ProgramTrace, StepProgram, program, run_program, t2i_program,
-    text_program,
+    CANONICAL_TOKEN, Program, ProgramTrace, StepProgram, program, t2i_program, text_program,
 };
 pub use upfront::{PLACEHOLDER, TokenFill, UpfrontPlans, t2i_upfront_plans};
 
@@ -452,9 +452,9 @@ fn step_plan(
     }
 }
 
-/// Checks prompt ids: each inside the text vocabulary and not the text [MASK]. A prompt is
-/// clean text (block 0); a [MASK] id there would be embedded as a token that is not a mask to
-/// attention, which no request means (the unconditional CFG prompt of [MASK] ids is built
+/// Checks prompt ids: each inside the text vocabulary and not the text \[MASK\]. A prompt is
+/// clean text (block 0); a \[MASK\] id there would be embedded as a token that is not a mask to
+/// attention, which no request means (the unconditional CFG prompt of \[MASK\] ids is built
 /// here, not given).
 pub fn check_prompt(cfg: &Config, prompt: &[u32]) -> Result<()> {
     for (i, &id) in prompt.iter().enumerate() {
@@ -499,7 +499,7 @@ fn check_sampling(temperature: f32) -> Result<()> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Execution {
-    /// The host loop of [`generate`]: each step's plan built on the host, uploaded, run op by op,
+    /// The host loop (`exec::host`): each step's plan built on the host, uploaded, run op by op,
     /// its tokens read back before the next step is planned.
     Eager,
     /// Device-resident without graphs: every plan uploaded before the first step, every step
@@ -522,45 +522,6 @@ impl std::fmt::Display for Execution {
     }
 }
 
-/// Runs a whole generation with `exec`: device-resident when the backend supports it
-/// ([`Backend::generate_resident`]) and `opts` asks for nothing only the host loop can do
-/// (recorded logits, teacher forcing, a plan hook), else the host loop of [`generate`]. The
-/// tokens are the same either way.
-pub fn generate_with<B: Backend>(
-    model: &Model<B>,
-    task: &Task,
-    mode: Mode,
-    exec: Execution,
-    mut opts: RunOptions,
-) -> Result<Generation> {
-    let host_only = opts.record_logits || opts.teacher.is_some() || opts.on_plan.is_some();
-    if exec != Execution::Eager && !host_only {
-        // Lent, not taken: a backend without a resident path (the CPU) declines, and the host
-        // loop below must still report progress.
-        let progress = opts
-            .progress
-            .as_mut()
-            .map(|p| &mut **p as &mut dyn FnMut(usize, usize));
-        if let Some(g) = B::generate_resident(model, task, mode, exec, progress) {
-            return g;
-        }
-    }
-    generate(model, task, mode, opts)
-}
-
-/// Runs a whole generation (the host loop).
-pub fn generate<B: Backend>(
-    model: &Model<B>,
-    task: &Task,
-    mode: Mode,
-    opts: RunOptions,
-) -> Result<Generation> {
-    match task {
-        Task::T2i(req) => generate_t2i(model, req, mode, opts),
-        Task::Text(req) => generate_text(model, req, mode, opts),
-    }
-}
-
 /// What a step decodes: given the step's logits for its query positions, which response
 /// indices get which tokens.
 trait Decoder {
@@ -580,12 +541,7 @@ trait Decoder {
         }
     }
     /// Picks the (index, token) pairs to commit, in decode order.
-    fn commit(
-        &self,
-        k: usize,
-        query: &[u32],
-        sampled: &[crate::backend::Sampled],
-    ) -> Vec<(u32, u32)>;
+    fn commit(&self, k: usize, query: &[u32], sampled: &[Sampled]) -> Vec<(u32, u32)>;
 }
 
 struct T2iDecoder {
@@ -603,12 +559,7 @@ impl Decoder for T2iDecoder {
     fn base_params(&self) -> &SampleParams {
         &self.params
     }
-    fn commit(
-        &self,
-        _: usize,
-        query: &[u32],
-        sampled: &[crate::backend::Sampled],
-    ) -> Vec<(u32, u32)> {
+    fn commit(&self, _: usize, query: &[u32], sampled: &[Sampled]) -> Vec<(u32, u32)> {
         query
             .iter()
             .zip(sampled)
@@ -639,12 +590,7 @@ impl Decoder for TextDecoder {
     fn base_params(&self) -> &SampleParams {
         &self.params
     }
-    fn commit(
-        &self,
-        k: usize,
-        query: &[u32],
-        sampled: &[crate::backend::Sampled],
-    ) -> Vec<(u32, u32)> {
+    fn commit(&self, k: usize, query: &[u32], sampled: &[Sampled]) -> Vec<(u32, u32)> {
         // Highest confidence first; ties to the lower position.
         let mut order: Vec<usize> = (0..query.len()).collect();
         order.sort_by(|&a, &b| {
@@ -659,16 +605,6 @@ impl Decoder for TextDecoder {
             .map(|j| (query[j], sampled[j].token))
             .collect()
     }
-}
-
-fn generate_t2i<B: Backend>(
-    model: &Model<B>,
-    req: &T2iRequest,
-    mode: Mode,
-    opts: RunOptions,
-) -> Result<Generation> {
-    let (layout, dec) = t2i_setup(model.config(), req)?;
-    run(model, &layout, &dec, mode, opts)
 }
 
 /// Checks a t2i request and fixes everything known before sampling: the layout, and the decoder
@@ -725,16 +661,6 @@ fn t2i_setup(cfg: &Config, req: &T2iRequest) -> Result<(Layout, T2iDecoder)> {
     Ok((layout, T2iDecoder { groups, params }))
 }
 
-fn generate_text<B: Backend>(
-    model: &Model<B>,
-    req: &TextRequest,
-    mode: Mode,
-    opts: RunOptions,
-) -> Result<Generation> {
-    let (layout, dec) = text_setup(model.config(), req)?;
-    run(model, &layout, &dec, mode, opts)
-}
-
 /// Checks a text request and fixes everything known before sampling: the layout, and the decoder
 /// with its schedule (block and commit count of every step).
 fn text_setup(cfg: &Config, req: &TextRequest) -> Result<(Layout, TextDecoder)> {
@@ -782,137 +708,92 @@ fn text_setup(cfg: &Config, req: &TextRequest) -> Result<(Layout, TextDecoder)> 
     Ok((layout, dec))
 }
 
-/// The (index, token) pairs a teacher trace commits at step `k`, checked against the step:
-/// every position in `query` (so in range and not yet decoded) and listed once, every token
-/// below `vocab`.
-fn teacher_commit(
-    teacher: &[StepTrace],
-    k: usize,
-    query: &[u32],
-    vocab: usize,
-) -> Result<Vec<(u32, u32)>> {
-    let bad = |m: String| Err(Error::Input(format!("teacher trace, step {k}: {m}")));
-    let Some(t) = teacher.get(k) else {
-        return bad(format!("the trace has only {} steps", teacher.len()));
-    };
-    if t.decoded_positions.len() != t.tokens.len() {
-        return bad(format!(
-            "{} positions but {} tokens",
-            t.decoded_positions.len(),
-            t.tokens.len()
-        ));
-    }
-    let mut seen = std::collections::HashSet::new();
-    for (&i, &tok) in t.decoded_positions.iter().zip(&t.tokens) {
-        if !query.contains(&i) {
-            return bad(format!(
-                "position {i} is not among the positions this step decodes"
-            ));
-        }
-        if !seen.insert(i) {
-            return bad(format!("position {i} is listed twice"));
-        }
-        if tok as usize >= vocab {
-            return bad(format!(
-                "token {tok} is outside the vocabulary (0..{vocab})"
-            ));
-        }
-    }
-    Ok(t.decoded_positions
-        .iter()
-        .copied()
-        .zip(t.tokens.iter().copied())
-        .collect())
+/// A generation compiled for the host loop: its layout, its decoder (which positions each step
+/// decodes, with which sampler parameters, and which of them it commits) and its mode. The host
+/// executor drives it step by step from a [`DecodeState`]; [`program()`] compiles the same request
+/// for a device-resident run. Building it checks the whole request (prompt ids, sampling
+/// parameters, sizes, the schedule) before anything is allocated on a backend.
+pub struct Sampling {
+    layout: Layout,
+    decoder: Box<dyn Decoder>,
+    mode: Mode,
+    prefilled: bool,
 }
 
-/// The loop shared by both tasks: plan, forward, sample, commit.
-fn run<B: Backend>(
-    model: &Model<B>,
-    l: &Layout,
-    dec: &dyn Decoder,
-    mode: Mode,
-    mut opts: RunOptions,
-) -> Result<Generation> {
-    let start = Instant::now();
-    let be = model.backend();
-    let mut cache = model.new_cache(l.pool_slots())?;
-    // Activations are allocated by the first pass that needs them and reused by later ones.
-    let mut ws = Workspace::new();
-    let mut st = DecodeState {
-        tokens: vec![None; l.n],
-        groups: Vec::new(),
-    };
-    let (mut forwards, mut rows_fed) = (0, 0);
-    let prefilled = prefills(mode, l);
-    if prefilled {
-        let _r = profile::range("prefill");
-        let plan = prefill_plan(l)?;
-        if let Some(f) = opts.on_plan.as_mut() {
-            f(None, &plan);
-        }
-        rows_fed += plan.n_rows();
-        model.forward_in(&model.prepare(plan)?, &mut cache, &mut ws)?;
-        forwards += 1;
-    }
-    let mut steps = Vec::with_capacity(dec.steps());
-    // Per-step time on the backend's clock (CUDA events on a GPU, wall time on the CPU).
-    let mut clock = be.step_clock()?;
-    for k in 0..dec.steps() {
-        let _r = profile::range(format_args!("step {k}"));
-        clock.start()?;
-        let query = dec.query(k, &st);
-        let plan = step_plan(l, &st, &query, k, mode, prefilled)?;
-        if let Some(f) = opts.on_plan.as_mut() {
-            f(Some(k), &plan);
-        }
-        let n_rows = plan.n_rows();
-        let has_logits = model.forward_in(&model.prepare(plan)?, &mut cache, &mut ws)?;
-        let logits = ws
-            .logits()
-            .filter(|_| has_logits)
-            .ok_or_else(|| Error::Input(format!("step {k} has no position to decode")))?;
-        let sampled = be.sample(logits, &dec.params(k, &query, l.p()))?;
-        let committed = match opts.teacher {
-            Some(teacher) => teacher_commit(teacher, k, &query, model.config().vocab(l.branch))?,
-            None => dec.commit(k, &query, &sampled),
+impl Sampling {
+    /// Checks `task` against `cfg` and fixes everything known before sampling.
+    pub fn new(cfg: &Config, task: &Task, mode: Mode) -> Result<Sampling> {
+        let (layout, decoder): (Layout, Box<dyn Decoder>) = match task {
+            Task::T2i(req) => {
+                let (l, d) = t2i_setup(cfg, req)?;
+                (l, Box::new(d))
+            }
+            Task::Text(req) => {
+                let (l, d) = text_setup(cfg, req)?;
+                (l, Box::new(d))
+            }
         };
-        for &(i, tok) in &committed {
-            st.tokens[i as usize] = Some(tok);
-        }
-        st.groups.push(committed.iter().map(|&(i, _)| i).collect());
-        forwards += 1;
-        rows_fed += n_rows;
-        let time_s = clock.stop()?;
-        steps.push(StepTrace {
-            step: k,
-            decoded_positions: committed.iter().map(|&(i, _)| i).collect(),
-            tokens: committed.iter().map(|&(_, t)| t).collect(),
-            rows_fed: n_rows,
-            time_s,
-            query_positions: query,
-            logits: if opts.record_logits {
-                Some(be.to_host(logits)?)
-            } else {
-                None
-            },
-        });
-        if let Some(p) = opts.progress.as_mut() {
-            p(k + 1, dec.steps());
+        let prefilled = prefills(mode, &layout);
+        Ok(Sampling {
+            layout,
+            decoder,
+            mode,
+            prefilled,
+        })
+    }
+
+    /// The generation's layout (sequences, lengths, branch, pool slots).
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Steps in total.
+    pub fn steps(&self) -> usize {
+        self.decoder.steps()
+    }
+
+    /// The decode state before the first step: nothing decoded.
+    pub fn start(&self) -> DecodeState {
+        DecodeState {
+            tokens: vec![None; self.layout.n],
+            groups: Vec::new(),
         }
     }
-    let tokens = st
-        .tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| t.ok_or_else(|| Error::Input(format!("response index {i} never decoded"))))
-        .collect::<Result<Vec<u32>>>()?;
-    Ok(Generation {
-        tokens,
-        steps,
-        forwards,
-        rows_fed,
-        wall_s: start.elapsed().as_secs_f64(),
-        setup_s: 0.0,
-        execution: Execution::Eager,
-    })
+
+    /// Whether the mode runs a prompt prefill before step 0 (sparse with the prompt cached and
+    /// not empty); the steps' plans then read the prompt's K/V from the cache.
+    pub fn prefills(&self) -> bool {
+        self.prefilled
+    }
+
+    /// The prompt prefill's plan (see [`Sampling::prefills`]).
+    pub fn prefill_plan(&self) -> Result<StepPlan> {
+        prefill_plan(&self.layout)
+    }
+
+    /// The response indices step `k` computes logits for, given the state before it.
+    pub fn query(&self, k: usize, st: &DecodeState) -> Vec<u32> {
+        self.decoder.query(k, st)
+    }
+
+    /// The plan of step `k` for `query` from the state before it.
+    pub fn step_plan(&self, k: usize, st: &DecodeState, query: &[u32]) -> Result<StepPlan> {
+        step_plan(&self.layout, st, query, k, self.mode, self.prefilled)
+    }
+
+    /// The sampler's parameters for step `k` (its Philox step and the query's positions).
+    pub fn params(&self, k: usize, query: &[u32]) -> SampleParams {
+        self.decoder.params(k, query, self.layout.p())
+    }
+
+    /// The (response index, token) pairs step `k` commits from what was sampled for `query`,
+    /// in decode order.
+    pub fn choose(&self, k: usize, query: &[u32], sampled: &[Sampled]) -> Vec<(u32, u32)> {
+        self.decoder.commit(k, query, sampled)
+    }
 }

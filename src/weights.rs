@@ -6,10 +6,10 @@
 //! 1. layout: every expected tensor present with its shape (config order), then no extras;
 //! 2. values: every value finite (config order).
 
-use crate::backend::cpu::ops::init_uniform;
 use crate::config::Config;
+use crate::contract::rng::init_uniform;
 use crate::error::{Error, Result};
-use crate::memory::{ensure_fits, human_bytes};
+use crate::memory::{FIXED_OVERHEAD, Need, TENSOR_OVERHEAD, ensure_fits, human_bytes, human_count};
 use half::{bf16, f16};
 use rand::SeedableRng;
 use rand::distributions::{Distribution, Uniform};
@@ -181,11 +181,11 @@ impl HostWeights {
         HostWeights { tensors }
     }
 
-    /// The host twin of [`crate::model::Model::random_on_device`]'s weights: the values the
-    /// CUDA backend generates on the device for `(cfg, seed)`, bit for bit, with no GPU.
+    /// The host twin of the weights the CUDA backend generates on the device for `(cfg, seed)`
+    /// (`Model::random_on_device`), bit for bit, with no GPU.
     ///
     /// Tensor `i` of [`Config::tensor_shapes`] is filled by
-    /// [`crate::backend::cpu::ops::init_uniform`] with key `seed`, tensor index `i` and the
+    /// [`crate::contract::rng::init_uniform`] with key `seed`, tensor index `i` and the
     /// `(offset, scale)` of [`init_range`], then every value is rounded to bf16 (nearest even)
     /// as the `sl_init_uniform` kernel stores it, and kept as f32. Other numbers than
     /// [`HostWeights::random`] (Philox on the device's counter layout, not ChaCha8); a file of
@@ -585,4 +585,23 @@ impl Init {
                 .collect(),
         }
     }
+}
+
+/// Adds writing `cfg`'s random weights to a file in `dtype` ([`write_random`]) to `need`
+/// ([`crate::memory`]): one batch of tensors at a time, plus the tensor list and the file header.
+pub fn add_weight_writer(need: &mut Need, cfg: &Config, dtype: SaveDtype) -> Result<()> {
+    cfg.try_param_count()?;
+    need.host("fixed overhead", FIXED_OVERHEAD);
+    need.host(
+        format!(
+            "the list and file header of {} tensors",
+            human_count(cfg.tensor_count())
+        ),
+        crate::memory::mul(cfg.tensor_count(), TENSOR_OVERHEAD)?,
+    );
+    need.host(
+        format!("one batch of tensors (f32 values and their {dtype} encoding)"),
+        write_batch_bytes(cfg, dtype),
+    );
+    Ok(())
 }

@@ -36,11 +36,11 @@ use sparse_lavida::case::{Case, CaseId, CaseRow, RegisterMarker};
 use sparse_lavida::config::{Branch, Config};
 use sparse_lavida::cuda::blas::{Gemm, GemmOut, GemmShape};
 use sparse_lavida::cuda::device::{CudaDevice, NO_DRIVER};
+use sparse_lavida::exec;
 use sparse_lavida::model::Model;
 use sparse_lavida::runtime::{self, Device, Resolved, WeightSource};
 use sparse_lavida::sampler::{
-    self, Execution, Generation, Mode, RunOptions, StepTrace, Switches, T2iRequest, Task,
-    TextRequest,
+    Execution, Generation, Mode, RunOptions, StepTrace, Switches, T2iRequest, Task, TextRequest,
 };
 use sparse_lavida::schedule::Order;
 use sparse_lavida::weights::{HostTensor, HostWeights};
@@ -198,7 +198,7 @@ fn generate<B: Backend>(
     mode: Mode,
     teacher: Option<&[StepTrace]>,
 ) -> Generation {
-    sampler::generate(
+    exec::generate(
         model,
         task,
         mode,
@@ -641,7 +641,7 @@ fn gpu_backend_rejects_bad_inputs() {
 // ------------------------------------------------------------------------------------------
 
 fn run_exec(model: &Model<CudaBackend>, task: &Task, mode: Mode, exec: Execution) -> Generation {
-    let g = sampler::generate_with(model, task, mode, exec, RunOptions::default())
+    let g = sparse_lavida::exec::generate_with(model, task, mode, exec, RunOptions::default())
         .unwrap_or_else(|e| panic!("{} {mode} {exec}: {e}", task_name(task)));
     assert_eq!(g.execution, exec, "{} {mode}", task_name(task));
     g
@@ -730,7 +730,7 @@ fn gpu_resident_bad_requests_are_errors() {
         banned: vec![],
         seed: 1,
     });
-    let e = sampler::generate_with(
+    let e = exec::generate_with(
         &gpu,
         &bad,
         Mode::Sparse(Switches::ALL_ON),
@@ -738,7 +738,7 @@ fn gpu_resident_bad_requests_are_errors() {
         RunOptions::default(),
     )
     .unwrap_err();
-    let eager = sampler::generate(
+    let eager = exec::generate(
         &gpu,
         &bad,
         Mode::Sparse(Switches::ALL_ON),
@@ -771,8 +771,9 @@ fn gpu_resident_reports_device_errors_after_the_run() {
     let t2i = tasks(&cfg, 4).remove(0);
     let mode = Mode::Sparse(Switches::ALL_ON);
     for exec in [Execution::Eager, Execution::Queued, Execution::Graphs] {
-        let e = sampler::generate_with(&broken, &t2i, mode, exec, RunOptions::default())
-            .expect_err("an inf logit must be an error");
+        let e =
+            sparse_lavida::exec::generate_with(&broken, &t2i, mode, exec, RunOptions::default())
+                .expect_err("an inf logit must be an error");
         assert!(matches!(e, Error::Input(_)), "{exec}: {e}");
         assert!(e.to_string().contains("non-finite logit"), "{exec}: {e}");
     }

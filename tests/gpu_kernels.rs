@@ -231,7 +231,7 @@ fn aggregate_validation_rejects_inconsistent_decode_state() {
         tokens: vec![Some(5), None, Some(6), None],
         groups: vec![vec![2], vec![0]],
     };
-    let d = DecodeArrays::from_state(&st).unwrap();
+    let d = DecodeArrays::from_groups(&st.tokens, &st.groups).unwrap();
     let inp = AggregateInputs {
         tokens: &d.tokens,
         decoded_step: &d.decoded_step,
@@ -886,7 +886,7 @@ fn aggregate_inputs<'a>(l: &Layout, d: &'a DecodeArrays, query: &'a [u32]) -> Ag
 #[test]
 fn aggregate_counts_match_sparse_plan() {
     for (case, (layout, st, query, plan)) in aggregate_cases().iter().enumerate() {
-        let d = DecodeArrays::from_state(st).unwrap();
+        let d = DecodeArrays::from_groups(&st.tokens, &st.groups).unwrap();
         let c = aggregate_inputs(layout, &d, query).validate().unwrap();
         assert_eq!(c.k as usize, st.groups.len(), "case {case}");
         let rows = plan.rows(layout.branch);
@@ -909,7 +909,7 @@ fn gpu_aggregate_matches_sparse_plan() {
     let dev = device();
     for (case, (layout, st, query, plan)) in aggregate_cases().iter().enumerate() {
         let (n_seqs, branch) = (layout.n_seqs(), layout.branch);
-        let d = DecodeArrays::from_state(st).unwrap();
+        let d = DecodeArrays::from_groups(&st.tokens, &st.groups).unwrap();
         let agg = ops::aggregate(&dev, &aggregate_inputs(layout, &d, query)).unwrap();
         let got = agg.download(&dev).unwrap();
         let what = format!("aggregate case {case}");

@@ -752,7 +752,7 @@ fn the_host_loop_reports_progress_whatever_the_execution_asked() {
             progress: Some(&mut tick),
             ..RunOptions::default()
         };
-        sparse_lavida::sampler::generate_with(
+        sparse_lavida::exec::generate_with(
             &model,
             &task,
             Mode::Sparse(Switches::ALL_ON),

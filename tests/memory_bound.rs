@@ -10,6 +10,7 @@ use proptest::prelude::*;
 use sparse_lavida::case::{Case, CaseId, CaseRow, RegisterMarker};
 use sparse_lavida::config::{Branch, Config};
 use sparse_lavida::error::Error;
+use sparse_lavida::exec;
 use sparse_lavida::image::{GridPicture, PictureLayout};
 use sparse_lavida::memory::{self, Limit, Need, Target, WeightsFrom};
 use sparse_lavida::request::{PromptSpec, TaskKind, Workload};
@@ -315,7 +316,7 @@ fn run_generation(cfg: Config, work: &Workload, image: bool, mode: Mode, total: 
     let (result, peak) = measured(|| -> sparse_lavida::Result<()> {
         let task = work.task(&cfg)?;
         let model = cpu_model(cfg.clone(), &WeightSource::Random(work.seed))?;
-        let g = sampler::generate_with(
+        let g = exec::generate_with(
             &model,
             &task,
             mode,

@@ -10,11 +10,12 @@ use rand_chacha::ChaCha8Rng;
 use common::{prompt, tiny_model};
 use proptest::prelude::*;
 use sparse_lavida::Error;
+use sparse_lavida::exec::{self, run_program};
 use sparse_lavida::plan::StepPlan;
 use sparse_lavida::sampler::patch::{self, DeviceState, UNDECODED};
 use sparse_lavida::sampler::{
-    self, Generation, Mode, Program, RunOptions, StepTrace, Switches, T2iRequest, Task,
-    TextRequest, program, run_program,
+    Generation, Mode, Program, RunOptions, StepTrace, Switches, T2iRequest, Task, TextRequest,
+    program,
 };
 use sparse_lavida::schedule::Order;
 
@@ -103,7 +104,7 @@ fn check_random_history(task: &Task, wseed: u64, hseed: u64) {
         }
         let mut seen = Plans::default();
         let mut hook = |k: Option<usize>, p: &StepPlan| seen.record(k, p);
-        let g = sampler::generate(
+        let g = exec::generate(
             &model,
             task,
             mode,
@@ -215,7 +216,7 @@ fn check_same_run(task: &Task) {
                 let prog = program(model.config(), task, mode).unwrap();
                 run_program(&model, &prog, opts).unwrap()
             } else {
-                sampler::generate(&model, task, mode, opts).unwrap()
+                exec::generate(&model, task, mode, opts).unwrap()
             };
             (g, plans, progress)
         };
@@ -306,7 +307,7 @@ fn bad_requests_fail_as_in_generate() {
     ];
     for task in &tasks {
         for mode in [Mode::Dense, Mode::Sparse(Switches::ALL_ON)] {
-            let want = input_error(sampler::generate(&model, task, mode, RunOptions::default()));
+            let want = input_error(exec::generate(&model, task, mode, RunOptions::default()));
             let got = input_error(program(model.config(), task, mode));
             assert_eq!(got, want, "{task:?}");
         }
@@ -318,7 +319,7 @@ fn run_program_refuses_teacher_forcing() {
     let model = tiny_model(2);
     let task = text_task(1.0, 2);
     let prog = program(model.config(), &task, Mode::Dense).unwrap();
-    let g = sampler::generate(&model, &task, Mode::Dense, RunOptions::default()).unwrap();
+    let g = exec::generate(&model, &task, Mode::Dense, RunOptions::default()).unwrap();
     let opts = RunOptions {
         teacher: Some(&g.steps),
         ..RunOptions::default()
@@ -332,7 +333,7 @@ fn traces_reject_states_that_do_not_fit_the_program() {
     let model = tiny_model(3);
     let task = text_task(1.0, 2);
     let prog: Program = program(model.config(), &task, Mode::Sparse(Switches::ALL_ON)).unwrap();
-    let g = sampler::generate(
+    let g = exec::generate(
         &model,
         &task,
         Mode::Sparse(Switches::ALL_ON),

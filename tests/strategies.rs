@@ -7,6 +7,7 @@ use common::{max_rel_err, prompt, tiny_model};
 use proptest::prelude::*;
 use sparse_lavida::case::{Case, CaseId, CaseRow, RegisterMarker};
 use sparse_lavida::config::Branch;
+use sparse_lavida::exec;
 use sparse_lavida::sampler::{
     self, Generation, Mode, RunOptions, Switches, T2iRequest, Task, TextRequest,
 };
@@ -17,7 +18,7 @@ fn run(
     task: &Task,
     mode: Mode,
 ) -> Generation {
-    sampler::generate(
+    exec::generate(
         model,
         task,
         mode,
@@ -291,7 +292,7 @@ fn run_forced(
     mode: Mode,
     teacher: &[sampler::StepTrace],
 ) -> sparse_lavida::Result<Generation> {
-    sampler::generate(
+    exec::generate(
         model,
         task,
         mode,

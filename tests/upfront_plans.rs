@@ -6,10 +6,9 @@ mod common;
 
 use common::{prompt, tiny_model};
 use proptest::prelude::*;
+use sparse_lavida::exec;
 use sparse_lavida::plan::StepPlan;
-use sparse_lavida::sampler::{
-    self, Mode, PLACEHOLDER, RunOptions, T2iRequest, Task, t2i_upfront_plans,
-};
+use sparse_lavida::sampler::{Mode, PLACEHOLDER, RunOptions, T2iRequest, Task, t2i_upfront_plans};
 use sparse_lavida::schedule::Order;
 
 fn has_placeholder(p: &StepPlan) -> bool {
@@ -30,7 +29,7 @@ fn check(wseed: u64, req: &T2iRequest) {
                 seen.push(p.clone());
             }
         };
-        let g = sampler::generate(
+        let g = exec::generate(
             &model,
             &Task::T2i(req.clone()),
             mode,

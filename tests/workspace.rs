@@ -6,16 +6,17 @@
 mod common;
 
 use common::tiny_model;
+use sparse_lavida::exec;
 use sparse_lavida::model::Workspace;
 use sparse_lavida::plan::StepPlan;
-use sparse_lavida::sampler::{self, Mode, RunOptions, Switches, T2iRequest, Task, TextRequest};
+use sparse_lavida::sampler::{Mode, RunOptions, Switches, T2iRequest, Task, TextRequest};
 use sparse_lavida::schedule::Order;
 
 fn plans_of(task: &Task, mode: Mode) -> Vec<StepPlan> {
     let model = tiny_model(3);
     let mut plans = Vec::new();
     let mut on_plan = |_: Option<usize>, p: &StepPlan| plans.push(p.clone());
-    sampler::generate(
+    exec::generate(
         &model,
         task,
         mode,

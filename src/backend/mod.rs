@@ -1,51 +1,22 @@
 //! The seam between the model and the hardware.
 //!
-//! The model graph ([`crate::model`]) and the samplers ([`crate::sampler`]) are written once against
-//! [`Backend`]. A backend owns its activation matrices, weights, uploaded plans and K/V pool; the
-//! CPU backend ([`cpu`]) computes in f32 and is the oracle; the CUDA backend ([`cuda`]) stores
-//! bf16 (f32 for the residual stream and logits) and accumulates in f32.
+//! The model graph and the samplers above it are written once against [`Backend`], which knows
+//! plans ([`StepPlan`]), weights and matrices and nothing of a model or a generation. A backend
+//! owns its activation matrices, weights, uploaded plans and K/V pool; the CPU backend ([`cpu`])
+//! computes in f32 and is the oracle; the CUDA backend (`cuda`, feature `cuda`) stores bf16 (f32
+//! for the residual stream and logits) and accumulates in f32.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 
 use crate::config::{Branch, Config};
 use crate::error::Result;
-use crate::model::Model;
 use crate::plan::StepPlan;
-use crate::sampler::{Execution, Generation, Mode, Task};
 use crate::weights::HostTensor;
 
-/// Parameters of one sampler pass (SPEC §4.1/§4.2): CFG combine, banned ids, temperature,
-/// Philox-Gumbel argmax, confidence.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SampleParams {
-    /// CFG scale `g`: the logits hold `2n` rows (`n` conditional, then the same `n`
-    /// unconditional) and `(1+g)·cond − g·uncond` is sampled. `None`: `n` rows, no CFG.
-    pub guidance: Option<f32>,
-    /// Gumbel temperature; 0 is plain argmax (ties to the lower id).
-    pub temperature: f32,
-    /// Ids that never win (e.g. the text `[MASK]`).
-    pub banned: Vec<u32>,
-    /// Philox key (`seed_lo`, `seed_hi`).
-    pub seed: u64,
-    /// Step index (Philox counter word 2).
-    pub step: u32,
-    /// Request index in the batch (Philox counter word 3).
-    pub request: u32,
-    /// Sequence position of each sampled row (Philox counter word 1), `n` entries.
-    pub positions: Vec<u32>,
-}
-
-/// One sampled position.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sampled {
-    /// The chosen id.
-    pub token: u32,
-    /// `softmax(logits/τ)[token]` (τ = 1 when the temperature is 0), after CFG and bans.
-    pub confidence: f32,
-    /// Natural log-sum-exp of `logits/τ` over the allowed ids (τ = 1 when the temperature is 0).
-    pub lse: f32,
-}
+/// The sampler pass's parameters and results: the kernels' formats ([`crate::contract`]).
+pub use crate::contract::{SampleParams, Sampled};
 
 /// What a matrix holds, so that a backend can choose its storage: the CUDA backend keeps the
 /// residual stream and the logits in f32 and every other activation in bf16 (the inputs of its
@@ -58,6 +29,22 @@ pub enum MatrixKind {
     Activation,
     /// Logits for the sampler.
     Logits,
+}
+
+/// One matrix product of a forward pass: an `[m, k]` activation times an `[n, k]` weight into an
+/// `[m, n]` matrix of kind `out`, added to it when `accumulate` (the residual adds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Product {
+    /// Rows.
+    pub m: usize,
+    /// Output columns (the weight's rows).
+    pub n: usize,
+    /// Inner dimension.
+    pub k: usize,
+    /// The output's kind (its storage on a backend).
+    pub out: MatrixKind,
+    /// `out += x · wᵀ` instead of `out = x · wᵀ`.
+    pub accumulate: bool,
 }
 
 /// Operations the model graph needs. Matrices are row-major `[rows, cols]`; "rows of branch `b`"
@@ -83,7 +70,7 @@ pub trait Backend {
     /// Allocates a `[rows, cols]` matrix of `kind` (contents unspecified).
     fn matrix(&self, rows: usize, cols: usize, kind: MatrixKind) -> Result<Self::Matrix>;
     /// Views `m`'s storage as `[rows, cols]` (contents unspecified); [`crate::Error::Input`] when
-    /// it holds fewer than `rows · cols` values. Lets a [`crate::model::Workspace`] serve passes
+    /// it holds fewer than `rows · cols` values. Lets one set of activation buffers serve passes
     /// of any size up to the one it was allocated for.
     fn reshape(&self, m: &mut Self::Matrix, rows: usize, cols: usize) -> Result<()>;
     /// Copies a matrix to the host as f32.
@@ -158,22 +145,6 @@ pub trait Backend {
         Ok(Box::new(WallClock::default()))
     }
 
-    /// Runs a whole generation device-resident with `exec` ([`Execution::Queued`] or
-    /// [`Execution::Graphs`]), or `None` when this backend has no such path (the caller then
-    /// runs the host loop). `progress` sees (steps done, steps in total).
-    fn generate_resident(
-        _model: &Model<Self>,
-        _task: &Task,
-        _mode: Mode,
-        _exec: Execution,
-        _progress: Option<&mut dyn FnMut(usize, usize)>,
-    ) -> Option<Result<Generation>>
-    where
-        Self: Sized,
-    {
-        None
-    }
-
     /// What a benchmark can ask of the device beyond computing (its name, driver, memory high
     /// watermark, copy bandwidth); `None` for a backend on the host.
     fn device_stats(&self) -> Option<&dyn DeviceStats> {
@@ -246,5 +217,5 @@ pub trait DeviceStats {
     /// `accumulate` as given) through the backend's own GEMM path, on random inputs: `reps`
     /// products queued back to back between two timing points after a warm-up, divided by
     /// `reps` (so the host's launch cost is not in a small product's time).
-    fn gemm_seconds(&self, p: &crate::model::Product, reps: usize) -> Result<f64>;
+    fn gemm_seconds(&self, p: &Product, reps: usize) -> Result<f64>;
 }

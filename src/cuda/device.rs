@@ -21,7 +21,7 @@ use cudarc::driver::{
     result, sys,
 };
 
-use crate::cuda::abi;
+use crate::contract::abi;
 use crate::cuda::images::{KERNEL_IMAGES, KERNELS_MISSING, KernelImage};
 use crate::error::{Error, Result};
 
@@ -288,6 +288,8 @@ pub struct Kernels {
     images: Vec<(&'static str, &'static str)>,
     /// Owns the modules the handles above point into.
     _modules: Vec<Module>,
+    /// The context the modules were loaded into (launches bind it).
+    ctx: Arc<CudaContext>,
 }
 
 impl Kernels {
@@ -345,6 +347,7 @@ impl Kernels {
             fill_u32: take("sl_fill_u32"),
             images: used,
             _modules: modules,
+            ctx: ctx.clone(),
         };
         kernels.set_attention_smem(ctx)?;
         Ok(kernels)
@@ -454,6 +457,11 @@ impl Kernels {
         &self.fill_u32
     }
 
+    /// The context the kernels were loaded into: a launch must use one of its streams.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
     /// `(file, target)` of every loaded image, e.g. `("attention.cu", "sm_90a")`.
     pub fn images(&self) -> &[(&'static str, &'static str)] {
         &self.images
@@ -534,6 +542,30 @@ impl CudaDevice {
         // would break a graph capture running on another thread's device handle.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(cuda_err("creating a stream"))?;
+        Self::on(stream)
+    }
+
+    /// A device on an engine's own stream (and so its context): loads the kernels into that
+    /// context; every launch given this device (the safe ops above this module) is then queued
+    /// on `stream`, on buffers the engine allocated in the same context — nothing is copied and
+    /// no other stream is made.
+    ///
+    /// The context's settings are left as the engine made them. cudarc's event tracking (on by
+    /// default once a context has several streams) records events around every launch, which a
+    /// CUDA graph capture of those launches rejects: an engine that captures them turns it off
+    /// (`CudaContext::disable_event_tracking`, as [`CudaDevice::new`] does) or uses one stream.
+    /// [`Error::Unavailable`] when the build has no kernels or none runs on this device.
+    pub fn with_stream(stream: Arc<CudaStream>) -> Result<CudaDevice> {
+        if let Some(why) = KERNELS_MISSING {
+            return Err(Error::Unavailable(why.to_string()));
+        }
+        guarded(|| Self::on(stream))?
+    }
+
+    /// Reads the device's facts and loads the kernels for `stream`'s context.
+    fn on(stream: Arc<CudaStream>) -> Result<CudaDevice> {
+        let ctx = stream.context().clone();
+        let ordinal = ctx.ordinal();
         let (major, minor) = ctx
             .compute_capability()
             .map_err(cuda_err("reading the compute capability"))?;
@@ -569,7 +601,7 @@ impl CudaDevice {
         &self.ctx
     }
 
-    /// The stream every op of [`crate::cuda::ops`] is queued on.
+    /// The stream every launch through this device is queued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }

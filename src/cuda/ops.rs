@@ -12,9 +12,17 @@
 //! distinctness when it is uploaded; the attention and aggregation inputs are validated on the
 //! host when their plan is built ([`AttnPlan`], [`aggregate`]).
 //!
-//! Attention follows FlashInfer's plan/run split: [`AttnPlan::new`] validates the ragged layout,
-//! cuts it into query tiles, picks the split count and allocates the split workspace once per
-//! step; [`attention`] then only checks the per-layer buffers and launches.
+//! Attention follows FlashInfer's plan/run split: [`AttnPlan::new`] (the *plan*, on the host,
+//! outside any capture) validates the ragged layout, cuts it into query tiles, picks the split
+//! count, uploads the index arrays and allocates the split workspace, once per step;
+//! [`attention`] (the *run*) then only checks the per-layer buffers and launches: it allocates
+//! nothing, never synchronizes, and can be captured into a CUDA graph and replayed. The sampler
+//! splits the same way: [`BannedMask::new`] is its plan, [`sample_to_device`] its run
+//! ([`sample`] is the convenience that allocates and waits).
+//!
+//! Every op takes a [`CudaDevice`]: the crate's own ([`CudaDevice::new`]) or one on an engine's
+//! stream ([`CudaDevice::with_stream`]); the buffers may be any `CudaSlice` of that context, the
+//! engine's own included, used in place.
 
 use std::ptr::{null, null_mut};
 
@@ -23,26 +31,30 @@ use cudarc::driver::{
 };
 use half::bf16;
 
-use crate::backend::cpu::attention::{AttnShape, AttnTiling};
-use crate::backend::{SampleParams, Sampled};
-use crate::config::Branch;
-use crate::cuda::abi::{
+use crate::contract::abi::{
     SL_ATTN_BLOCK_M, SlAggregateParams, SlAttnParams, SlCommitParams, SlEmbedParams, SlFillParams,
     SlGatherParams, SlInitParams, SlMaskedSoftmaxParams, SlPatch, SlResolveParams, SlRmsNormParams,
     SlRopeKvParams, SlSampleParams, SlSwigluParams,
 };
+use crate::contract::program::field_name;
+use crate::contract::{AttnShape, REGISTER, SampleParams, Sampled, Tag};
 use crate::cuda::device::CudaDevice;
 use crate::cuda::raw;
 use crate::error::{Error, Result};
-use crate::plan::{MAX_BLOCK, REGISTER, Tag};
-use crate::sampler::DecodeState;
-use crate::sampler::patch::{CommitRule, DeviceState, Field, Lists, Patch, UNDECODED};
+
+/// The host-side formats the ops take, defined by the kernel contract ([`crate::contract`]).
+pub use crate::contract::aggregate::{AggregateCounts, AggregateInputs, DecodeArrays};
+pub use crate::contract::attn::{AttnLayout, choose_splits, query_tiles};
+pub use crate::contract::program::{
+    CommitRule, DeviceState, Field, Lists, MAX_PROGRAM_LEN, Patch, PatchLens, UNDECODED,
+    check_patches,
+};
 
 /// bf16 elements per 16-byte vector: attention row strides must be a multiple of this.
 pub const VEC: usize = 8;
 
 /// The largest split count [`AttnPlan::new`] accepts when forced (the heuristic stays at or
-/// below [`AttnTiling::MAX_SPLITS`]).
+/// below [`AttnTiling::MAX_SPLITS`](crate::contract::AttnTiling::MAX_SPLITS)).
 pub const MAX_FORCED_SPLITS: usize = 256;
 
 fn bad<T>(op: &str, msg: impl std::fmt::Display) -> Result<T> {
@@ -105,33 +117,6 @@ fn rows_in(len: usize, width: usize, stride: usize) -> usize {
 /// `v` as a u32 kernel argument, or an error naming it.
 fn to_u32(op: &str, name: &str, v: usize) -> Result<u32> {
     u32::try_from(v).or_else(|_| bad(op, format_args!("{name} = {v} does not fit in u32")))
-}
-
-/// Checks a CSR offset array: `n + 1` entries from 0, non-decreasing, ending at `total`.
-fn check_indptr(op: &str, name: &str, indptr: &[u32], total: usize) -> Result<()> {
-    let Some(&last) = indptr.last() else {
-        return bad(
-            op,
-            format_args!("{name} is empty (it needs n_seqs + 1 entries)"),
-        );
-    };
-    if indptr[0] != 0 {
-        return bad(op, format_args!("{name}[0] = {}, expected 0", indptr[0]));
-    }
-    if let Some(s) = indptr.windows(2).position(|w| w[0] > w[1]) {
-        return bad(
-            op,
-            format_args!(
-                "{name} decreases at sequence {s}: {} > {}",
-                indptr[s],
-                indptr[s + 1]
-            ),
-        );
-    }
-    if last as usize != total {
-        return bad(op, format_args!("{name} ends at {last}, expected {total}"));
-    }
-    Ok(())
 }
 
 /// Element types of device buffers and the type a params struct's pointer has for them.
@@ -307,135 +292,6 @@ impl IndexBuf {
 // ------------------------------------------------------------------------------------------
 // Attention
 // ------------------------------------------------------------------------------------------
-
-/// The host-side ragged layout of one attention call (the rows of one branch of a step and the
-/// keys of their sequences), as in [`crate::backend::cpu::attention::AttnInputs`].
-#[derive(Debug, Clone, Copy)]
-pub struct AttnLayout<'a> {
-    /// Head geometry; head_dim must be 64 or 128 (the compiled kernels).
-    pub shape: AttnShape,
-    /// Tag of each query row.
-    pub row_tags: &'a [Tag],
-    /// `n_seqs + 1` offsets: rows of sequence `s` are `seq_indptr[s]..seq_indptr[s+1]`.
-    pub seq_indptr: &'a [u32],
-    /// `n_seqs + 1` offsets into `kv_indices`.
-    pub kv_indptr: &'a [u32],
-    /// Pool slot of each key.
-    pub kv_indices: &'a [u32],
-    /// Tag of each key.
-    pub kv_tags: &'a [Tag],
-    /// Pool rows: every `kv_indices` entry must be below this, and the pools passed to
-    /// [`attention`] must hold at least this many rows.
-    pub n_slots: usize,
-}
-
-impl AttnLayout<'_> {
-    /// Query rows.
-    pub fn rows(&self) -> usize {
-        self.row_tags.len()
-    }
-
-    /// Checks the head geometry, both CSR offset arrays, the tag lengths and every key's slot.
-    pub fn validate(&self) -> Result<()> {
-        let op = "attention plan";
-        let AttnShape {
-            n_heads,
-            n_kv_heads,
-            head_dim,
-        } = self.shape;
-        if head_dim != 64 && head_dim != 128 {
-            return bad(
-                op,
-                format_args!("head_dim {head_dim} has no kernel (64 and 128 are compiled)"),
-            );
-        }
-        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
-            return bad(
-                op,
-                format_args!(
-                    "n_heads {n_heads} must be a positive multiple of n_kv_heads {n_kv_heads}"
-                ),
-            );
-        }
-        if n_heads > 65_535 {
-            return bad(op, format_args!("n_heads {n_heads} exceeds the grid limit"));
-        }
-        check_indptr(op, "seq_indptr", self.seq_indptr, self.rows())?;
-        check_indptr(op, "kv_indptr", self.kv_indptr, self.kv_indices.len())?;
-        if self.kv_indptr.len() != self.seq_indptr.len() {
-            return bad(
-                op,
-                format_args!(
-                    "kv_indptr has {} entries but seq_indptr has {}",
-                    self.kv_indptr.len(),
-                    self.seq_indptr.len()
-                ),
-            );
-        }
-        if self.kv_tags.len() != self.kv_indices.len() {
-            return bad(
-                op,
-                format_args!(
-                    "kv_tags has {} entries but kv_indices has {}",
-                    self.kv_tags.len(),
-                    self.kv_indices.len()
-                ),
-            );
-        }
-        to_u32(op, "n_slots", self.n_slots)?;
-        to_u32(op, "rows", self.rows())?;
-        if let Some((i, &slot)) = self
-            .kv_indices
-            .iter()
-            .enumerate()
-            .find(|&(_, &s)| s as usize >= self.n_slots)
-        {
-            return bad(
-                op,
-                format_args!(
-                    "kv_indices[{i}] = {slot} is not below the pool's {} slots",
-                    self.n_slots
-                ),
-            );
-        }
-        Ok(())
-    }
-}
-
-/// Query tiles of a ragged row set: each tile is up to `block_m` consecutive rows of one
-/// sequence; returns `(qtile_seq, qtile_row0)` (sequence and first row of each tile), tiles in
-/// row order. Tiles never cross a sequence boundary and cover every row exactly once.
-/// `seq_indptr` must be valid CSR offsets (see [`AttnLayout::validate`]); `block_m >= 1`.
-pub fn query_tiles(seq_indptr: &[u32], block_m: u32) -> (Vec<u32>, Vec<u32>) {
-    let block_m = block_m.max(1);
-    let (mut seq, mut row0) = (Vec::new(), Vec::new());
-    for (s, w) in seq_indptr.windows(2).enumerate() {
-        let mut r = w[0];
-        while r < w[1] {
-            seq.push(s as u32);
-            row0.push(r);
-            r = r.saturating_add(block_m);
-        }
-    }
-    (seq, row0)
-}
-
-/// Split count for `n_qtiles` query tiles of `n_heads` heads over at most `max_keys` keys per
-/// sequence on `workers` SMs: the rule of [`AttnTiling::heuristic`] with the real tile count
-/// (`SL_ATTN_BLOCK_M`-row tiles, broken at sequence boundaries) — 1 when the grid already has
-/// `workers` blocks, else `min(ceil(workers / items), ceil(max_keys / MIN_KEYS_PER_SPLIT),
-/// MAX_SPLITS)`, at least 1.
-pub fn choose_splits(n_qtiles: usize, n_heads: usize, max_keys: usize, workers: usize) -> usize {
-    let items = (n_qtiles * n_heads).max(1);
-    if items >= workers {
-        1
-    } else {
-        workers
-            .div_ceil(items)
-            .min(max_keys.div_ceil(AttnTiling::MIN_KEYS_PER_SPLIT))
-            .clamp(1, AttnTiling::MAX_SPLITS)
-    }
-}
 
 /// An attention call planned and uploaded: the ragged layout, its query tiles, the split count
 /// and the split workspace. Build once per step and branch; run once per layer with
@@ -662,7 +518,7 @@ pub fn attention(
     // workspace was sized for this plan's splits; every pointer comes from a live buffer of this
     // context borrowed for the launch (`b` holds the borrows), and the outputs are borrowed
     // mutably, so they alias no input.
-    unsafe { raw::attention(dev.kernels(), &p, dev.stream()) }
+    unsafe { raw::attention(dev.kernels(), &p, dev.stream().cu_stream()) }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -775,10 +631,10 @@ pub fn masked_softmax(
     // SAFETY: scores / probs hold n_rows rows of `stride >= n_cols`; the tags cover the rows and
     // columns, or every prefix length is at most n_cols (recorded at upload); all pointers are
     // live buffers of this context borrowed for the launch, `probs` mutably (no aliasing).
-    unsafe { raw::masked_softmax(dev.kernels(), &p, dev.stream()) }
+    unsafe { raw::masked_softmax(dev.kernels(), &p, dev.stream().cu_stream()) }
 }
 
-/// The shape rules of a sampler call (those of [`crate::backend::cpu::ops::sample_rows`] that do
+/// The shape rules of a sampler call (those of the CPU twin, `cpu::ops::sample_rows`, that do
 /// not concern the banned ids) for `n` sampled rows; returns the number of logit rows read.
 fn check_sample_shape(
     logits_len: usize,
@@ -836,7 +692,7 @@ fn banned_bytes(vocab: usize, banned: &[u32]) -> Result<Vec<u8>> {
     Ok(mask)
 }
 
-/// Validates a sampler call (the rules of [`crate::backend::cpu::ops::sample_rows`]); returns
+/// Validates a sampler call (the rules of the CPU twin, `cpu::ops::sample_rows`); returns
 /// the number of logit rows it reads and the banned-id mask (`None` when nothing is banned).
 fn check_sample(
     logits_len: usize,
@@ -968,7 +824,7 @@ fn launch_sample(
     // that the banned mask (a `BannedMask`) has vocab bytes, positions and the outputs n
     // entries and the flag one; all are live buffers of this context borrowed for the launch,
     // the outputs mutably (so they alias no input nor each other).
-    unsafe { raw::sample(dev.kernels(), &params, dev.stream()) }
+    unsafe { raw::sample(dev.kernels(), &params, dev.stream().cu_stream()) }
 }
 
 /// [`sample`] without the wait: the same kernel on device inputs, queued on the device's stream
@@ -1019,7 +875,7 @@ pub fn sample_to_device(
 
 /// The sampler pass (SPEC §4, mask-aware softmax (b)) over `logits` (`[n or 2n, stride]`,
 /// `n = p.positions.len()`, the first `vocab` columns used): the same tokens, confidences and
-/// LSEs as [`crate::backend::cpu::ops::sample_rows`]. A non-finite logit (after the CFG combine
+/// LSEs as the CPU twin (`cpu::ops::sample_rows`). A non-finite logit (after the CFG combine
 /// and temperature) is [`Error::Input`] naming "non-finite logit". Waits for the result.
 pub fn sample(
     dev: &CudaDevice,
@@ -1211,7 +1067,7 @@ pub fn embed_flagged(
     // SAFETY: table holds table_rows rows of d, register d values, ids n_rows entries (the
     // kernel range-checks them), x and normed n_rows rows of d, the flag one entry; all are live
     // buffers of this context borrowed for the launch, outputs mutably.
-    unsafe { raw::embed(dev.kernels(), &p, dev.stream()) }
+    unsafe { raw::embed(dev.kernels(), &p, dev.stream().cu_stream()) }
 }
 
 /// The checks [`rmsnorm`] and [`rmsnorm_ro`] share; returns the width `d = w.len()`.
@@ -1267,7 +1123,7 @@ pub fn rmsnorm(
     };
     // SAFETY: x, add and out hold n_rows rows of d, w holds d; live buffers of
     // this context borrowed for the launch, x and out mutably (so neither aliases another).
-    unsafe { raw::rmsnorm(dev.kernels(), &p, dev.stream()) }
+    unsafe { raw::rmsnorm(dev.kernels(), &p, dev.stream().cu_stream()) }
 }
 
 /// [`rmsnorm`] without the residual add: `out = bf16(x / sqrt(mean(x²) + eps) · w)` for the first
@@ -1297,7 +1153,7 @@ pub fn rmsnorm_ro(
     // SAFETY: x and out hold n_rows rows of d, w holds d; `add` is null, so the kernel only
     // reads x (the const-to-mut cast is never written through); live buffers of this context
     // borrowed for the launch, out mutably (so it aliases neither input).
-    unsafe { raw::rmsnorm(dev.kernels(), &p, dev.stream()) }
+    unsafe { raw::rmsnorm(dev.kernels(), &p, dev.stream().cu_stream()) }
 }
 
 /// The K/V pool of one layer.
@@ -1337,7 +1193,7 @@ pub struct RopeKv<'a> {
 }
 
 /// RoPE on `q` (in place) and `k`, then the rotated `k` and `v` rows stored into the pool at
-/// `slots` (SPEC §2.3; the CPU twin is [`crate::backend::cpu::ops::rope`] plus the store).
+/// `slots` (SPEC §2.3; the CPU twin is `cpu::ops::rope` plus the store).
 pub fn rope_kv(dev: &CudaDevice, a: RopeKv, pool: KvPool) -> Result<()> {
     let op = "rope_kv";
     let AttnShape {
@@ -1416,7 +1272,7 @@ pub fn rope_kv(dev: &CudaDevice, a: RopeKv, pool: KvPool) -> Result<()> {
     // SAFETY: q, k, v hold n_rows rows of strides covering their heads; every
     // slot is a distinct row of both pools (recorded at upload, checked above); positions cover
     // the rows; live buffers of this context borrowed for the launch, q and the pools mutably.
-    unsafe { raw::rope_kv(dev.kernels(), &p, dev.stream()) }
+    unsafe { raw::rope_kv(dev.kernels(), &p, dev.stream().cu_stream()) }
 }
 
 /// Shape of a [`swiglu`] call.
@@ -1462,13 +1318,13 @@ pub fn swiglu(
     };
     // SAFETY: gate / up hold n_rows rows of their strides (≥ width), out n_rows·width; live
     // buffers (or views) of this context, out borrowed mutably so it aliases neither input.
-    unsafe { raw::swiglu(dev.kernels(), &p, dev.stream()) }
+    unsafe { raw::swiglu(dev.kernels(), &p, dev.stream().cu_stream()) }
 }
 
 /// Seeded uniform init (params.h `sl_init_uniform`): every element `i` of `out` becomes
 /// `bf16(offset + scale·u_i)`, `u_i` uniform on (−1, 1) from Philox4x32-10 with key `seed`
 /// and counter `(i/4, tensor_index, 0x1A17)`. The f32 values before the bf16 rounding are
-/// exactly [`crate::backend::cpu::ops::init_uniform`]'s.
+/// exactly [`crate::contract::rng::init_uniform`]'s.
 ///
 /// Errors: a non-finite `offset` or `scale`.
 pub fn init_uniform(
@@ -1499,227 +1355,12 @@ pub fn init_uniform(
         _pad: 0,
     };
     // SAFETY: out is a live buffer of this context holding n elements, borrowed mutably.
-    unsafe { raw::init_uniform(dev.kernels(), &p, dev.stream()) }
+    unsafe { raw::init_uniform(dev.kernels(), &p, dev.stream().cu_stream()) }
 }
 
 // ------------------------------------------------------------------------------------------
 // Register-token aggregation
 // ------------------------------------------------------------------------------------------
-
-/// The decoding progress of a generation as the aggregation kernel reads it (params.h
-/// `SlAggregateParams`), derived from a [`DecodeState`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DecodeArrays {
-    /// `[N]` decoded ids (0 where not decoded).
-    pub tokens: Vec<u32>,
-    /// `[N]` step at which each response index was decoded, `u32::MAX` if not yet.
-    pub decoded_step: Vec<u32>,
-    /// `[N]` response indices in decode order (group 0 first), padded with `u32::MAX`.
-    pub decoded_order: Vec<u32>,
-    /// `[k + 1]` offsets of the groups in `decoded_order`.
-    pub group_indptr: Vec<u32>,
-}
-
-impl DecodeArrays {
-    /// Flattens `st` (`st.groups[j]` decoded at step `j`).
-    pub fn from_state(st: &DecodeState) -> Result<DecodeArrays> {
-        let n = st.tokens.len();
-        let mut decoded_step = vec![u32::MAX; n];
-        let mut decoded_order = Vec::new();
-        let mut group_indptr = vec![0u32];
-        for (j, group) in st.groups.iter().enumerate() {
-            for &i in group {
-                match st.tokens.get(i as usize) {
-                    Some(Some(_)) if decoded_step[i as usize] == u32::MAX => {}
-                    _ => {
-                        return bad(
-                            "decode state",
-                            format_args!(
-                                "group {j} lists response index {i}, which is out of range, \
-                                 not decoded, or listed twice"
-                            ),
-                        );
-                    }
-                }
-                decoded_step[i as usize] = j as u32;
-                decoded_order.push(i);
-            }
-            group_indptr.push(decoded_order.len() as u32);
-        }
-        // params.h gives decoded_order N entries; the tail past group_indptr[k] is never read.
-        decoded_order.resize(n, u32::MAX);
-        Ok(DecodeArrays {
-            tokens: st.tokens.iter().map(|t| t.unwrap_or(0)).collect(),
-            decoded_step,
-            decoded_order,
-            group_indptr,
-        })
-    }
-}
-
-/// Inputs of [`aggregate`]: the decode arrays, the step's query, and the slot layout of
-/// [`crate::sampler::Layout`].
-#[derive(Debug, Clone, Copy)]
-pub struct AggregateInputs<'a> {
-    /// `[N]` decoded ids.
-    pub tokens: &'a [u32],
-    /// `[N]` decode step of each response index (≥ k: not decoded).
-    pub decoded_step: &'a [u32],
-    /// Response indices in decode order (at least `group_indptr[k]` entries).
-    pub decoded_order: &'a [u32],
-    /// `[k + 1]` group offsets; the step is `k = group_indptr.len() − 1`.
-    pub group_indptr: &'a [u32],
-    /// Response indices of the masked block, in logits order.
-    pub query: &'a [u32],
-    /// Sequences (1, or 2 for a CFG pair).
-    pub n_seqs: usize,
-    /// Prompt length `P` (the prompt's K/V is in the pool).
-    pub prompt_len: usize,
-    /// Registers `R`.
-    pub n_registers: usize,
-    /// Pool slots per sequence (≥ P + N + n_query + R).
-    pub slots_per_seq: usize,
-    /// The response's `[MASK]` id.
-    pub mask_id: u32,
-    /// The response's branch.
-    pub branch: Branch,
-}
-
-/// Sizes of one aggregation, per sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AggregateCounts {
-    /// The step.
-    pub k: u32,
-    /// Rows fed: `|group k−1| + n_query + R`.
-    pub rows_per_seq: usize,
-    /// Keys: `P + (decoded so far) + n_query + R`.
-    pub keys_per_seq: usize,
-}
-
-impl AggregateInputs<'_> {
-    /// Checks the decode arrays' consistency (everything the kernel indexes with), the query and
-    /// the slot layout; returns the sizes.
-    pub fn validate(&self) -> Result<AggregateCounts> {
-        let op = "aggregate";
-        let n = self.tokens.len();
-        if self.decoded_step.len() != n {
-            return bad(
-                op,
-                format_args!(
-                    "decoded_step has {} entries, tokens {n}",
-                    self.decoded_step.len()
-                ),
-            );
-        }
-        let Some(&decoded) = self.group_indptr.last() else {
-            return bad(op, "group_indptr is empty (it needs k + 1 entries)");
-        };
-        let k = self.group_indptr.len() - 1;
-        if self.group_indptr[0] != 0 || self.group_indptr.windows(2).any(|w| w[0] > w[1]) {
-            return bad(op, "group_indptr must start at 0 and never decrease");
-        }
-        let decoded = decoded as usize;
-        if decoded > n || decoded > self.decoded_order.len() {
-            return bad(
-                op,
-                format_args!(
-                    "group_indptr ends at {decoded}, beyond the {} decode-order entries or the \
-                     {n} response positions",
-                    self.decoded_order.len()
-                ),
-            );
-        }
-        if k as u64 + 1 > u64::from(MAX_BLOCK) {
-            return bad(op, format_args!("step {k} is beyond the block range"));
-        }
-        // The step each index must have, from the groups.
-        let mut expected = vec![u32::MAX; n];
-        for g in 0..k {
-            let range = self.group_indptr[g] as usize..self.group_indptr[g + 1] as usize;
-            for &i in &self.decoded_order[range] {
-                match expected.get_mut(i as usize) {
-                    Some(e) if *e == u32::MAX => *e = g as u32,
-                    _ => {
-                        return bad(
-                            op,
-                            format_args!(
-                                "decoded_order lists {i} (group {g}) out of range or twice"
-                            ),
-                        );
-                    }
-                }
-            }
-        }
-        for (i, (&e, &s)) in expected.iter().zip(self.decoded_step).enumerate() {
-            let ok = if e == u32::MAX {
-                s as usize >= k
-            } else {
-                s == e
-            };
-            if !ok {
-                return bad(
-                    op,
-                    format_args!(
-                        "decoded_step[{i}] = {s} disagrees with the groups (expected {})",
-                        if e == u32::MAX {
-                            format!(">= {k}")
-                        } else {
-                            e.to_string()
-                        }
-                    ),
-                );
-            }
-        }
-        let mut in_query = vec![false; n];
-        for &i in self.query {
-            match (expected.get(i as usize), in_query.get_mut(i as usize)) {
-                (Some(&u32::MAX), Some(q)) if !*q => *q = true,
-                _ => {
-                    return bad(
-                        op,
-                        format_args!(
-                            "query index {i} is out of range, already decoded, or repeated"
-                        ),
-                    );
-                }
-            }
-        }
-        if self.n_seqs == 0 {
-            return bad(op, "no sequences");
-        }
-        let (p, r, nq) = (self.prompt_len, self.n_registers, self.query.len());
-        let need = p + n + nq + r;
-        if self.slots_per_seq < need {
-            return bad(
-                op,
-                format_args!(
-                    "slots_per_seq {} is below P + N + n_query + R = {need}",
-                    self.slots_per_seq
-                ),
-            );
-        }
-        let last_group = if k > 0 {
-            (self.group_indptr[k] - self.group_indptr[k - 1]) as usize
-        } else {
-            0
-        };
-        let counts = AggregateCounts {
-            k: k as u32,
-            rows_per_seq: last_group + nq + r,
-            keys_per_seq: p + decoded + nq + r,
-        };
-        let total_slots = self.n_seqs.checked_mul(self.slots_per_seq);
-        let total_keys = self.n_seqs.checked_mul(counts.keys_per_seq);
-        match (total_slots, total_keys) {
-            (Some(s), Some(kk)) if s <= u32::MAX as usize && kk <= u32::MAX as usize => {}
-            _ => return bad(op, "the pool layout overflows u32 slot numbers"),
-        }
-        if p + n + r > u32::MAX as usize {
-            return bad(op, "positions overflow u32");
-        }
-        Ok(counts)
-    }
-}
 
 /// The step's sparse representation built on the device by [`aggregate`] (params.h
 /// `SlAggregateParams`): per-row ids, positions, tags and slots (sequence-major,
@@ -1802,9 +1443,9 @@ impl Aggregated {
     }
 }
 
-/// Builds sparse step `k`'s rows, keys and logits rows on the device, exactly as
-/// [`crate::sampler::sparse_plan`] with [`crate::sampler::Switches::ALL_ON`] and a prefilled
-/// prompt does for the response branch. The output arrays are freshly allocated and filled with
+/// Builds sparse step `k`'s rows, keys and logits rows on the device, exactly as the host
+/// planner does for the response branch (its twin: the sampler's sparse plan with every saving
+/// on and a prefilled prompt). The output arrays are freshly allocated and filled with
 /// `u32::MAX` before the launch: the kernel writes every entry, and one it missed would be an
 /// impossible index rather than a plausible 0.
 pub fn aggregate(dev: &CudaDevice, inp: &AggregateInputs) -> Result<Aggregated> {
@@ -1863,7 +1504,7 @@ pub fn aggregate(dev: &CudaDevice, inp: &AggregateInputs) -> Result<Aggregated> 
         // follows is in range, groups and steps agree, the query is undecoded and distinct) and
         // that the slot layout fits; the outputs were sized from the same counts; all buffers
         // are live in this context and borrowed for the launch, outputs mutably.
-        unsafe { raw::aggregate_sparse(dev.kernels(), &p, dev.stream()) }?;
+        unsafe { raw::aggregate_sparse(dev.kernels(), &p, dev.stream().cu_stream()) }?;
     }
     Ok(out)
 }
@@ -1871,23 +1512,6 @@ pub fn aggregate(dev: &CudaDevice, inp: &AggregateInputs) -> Result<Aggregated> 
 // ------------------------------------------------------------------------------------------
 // Device-resident generation
 // ------------------------------------------------------------------------------------------
-
-/// The largest response a [`DeviceStateBufs`] holds, and the largest patch, query or gather
-/// count: the kernels' u32 index arithmetic stays far from wrapping.
-pub const MAX_PROGRAM_LEN: usize = 1 << 30;
-
-/// The name of a patch field's target (as in [`PatchTargets`]).
-fn field_name(f: Field) -> &'static str {
-    match f {
-        Field::RowId => "row_ids",
-        Field::RowPos => "row_pos",
-        Field::RowSlot => "row_slots",
-        Field::KvIndex => "kv_indices",
-        Field::KvTag => "kv_tags",
-        Field::LogitsRow => "logits_rows",
-        Field::SamplePos => "sample_pos",
-    }
-}
 
 /// Queues `buf[i] = value` for every element of `buf` (`sl_fill_u32`; capturable).
 pub fn fill_u32(dev: &CudaDevice, buf: &mut CudaSlice<u32>, value: u32) -> Result<()> {
@@ -1902,11 +1526,11 @@ pub fn fill_u32(dev: &CudaDevice, buf: &mut CudaSlice<u32>, value: u32) -> Resul
     };
     // SAFETY: `buf` holds n values and is a live buffer of this context borrowed mutably for
     // the launch.
-    unsafe { raw::fill_u32(dev.kernels(), &p, dev.stream()) }
+    unsafe { raw::fill_u32(dev.kernels(), &p, dev.stream().cu_stream()) }
 }
 
 /// The decode state of a device-resident generation ([`DeviceState`] on the device) and the
-/// lists of the last [`resolve_plan`] ([`crate::sampler::patch::Lists`]; entries past a list's
+/// lists of the last [`resolve_plan`] ([`Lists`]; entries past a list's
 /// length are [`UNDECODED`]). Every buffer holds at least `len()` entries; the ops check that
 /// again on every call, so a buffer swapped for a shorter one is an error, not a fault.
 #[derive(Debug)]
@@ -2034,80 +1658,6 @@ impl DeviceStateBufs {
     }
 }
 
-/// The logical lengths of the plan arrays a step's patches write: `rows` for the row fields
-/// (ids, positions, slots), `keys` for the key fields, `logits` for logits rows and sampler
-/// positions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct PatchLens {
-    /// Rows of the program's branch.
-    pub rows: usize,
-    /// Keys.
-    pub keys: usize,
-    /// Logits rows (twice the sampled positions under CFG).
-    pub logits: usize,
-    /// Sampled positions (the sampler's rows: one per query position).
-    pub samples: usize,
-}
-
-impl PatchLens {
-    /// The length of `field`'s array.
-    pub fn of(&self, field: Field) -> usize {
-        match field {
-            Field::RowId | Field::RowPos | Field::RowSlot => self.rows,
-            Field::KvIndex | Field::KvTag => self.keys,
-            Field::LogitsRow => self.logits,
-            Field::SamplePos => self.samples,
-        }
-    }
-}
-
-/// Checks a step's patches against the plan's lengths: every entry written is inside its array
-/// and no two patches write the same entry (the kernel applies them in parallel, so an order
-/// between them would not be kept). The errors name the patch(es). This is what
-/// [`upload_patches`] checks; sources are not checked (one reading outside the state writes
-/// nothing, as in [`crate::sampler::patch::apply`]).
-pub fn check_patches(patches: &[Patch], lens: PatchLens) -> Result<()> {
-    let op = "patches";
-    if patches.len() > MAX_PROGRAM_LEN {
-        return bad(
-            op,
-            format_args!("{} patches exceed {MAX_PROGRAM_LEN}", patches.len()),
-        );
-    }
-    for (name, len) in [
-        ("rows", lens.rows),
-        ("keys", lens.keys),
-        ("logits", lens.logits),
-    ] {
-        to_u32(op, name, len)?;
-    }
-    let mut seen = std::collections::HashMap::new();
-    for (k, p) in patches.iter().enumerate() {
-        let len = lens.of(p.field);
-        if p.index as usize >= len {
-            return bad(
-                op,
-                format_args!(
-                    "patch {k} ({p:?}) writes {}[{}], outside its {len} entries",
-                    field_name(p.field),
-                    p.index
-                ),
-            );
-        }
-        if let Some(first) = seen.insert((p.field, p.index), k) {
-            return bad(
-                op,
-                format_args!(
-                    "patches {first} and {k} both write {}[{}]",
-                    field_name(p.field),
-                    p.index
-                ),
-            );
-        }
-    }
-    Ok(())
-}
-
 /// A step's patches on the device, checked by [`check_patches`] against its [`PatchLens`].
 #[derive(Debug)]
 pub struct PatchBuf {
@@ -2152,8 +1702,7 @@ pub fn upload_patches(dev: &CudaDevice, patches: &[Patch], lens: PatchLens) -> R
     })
 }
 
-/// The plan arrays [`resolve_plan`] patches (device views of
-/// [`crate::sampler::patch::PlanArrays`]). A target may be `None` when no patch writes its
+/// The plan arrays [`resolve_plan`] patches, one per [`Field`]. A target may be `None` when no patch writes its
 /// field; a given target must hold at least its [`PatchLens`] length.
 #[derive(Debug, Default)]
 pub struct PatchTargets<'a> {
@@ -2208,8 +1757,8 @@ fn check_targets(lens: PatchLens, writes: [bool; 7], given: [Option<usize>; 7]) 
 
 /// Queues `sl_resolve_plan` (never waits; capturable): computes the lists of the state's
 /// current decode progress for the step's block `[block.0, block.1)` into `state.q` / `m` /
-/// `d`, then applies `patches` to the targets, exactly as [`crate::sampler::patch::lists`] and
-/// [`crate::sampler::patch::apply`]. Errors (nothing queued): `block.0 > block.1`, a field some
+/// `d`, then applies `patches` to the targets, exactly as the host twins (the sampler's
+/// `patch::lists` and `patch::apply`). Errors (nothing queued): `block.0 > block.1`, a field some
 /// patch writes without a target, a target shorter than its [`PatchLens`] length, a state
 /// buffer shorter than the response.
 pub fn resolve_plan(
@@ -2296,7 +1845,7 @@ pub fn resolve_plan(
     // holds its PatchLens length (`check_targets`) and a target not given is null (the kernel
     // skips it); all are live buffers of this context borrowed for the launch, the written ones
     // mutably, so the targets, the lists and the state are distinct buffers.
-    unsafe { raw::resolve_plan(dev.kernels(), &p, dev.stream()) }
+    unsafe { raw::resolve_plan(dev.kernels(), &p, dev.stream().cu_stream()) }
 }
 
 /// Checks the arguments of [`commit`] for a response of `n`: the query, token and confidence
@@ -2384,11 +1933,11 @@ fn commit_impl(
     // caller's buffer borrowed shared (so not one of the state buffers, which are borrowed
     // mutably) or the q list, which only holds distinct indices (written by resolve_plan or
     // reset); all are live buffers of this context borrowed for the launch.
-    unsafe { raw::commit(dev.kernels(), &p, dev.stream()) }
+    unsafe { raw::commit(dev.kernels(), &p, dev.stream().cu_stream()) }
 }
 
 /// Queues `sl_commit` (never waits; capturable): records a step's choices in `state` exactly as
-/// [`crate::sampler::patch::commit`], for the query `query[..n_query]` (response indices) with
+/// the host twin (`patch::commit`), for the query `query[..n_query]` (response indices) with
 /// sampled `token` and `confidence`. Query entries `>= state.len()` are skipped (neither
 /// committed nor counted); if fewer than `rule.n_commit` remain, fewer are committed. The
 /// in-range query entries must be distinct (which token a repeated index keeps is unspecified).
@@ -2477,7 +2026,7 @@ pub fn gather_rows(
     // SAFETY: x holds x_rows rows of cols, rows n entries (the kernel range-checks them
     // against x_rows), out n rows of cols (`check_gather`); n < 2^31; all are live buffers of
     // this context borrowed for the launch, out mutably.
-    unsafe { raw::gather_rows(dev.kernels(), &p, dev.stream()) }
+    unsafe { raw::gather_rows(dev.kernels(), &p, dev.stream().cu_stream()) }
 }
 
 #[cfg(test)]
@@ -2508,15 +2057,6 @@ mod tests {
         assert!(check_matrix("op", "x", 1, (usize::MAX, 2, 2), 1).is_err());
         // f32 matrices need no alignment.
         assert!(check_matrix("op", "x", 21, (3, 7, 7), 1).is_ok());
-    }
-
-    #[test]
-    fn indptr_checks() {
-        assert!(check_indptr("op", "p", &[0, 2, 2, 5], 5).is_ok());
-        assert!(msg(check_indptr("op", "p", &[], 0)).contains("empty"));
-        assert!(msg(check_indptr("op", "p", &[1, 2], 2)).contains("expected 0"));
-        assert!(msg(check_indptr("op", "p", &[0, 3, 2], 2)).contains("decreases"));
-        assert!(msg(check_indptr("op", "p", &[0, 3], 4)).contains("ends at 3"));
     }
 
     fn sp(n: usize) -> SampleParams {
@@ -2564,242 +2104,12 @@ mod tests {
         assert!(msg(check_sample(0, 0, 0, &sp(0))).contains("vocab"));
     }
 
-    fn layout<'a>(
-        row_tags: &'a [Tag],
-        seq_indptr: &'a [u32],
-        kv_indptr: &'a [u32],
-        kv_indices: &'a [u32],
-        kv_tags: &'a [Tag],
-    ) -> AttnLayout<'a> {
-        AttnLayout {
-            shape: AttnShape {
-                n_heads: 4,
-                n_kv_heads: 2,
-                head_dim: 64,
-            },
-            row_tags,
-            seq_indptr,
-            kv_indptr,
-            kv_indices,
-            kv_tags,
-            n_slots: 8,
-        }
-    }
-
-    #[test]
-    fn attention_layout_checks() {
-        let t = Tag(0);
-        let rows = [t; 3];
-        let keys = [t; 4];
-        assert!(
-            layout(&rows, &[0, 1, 3], &[0, 2, 4], &[0, 1, 2, 7], &keys)
-                .validate()
-                .is_ok()
-        );
-        let m = msg(layout(&rows, &[0, 1, 3], &[0, 2, 4], &[0, 1, 2, 8], &keys).validate());
-        assert!(
-            m.contains("kv_indices[3] = 8") && m.contains("8 slots"),
-            "{m}"
-        );
-        let m = msg(layout(&rows, &[0, 1, 2], &[0, 2, 4], &[0, 1, 2, 3], &keys).validate());
-        assert!(m.contains("seq_indptr ends at 2"), "{m}");
-        let m = msg(layout(&rows, &[0, 3], &[0, 2, 4], &[0, 1, 2, 3], &keys).validate());
-        assert!(m.contains("kv_indptr has 3 entries"), "{m}");
-        let m = msg(layout(&rows, &[0, 1, 3], &[0, 2, 4], &[0, 1, 2, 3], &keys[..3]).validate());
-        assert!(m.contains("kv_tags has 3"), "{m}");
-        let mut l = layout(&rows, &[0, 1, 3], &[0, 2, 4], &[0, 1, 2, 3], &keys);
-        l.shape.head_dim = 96;
-        assert!(msg(l.validate()).contains("head_dim 96"));
-        l.shape.head_dim = 128;
-        l.shape.n_kv_heads = 3;
-        assert!(msg(l.validate()).contains("multiple of n_kv_heads"));
-    }
-
-    #[test]
-    fn query_tiles_stay_in_their_sequence_and_cover_rows_once() {
-        let seq_indptr = [0u32, 0, 130, 131, 131, 200, 264];
-        let (seq, row0) = query_tiles(&seq_indptr, 64);
-        assert_eq!(seq, vec![1, 1, 1, 2, 4, 4, 5]);
-        assert_eq!(row0, vec![0, 64, 128, 130, 131, 195, 200]);
-        assert_eq!(query_tiles(&[0], 64), (vec![], vec![]));
-    }
-
-    #[test]
-    fn split_rule_matches_the_cpu_heuristic_shape() {
-        // A full grid: no split.
-        assert_eq!(choose_splits(132, 1, 100_000, 132), 1);
-        // One tile of 32 heads on 132 SMs: ceil(132/32) = 5, if the keys allow it.
-        assert_eq!(choose_splits(1, 32, 10_000, 132), 5);
-        assert_eq!(choose_splits(1, 32, 512, 132), 2);
-        assert_eq!(choose_splits(1, 32, 10, 132), 1);
-        // Capped at MAX_SPLITS.
-        assert_eq!(choose_splits(1, 1, 1 << 20, 1000), AttnTiling::MAX_SPLITS);
-        // Same answer as the CPU rule when tiles = ceil(rows / 64).
-        for (rows, keys, heads, workers) in
-            [(100, 5000, 4, 132), (17, 300, 2, 64), (640, 9000, 8, 132)]
-        {
-            let cpu = AttnTiling::heuristic(rows, keys, heads, workers);
-            assert_eq!(
-                choose_splits(rows.div_ceil(64), heads, keys, workers),
-                cpu.n_splits
-            );
-        }
-    }
-
-    fn state(n: usize, groups: &[&[u32]]) -> DecodeState {
-        let mut tokens = vec![None; n];
-        for g in groups {
-            for &i in *g {
-                tokens[i as usize] = Some(100 + i);
-            }
-        }
-        DecodeState {
-            tokens,
-            groups: groups.iter().map(|g| g.to_vec()).collect(),
-        }
-    }
-
-    #[test]
-    fn decode_arrays_and_aggregate_checks() {
-        let st = state(6, &[&[2, 0], &[5]]);
-        let d = DecodeArrays::from_state(&st).unwrap();
-        assert_eq!(d.tokens, vec![100, 0, 102, 0, 0, 105]);
-        assert_eq!(d.decoded_step, vec![0, u32::MAX, 0, u32::MAX, u32::MAX, 1]);
-        assert_eq!(d.decoded_order, vec![2, 0, 5, u32::MAX, u32::MAX, u32::MAX]);
-        assert_eq!(d.group_indptr, vec![0, 2, 3]);
-        let inp = AggregateInputs {
-            tokens: &d.tokens,
-            decoded_step: &d.decoded_step,
-            decoded_order: &d.decoded_order,
-            group_indptr: &d.group_indptr,
-            query: &[1, 4],
-            n_seqs: 2,
-            prompt_len: 3,
-            n_registers: 2,
-            slots_per_seq: 3 + 12 + 2,
-            mask_id: 99,
-            branch: Branch::Image,
-        };
-        let c = inp.validate().unwrap();
-        assert_eq!(
-            c,
-            AggregateCounts {
-                k: 2,
-                rows_per_seq: 1 + 2 + 2,
-                keys_per_seq: 3 + 3 + 2 + 2
-            }
-        );
-        let m = msg(AggregateInputs {
-            query: &[1, 5],
-            ..inp
-        }
-        .validate());
-        assert!(m.contains("query index 5"), "{m}");
-        let m = msg(AggregateInputs {
-            query: &[1, 1],
-            ..inp
-        }
-        .validate());
-        assert!(m.contains("query index 1"), "{m}");
-        let bad_step = [0, u32::MAX, 1, u32::MAX, u32::MAX, 1];
-        let m = msg(AggregateInputs {
-            decoded_step: &bad_step,
-            ..inp
-        }
-        .validate());
-        assert!(m.contains("decoded_step[2] = 1"), "{m}");
-        let early = [0, 1, 0, u32::MAX, u32::MAX, 1];
-        let m = msg(AggregateInputs {
-            decoded_step: &early,
-            ..inp
-        }
-        .validate());
-        assert!(m.contains("decoded_step[1]"), "{m}");
-        let m = msg(AggregateInputs {
-            group_indptr: &[0, 3, 2],
-            ..inp
-        }
-        .validate());
-        assert!(m.contains("never decrease"), "{m}");
-        let m = msg(AggregateInputs {
-            slots_per_seq: 10,
-            ..inp
-        }
-        .validate());
-        assert!(m.contains("slots_per_seq 10"), "{m}");
-        let m = msg(AggregateInputs {
-            decoded_order: &[2, 2, 5, 0, 0, 0],
-            ..inp
-        }
-        .validate());
-        assert!(m.contains("twice"), "{m}");
-        // A state whose group names an undecoded index is rejected.
-        let mut st = state(3, &[&[0]]);
-        st.tokens[0] = None;
-        assert!(DecodeArrays::from_state(&st).is_err());
-    }
-
-    fn patch(field: Field, index: u32) -> Patch {
-        Patch {
-            field,
-            index,
-            source: crate::sampler::patch::Source::Query,
-            arg: 0,
-            add: 0,
-        }
-    }
-
     const LENS: PatchLens = PatchLens {
         rows: 4,
         keys: 6,
         logits: 4,
         samples: 2,
     };
-
-    #[test]
-    fn patch_checks_name_the_patch() {
-        let ok = [
-            patch(Field::RowId, 3),
-            patch(Field::RowPos, 3),
-            patch(Field::RowSlot, 0),
-            patch(Field::KvIndex, 5),
-            patch(Field::KvTag, 5),
-            patch(Field::LogitsRow, 1),
-            patch(Field::SamplePos, 1),
-        ];
-        check_patches(&ok, LENS).unwrap();
-        check_patches(&[], PatchLens::default()).unwrap();
-        // Each field is bounded by its own length.
-        for (p, what) in [
-            (patch(Field::RowSlot, 4), "row_slots[4], outside its 4"),
-            (patch(Field::KvTag, 6), "kv_tags[6], outside its 6"),
-            (patch(Field::SamplePos, 2), "sample_pos[2], outside its 2"),
-            (patch(Field::LogitsRow, 4), "logits_rows[4], outside its 4"),
-        ] {
-            let mut ps = ok.to_vec();
-            ps.push(p);
-            let m = msg(check_patches(&ps, LENS));
-            assert!(m.contains("patch 7") && m.contains(what), "{m}");
-        }
-        // The same entry twice, even with different sources.
-        let mut ps = ok.to_vec();
-        ps.push(Patch {
-            source: crate::sampler::patch::Source::Token,
-            ..patch(Field::KvIndex, 5)
-        });
-        let m = msg(check_patches(&ps, LENS));
-        assert!(
-            m.contains("patches 3 and 7 both write kv_indices[5]"),
-            "{m}"
-        );
-        // Same index in different fields is fine.
-        check_patches(&[patch(Field::RowId, 0), patch(Field::RowPos, 0)], LENS).unwrap();
-        let huge = PatchLens {
-            keys: u32::MAX as usize + 1,
-            ..LENS
-        };
-        assert!(msg(check_patches(&ok, huge)).contains("keys"));
-    }
 
     #[test]
     fn target_checks_need_a_target_for_every_written_field() {

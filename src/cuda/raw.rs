@@ -1,19 +1,21 @@
 //! The low-level layer: one `unsafe fn` per kernel, taking the kernel's parameter struct from
-//! `kernels/params.h` (raw device pointers inside) and the stream to queue it on, and launching
-//! with the geometry params.h fixes. Nothing is validated beyond what picks the launch (a
-//! head_dim without a kernel, an empty grid); [`crate::cuda::ops`] is the checked layer above.
+//! `kernels/params.h` (raw device pointers inside) and the `CUstream` to queue it on, and
+//! launching with the geometry params.h fixes. Nothing is validated beyond what picks the launch
+//! (a head_dim without a kernel, an empty grid); the safe ops above check everything.
 //!
 //! # Use from another engine
-//! Load the kernels into your context with [`Kernels::load`] (or use a
-//! [`crate::cuda::device::CudaDevice`]), fill the params struct with device pointers you own,
-//! and call the function with a [`CudaStream`] of that context (a stream created elsewhere can
-//! be wrapped with `CudaContext::wrap_borrowed_stream`). Launches are asynchronous: the buffers
-//! must stay allocated, and untouched by other streams, until the stream reaches the launch.
-//! Every function binds the stream's context to the calling thread before launching.
+//! Load the kernels into your context with [`Kernels::load`] (or take them from a
+//! [`CudaDevice`](crate::cuda::device::CudaDevice)), fill the params struct with device pointers
+//! you own, and call the function with a `CUstream` of that context: a stream your engine made
+//! (PyTorch's `torch.cuda.current_stream().cuda_stream`, a `cudaStream_t`, cudarc's
+//! `CudaStream::cu_stream`), or null for the legacy default stream. Launches are asynchronous:
+//! the buffers must stay allocated, and untouched by other streams, until the stream reaches
+//! the launch. Every function binds the kernels' context to the calling thread first; none
+//! allocates or synchronizes, so all of them can be captured into a CUDA graph.
 //!
 //! # Common safety contract
 //! For every function here the caller guarantees:
-//! 1. `kernels` was loaded into the context of `stream`;
+//! 1. `stream` is null or a live stream of the context `kernels` was loaded into;
 //! 2. every non-null pointer in the params struct points into a live device allocation of that
 //!    context holding at least the elements params.h documents for it (with the struct's
 //!    counts and strides), and nullable pointers are either null or such a pointer;
@@ -24,7 +26,7 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::{CudaStream, result};
+use cudarc::driver::{result, sys};
 
 use crate::cuda::abi::{
     self, SL_AGG_THREADS, SL_ATTN_THREADS, SL_ELEM_THREADS, SL_GATHER_THREADS, SL_MERGE_THREADS,
@@ -47,14 +49,15 @@ const ELEM_MAX_BLOCKS: u32 = 65_535;
 /// # Safety
 /// The raw-layer contract (module docs) for `params` and the kernel's geometry.
 unsafe fn launch<P>(
+    kernels: &Kernels,
     kernel: &Kernel,
     grid: (u32, u32, u32),
     block: u32,
     smem: u32,
-    stream: &CudaStream,
+    stream: sys::CUstream,
     params: &P,
 ) -> Result<()> {
-    stream
+    kernels
         .context()
         .bind_to_thread()
         .map_err(cuda_err("binding the CUDA context"))?;
@@ -63,14 +66,14 @@ unsafe fn launch<P>(
     let mut args = [params as *const P as *mut c_void];
     // SAFETY: the kernel takes exactly one argument, the params struct `P` by value (params.h),
     // and `args[0]` points at a live `P`; the caller guarantees the pointers inside it (module
-    // docs); the context of `stream` is current (bound above).
+    // docs); the kernels' context, which `stream` belongs to, is current (bound above).
     unsafe {
         result::launch_kernel(
             kernel.cu_function(),
             grid,
             (block, 1, 1),
             smem,
-            stream.cu_stream(),
+            stream,
             &mut args,
         )
     }
@@ -99,7 +102,7 @@ unsafe fn launch<P>(
 ///   aligned;
 /// - with `n_splits > 1`, `partial_o` / `partial_lse` hold `[n_splits, n_rows, n_heads,
 ///   head_dim]` / `[n_splits, n_rows, n_heads]` f32.
-pub unsafe fn attention(kernels: &Kernels, p: &SlAttnParams, stream: &CudaStream) -> Result<()> {
+pub unsafe fn attention(kernels: &Kernels, p: &SlAttnParams, stream: sys::CUstream) -> Result<()> {
     let Some(kernel) = kernels.attention(p.head_dim) else {
         return Err(Error::Input(format!(
             "attention: no kernel for head_dim {} (64 and 128 are compiled)",
@@ -120,7 +123,7 @@ pub unsafe fn attention(kernels: &Kernels, p: &SlAttnParams, stream: &CudaStream
     let smem = abi::attn_smem_bytes(p.head_dim).unwrap_or(u32::MAX);
     // SAFETY: the caller's contract above covers every pointer and count the kernel reads; the
     // geometry is the one params.h documents and the shared memory was opted into at load.
-    unsafe { launch(kernel, grid, SL_ATTN_THREADS, smem, stream, p) }?;
+    unsafe { launch(kernels, kernel, grid, SL_ATTN_THREADS, smem, stream, p) }?;
     if p.n_splits > 1 {
         // SAFETY: same params; the partials were just written by the launch above, in stream
         // order.
@@ -139,7 +142,7 @@ pub unsafe fn attention(kernels: &Kernels, p: &SlAttnParams, stream: &CudaStream
 pub unsafe fn attention_merge(
     kernels: &Kernels,
     p: &SlAttnParams,
-    stream: &CudaStream,
+    stream: sys::CUstream,
 ) -> Result<()> {
     if p.n_rows == 0 {
         return Ok(());
@@ -147,6 +150,7 @@ pub unsafe fn attention_merge(
     // SAFETY: the caller's contract; geometry from params.h.
     unsafe {
         launch(
+            kernels,
             kernels.attention_merge(),
             (p.n_rows, 1, 1),
             SL_MERGE_THREADS,
@@ -165,7 +169,7 @@ pub unsafe fn attention_merge(
 pub unsafe fn masked_softmax(
     kernels: &Kernels,
     p: &SlMaskedSoftmaxParams,
-    stream: &CudaStream,
+    stream: sys::CUstream,
 ) -> Result<()> {
     if p.n_rows == 0 {
         return Ok(());
@@ -173,6 +177,7 @@ pub unsafe fn masked_softmax(
     // SAFETY: the caller's contract; geometry from params.h.
     unsafe {
         launch(
+            kernels,
             kernels.masked_softmax(),
             (p.n_rows, 1, 1),
             SL_SOFTMAX_THREADS,
@@ -188,13 +193,14 @@ pub unsafe fn masked_softmax(
 /// # Safety
 /// The module's common contract, and: `logits` holds `n` (or `2n` with `cfg`) rows of `stride
 /// >= vocab`; `banned`, when set, holds `vocab` bytes; `error_flag` points at one u32.
-pub unsafe fn sample(kernels: &Kernels, p: &SlSampleParams, stream: &CudaStream) -> Result<()> {
+pub unsafe fn sample(kernels: &Kernels, p: &SlSampleParams, stream: sys::CUstream) -> Result<()> {
     if p.n == 0 {
         return Ok(());
     }
     // SAFETY: the caller's contract; geometry from params.h.
     unsafe {
         launch(
+            kernels,
             kernels.sample(),
             (p.n, 1, 1),
             SL_SAMPLE_THREADS,
@@ -212,13 +218,14 @@ pub unsafe fn sample(kernels: &Kernels, p: &SlSampleParams, stream: &CudaStream)
 /// The module's common contract, and: `table` holds `table_rows` rows of `d`, `reg` holds `d`;
 /// `error_flag` points at one u32. Ids need not be valid (a bad id sets
 /// the flag).
-pub unsafe fn embed(kernels: &Kernels, p: &SlEmbedParams, stream: &CudaStream) -> Result<()> {
+pub unsafe fn embed(kernels: &Kernels, p: &SlEmbedParams, stream: sys::CUstream) -> Result<()> {
     if p.n_rows == 0 {
         return Ok(());
     }
     // SAFETY: the caller's contract; geometry from params.h.
     unsafe {
         launch(
+            kernels,
             kernels.embed(),
             (p.n_rows, 1, 1),
             SL_ROW_THREADS,
@@ -235,13 +242,14 @@ pub unsafe fn embed(kernels: &Kernels, p: &SlEmbedParams, stream: &CudaStream) -
 /// # Safety
 /// The module's common contract, and: `x`, `add` (when set) and `out` hold `n_rows` rows of
 /// `d` and `w` holds `d`.
-pub unsafe fn rmsnorm(kernels: &Kernels, p: &SlRmsNormParams, stream: &CudaStream) -> Result<()> {
+pub unsafe fn rmsnorm(kernels: &Kernels, p: &SlRmsNormParams, stream: sys::CUstream) -> Result<()> {
     if p.n_rows == 0 {
         return Ok(());
     }
     // SAFETY: the caller's contract; geometry from params.h.
     unsafe {
         launch(
+            kernels,
             kernels.rmsnorm(),
             (p.n_rows, 1, 1),
             SL_ROW_THREADS,
@@ -260,13 +268,14 @@ pub unsafe fn rmsnorm(kernels: &Kernels, p: &SlRmsNormParams, stream: &CudaStrea
 /// (`q_stride >= n_heads·head_dim`, `kv_stride` and `pool_stride >= n_kv_heads·head_dim`);
 /// every `slots[i]` is a row of both pools, and the slots of the launch are
 /// distinct (two rows storing to one slot race).
-pub unsafe fn rope_kv(kernels: &Kernels, p: &SlRopeKvParams, stream: &CudaStream) -> Result<()> {
+pub unsafe fn rope_kv(kernels: &Kernels, p: &SlRopeKvParams, stream: sys::CUstream) -> Result<()> {
     if p.n_rows == 0 {
         return Ok(());
     }
     // SAFETY: the caller's contract; geometry from params.h.
     unsafe {
         launch(
+            kernels,
             kernels.rope_kv(),
             (p.n_rows, 1, 1),
             SL_ROW_THREADS,
@@ -282,7 +291,7 @@ pub unsafe fn rope_kv(kernels: &Kernels, p: &SlRopeKvParams, stream: &CudaStream
 /// # Safety
 /// The module's common contract, and: `gate` / `up` hold `n_rows` rows of their strides (each
 /// `>= width`), `out` holds `n_rows·width`.
-pub unsafe fn swiglu(kernels: &Kernels, p: &SlSwigluParams, stream: &CudaStream) -> Result<()> {
+pub unsafe fn swiglu(kernels: &Kernels, p: &SlSwigluParams, stream: sys::CUstream) -> Result<()> {
     let total = u64::from(p.n_rows) * u64::from(p.width);
     if total == 0 {
         return Ok(());
@@ -293,6 +302,7 @@ pub unsafe fn swiglu(kernels: &Kernels, p: &SlSwigluParams, stream: &CudaStream)
     // SAFETY: the caller's contract; the kernel loops over all elements whatever the grid size.
     unsafe {
         launch(
+            kernels,
             kernels.swiglu(),
             (blocks, 1, 1),
             SL_ELEM_THREADS,
@@ -316,7 +326,7 @@ pub unsafe fn swiglu(kernels: &Kernels, p: &SlSwigluParams, stream: &CudaStream)
 pub unsafe fn aggregate_sparse(
     kernels: &Kernels,
     p: &SlAggregateParams,
-    stream: &CudaStream,
+    stream: sys::CUstream,
 ) -> Result<()> {
     if p.n_seqs == 0 {
         return Ok(());
@@ -324,6 +334,7 @@ pub unsafe fn aggregate_sparse(
     // SAFETY: the caller's contract; geometry from params.h.
     unsafe {
         launch(
+            kernels,
             kernels.aggregate_sparse(),
             (p.n_seqs, 1, 1),
             SL_AGG_THREADS,
@@ -339,7 +350,11 @@ pub unsafe fn aggregate_sparse(
 ///
 /// # Safety
 /// The module's common contract, and: `out` holds `n` elements.
-pub unsafe fn init_uniform(kernels: &Kernels, p: &SlInitParams, stream: &CudaStream) -> Result<()> {
+pub unsafe fn init_uniform(
+    kernels: &Kernels,
+    p: &SlInitParams,
+    stream: sys::CUstream,
+) -> Result<()> {
     let groups = p.n.div_ceil(4);
     if groups == 0 {
         return Ok(());
@@ -350,6 +365,7 @@ pub unsafe fn init_uniform(kernels: &Kernels, p: &SlInitParams, stream: &CudaStr
     // SAFETY: the caller's contract; the kernel loops over all groups whatever the grid size.
     unsafe {
         launch(
+            kernels,
             kernels.init_uniform(),
             (blocks, 1, 1),
             SL_ELEM_THREADS,
@@ -373,11 +389,12 @@ pub unsafe fn init_uniform(kernels: &Kernels, p: &SlInitParams, stream: &CudaStr
 pub unsafe fn resolve_plan(
     kernels: &Kernels,
     p: &SlResolveParams,
-    stream: &CudaStream,
+    stream: sys::CUstream,
 ) -> Result<()> {
     // SAFETY: the caller's contract; geometry from params.h.
     unsafe {
         launch(
+            kernels,
             kernels.resolve_plan(),
             (1, 1, 1),
             SL_PROGRAM_THREADS,
@@ -396,10 +413,11 @@ pub unsafe fn resolve_plan(
 /// The module's common contract, and: `n < 2^31`; `query`, `token` and `confidence` hold
 /// `n_query` entries, `tokens`, `order` and `decoded_step` hold `n`; `rank_base + n_commit
 /// <= n`; the query entries below `n` are distinct; the outputs alias none of the inputs.
-pub unsafe fn commit(kernels: &Kernels, p: &SlCommitParams, stream: &CudaStream) -> Result<()> {
+pub unsafe fn commit(kernels: &Kernels, p: &SlCommitParams, stream: sys::CUstream) -> Result<()> {
     // SAFETY: the caller's contract; geometry from params.h.
     unsafe {
         launch(
+            kernels,
             kernels.commit(),
             (1, 1, 1),
             SL_PROGRAM_THREADS,
@@ -419,7 +437,7 @@ pub unsafe fn commit(kernels: &Kernels, p: &SlCommitParams, stream: &CudaStream)
 pub unsafe fn gather_rows(
     kernels: &Kernels,
     p: &SlGatherParams,
-    stream: &CudaStream,
+    stream: sys::CUstream,
 ) -> Result<()> {
     if p.n == 0 || p.cols == 0 {
         return Ok(());
@@ -428,6 +446,7 @@ pub unsafe fn gather_rows(
     // SAFETY: the caller's contract; the kernel loops over all rows whatever the grid size.
     unsafe {
         launch(
+            kernels,
             kernels.gather_rows(),
             (blocks, 1, 1),
             SL_GATHER_THREADS,
@@ -442,7 +461,7 @@ pub unsafe fn gather_rows(
 ///
 /// # Safety
 /// The module's common contract, and: `buf` holds `n` values.
-pub unsafe fn fill_u32(kernels: &Kernels, p: &SlFillParams, stream: &CudaStream) -> Result<()> {
+pub unsafe fn fill_u32(kernels: &Kernels, p: &SlFillParams, stream: sys::CUstream) -> Result<()> {
     if p.n == 0 {
         return Ok(());
     }
@@ -452,6 +471,7 @@ pub unsafe fn fill_u32(kernels: &Kernels, p: &SlFillParams, stream: &CudaStream)
     // SAFETY: the caller's contract; the kernel loops over all elements whatever the grid size.
     unsafe {
         launch(
+            kernels,
             kernels.fill_u32(),
             (blocks, 1, 1),
             SL_ELEM_THREADS,

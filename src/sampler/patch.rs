@@ -8,158 +8,15 @@
 //! that overwrite its data-dependent entries from the generation's [`DeviceState`] just before
 //! the step runs; after sampling, [`commit`] records the step's choices in that state.
 //!
-//! Both functions here are the oracle of the device kernels (`sl_resolve_plan`, `sl_commit`):
-//! the same inputs give the same outputs, element for element.
+//! The patch format, the decode state and the commit rule are the kernels'
+//! ([`crate::contract::program`]). The functions here are the oracle of the device kernels
+//! (`sl_resolve_plan`, `sl_commit`): the same inputs give the same outputs, element for element.
 
 use crate::error::{Error, Result};
 
-/// Marks an entry of [`DeviceState::order`] / [`DeviceState::decoded_step`] not decoded yet.
-pub const UNDECODED: u32 = u32::MAX;
-
-/// Which array of the step's uploaded plan a [`Patch`] writes. Rows are those of the program's
-/// branch (the response's); keys and logits rows are the plan's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u32)]
-pub enum Field {
-    /// `rows(branch).ids[index]`.
-    RowId = 0,
-    /// `rows(branch).pos[index]`.
-    RowPos = 1,
-    /// `rows(branch).slots[index]`.
-    RowSlot = 2,
-    /// `kv_indices[index]`.
-    KvIndex = 3,
-    /// `kv_tags[index]` (the packed [`crate::plan::Tag`]).
-    KvTag = 4,
-    /// `logits_rows[index]`.
-    LogitsRow = 5,
-    /// The sampler's position of logits row `index` (the Philox counter word 1).
-    SamplePos = 6,
-}
-
-impl Field {
-    /// Every field, in discriminant order.
-    pub const ALL: [Field; 7] = [
-        Field::RowId,
-        Field::RowPos,
-        Field::RowSlot,
-        Field::KvIndex,
-        Field::KvTag,
-        Field::LogitsRow,
-        Field::SamplePos,
-    ];
-}
-
-/// Where a [`Patch`]'s value comes from. `arg` is the patch's argument, `add` its offset; the
-/// lists `q`, `m`, `d` are those of [`Lists`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u32)]
-pub enum Source {
-    /// `tokens[arg]`.
-    Token = 0,
-    /// `tokens[order[arg]]`: the token decoded with rank `arg`.
-    RankToken = 1,
-    /// `add + order[arg]`: the position decoded with rank `arg`.
-    Rank = 2,
-    /// `add + q[arg]`.
-    Query = 3,
-    /// `add + m[arg]`.
-    Other = 4,
-    /// `add + d[arg]`.
-    Decoded = 5,
-    /// `add + ((decoded_step[d[arg]] + 1) << 2)`: the clean tag of the group holding `d[arg]`
-    /// (`add` carries the branch bit).
-    DecodedTag = 6,
-}
-
-impl Source {
-    /// Every source, in discriminant order.
-    pub const ALL: [Source; 7] = [
-        Source::Token,
-        Source::RankToken,
-        Source::Rank,
-        Source::Query,
-        Source::Other,
-        Source::Decoded,
-        Source::DecodedTag,
-    ];
-}
-
-/// One entry of a template plan to overwrite at run time: `field[index] = value(source, arg,
-/// add)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Patch {
-    /// The array written.
-    pub field: Field,
-    /// The entry written.
-    pub index: u32,
-    /// Where the value comes from.
-    pub source: Source,
-    /// The source's argument (a response index, a rank, or a list index).
-    pub arg: u32,
-    /// Added to the source's value (a slot base, the prompt length, a tag's branch bit).
-    pub add: u32,
-}
-
-impl Patch {
-    /// The device encoding (`SlPatch` in kernels/params.h): `(field << 8 | source, index, arg,
-    /// add)`.
-    pub fn encode(&self) -> [u32; 4] {
-        [
-            ((self.field as u32) << 8) | self.source as u32,
-            self.index,
-            self.arg,
-            self.add,
-        ]
-    }
-}
-
-/// What a device-resident generation knows between steps, per response index `i < n` and rank
-/// `r < n` (the `r`-th position decoded over the whole generation, in commit order).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceState {
-    /// `tokens[i]`: the decoded token, or the response's `[MASK]` id while undecoded.
-    pub tokens: Vec<u32>,
-    /// `order[r]`: the response index decoded with rank `r`, or [`UNDECODED`].
-    pub order: Vec<u32>,
-    /// `decoded_step[i]`: the step that decoded `i`, or [`UNDECODED`].
-    pub decoded_step: Vec<u32>,
-}
-
-impl DeviceState {
-    /// Nothing decoded: every token `mask_id`.
-    pub fn new(n: usize, mask_id: u32) -> DeviceState {
-        DeviceState {
-            tokens: vec![mask_id; n],
-            order: vec![UNDECODED; n],
-            decoded_step: vec![UNDECODED; n],
-        }
-    }
-
-    /// Response length.
-    pub fn len(&self) -> usize {
-        self.tokens.len()
-    }
-
-    /// Whether the response is empty.
-    pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
-    }
-}
-
-/// The lists a step's patches read, computed from the state before the step (ascending
-/// response indices):
-/// `q` = undecoded indices in the step's block `[b0, b1)`, `m` = undecoded indices outside it,
-/// `d` = decoded indices.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Lists {
-    /// Undecoded in the block (the text step's query, in the sampler's row order).
-    pub q: Vec<u32>,
-    /// Undecoded outside the block.
-    pub m: Vec<u32>,
-    /// Decoded.
-    pub d: Vec<u32>,
-}
+pub use crate::contract::program::{
+    CommitRule, DeviceState, Field, Lists, Patch, Source, UNDECODED,
+};
 
 /// The lists of a step whose block is `[b0, b1)` (empty for t2i).
 pub fn lists(state: &DeviceState, block: (u32, u32)) -> Lists {
@@ -261,20 +118,6 @@ pub fn apply(patches: &[Patch], state: &DeviceState, l: &Lists, out: &mut PlanAr
     }
 }
 
-/// How a step commits (the twin of `sl_commit`'s scalar arguments).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CommitRule {
-    /// The step (written to `decoded_step`).
-    pub step: u32,
-    /// Positions to commit (≤ the query's length).
-    pub n_commit: u32,
-    /// Rank of the first committed position.
-    pub rank_base: u32,
-    /// Highest confidence first, ties to the lower position (text); otherwise the first
-    /// `n_commit` query entries in query order (t2i).
-    pub by_confidence: bool,
-}
-
 /// Records a step's choices (the twin of `sl_commit`): among the query's `query[j]` (response
 /// indices) with sampled `token[j]` and `confidence[j]`, picks `rule.n_commit` and for the
 /// `t`-th pick sets `order[rank_base + t]`, its token and its `decoded_step`. Confidences
@@ -323,16 +166,6 @@ pub fn commit(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn all_lists_every_field_and_source_in_discriminant_order() {
-        for (i, f) in Field::ALL.iter().enumerate() {
-            assert_eq!(*f as usize, i, "{f:?}");
-        }
-        for (i, s) in Source::ALL.iter().enumerate() {
-            assert_eq!(*s as usize, i, "{s:?}");
-        }
-    }
 
     #[test]
     fn lists_split_the_response() {

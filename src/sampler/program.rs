@@ -2,10 +2,10 @@
 //! token is known.
 //!
 //! A [`Program`] holds, per step, a template [`StepPlan`] and the [`Patch`]es that turn it into
-//! the plan [`super::generate`] would build at that step, whatever was decoded before
-//! ([`patch`] is the contract with the device kernels). The templates come from the same
-//! [`prefill_plan`] / [`dense_plan`](super::dense_plan) / [`sparse_plan`](super::sparse_plan) as the incremental run, fed a *canonical*
-//! decode history; the patches are read off the template by asking, for each entry that names a
+//! the plan the host loop ([`super::Sampling`]) would build at that step, whatever was decoded
+//! before ([`patch`] is the contract with the device kernels). The templates come from the same
+//! [`prefill_plan`] / [`dense_plan`](super::dense_plan) / [`sparse_plan`](super::sparse_plan)
+//! as the incremental run, fed a *canonical* decode history; the patches are read off the template by asking, for each entry that names a
 //! response index, which list of the state that index belongs to:
 //!
 //! | entry of the template                         | patch (value = source + add)             |
@@ -25,22 +25,20 @@
 //! indices fill them does. Keys are slot-sorted (prompt < response < scratch), so the decoded
 //! keys appear in ascending response index: exactly the list `d`.
 //!
-//! [`run_program`] is the host interpreter of a program: it runs the device-resident algorithm
-//! through any [`Backend`], op for op, and tests hold it equal to [`super::generate`].
+//! The executors run programs: the device-resident one on the CUDA backend, and the host
+//! interpreter (`exec::run_program`), which runs the device-resident algorithm through any
+//! backend, op for op, and which tests hold equal to the host loop.
 
 use super::patch::{self, CommitRule, DeviceState, Field, Lists, Patch, PlanArrays, Source};
 use super::{
-    DecodeState, Decoder, Execution, Generation, Layout, Mode, RunOptions, StepTrace, T2iRequest,
-    Task, TextRequest, prefill_plan, prefills, step_plan, t2i_setup, t2i_upfront_plans, text_setup,
+    DecodeState, Decoder, Layout, Mode, T2iRequest, Task, TextRequest, prefill_plan, prefills,
+    step_plan, t2i_setup, t2i_upfront_plans, text_setup,
 };
-use crate::backend::{Backend, SampleParams};
+use crate::backend::SampleParams;
 use crate::config::{Branch, Config};
 use crate::error::{Error, Result};
-use crate::model::Model;
 use crate::plan::{StepPlan, Tag};
-use crate::profile;
 use patch::UNDECODED;
-use std::time::Instant;
 
 /// The token a template holds where the real one is only known at run time (patched before
 /// the step runs): a valid id in both vocabularies, so a template is itself a runnable plan.
@@ -49,7 +47,7 @@ pub const CANONICAL_TOKEN: u32 = 0;
 /// One step of a [`Program`]: a template plan, its patches, and how the step commits.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepProgram {
-    /// The template: the plan [`super::generate`] builds at this step after a canonical history
+    /// The template: the plan the host loop builds at this step after a canonical history
     /// (text: each earlier step committed the lowest undecoded indices of its block; t2i: the
     /// real order), with [`CANONICAL_TOKEN`] for every token decoded earlier.
     pub plan: StepPlan,
@@ -170,7 +168,7 @@ impl Program {
                     patch::lists(&before, s.block).q
                 }
             };
-            let ranks = committed_ranks(s.commit);
+            let ranks = s.commit.ranks();
             let Some(decoded) = st.order.get(ranks.clone()) else {
                 return Err(Error::Input(format!(
                     "program traces: step {k} commits ranks {ranks:?}, past the response ({n})"
@@ -218,12 +216,6 @@ pub fn program(cfg: &Config, task: &Task, mode: Mode) -> Result<Program> {
         Task::T2i(req) => t2i_program(cfg, req, mode),
         Task::Text(req) => text_program(cfg, req, mode),
     }
-}
-
-/// The ranks a step commits: `rank_base .. rank_base + n_commit`.
-fn committed_ranks(rule: CommitRule) -> std::ops::Range<usize> {
-    let first = rule.rank_base as usize;
-    first..first + rule.n_commit as usize
 }
 
 /// The program of a text-to-image request. The decode order is fixed, so every template is the
@@ -458,93 +450,6 @@ fn text_patches(
         push(Field::SamplePos, s, Source::Query, s as u32, pos - i);
     }
     Ok(out)
-}
-
-/// The host interpreter of a device-resident generation: runs `program` through any backend
-/// op for op as the device does (resolve each step's plan from the state with the patch twins,
-/// forward, sample at the resolved positions, [`patch::commit`]). Gives the same
-/// [`Generation`] as [`super::generate`] (rows fed, forwards, traces, recorded logits), and
-/// calls `opts.on_plan` / `opts.progress` the same way. Teacher forcing needs the host loop:
-/// `opts.teacher` is an error.
-pub fn run_program<B: Backend>(
-    model: &Model<B>,
-    program: &Program,
-    mut opts: RunOptions,
-) -> Result<Generation> {
-    if opts.teacher.is_some() {
-        return Err(Error::Input("teacher forcing needs the host loop".into()));
-    }
-    let start = Instant::now();
-    let be = model.backend();
-    let mut cache = model.new_cache(program.pool_slots)?;
-    let mut state = DeviceState::new(program.n, program.mask_id);
-    let (mut forwards, mut rows_fed) = (0, 0);
-    if let Some(plan) = &program.prefill {
-        let _r = profile::range("prefill");
-        if let Some(f) = opts.on_plan.as_mut() {
-            f(None, plan);
-        }
-        rows_fed += plan.n_rows();
-        model.forward(&model.prepare(plan.clone())?, &mut cache)?;
-        forwards += 1;
-    }
-    let n_steps = program.steps.len();
-    let mut steps = Vec::with_capacity(n_steps);
-    let mut clock = be.step_clock()?;
-    for (k, step) in program.steps.iter().enumerate() {
-        let _r = profile::range(format_args!("step {k}"));
-        clock.start()?;
-        let (plan, positions, query) = step.resolve(program.branch, &state);
-        if let Some(f) = opts.on_plan.as_mut() {
-            f(Some(k), &plan);
-        }
-        let n_rows = plan.n_rows();
-        let logits = model
-            .forward(&model.prepare(plan)?, &mut cache)?
-            .ok_or_else(|| Error::Input(format!("step {k} has no position to decode")))?;
-        let params = SampleParams {
-            step: k as u32,
-            positions,
-            ..program.params.clone()
-        };
-        let sampled = be.sample(&logits, &params)?;
-        let tokens: Vec<u32> = sampled.iter().map(|s| s.token).collect();
-        let confidence: Vec<f32> = sampled.iter().map(|s| s.confidence).collect();
-        patch::commit(&mut state, &query, &tokens, &confidence, step.commit)?;
-        let ranks = committed_ranks(step.commit);
-        let decoded = state.order[ranks].to_vec();
-        forwards += 1;
-        rows_fed += n_rows;
-        let time_s = clock.stop()?;
-        steps.push(StepTrace {
-            step: k,
-            tokens: decoded.iter().map(|&i| state.tokens[i as usize]).collect(),
-            decoded_positions: decoded,
-            rows_fed: n_rows,
-            time_s,
-            query_positions: query,
-            logits: if opts.record_logits {
-                Some(be.to_host(&logits)?)
-            } else {
-                None
-            },
-        });
-        if let Some(p) = opts.progress.as_mut() {
-            p(k + 1, n_steps);
-        }
-    }
-    if let Some(i) = state.decoded_step.iter().position(|&d| d == UNDECODED) {
-        return Err(Error::Input(format!("response index {i} never decoded")));
-    }
-    Ok(Generation {
-        tokens: state.tokens,
-        steps,
-        forwards,
-        rows_fed,
-        wall_s: start.elapsed().as_secs_f64(),
-        setup_s: 0.0,
-        execution: Execution::Eager,
-    })
 }
 
 #[cfg(test)]

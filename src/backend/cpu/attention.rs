@@ -6,7 +6,7 @@
 //! in a pool of slots (`[slots, n_kv_heads·head_dim]` each); sequence `s` attends over the slots
 //! `kv_indices[kv_indptr[s]..kv_indptr[s+1]]`, whose tags are `kv_tags` at the same positions.
 //! Keys are gathered through the index list, never copied into a contiguous buffer (paged
-//! attention with page size 1). Visibility is [`crate::plan::visible`] (SPEC §3) on the tags.
+//! attention with page size 1). Visibility is [`crate::contract::visible`] (SPEC §3) on the tags.
 //!
 //! # Work decomposition (one CUDA block = one work item)
 //! A work item is `(query tile, head, split)`:
@@ -47,98 +47,12 @@ use rayon::prelude::*;
 
 use crate::backend::cpu::ops::gemm_block;
 use crate::bail_input;
-use crate::config::Branch;
+use crate::contract::attn::check_indptr;
+use crate::contract::{Branch, Tag, visible};
 use crate::error::Result;
-use crate::plan::{Tag, visible};
 
-/// Head geometry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttnShape {
-    /// Query heads.
-    pub n_heads: usize,
-    /// K/V heads; divides `n_heads` (GQA).
-    pub n_kv_heads: usize,
-    /// Width of one head.
-    pub head_dim: usize,
-}
-
-impl AttnShape {
-    /// Width of a query (and output) row: `n_heads · head_dim`.
-    pub fn q_dim(&self) -> usize {
-        self.n_heads * self.head_dim
-    }
-
-    /// Width of a pool slot: `n_kv_heads · head_dim`.
-    pub fn kv_dim(&self) -> usize {
-        self.n_kv_heads * self.head_dim
-    }
-
-    /// Query heads per K/V head.
-    pub fn group(&self) -> usize {
-        self.n_heads / self.n_kv_heads
-    }
-}
-
-/// Tile sizes and split count (parameters so tests can sweep them; the CUDA kernel has the same).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttnTiling {
-    /// Query rows per work item.
-    pub tile_q: usize,
-    /// Keys per inner-loop tile.
-    pub tile_k: usize,
-    /// Chunks each sequence's key list is cut into (split-KV).
-    pub n_splits: usize,
-}
-
-impl AttnTiling {
-    /// Fewest keys a split should get from [`AttnTiling::heuristic`]: below this the merge and
-    /// the per-split fixed cost outweigh the extra parallelism.
-    pub const MIN_KEYS_PER_SPLIT: usize = 256;
-    /// Most splits [`AttnTiling::heuristic`] picks (bounds the partial-output workspace).
-    pub const MAX_SPLITS: usize = 32;
-
-    /// Host-side heuristic. Rule:
-    /// - `tile_q` = 16 when `rows <= 16` (a decode-sized row set wastes less of a tile), else 64;
-    ///   `tile_k` = 64;
-    /// - query work items `w = ceil(rows / tile_q) · n_heads` (a lower bound: tiles also break at
-    ///   sequence boundaries);
-    /// - `w >= workers`: 1 split (the grid is already full); otherwise
-    ///   `n_splits = min(ceil(workers / w), ceil(max_keys / MIN_KEYS_PER_SPLIT), MAX_SPLITS)`,
-    ///   at least 1.
-    pub fn heuristic(rows: usize, max_keys: usize, n_heads: usize, workers: usize) -> AttnTiling {
-        let tile_q = if rows <= 16 { 16 } else { 64 };
-        let tile_k = 64;
-        let items = (rows.div_ceil(tile_q) * n_heads).max(1);
-        let n_splits = if items >= workers {
-            1
-        } else {
-            workers
-                .div_ceil(items)
-                .min(max_keys.div_ceil(Self::MIN_KEYS_PER_SPLIT))
-                .clamp(1, Self::MAX_SPLITS)
-        };
-        AttnTiling {
-            tile_q,
-            tile_k,
-            n_splits,
-        }
-    }
-
-    /// Checks that every field is at least 1.
-    pub fn validate(&self) -> Result<()> {
-        if self.tile_q == 0 || self.tile_k == 0 || self.n_splits == 0 {
-            bail_input!("attention tiling {self:?}: every field must be at least 1");
-        }
-        Ok(())
-    }
-
-    /// The keys split `split` walks, as offsets into a sequence's key list of `n_keys` keys.
-    pub fn split_range(&self, n_keys: usize, split: usize) -> Range<usize> {
-        let chunk = n_keys.div_ceil(self.n_splits).div_ceil(self.tile_k) * self.tile_k;
-        let start = (split * chunk).min(n_keys);
-        start..(start + chunk).min(n_keys)
-    }
-}
+/// The call's geometry and tiling, the kernel's formats ([`crate::contract::attn`]).
+pub use crate::contract::{AttnShape, AttnTiling};
 
 /// The inputs of one attention call: the queries of one branch and the pool.
 #[derive(Debug, Clone, Copy)]
@@ -210,8 +124,13 @@ impl AttnInputs<'_> {
                 self.shape.q_dim()
             );
         }
-        check_indptr("seq_indptr", self.seq_indptr, rows)?;
-        check_indptr("kv_indptr", self.kv_indptr, self.kv_indices.len())?;
+        check_indptr("attention", "seq_indptr", self.seq_indptr, rows)?;
+        check_indptr(
+            "attention",
+            "kv_indptr",
+            self.kv_indptr,
+            self.kv_indices.len(),
+        )?;
         if self.kv_indptr.len() != self.seq_indptr.len() {
             bail_input!(
                 "attention: kv_indptr has {} entries but seq_indptr has {}",
@@ -253,27 +172,6 @@ impl AttnInputs<'_> {
         }
         Ok(())
     }
-}
-
-/// Checks a CSR offset array: non-empty, starts at 0, non-decreasing, ends at `total`.
-fn check_indptr(name: &str, indptr: &[u32], total: usize) -> Result<()> {
-    let Some(&last) = indptr.last() else {
-        bail_input!("attention: {name} is empty (it needs n_seqs + 1 entries)");
-    };
-    if indptr[0] != 0 {
-        bail_input!("attention: {name}[0] = {}, expected 0", indptr[0]);
-    }
-    if let Some(s) = indptr.windows(2).position(|w| w[0] > w[1]) {
-        bail_input!(
-            "attention: {name} decreases at sequence {s}: {} > {}",
-            indptr[s],
-            indptr[s + 1]
-        );
-    }
-    if last as usize != total {
-        bail_input!("attention: {name} ends at {last}, expected {total}");
-    }
-    Ok(())
 }
 
 /// Blocks `min..=max` seen in a set of tags (empty: `min > max`).

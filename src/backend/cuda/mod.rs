@@ -1,5 +1,7 @@
-//! The CUDA bf16 backend: the model graph on one GPU, on one stream — op by op from the host
-//! loop, or device-resident and captured as CUDA graphs (its `resident` module).
+//! The CUDA bf16 backend: the backend ops on one GPU, on one stream. The host loop drives it op
+//! by op; the device-resident executor (`exec::resident`, above the model and the sampler)
+//! queues or captures a whole compiled generation on it, patching its uploaded plans in place
+//! ([`CudaPlan::patch_targets`]).
 //!
 //! Storage follows [`MatrixKind`]: the residual stream and the logits are f32, every other
 //! activation, the weights and the K/V pool are bf16; all arithmetic accumulates in f32. The ops
@@ -29,26 +31,24 @@
 //! call of the step (or by [`CudaBackend::prepare_attention`] before a graph capture), where the
 //! pool's head geometry is known, and reused by every later layer.
 
-mod resident;
-
 use std::sync::Mutex;
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::backend::cpu::attention::AttnShape;
-use crate::backend::{Backend, DeviceStats, MatrixKind, SampleParams, Sampled, StepClock};
+use crate::backend::{Backend, DeviceStats, MatrixKind, Product, SampleParams, Sampled, StepClock};
 use crate::config::{Branch, Config};
+use crate::contract::AttnShape;
 use crate::cuda::blas::{Gemm, GemmOut, GemmShape};
 use crate::cuda::device::{CudaDevice, EventClock, cuda_err};
-use crate::cuda::ops::{self, AttnArgs, AttnLayout, AttnOut, AttnPlan, IndexBuf, KvPool, RopeKv};
+use crate::cuda::ops::{
+    self, AttnArgs, AttnLayout, AttnOut, AttnPlan, IndexBuf, KvPool, PatchTargets, RopeKv,
+};
 use crate::error::{Error, Result};
-use crate::model::Model;
 use crate::plan::StepPlan;
 use crate::profile;
-use crate::sampler::{Execution, Generation, Mode, Task};
-use crate::weights::{HostTensor, init_range};
+use crate::weights::HostTensor;
 
 /// Head widths the compiled attention kernels support.
 pub const SUPPORTED_HEAD_DIMS: [usize; 2] = [64, 128];
@@ -95,7 +95,8 @@ impl CudaMatrix {
         }
     }
 
-    fn f32(&self, what: &str) -> Result<&CudaSlice<f32>> {
+    /// The f32 buffer (the residual stream, logits); [`Error::Input`] naming `what` for bf16.
+    pub fn f32(&self, what: &str) -> Result<&CudaSlice<f32>> {
         match &self.buf {
             DeviceBuf::F32(b) => Ok(b),
             DeviceBuf::Bf16(_) => Err(dtype_err(what, "f32", "bf16")),
@@ -175,6 +176,51 @@ impl CudaPlan {
         self.branches[b as usize]
             .as_ref()
             .ok_or_else(|| Error::Input(format!("the plan has no {} rows", b.name())))
+    }
+
+    /// Re-uploads the pool slots of branch `b`'s rows declaring `bound` as their largest value
+    /// ([`IndexBuf::with_bound`]), so that patches may later write any slot up to it.
+    pub fn bound_slots(&mut self, dev: &CudaDevice, b: Branch, bound: u32) -> Result<()> {
+        let slots = &self.host.rows(b).slots;
+        if let Some(bp) = self.branches[b as usize].as_mut() {
+            bp.slots = IndexBuf::with_bound(dev, slots, bound)?;
+        }
+        Ok(())
+    }
+
+    /// The device arrays of this plan that a device-resident step patches before it runs
+    /// (`ops::resolve_plan`): branch `b`'s row ids, positions and slots, the keys of its
+    /// attention plan (built beforehand by [`CudaBackend::prepare_attention`]), the logits rows,
+    /// and the caller's sampler positions. The caller keeps what the plan's checks established:
+    /// every slot patched in stays at or below the declared bound ([`CudaPlan::bound_slots`]),
+    /// every key below the pool's slots, every row distinct.
+    pub fn patch_targets<'a>(
+        &'a mut self,
+        b: Branch,
+        sample_pos: &'a mut CudaSlice<u32>,
+    ) -> Result<PatchTargets<'a>> {
+        let CudaPlan {
+            branches,
+            logits_rows,
+            ..
+        } = self;
+        let bp = branches[b as usize]
+            .as_mut()
+            .ok_or_else(|| Error::Input(format!("the plan has no {} rows", b.name())))?;
+        let attn = bp.attn.get_mut().unwrap_or_else(|e| e.into_inner());
+        let attn = attn
+            .as_mut()
+            .ok_or_else(|| Error::Cuda("attention plan not prepared".into()))?;
+        let (kv_indices, kv_tags) = attn.kv_targets();
+        Ok(PatchTargets {
+            row_ids: Some(&mut bp.ids),
+            row_pos: Some(&mut bp.pos),
+            row_slots: Some(bp.slots.patch_target()),
+            kv_indices: Some(kv_indices),
+            kv_tags: Some(kv_tags),
+            logits_rows: Some(logits_rows),
+            sample_pos: Some(sample_pos),
+        })
     }
 }
 
@@ -270,7 +316,7 @@ impl CudaBackend {
 
     /// A bf16 weight of `shape` generated on the device (no host copy): element `i` is
     /// `bf16(offset + scale·u_i)` with `u_i` the Philox uniform of `ops::init_uniform` for
-    /// `(seed, tensor_index, i)` (CPU twin: `cpu::ops::init_uniform`).
+    /// `(seed, tensor_index, i)` (its definition: [`crate::contract::rng::init_uniform`]).
     pub fn random_weight(
         &self,
         shape: &[usize],
@@ -336,11 +382,7 @@ impl CudaBackend {
     /// is being captured (cuBLASLt loads kernels lazily, on first launch). The weight operand is
     /// one of `weights` of the product's shape `[n, k]` when there is one (no copy of a large
     /// head), else zeroed scratch; the activation and output are zeroed scratch.
-    pub fn warm_products(
-        &self,
-        products: &[crate::model::Product],
-        weights: &[&CudaWeight],
-    ) -> Result<()> {
+    pub fn warm_products(&self, products: &[Product], weights: &[&CudaWeight]) -> Result<()> {
         let mut seen = std::collections::HashSet::new();
         for p in products {
             let f32_out = p.out != MatrixKind::Activation;
@@ -366,6 +408,16 @@ impl CudaBackend {
                 .matmul(&x, w, shape, out.gemm_out(), p.accumulate)?;
         }
         self.dev.synchronize()
+    }
+
+    /// Queues the clearing of the embedding kernel's sticky flag (capturable: a device-resident
+    /// generation starts with it).
+    pub fn reset_embed_flag(&self) -> Result<()> {
+        let mut flag = self.embed_flag.lock().unwrap_or_else(|e| e.into_inner());
+        self.dev
+            .stream()
+            .memset_zeros(&mut *flag)
+            .map_err(cuda_err("clearing the embedding's error flag"))
     }
 
     /// Fails when the embedding kernel has met an id outside its table since the last check
@@ -406,27 +458,6 @@ impl CudaBackend {
             )));
         }
         Ok(())
-    }
-}
-
-impl Model<CudaBackend> {
-    /// A model of `cfg` on `backend` with seeded random weights generated on the device: no
-    /// host copy, so only the bf16 weights (2 bytes a parameter) need room, on the device.
-    ///
-    /// Tensor `i` of [`Config::tensor_shapes`] is filled by `sl_init_uniform` with key `seed`
-    /// and tensor index `i`, from the distribution of [`crate::weights::init_range`] — the same
-    /// distributions as [`crate::weights::HostWeights::random`], not the same numbers (that one
-    /// draws from ChaCha8 on the host). The same `(cfg, seed)` gives the same weights on every
-    /// run and device.
-    pub fn random_on_device(backend: CudaBackend, cfg: Config, seed: u64) -> Result<Self> {
-        let model = Model::from_uploaded(backend, cfg, |be, index, name, shape| {
-            let index = u32::try_from(index)
-                .map_err(|_| Error::Input(format!("tensor index {index} beyond u32")))?;
-            be.random_weight(shape, seed, index, init_range(name, shape))
-        })?;
-        // Launch errors of the init kernels surface here, not at the first forward.
-        model.backend().dev.synchronize()?;
-        Ok(model)
     }
 }
 
@@ -818,16 +849,6 @@ impl Backend for CudaBackend {
     fn device_stats(&self) -> Option<&dyn DeviceStats> {
         Some(self)
     }
-
-    fn generate_resident(
-        model: &Model<Self>,
-        task: &Task,
-        mode: Mode,
-        exec: Execution,
-        progress: Option<&mut dyn FnMut(usize, usize)>,
-    ) -> Option<Result<Generation>> {
-        Some(resident::generate(model, task, mode, exec, progress))
-    }
 }
 
 impl StepClock for EventClock {
@@ -888,7 +909,7 @@ impl DeviceStats for CudaBackend {
         CudaBackend::free_memory(self)
     }
 
-    fn gemm_seconds(&self, p: &crate::model::Product, reps: usize) -> Result<f64> {
+    fn gemm_seconds(&self, p: &Product, reps: usize) -> Result<f64> {
         let _r = profile::range("gemm timing");
         let len = |a: usize, b: usize| {
             a.checked_mul(b).filter(|&l| l > 0).ok_or_else(|| {

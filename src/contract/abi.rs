@@ -37,9 +37,9 @@ pub const fn attn_smem_bytes(head_dim: u32) -> Option<u32> {
 /// Keys per split of the split-KV attention: `SL_SPLIT_CHUNK(n_keys, n_splits)` of `params.h`,
 /// i.e. `ceil(n_keys / n_splits)` rounded up to a multiple of `SL_ATTN_BLOCK_N`. Split `z`
 /// walks keys `min(z·chunk, n_keys) .. min(z·chunk + chunk, n_keys)` (the CPU twin is
-/// `AttnTiling::split_range` with `tile_k = 64`). `None` when `n_splits` is 0 or when the
-/// kernel's `u32` arithmetic would overflow (so the host never plans what the device would
-/// compute differently).
+/// [`AttnTiling::split_range`](crate::contract::AttnTiling::split_range) with `tile_k = 64`).
+/// `None` when `n_splits` is 0 or when the kernel's `u32` arithmetic would overflow (so the host
+/// never plans what the device would compute differently).
 pub const fn split_chunk(n_keys: u32, n_splits: u32) -> Option<u32> {
     if n_splits == 0 {
         return None;
@@ -57,7 +57,7 @@ pub const fn split_chunk(n_keys: u32, n_splits: u32) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::attention::AttnTiling;
+    use crate::contract::attn::AttnTiling;
     use proptest::prelude::*;
     use std::mem::{align_of, offset_of, size_of};
     use std::process::Command;
@@ -262,11 +262,20 @@ mod tests {
         assert_eq!(got.lines().count(), want.lines().count());
     }
 
-    /// The patch encoding of `sampler::patch` (field and source numbers, the undecoded marker)
-    /// is the one `kernels/program.cu` decodes.
+    /// The register id and the tag bits of [`crate::contract::tags`] are params.h's.
+    #[test]
+    fn tags_match_params_h() {
+        use crate::contract::tags::{Branch, REGISTER, Tag};
+        assert_eq!(REGISTER, SL_REGISTER);
+        assert_eq!(Tag::new(Branch::Image, 5, true).0, (5 << 2) | 2 | 1);
+        assert_eq!(Branch::Image as u32, 1);
+    }
+
+    /// The patch encoding of [`crate::contract::program`] (field and source numbers, the
+    /// undecoded marker) is the one `kernels/program.cu` decodes.
     #[test]
     fn patch_numbering_matches_params_h() {
-        use crate::sampler::patch::{Field, Patch, Source, UNDECODED};
+        use crate::contract::program::{Field, Patch, Source, UNDECODED};
         assert_eq!(UNDECODED, SL_UNDECODED);
         let fields = [
             (Field::RowId, SL_FIELD_ROW_ID),

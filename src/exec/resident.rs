@@ -1,9 +1,11 @@
-//! Device-resident generation on the CUDA backend ([`Execution::Queued`], [`Execution::Graphs`]).
+//! The device-resident executor of the CUDA backend ([`Execution::Queued`],
+//! [`Execution::Graphs`]).
 //!
-//! The host loop ([`crate::sampler::generate`]) plans each step after reading the previous
-//! step's tokens back: one host round trip per step, and a launch of every op by the host. Here
-//! the whole generation is a [`Program`] built before sampling (a template plan and patches per
-//! step, [`crate::sampler::patch`]), uploaded once, and every step is queued without waiting:
+//! The host loop ([`crate::exec::generate`]) plans each step after reading the previous step's
+//! tokens back: one host round trip per step, and a launch of every op by the host. Here the
+//! whole generation is a [`Program`] the sampler compiled before sampling (a template plan and
+//! patches per step, [`crate::sampler::patch`]), uploaded once, and every step is queued
+//! without waiting:
 //!
 //! ```text
 //! reset state · prefill · for each step k:
@@ -24,19 +26,17 @@ use std::time::Instant;
 
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, sys};
 
-use super::{CudaBackend, CudaPlan};
+use crate::backend::cuda::{CudaBackend, CudaCache};
 use crate::config::Branch;
 use crate::cuda::device::{cuda_err, record_event};
 use crate::cuda::ops::{
-    self, BannedMask, DeviceSampleArgs, DeviceStateBufs, IndexBuf, PatchBuf, PatchLens,
-    PatchTargets, SampleOut,
+    self, BannedMask, DeviceSampleArgs, DeviceStateBufs, PatchBuf, PatchLens, SampleOut,
 };
 use crate::error::{Error, Result};
 use crate::model::{Model, Prepared, Workspace};
 use crate::profile;
 use crate::sampler::patch::{Field, UNDECODED};
-use crate::sampler::program::{self, Program};
-use crate::sampler::{Execution, Generation, Mode, StepTrace, Task};
+use crate::sampler::{Execution, Generation, Program, StepTrace};
 
 /// One step's device side: its plan (patched in place before the step), its patches, its
 /// query (static for t2i; the state's `q` list for text), and its sampler outputs.
@@ -54,10 +54,10 @@ struct DevStep {
 /// Everything a resident run keeps on the device.
 struct Resident<'m> {
     model: &'m Model<CudaBackend>,
-    prog: Program,
+    prog: &'m Program,
     prefill: Option<Prepared<CudaBackend>>,
     steps: Vec<DevStep>,
-    cache: super::CudaCache,
+    cache: CudaCache,
     ws: Workspace<CudaBackend>,
     state: DeviceStateBufs,
     banned: Option<BannedMask>,
@@ -70,16 +70,18 @@ struct Resident<'m> {
     capturing: bool,
 }
 
-/// The entry point of [`Backend::generate_resident`] for [`CudaBackend`].
-pub(super) fn generate(
+/// Runs `prog` (compiled by [`crate::sampler::program()`] for `model`'s config) on `model`
+/// device-resident: queued op by op ([`Execution::Queued`]) or captured as CUDA graphs
+/// ([`Execution::Graphs`]; [`Execution::Eager`] is taken as queued). `progress` sees (steps
+/// done, steps in total): per step while queuing, once at the end with graphs. `setup_s` is
+/// the host time of uploading and capturing.
+pub fn run(
     model: &Model<CudaBackend>,
-    task: &Task,
-    mode: Mode,
+    prog: &Program,
     exec: Execution,
     mut progress: Option<&mut dyn FnMut(usize, usize)>,
 ) -> Result<Generation> {
     let start = Instant::now();
-    let prog = program::program(model.config(), task, mode)?;
     let mut r = Resident::upload(model, prog)?;
     let graphs = match exec {
         Execution::Graphs => Some(r.capture()?),
@@ -110,7 +112,7 @@ impl<'m> Resident<'m> {
     /// Uploads the program: every template plan (a runnable plan, so the ops' host-side checks
     /// apply to it) with its attention plans built, the patches validated, sampler buffers, the
     /// decode state, and a frozen workspace sized for the largest step.
-    fn upload(model: &'m Model<CudaBackend>, prog: Program) -> Result<Resident<'m>> {
+    fn upload(model: &'m Model<CudaBackend>, prog: &'m Program) -> Result<Resident<'m>> {
         let be = model.backend();
         let dev = be.device();
         let cache = model.new_cache(prog.pool_slots)?;
@@ -138,12 +140,9 @@ impl<'m> Resident<'m> {
             // Patched slots stay response or scratch slots of the pool: declare that bound
             // rather than the template's maximum.
             if writes(Field::RowSlot) {
-                let slots = &plan.rows(prog.branch).slots;
                 let bound = u32::try_from(prog.pool_slots.saturating_sub(1))
                     .map_err(|_| Error::Input("pool slots beyond u32".into()))?;
-                if let Some(bp) = prep.dev.branches[prog.branch as usize].as_mut() {
-                    bp.slots = IndexBuf::with_bound(dev, slots, bound)?;
-                }
+                prep.dev.bound_slots(dev, prog.branch, bound)?;
             }
             let lens = PatchLens {
                 rows: plan.rows(prog.branch).len(),
@@ -297,11 +296,7 @@ impl<'m> Resident<'m> {
         dev.stream()
             .memset_zeros(&mut self.sample_flag)
             .map_err(cuda_err("clearing the sampler's error flag"))?;
-        let mut embed_flag = be.embed_flag.lock().unwrap_or_else(|e| e.into_inner());
-        dev.stream()
-            .memset_zeros(&mut *embed_flag)
-            .map_err(cuda_err("clearing the embedding's error flag"))?;
-        drop(embed_flag);
+        be.reset_embed_flag()?;
         if let Some(p) = &self.prefill {
             let _r = profile::range("prefill");
             self.model.forward_in(p, &mut self.cache, &mut self.ws)?;
@@ -318,28 +313,11 @@ impl<'m> Resident<'m> {
         let st = &mut self.steps[k];
         if let Some(patches) = &st.patches {
             let _r = profile::range("resolve_plan");
-            let CudaPlan {
-                branches,
-                logits_rows,
-                ..
-            } = &mut st.prep.dev;
-            let bp = branches[self.prog.branch as usize]
-                .as_mut()
-                .ok_or_else(|| Error::Input(format!("program step {k}: no response rows")))?;
-            let attn = bp.attn.get_mut().unwrap_or_else(|e| e.into_inner());
-            let attn = attn
-                .as_mut()
-                .ok_or_else(|| Error::Cuda("attention plan not prepared".into()))?;
-            let (kv_indices, kv_tags) = attn.kv_targets();
-            let targets = PatchTargets {
-                row_ids: Some(&mut bp.ids),
-                row_pos: Some(&mut bp.pos),
-                row_slots: Some(bp.slots.patch_target()),
-                kv_indices: Some(kv_indices),
-                kv_tags: Some(kv_tags),
-                logits_rows: Some(logits_rows),
-                sample_pos: Some(&mut st.sample_pos),
-            };
+            let targets = st
+                .prep
+                .dev
+                .patch_targets(self.prog.branch, &mut st.sample_pos)
+                .map_err(|e| Error::Input(format!("program step {k}: {e}")))?;
             ops::resolve_plan(dev, patches, &mut self.state, sp.block, targets)?;
         }
         if !self
