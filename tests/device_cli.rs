@@ -24,8 +24,12 @@ use sparse_lavida::weights::HostWeights;
 use std::path::Path;
 use std::process::{Command, Output};
 
+/// The CLI: this build's, or `SPARSE_LAVIDA_BIN` (scripts/gpu-check runs the bundled one on a
+/// GPU machine, where the build machine's path does not exist).
 fn cli(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sparse-lavida"))
+    let bin = std::env::var_os("SPARSE_LAVIDA_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_sparse-lavida").into());
+    Command::new(bin)
         .args(args)
         .output()
         .unwrap()
