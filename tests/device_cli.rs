@@ -29,10 +29,7 @@ use std::process::{Command, Output};
 fn cli(args: &[&str]) -> Output {
     let bin = std::env::var_os("SPARSE_LAVIDA_BIN")
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_sparse-lavida").into());
-    Command::new(bin)
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(bin).args(args).output().unwrap()
 }
 
 fn stderr(o: &Output) -> String {
