@@ -25,11 +25,14 @@ use crate::plan::{MAX_BLOCK, PlanBuilder, REGISTER, Row, StepPlan, Tag};
 use crate::schedule::{self, Order, TextStep};
 use serde::{Deserialize, Serialize};
 
+pub mod batch;
 pub mod patch;
 pub mod program;
 mod upfront;
+pub use batch::{BatchSampling, Region, Request, check_batch};
 pub use program::{
-    CANONICAL_TOKEN, Program, ProgramTrace, StepProgram, program, t2i_program, text_program,
+    BatchProgram, BatchStep, CANONICAL_TOKEN, Program, ProgramTrace, RequestProgram, StepPart,
+    StepProgram, batch_program, program, t2i_program, text_program,
 };
 pub use upfront::{PLACEHOLDER, TokenFill, UpfrontPlans, t2i_upfront_plans};
 

@@ -790,7 +790,7 @@ pub struct SampleOut<'a> {
 /// ([`check_sample_shape`], the lengths of [`sample_to_device`]).
 fn launch_sample(
     dev: &CudaDevice,
-    logits: &CudaSlice<f32>,
+    logits: &impl DevicePtr<f32>,
     vocab: usize,
     stride: usize,
     args: &DeviceSampleArgs,
@@ -833,7 +833,7 @@ fn launch_sample(
 /// an error.
 pub fn sample_to_device(
     dev: &CudaDevice,
-    logits: &CudaSlice<f32>,
+    logits: &impl DevicePtr<f32>,
     vocab: usize,
     stride: usize,
     args: DeviceSampleArgs,
@@ -879,7 +879,7 @@ pub fn sample_to_device(
 /// and temperature) is [`Error::Input`] naming "non-finite logit". Waits for the result.
 pub fn sample(
     dev: &CudaDevice,
-    logits: &CudaSlice<f32>,
+    logits: &impl DevicePtr<f32>,
     vocab: usize,
     stride: usize,
     p: &SampleParams,
