@@ -194,6 +194,10 @@ pub struct Generation {
     pub setup_s: f64,
     /// How the generation ran.
     pub execution: Execution,
+    /// CUDA graphs launched (0 unless [`Execution::Graphs`]): one for a text-to-image batch,
+    /// one for the reset and prefill plus one per step for a text batch. Shared by every
+    /// request of the batch.
+    pub graphs: usize,
 }
 
 impl Generation {

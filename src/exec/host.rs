@@ -184,6 +184,7 @@ fn run<B: Backend>(
                 wall_s,
                 setup_s: 0.0,
                 execution: Execution::Eager,
+                graphs: 0,
             })
         })
         .collect()
@@ -356,6 +357,7 @@ pub fn run_batch_program<B: Backend>(
                 wall_s,
                 setup_s: 0.0,
                 execution: Execution::Eager,
+                graphs: 0,
             })
         })
         .collect()

@@ -119,9 +119,13 @@ pub fn run(
     }
     // No graph outlives the buffers and events it uses.
     model.backend().device().synchronize()?;
+    let n_graphs = graphs.as_ref().map_or(0, Vec::len);
     drop(graphs);
     let n_steps = r.steps.len();
-    let gs = r.finish(start, setup_s, exec)?;
+    let mut gs = r.finish(start, setup_s, exec)?;
+    for g in &mut gs {
+        g.graphs = n_graphs;
+    }
     if let Some(p) = progress.as_mut() {
         p(n_steps, n_steps);
     }
@@ -492,6 +496,7 @@ impl<'m> Resident<'m> {
                 wall_s,
                 setup_s,
                 execution,
+                graphs: 0,
             });
         }
         Ok(out)
