@@ -36,6 +36,39 @@ pub const THREAD_SCRATCH: u64 = 4 << 20;
 /// Device bytes of fixed overhead on a GPU (cuBLASLt workspaces, module images, pool slack).
 pub const DEVICE_OVERHEAD: u64 = 512 << 20;
 
+/// The process's peak resident set since a reset: Linux's `VmHWM` (`/proc/self/status`),
+/// restarted by writing `5` to `/proc/self/clear_refs`. Used by `bench --batch` on the host.
+#[derive(Debug)]
+pub struct PeakRss {
+    reset: bool,
+}
+
+impl PeakRss {
+    /// How [`PeakRss::peak`] is measured, for reports.
+    pub const SOURCE: &'static str = "peak resident set of the process (VmHWM in \
+        /proc/self/status, restarted through /proc/self/clear_refs before each run; weights \
+        included)";
+
+    /// Restarts the high watermark at the current resident set.
+    pub fn reset() -> PeakRss {
+        PeakRss {
+            reset: std::fs::write("/proc/self/clear_refs", "5").is_ok(),
+        }
+    }
+
+    /// The highest resident set since [`PeakRss::reset`], bytes; `None` when the watermark
+    /// could not be restarted or read.
+    pub fn peak(&self) -> Option<u64> {
+        if !self.reset {
+            return None;
+        }
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        kb.checked_mul(1024)
+    }
+}
+
 /// `--max-memory`, in bytes; 0 when unset.
 static MAX_MEMORY: AtomicU64 = AtomicU64::new(0);
 
