@@ -559,16 +559,20 @@ fn generate_mode(a: &GenerateArgs) -> Result<Mode> {
     })
 }
 
-/// The paths `flag`'s `path` names for a batch of `n` requests: a pattern with `{i}` gives one
-/// per request, a directory `DIR/{name}-{i}.{ext}`, a plain file the file itself (a batch of one
-/// only).
+/// The paths `flag`'s `path` names for a batch of `n` requests (`batch`: `--batch` or
+/// `--prompts` was given): a pattern with `{i}` gives one per request, a directory
+/// `DIR/{name}-{i}.{ext}`, a plain file the file itself (a batch of one only). Without `batch`
+/// the path is the one file of a single generation, as it always was.
 fn per_request_paths(
     flag: &str,
     path: &Path,
-    name: &str,
-    ext: &str,
+    (name, ext): (&str, &str),
     n: usize,
+    batch: bool,
 ) -> Result<Vec<PathBuf>> {
+    if !batch {
+        return Ok(vec![path.to_path_buf()]);
+    }
     let text = path.to_string_lossy();
     if text.contains("{i}") {
         return Ok((0..n)
@@ -617,9 +621,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let mode = generate_mode(&a)?;
     let image_px = image_pixels(a.image.as_deref(), &shapes[0])?;
+    let batch = a.batch.is_some() || a.prompts.is_some();
     let paths = |flag: &str, p: &Option<PathBuf>, stem: &str, ext: &str| -> Result<Vec<PathBuf>> {
         match p {
-            Some(p) => per_request_paths(flag, p, stem, ext, n),
+            Some(p) => per_request_paths(flag, p, (stem, ext), n, batch),
             None => Ok(Vec::new()),
         }
     };
