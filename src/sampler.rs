@@ -222,7 +222,7 @@ pub struct RunOptions<'a> {
     /// of its own choice (the sampler still runs first), so that two backends see identical
     /// inputs at every step and their logits can be compared step by step. Every teacher
     /// position must be one the step computes logits for, and every token inside the
-    /// response's vocabulary.
+    /// response's vocabulary. A batch of one only.
     pub teacher: Option<&'a [StepTrace]>,
     /// Called with every plan the run executes, before its forward pass: `None` for the
     /// prefill, `Some(k)` for step `k` (tests compare them with [`t2i_upfront_plans`]).

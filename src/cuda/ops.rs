@@ -768,7 +768,7 @@ pub struct DeviceSampleArgs<'a> {
     pub seed: u64,
     /// Step index (Philox counter word 2).
     pub step: u32,
-    /// Request index (Philox counter word 3).
+    /// Philox counter word 3 (0 for every request of this crate, SPEC §4.1).
     pub request: u32,
 }
 
