@@ -611,11 +611,19 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             )));
         }
         (_, Some(p)) => p.len(),
-        (Some(b), None) => usize::try_from(b).map_err(|_| Error::Input("--batch too large".into()))?,
+        (Some(b), None) => {
+            usize::try_from(b).map_err(|_| Error::Input("--batch too large".into()))?
+        }
         (None, None) => 1,
     };
     let works = work.batch(n, prompts.as_deref())?;
-    let name = |i: usize, e: Error| if n > 1 { e.context(format_args!("request {i}")) } else { e };
+    let name = |i: usize, e: Error| {
+        if n > 1 {
+            e.context(format_args!("request {i}"))
+        } else {
+            e
+        }
+    };
     let shapes = (works.iter().enumerate())
         .map(|(i, w)| w.shape(&cfg).map_err(|e| name(i, e)))
         .collect::<Result<Vec<_>>>()?;
@@ -831,7 +839,10 @@ fn print_batch_summary(model: &Model<impl Backend>, tasks: &[Task], mode: Mode, 
     say!("mode      {mode}");
     say!("execution {}", gs[0].execution);
     say!("steps     {}", longest.steps.len());
-    say!("forwards  {} (one pass per step for the whole batch)", longest.steps.len() + prefill);
+    say!(
+        "forwards  {} (one pass per step for the whole batch)",
+        longest.steps.len() + prefill
+    );
     say!(
         "rows fed  {rows} ({:.1} per step)",
         rows as f64 / longest.steps.len().max(1) as f64
@@ -1183,9 +1194,7 @@ fn bench_batch_on<B: Resident>(
         execution: a.exec.execution(),
     };
     let requests = |b: usize| -> Result<Vec<Task>> {
-        (work.batch(b, None)?.iter())
-            .map(|w| w.task(cfg))
-            .collect()
+        (work.batch(b, None)?.iter()).map(|w| w.task(cfg)).collect()
     };
     let progress = RefCell::new(LazyProgress::steps());
     let mut seen: Vec<bench::BatchRun> = Vec::new();
@@ -1225,7 +1234,11 @@ fn bench_batch_on<B: Resident>(
     if let Some([l1, l5, l15]) = report.load_after {
         say!("load      {l1:.2} {l5:.2} {l15:.2} (1, 5, 15 min) after the runs");
     }
-    if report.runs.iter().any(|r| r.first_matches_batch1 == Some(false)) {
+    if report
+        .runs
+        .iter()
+        .any(|r| r.first_matches_batch1 == Some(false))
+    {
         eprintln!(
             "warning: request 0 chose other tokens in a batch than alone (float rounding near a \
              tie; on the CPU this is a bug)"

@@ -532,10 +532,20 @@ mod tests {
         // Overlapping regions and a plan past its region are refused.
         let mut bad = parts;
         bad[2].slot_base = 12;
-        assert!(StepPlan::concat(&bad).unwrap_err().to_string().contains("inside"));
+        assert!(
+            StepPlan::concat(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("inside")
+        );
         let mut bad = parts;
         bad[0].slots = 3;
-        assert!(StepPlan::concat(&bad).unwrap_err().to_string().contains("touches"));
+        assert!(
+            StepPlan::concat(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("touches")
+        );
     }
 
     #[test]

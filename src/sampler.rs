@@ -31,8 +31,8 @@ pub mod program;
 mod upfront;
 pub use batch::{BatchSampling, Region, Request, check_batch};
 pub use program::{
-    BatchProgram, BatchStep, CANONICAL_TOKEN, Program, ProgramTrace, RequestProgram, StepPart,
-    StepProgram, batch_program, program, t2i_program, text_program,
+    BatchProgram, BatchStep, CANONICAL_TOKEN, Program, ProgramTrace, RequestProgram, ResolvedPart,
+    StepPart, StepProgram, batch_program, program, t2i_program, text_program,
 };
 pub use upfront::{PLACEHOLDER, TokenFill, UpfrontPlans, t2i_upfront_plans};
 

@@ -34,7 +34,11 @@ fn t2i_batch(r: &mut ChaCha8Rng, n: usize, (h, w): (usize, usize), steps: usize)
                 height: h,
                 width: w,
                 steps,
-                guidance: if r.gen_bool(0.5) { 0.0 } else { r.gen_range(0.5..4.0) },
+                guidance: if r.gen_bool(0.5) {
+                    0.0
+                } else {
+                    r.gen_range(0.5..4.0)
+                },
                 temperature: [0.0, 0.7, 1.0][r.gen_range(0..3)],
                 order,
                 seed,
@@ -115,7 +119,11 @@ fn assert_same_generation(got: &Generation, want: &Generation, what: &str) {
         assert_eq!(a.tokens, b.tokens, "{what} step {k}: tokens");
         assert_eq!(a.rows_fed, b.rows_fed, "{what} step {k}: rows");
         let bits = |l: &Option<Vec<f32>>| -> Vec<u32> {
-            l.as_ref().expect("recorded").iter().map(|x| x.to_bits()).collect()
+            l.as_ref()
+                .expect("recorded")
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
         };
         assert_eq!(bits(&a.logits), bits(&b.logits), "{what} step {k}: logits");
     }
@@ -152,7 +160,10 @@ fn check_batch(model: &Model<CpuBackend>, requests: &[Request], what: &str) {
         };
         let prefills: Vec<Option<&StepPlan>> =
             solo.iter().map(|(_, p)| p.prefill.as_ref()).collect();
-        let want_prefill = prefills.iter().any(Option::is_some).then(|| concat(prefills));
+        let want_prefill = prefills
+            .iter()
+            .any(Option::is_some)
+            .then(|| concat(prefills));
         assert_eq!(batch_plans.prefill, want_prefill, "{what}: prefill plan");
         for (k, plan) in batch_plans.steps.iter().enumerate() {
             let want = concat(solo.iter().map(|(_, p)| p.steps.get(k)).collect());
@@ -171,7 +182,12 @@ fn check_batch(model: &Model<CpuBackend>, requests: &[Request], what: &str) {
 fn t2i_batches_equal_solo_runs_bit_for_bit() {
     let model = tiny_model(7);
     let mut r = ChaCha8Rng::seed_from_u64(1);
-    for (n, grid, steps) in [(3, (3, 4), 5), (4, (2, 3), 6), (2, (4, 4), 3), (1, (3, 3), 4)] {
+    for (n, grid, steps) in [
+        (3, (3, 4), 5),
+        (4, (2, 3), 6),
+        (2, (4, 4), 3),
+        (1, (3, 3), 4),
+    ] {
         let batch = t2i_batch(&mut r, n, grid, steps);
         check_batch(&model, &batch, &format!("t2i batch of {n}"));
     }
@@ -319,7 +335,9 @@ fn matmul_rows_do_not_depend_on_the_rows_around_them() {
             for threads in [2, 3, 8] {
                 let got = full(threads);
                 assert!(
-                    got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{rows}x{k}x{n}, {threads} threads"
                 );
             }

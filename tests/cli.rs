@@ -646,7 +646,11 @@ fn generate_batch_writes_one_output_per_request_equal_to_solo() {
     ]);
     let o = cli(&args);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("batch of 3, seeds 7..=9"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("batch of 3, seeds 7..=9"),
+        "{}",
+        stdout(&o)
+    );
     assert!(stdout(&o).contains("images/s"), "{}", stdout(&o));
     for i in 0..3 {
         let solo = d.join(format!("solo-{i}.json"));
@@ -659,7 +663,10 @@ fn generate_batch_writes_one_output_per_request_equal_to_solo() {
         let batch = read_json(&d.join(format!("out-{i}.json")));
         assert_eq!(batch, read_json(&solo), "request {i}");
         let t = read_json(&d.join(format!("trace-{i}.json")));
-        assert_eq!((t["batch"].as_u64(), t["request"].as_u64()), (Some(3), Some(i)));
+        assert_eq!(
+            (t["batch"].as_u64(), t["request"].as_u64()),
+            (Some(3), Some(i))
+        );
         assert_eq!(t["seed"].as_u64(), Some(7 + i));
         assert!(d.join(format!("image-{i}.png")).exists());
     }
@@ -679,7 +686,10 @@ fn generate_batch_writes_one_output_per_request_equal_to_solo() {
     let lens: Vec<String> = (0..3)
         .map(|i| read_json(&d.join(format!("p-{i}.json")))["task"].to_string())
         .collect();
-    assert!(lens[0].contains("prompt 3,") && lens[1].contains("prompt 0,"), "{lens:?}");
+    assert!(
+        lens[0].contains("prompt 3,") && lens[1].contains("prompt 0,"),
+        "{lens:?}"
+    );
     assert!(lens[2].contains("prompt 4,"), "{lens:?}");
 }
 
@@ -689,7 +699,9 @@ fn generate_batch_writes_one_output_per_request_equal_to_solo() {
 fn generate_batch_refuses_bad_requests_naming_them() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let base = ["generate", "--device", "cpu", "--preset", "tiny", "--grid", "4x4"];
+    let base = [
+        "generate", "--device", "cpu", "--preset", "tiny", "--grid", "4x4",
+    ];
     let write = |name: &str, text: &str| {
         let p = d.join(name);
         std::fs::write(&p, text).unwrap();
@@ -701,10 +713,19 @@ fn generate_batch_refuses_bad_requests_naming_them() {
     let two = write("two.txt", "1\n2\n");
     let out = d.join("one.json");
     let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
-        (vec!["--prompts", &bad], vec!["request 1: prompt token 1 is 299"]),
-        (vec!["--prompts", &word], vec!["line 2", "`x` is not a token id"]),
+        (
+            vec!["--prompts", &bad],
+            vec!["request 1: prompt token 1 is 299"],
+        ),
+        (
+            vec!["--prompts", &word],
+            vec!["line 2", "`x` is not a token id"],
+        ),
         (vec!["--prompts", &empty], vec!["no prompt"]),
-        (vec!["--prompts", &two, "--batch", "3"], vec!["--batch 3", "2 prompts"]),
+        (
+            vec!["--prompts", &two, "--batch", "3"],
+            vec!["--batch 3", "2 prompts"],
+        ),
         (
             vec!["--batch", "2", "--out", out.to_str().unwrap()],
             vec!["names one file", "pattern with {i}"],
@@ -753,7 +774,10 @@ fn bench_batch_reports_throughput_per_batch_size() {
     for run in runs {
         let b = run["batch"].as_f64().unwrap();
         let ips = run["items_per_s"].as_f64().unwrap();
-        assert!((ips * run["wall_s"].as_f64().unwrap() - b).abs() < 1e-6, "{run}");
+        assert!(
+            (ips * run["wall_s"].as_f64().unwrap() - b).abs() < 1e-6,
+            "{run}"
+        );
         assert_eq!(run["first_matches_batch1"], true, "{run}");
         assert_eq!(run["step_s"].as_array().unwrap().len(), 3);
         assert!(run["peak_device_bytes"].is_null());
@@ -762,7 +786,9 @@ fn bench_batch_reports_throughput_per_batch_size() {
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert!(svg.contains("<svg") && svg.contains("vs batch size"));
     fails_with(
-        &["bench", "--preset", "tiny", "--batch", "1,2", "--image", "x.png"],
+        &[
+            "bench", "--preset", "tiny", "--batch", "1,2", "--image", "x.png",
+        ],
         &["--image applies to bench without --batch"],
     );
 }

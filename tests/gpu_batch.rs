@@ -56,10 +56,12 @@ fn model(cfg: &Config, seed: u64) -> Model<CudaBackend> {
 
 fn prompt(cfg: &Config, len: usize, r: &mut ChaCha8Rng) -> Vec<u32> {
     (0..len)
-        .map(|_| loop {
-            let id = r.gen_range(0..cfg.text_vocab as u32);
-            if id != cfg.text_mask_id {
-                break id;
+        .map(|_| {
+            loop {
+                let id = r.gen_range(0..cfg.text_vocab as u32);
+                if id != cfg.text_mask_id {
+                    break id;
+                }
             }
         })
         .collect()

@@ -248,7 +248,11 @@ pub fn run_batch_bench<B: Resident>(
                 },
                 Mode::Sparse(sw) => sw,
             };
-            let name = if mode == Mode::Dense { "dense" } else { "sparse" };
+            let name = if mode == Mode::Dense {
+                "dense"
+            } else {
+                "sparse"
+            };
             let mut run = BatchRun {
                 batch: b,
                 mode: name.into(),

@@ -117,12 +117,9 @@ fn run<B: Backend>(
                 .sample(logits, parts[i].logits, &r.params(k, query))
                 .map_err(|e| in_request(n_req, i, e))?;
             let chosen = match opts.teacher {
-                Some(teacher) => teacher_commit(
-                    teacher,
-                    k,
-                    query,
-                    model.config().vocab(r.layout().branch),
-                )?,
+                Some(teacher) => {
+                    teacher_commit(teacher, k, query, model.config().vocab(r.layout().branch))?
+                }
                 None => r.choose(k, query, &sampled),
             };
             let st = &mut states[i];
@@ -325,14 +322,17 @@ pub fn run_batch_program<B: Backend>(
             rows_fed[i] += off.n_rows;
             traces[i].push(StepTrace {
                 step: k,
-                tokens: decoded.iter().map(|&j| states[i].tokens[j as usize]).collect(),
+                tokens: decoded
+                    .iter()
+                    .map(|&j| states[i].tokens[j as usize])
+                    .collect(),
                 decoded_positions: decoded,
                 rows_fed: off.n_rows,
                 time_s,
                 query_positions: query,
-                logits: all_logits.as_ref().map(|l| {
-                    l[off.logits * vocab..(off.logits + off.n_logits) * vocab].to_vec()
-                }),
+                logits: all_logits
+                    .as_ref()
+                    .map(|l| l[off.logits * vocab..(off.logits + off.n_logits) * vocab].to_vec()),
             });
         }
         if let Some(p) = opts.progress.as_mut() {

@@ -152,7 +152,12 @@ impl<'m> Resident<'m> {
         for (k, bs) in prog.steps.iter().enumerate() {
             let plan = &bs.plan;
             let mut prep = prepare(plan)?;
-            let writes = |f: Field| bs.parts.iter().flat_map(|p| &p.patches).any(|p| p.field == f);
+            let writes = |f: Field| {
+                bs.parts
+                    .iter()
+                    .flat_map(|p| &p.patches)
+                    .any(|p| p.field == f)
+            };
             // Each attending branch holds its own copy of the keys; patches reach the response
             // branch's only.
             let other = Branch::ALL.into_iter().find(|&b| b != prog.branch);
@@ -189,7 +194,11 @@ impl<'m> Resident<'m> {
                     Some(ops::upload_patches(dev, &sp.patches, lens).map_err(in_req)?)
                 };
                 let n_query = sp.sample_positions.len();
-                let cfg_rows = if prog.requests[i].params.guidance.is_some() { 2 } else { 1 };
+                let cfg_rows = if prog.requests[i].params.guidance.is_some() {
+                    2
+                } else {
+                    1
+                };
                 if sp.offsets.n_logits != n_query * cfg_rows {
                     return Err(in_req(Error::Input(format!(
                         "program step {k}: {} logits rows for {n_query} sampled positions",
@@ -381,7 +390,8 @@ impl<'m> Resident<'m> {
             {
                 let _r = profile::range("sample");
                 let p = &self.prog.requests[i].params;
-                let view = all.slice(part.first_logits * cols..(part.first_logits + part.n_logits) * cols);
+                let view =
+                    all.slice(part.first_logits * cols..(part.first_logits + part.n_logits) * cols);
                 let args = DeviceSampleArgs {
                     positions: &part.sample_pos,
                     banned: req.banned.as_ref(),
@@ -473,7 +483,8 @@ impl<'m> Resident<'m> {
                 ));
             }
             let traces = self.prog.traces(i, &state)?;
-            let parts = (self.prog.steps.iter()).filter_map(|s| s.parts.iter().find(|p| p.request == i));
+            let parts =
+                (self.prog.steps.iter()).filter_map(|s| s.parts.iter().find(|p| p.request == i));
             let mut steps = Vec::with_capacity(traces.len());
             let mut rows_fed = req.prefill_rows;
             for (k, ((query, decoded, tokens), part)) in traces.into_iter().zip(parts).enumerate() {

@@ -53,7 +53,11 @@ impl Region {
 
 /// An error of request `i` of a batch of `len`: named when the batch has more than one.
 pub(crate) fn in_request(len: usize, i: usize, e: Error) -> Error {
-    if len > 1 { e.context(format_args!("request {i}")) } else { e }
+    if len > 1 {
+        e.context(format_args!("request {i}"))
+    } else {
+        e
+    }
 }
 
 /// Checks what a batch's requests share (see the module docs): at least one request, one task;
@@ -150,9 +154,8 @@ impl BatchSampling {
         let samplings = (requests.iter().enumerate())
             .map(|(i, r)| Sampling::new(cfg, r, mode).map_err(|e| in_request(len, i, e)))
             .collect::<Result<Vec<_>>>()?;
-        let regions = regions(
-            (samplings.iter()).map(|s| (s.layout().n_seqs(), s.layout().pool_slots())),
-        )?;
+        let regions =
+            regions((samplings.iter()).map(|s| (s.layout().n_seqs(), s.layout().pool_slots())))?;
         Ok(BatchSampling {
             requests: samplings,
             regions,

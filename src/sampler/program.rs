@@ -29,6 +29,7 @@
 //! interpreter (`exec::run_program`), which runs the device-resident algorithm through any
 //! backend, op for op, and which tests hold equal to the host loop.
 
+use super::batch::Region;
 use super::patch::{self, CommitRule, DeviceState, Field, Lists, Patch, PlanArrays, Source};
 use super::{
     DecodeState, Decoder, Layout, Mode, T2iRequest, Task, TextRequest, prefill_plan, prefills,
@@ -38,7 +39,6 @@ use crate::backend::SampleParams;
 use crate::config::{Branch, Config};
 use crate::error::{Error, Result};
 use crate::plan::{PartOffsets, PlanPart, StepPlan, Tag};
-use super::batch::Region;
 use patch::UNDECODED;
 
 /// The token a template holds where the real one is only known at run time (patched before
@@ -143,7 +143,10 @@ impl Program {
     /// (`order[rank_base .. rank_base + n_commit]`) and their tokens. Fails when the state does
     /// not have the program's length or does not record every commit of every step.
     pub fn traces(&self, final_state: &DeviceState) -> Result<Vec<ProgramTrace>> {
-        let steps = self.steps.iter().map(|s| (s.query.as_deref(), s.block, s.commit));
+        let steps = self
+            .steps
+            .iter()
+            .map(|s| (s.query.as_deref(), s.block, s.commit));
         traces(self.n, steps, final_state)
     }
 
@@ -170,9 +173,9 @@ impl Program {
 
 /// [`Program::traces`] over the steps' (fixed query, block, commit rule) of one request.
 fn traces<'a>(
-n: usize,
-steps: impl Iterator<Item = (Option<&'a [u32]>, (u32, u32), CommitRule)>,
-final_state: &DeviceState,
+    n: usize,
+    steps: impl Iterator<Item = (Option<&'a [u32]>, (u32, u32), CommitRule)>,
+    final_state: &DeviceState,
 ) -> Result<Vec<ProgramTrace>> {
     let st = final_state;
     if st.tokens.len() != n || st.order.len() != n || st.decoded_step.len() != n {
@@ -462,6 +465,10 @@ fn text_patches(
     Ok(out)
 }
 
+/// A part of a resolved [`BatchStep`]: its sampler positions and its query (response indices
+/// of its logits rows), as [`StepProgram::resolve`] gives them.
+pub type ResolvedPart = (Vec<u32>, Vec<u32>);
+
 /// One request's share of a [`BatchStep`]: what [`StepProgram`] holds, re-pointed into the
 /// step's batch plan.
 #[derive(Debug, Clone, PartialEq)]
@@ -550,11 +557,7 @@ impl BatchStep {
     /// The host twin of the device's work before this step: resolves every part against its
     /// request's state (`states[request]`) into one copy of the template. Returns the plan and,
     /// per part, its sampler positions and query (as [`StepProgram::resolve`]).
-    pub fn resolve(
-        &self,
-        branch: Branch,
-        states: &[DeviceState],
-    ) -> (StepPlan, Vec<(Vec<u32>, Vec<u32>)>) {
+    pub fn resolve(&self, branch: Branch, states: &[DeviceState]) -> (StepPlan, Vec<ResolvedPart>) {
         let mut plan = self.plan.clone();
         let mut tags: Vec<u32> = plan.kv_tags.iter().map(|t| t.0).collect();
         let mut out = Vec::with_capacity(self.parts.len());
@@ -587,7 +590,9 @@ impl BatchProgram {
     /// 2^31 slots.
     pub fn new(programs: Vec<Program>) -> Result<BatchProgram> {
         let Some(branch) = programs.first().map(|p| p.branch) else {
-            return Err(Error::Input("a batch program needs at least one request".into()));
+            return Err(Error::Input(
+                "a batch program needs at least one request".into(),
+            ));
         };
         let mut sizes = Vec::with_capacity(programs.len());
         for (i, p) in programs.iter().enumerate() {
@@ -610,7 +615,8 @@ impl BatchProgram {
                 .collect();
             StepPlan::concat(&parts)
         };
-        let prefills: Vec<Option<&StepPlan>> = programs.iter().map(|p| p.prefill.as_ref()).collect();
+        let prefills: Vec<Option<&StepPlan>> =
+            programs.iter().map(|p| p.prefill.as_ref()).collect();
         let prefill = match prefills.iter().any(Option::is_some) {
             true => Some(concat(&prefills)?.0),
             false => None,
@@ -618,8 +624,10 @@ impl BatchProgram {
         let n_steps = programs.iter().map(|p| p.steps.len()).max().unwrap_or(0);
         let mut steps = Vec::with_capacity(n_steps);
         for k in 0..n_steps {
-            let plans: Vec<Option<&StepPlan>> =
-                programs.iter().map(|p| p.steps.get(k).map(|s| &s.plan)).collect();
+            let plans: Vec<Option<&StepPlan>> = programs
+                .iter()
+                .map(|p| p.steps.get(k).map(|s| &s.plan))
+                .collect();
             let (plan, offsets) = concat(&plans)?;
             let parts = (programs.iter().enumerate())
                 .filter_map(|(i, p)| p.steps.get(k).map(|s| (i, s)))
