@@ -731,6 +731,11 @@ fn generate_batch_refuses_bad_requests_naming_them() {
             vec!["names one file", "pattern with {i}"],
         ),
         (vec!["--batch", "0"], vec!["--batch"]),
+        // The memory bound covers the whole batch, refused before anything is allocated.
+        (
+            vec!["--batch", "5000", "--max-memory", "1G"],
+            vec!["this batch of 5000 generations needs", "K/V pool", "--max-memory"],
+        ),
     ];
     for (extra, needles) in cases {
         let mut args = base.to_vec();
