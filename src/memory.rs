@@ -575,7 +575,7 @@ impl RunParts {
 /// K/V pool with a region per request, passes over every request's rows at once, each
 /// request's schedule, state, trace and (device-resident) plans, and a `--image` picture of
 /// `image_px` pixels drawn one at a time. Every sized part is the sum of the requests' (a
-/// batch's pass is its requests' passes side by side, `crate::sampler::batch`); the fixed
+/// batch's pass is its requests' passes side by side, SPEC §8); the fixed
 /// overheads are counted once.
 pub fn add_batch(
     need: &mut Need,

@@ -734,7 +734,11 @@ fn generate_batch_refuses_bad_requests_naming_them() {
         // The memory bound covers the whole batch, refused before anything is allocated.
         (
             vec!["--batch", "5000", "--max-memory", "1G"],
-            vec!["this batch of 5000 generations needs", "K/V pool", "--max-memory"],
+            vec![
+                "this batch of 5000 generations needs",
+                "K/V pool",
+                "--max-memory",
+            ],
         ),
     ];
     for (extra, needles) in cases {

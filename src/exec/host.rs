@@ -12,10 +12,8 @@ use crate::model::{Model, Workspace};
 use crate::profile;
 use crate::sampler::batch::in_request;
 use crate::sampler::patch::{self, DeviceState, UNDECODED};
-use crate::sampler::{
-    BatchProgram, BatchSampling, Execution, Generation, Mode, Program, Request, RunOptions,
-    StepTrace, Task,
-};
+use crate::sampler::{BatchProgram, BatchSampling, Execution, Generation, Mode};
+use crate::sampler::{Program, Request, RunOptions, StepTrace, Task};
 
 /// Runs a whole generation on the host loop: each step's plan built from the decode state,
 /// one forward pass, the sampler, the commit, the tokens back on the host before the next step
