@@ -551,7 +551,7 @@ int do_barrier(Barrier kind, int predicate) {
         for (uint32_t l = 0; l < 32; ++l) {
             const Lane &o = b.lanes[self.warp * 32 + l];
             if (((w.waiting >> l) & 1u) && (o.mask & bit)) {
-                fail_block(self, std::string(barrier_name(kind)) + " reached while lane " +
+                fail_block(self, std::string("barrier ") + barrier_name(kind) + " reached while lane " +
                                      std::to_string(l) + " of its warp waits for it at " +
                                      coll_name(o.coll) + " (mask " + hex(o.mask) + ")");
             }
