@@ -119,10 +119,10 @@ constexpr size_t kStackBytes = 256 << 10;
 #endif
 constexpr size_t kGuardBytes = 4096;
 
-[[noreturn]] void die(const char *fmt, const char *arg) {
-    fprintf(stderr, "sparse-lavida emulated device: ");
-    fprintf(stderr, fmt, arg);
-    fprintf(stderr, "\n");
+// A misuse of the emulator itself (a bad setting, an intrinsic called outside a kernel, no
+// memory for a stack): reported, then the process stops.
+[[noreturn]] void die(const std::string &what) {
+    fprintf(stderr, "sparse-lavida emulated device: %s\n", what.c_str());
     abort();
 }
 
@@ -141,16 +141,16 @@ const Config &config() {
         if (const char *w = getenv("SL_EMU_WORKERS"); w && *w) {
             char *end = nullptr;
             const unsigned long n = strtoul(w, &end, 10);
-            if (*end != 0 || n == 0 || n > 1024) die("SL_EMU_WORKERS=%s: expected 1..1024", w);
+            if (*end != 0 || n == 0 || n > 1024) die(std::string("SL_EMU_WORKERS=") + w + ": expected 1..1024");
             c.workers = static_cast<unsigned>(n);
         }
         if (const char *s = getenv("SL_EMU_SCHEDULE"); s && *s && strcmp(s, "in-order") != 0) {
             if (strncmp(s, "random:", 7) != 0) {
-                die("SL_EMU_SCHEDULE=%s: expected in-order or random:SEED", s);
+                die(std::string("SL_EMU_SCHEDULE=") + s + ": expected in-order or random:SEED");
             }
             char *end = nullptr;
             c.seed = strtoull(s + 7, &end, 10);
-            if (*end != 0 || end == s + 7) die("SL_EMU_SCHEDULE=%s: SEED is not a number", s);
+            if (*end != 0 || end == s + 7) die(std::string("SL_EMU_SCHEDULE=") + s + ": SEED is not a number");
             c.random_schedule = true;
         }
         return c;
@@ -179,7 +179,7 @@ struct Stack {
     void allocate() {
         void *p = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (p == MAP_FAILED) die("cannot map a %s fiber stack", "thread");
+        if (p == MAP_FAILED) die("cannot map a fiber stack");
         mprotect(p, kGuardBytes, PROT_NONE);  // a stack overflow faults instead of corrupting
         lo = static_cast<unsigned char *>(p) + kGuardBytes;
         size = kStackBytes;
@@ -366,7 +366,7 @@ Worker &worker() {
         pthread_setspecific(worker_key, w);
         w->tls_block = tls_block_of_this_thread();
         w->tls_bytes = w->tls_block ? tls_segment_bytes() : 0;
-        if (!w->tls_block) die("cannot locate the %s TLS block", "emulator's");
+        if (!w->tls_block) die("cannot locate this thread's TLS block of the emulator (its __shared__ memory)");
 #if !SL_EMU_ASAN
         // The fault handler must run on its own stack: a fiber that overflows its stack faults
         // on the guard page with no stack left.
@@ -517,7 +517,7 @@ std::string describe_thread(const Block &b, const Lane *l) {
 
 Lane &current_lane(const char *what) {
     Worker *w = worker_if_any();
-    if (!w || !w->block.current) die("%s called outside a kernel", what);
+    if (!w || !w->block.current) die(std::string(what) + " called outside a kernel");
     return *w->block.current;
 }
 
