@@ -22,6 +22,6 @@ pub mod rng;
 pub mod sample;
 pub mod tags;
 
-pub use attn::{AttnLayout, AttnShape, AttnTiling, choose_splits, query_tiles};
+pub use attn::{AttnLayout, AttnShape, AttnTiling, AttnVersion, choose_splits, query_tiles};
 pub use sample::{SampleParams, Sampled};
 pub use tags::{Branch, MAX_BLOCK, REGISTER, Tag, visible};

@@ -190,8 +190,9 @@ impl CudaPlan {
 
     /// The device arrays of this plan that a device-resident step patches before it runs
     /// (`ops::resolve_plan`): branch `b`'s row ids, positions and slots, the keys of its
-    /// attention plan (built beforehand by [`CudaBackend::prepare_attention`]), the logits rows,
-    /// and the caller's sampler positions. The caller keeps what the plan's checks established:
+    /// attention plan (built beforehand by [`CudaBackend::prepare_attention`]) and their tile
+    /// summaries (rebuilt after the patches), the logits rows, and the caller's sampler
+    /// positions. The caller keeps what the plan's checks established:
     /// every slot patched in stays at or below the declared bound ([`CudaPlan::bound_slots`]),
     /// every key below the pool's slots, every row distinct.
     pub fn patch_targets<'a>(
@@ -211,7 +212,7 @@ impl CudaPlan {
         let attn = attn
             .as_mut()
             .ok_or_else(|| Error::Cuda("attention plan not prepared".into()))?;
-        let (kv_indices, kv_tags) = attn.kv_targets();
+        let (kv_indices, kv_tags, kv_summary) = attn.patch_targets();
         Ok(PatchTargets {
             row_ids: Some(&mut bp.ids),
             row_pos: Some(&mut bp.pos),
@@ -220,6 +221,7 @@ impl CudaPlan {
             kv_tags: Some(kv_tags),
             logits_rows: Some(logits_rows),
             sample_pos: Some(sample_pos),
+            kv_summary: Some(kv_summary),
         })
     }
 }
