@@ -130,8 +130,7 @@ fn main() -> Result<()> {
     let summary_words: Vec<u32> = summaries.iter().flat_map(|s| s.0).collect();
     let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
     // The grid is sized to the CTAs that run at once: CTAs per SM (occupancy) times SMs.
-    let workers = kernels.attention_ctas_per_sm(AttnVersion::V2, SHAPE.head_dim as u32)
-        as usize
+    let workers = kernels.attention_ctas_per_sm(AttnVersion::V2, SHAPE.head_dim as u32) as usize
         * sms.max(1) as usize;
     let n_splits = choose_splits(qtile_seq.len(), SHAPE.n_heads, 150, workers);
     let tags = |t: &[Tag]| t.iter().map(|t| t.0).collect::<Vec<u32>>();

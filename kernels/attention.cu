@@ -424,35 +424,33 @@ __device__ __forceinline__ void load_q_tile(const SlAttnParams &p, const Work &w
 }
 
 // The pool slots (and, for a MIXED tile, the tags) of the split's key tile `tile` into slot
-// sIdx / sTags, one cp.async of 4 bytes per key: threads 0..63 the indices, 64..127 the tags.
-// Entries past the tile's keys are not written (never read: the gather zeroes those rows and
-// the mask tests the key index first).
+// sIdx / sTags, one cp.async of 4 bytes per key: threads 0..63 (warps 0, 1) the indices,
+// 64..127 (warps 2, 3) the tags. Entries past the tile's keys are not written (never read: the
+// gather zeroes those rows and the mask tests the key index first).
 __device__ __forceinline__ void fetch_keys(const SlAttnParams &p, const Work &w, int tile,
                                            int cls, uint32_t *sIdx, uint32_t *sTags) {
     const int n = keys_in_tile(w, tile);
     const uint32_t first = w.key0 + static_cast<uint32_t>(tile) * BLOCK_N;
     const int j = threadIdx.x % BLOCK_N;
-    if (j < n) {
-        if (threadIdx.x < BLOCK_N) {
-            cp_async_4(smem_addr(sIdx + j), p.kv_indices + first + j);
-        } else if (cls == sl::TILE_MIXED) {
-            cp_async_4(smem_addr(sTags + j), p.kv_tags + first + j);
-        }
+    if (threadIdx.x < BLOCK_N) {  // warp-uniform
+        if (j < n) cp_async_4(smem_addr(sIdx + j), p.kv_indices + first + j);  // [sass:fetch-idx]
+    } else if (cls == sl::TILE_MIXED) {
+        if (j < n) cp_async_4(smem_addr(sTags + j), p.kv_tags + first + j);  // [sass:fetch-tags]
     }
 }
 
 // The K and V rows of the split's key tile `tile` gathered from the pools through its landed
 // indices sIdx into sK / sV (swizzled). Thread t copies chunk t % (D/8) of rows t / (D/8) +
-// k·(THREADS / (D/8)); the swizzle's row % 8 is the same for all of its rows. Rows past the
-// tile's keys are zeroed (so 0·V stays 0 in P·V; they are masked by index).
-template <int D>
-__device__ __forceinline__ void gather_kv_tile(const SlAttnParams &p, const Work &w, int tile,
-                                               const uint32_t *sIdx, unsigned char *sK,
-                                               unsigned char *sV) {
+// k·(THREADS / (D/8)); the swizzle's row % 8 is the same for all of its rows. FULL (64 keys):
+// no per-row test. Otherwise rows past the tile's n keys are zeroed (so 0·V stays 0 in P·V;
+// they are masked by index).
+template <int D, bool FULL>
+__device__ __forceinline__ void gather_rows(const SlAttnParams &p, const Work &w, int n,
+                                            const uint32_t *sIdx, unsigned char *sK,
+                                            unsigned char *sV) {
     constexpr int CHUNKS = D / 8;
     constexpr int ROWS_PER_PASS = THREADS / CHUNKS;  // 8 (D = 128) or 16 (D = 64)
     static_assert(ROWS_PER_PASS % 8 == 0, "one swizzle per thread");
-    const int n = keys_in_tile(w, tile);
     const int c = threadIdx.x % CHUNKS, j0 = threadIdx.x / CHUNKS;
     const size_t col = static_cast<size_t>(w.kv_head) * D + c * 8;
     const uint32_t off0 = swizzled<2 * D>(j0, c);
@@ -460,7 +458,7 @@ __device__ __forceinline__ void gather_kv_tile(const SlAttnParams &p, const Work
     for (int k = 0; k < BLOCK_N / ROWS_PER_PASS; ++k) {
         const int j = j0 + k * ROWS_PER_PASS;
         const uint32_t off = off0 + static_cast<uint32_t>(k * ROWS_PER_PASS * 2 * D);
-        if (j < n) {
+        if (FULL || j < n) {
             const size_t src = static_cast<size_t>(sIdx[j]) * p.kv_stride + col;
             cp_async_16(smem_addr(sK + off), p.k_pool + src);
             cp_async_16(smem_addr(sV + off), p.v_pool + src);
@@ -468,6 +466,18 @@ __device__ __forceinline__ void gather_kv_tile(const SlAttnParams &p, const Work
             *reinterpret_cast<uint4 *>(sK + off) = make_uint4(0, 0, 0, 0);
             *reinterpret_cast<uint4 *>(sV + off) = make_uint4(0, 0, 0, 0);
         }
+    }
+}
+
+template <int D>
+__device__ __forceinline__ void gather_kv_tile(const SlAttnParams &p, const Work &w, int tile,
+                                               const uint32_t *sIdx, unsigned char *sK,
+                                               unsigned char *sV) {
+    const int n = keys_in_tile(w, tile);
+    if (n == BLOCK_N) {  // CTA-uniform: every tile but the sequence's last
+        gather_rows<D, true>(p, w, n, sIdx, sK, sV);  // [sass:gather-full]
+    } else {
+        gather_rows<D, false>(p, w, n, sIdx, sK, sV);  // [sass:gather-partial]
     }
 }
 
@@ -534,23 +544,36 @@ __device__ __forceinline__ void qk_tile(uint32_t q_base, uint32_t k_base, float 
     }
 }
 
-// MIXED (or partial) tile: pairs that are not visible, or whose key is past the tile's n keys,
-// get -inf. Row (mb, r) of this lane is tile row 16·MB·warp + 16·mb + g + 8r (its tag read here,
-// an L1 hit after the first mixed tile, rather than held in registers); key 8·nt + 2t + e.
-// Padding rows get tag 0: whatever they see, they are never written.
+// MIXED (or partial) tile: which of the pairs this lane holds in S are visible, as one bit
+// mask per m-block (bit 4·nt + 2r + e: row g + 8r, key key0 + 8·nt + 2t + e of the sub-tile;
+// 4·NT <= 32 bits), computed before S = Q·Kᵀ so its registers are free again when the scores
+// are. Row (mb, r) of this lane is tile row 16·MB·warp + 16·mb + g + 8r (its tag read here, an
+// L1 hit after the first mixed tile); padding rows get tag 0: whatever they see, they are never
+// written. Keys past the tile's n keys are hidden.
+// sl::visible, factored: a clean row of block b sees clean keys of blocks <= b; a masked row of
+// block b every clean key and the keys of block b. With kclean = a key's block if clean, else
+// ~0 (above every block): visible ⇔ (kclean <= lim ∨ kblock == same) ∧ kbranch == branch,
+// lim = b, same = ~1 (no key has it) for a clean row, lim = ~1 (above every clean block),
+// same = b for a masked row; the branches are compared only outside joint layers. A key past n
+// gets kclean = kblock = ~0: above every lim, unlike every same.
 template <int MB, int NT>
-__device__ __forceinline__ void mask_tile(const SlAttnParams &p, const Work &w,
-                                          float (&s)[MB][NT][4], const uint32_t *sTags, int n,
-                                          int key0, int warp, int lane) {
+__device__ __forceinline__ void mask_bits(const SlAttnParams &p, const Work &w,
+                                          const uint32_t *sTags, int n, int key0, int warp,
+                                          int lane, uint32_t (&bits)[MB]) {
+    static_assert(4 * NT <= 32, "one 32-bit mask per m-block");
     const int g = lane >> 2, t = lane & 3;
     const bool joint = p.joint != 0;
-    uint32_t row_tag[MB][2];
+    uint32_t lim[MB][2], same[MB][2], branch[MB][2];
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) {
+        bits[mb] = 0u;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int local = warp * 16 * MB + 16 * mb + g + 8 * r;
-            row_tag[mb][r] = local < w.n_valid ? __ldg(p.row_tags + w.row0 + local) : 0u;
+            const uint32_t q = local < w.n_valid ? __ldg(p.row_tags + w.row0 + local) : 0u;
+            lim[mb][r] = sl::tag_masked(q) ? ~1u : sl::tag_block(q);
+            same[mb][r] = sl::tag_masked(q) ? sl::tag_block(q) : ~1u;
+            branch[mb][r] = joint ? 0u : (q & 2u);
         }
     }
 #pragma unroll
@@ -559,31 +582,56 @@ __device__ __forceinline__ void mask_tile(const SlAttnParams &p, const Work &w,
         for (int e = 0; e < 2; ++e) {
             const int key = key0 + nt * 8 + 2 * t + e;
             const bool key_ok = key < n;
-            const uint32_t key_tag = key_ok ? sTags[key] : 0u;
+            const uint32_t tag = key_ok ? sTags[key] : 1u;
+            const uint32_t kclean = (key_ok && !sl::tag_masked(tag)) ? sl::tag_block(tag) : ~0u;
+            const uint32_t kblock = key_ok ? sl::tag_block(tag) : ~0u;
+            const uint32_t kbranch = joint ? 0u : (tag & 2u);
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb) {
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    if (!(key_ok && sl::visible(row_tag[mb][r], key_tag, joint))) {
-                        s[mb][nt][2 * r + e] = -INFINITY;
-                    }
+                    const bool ok = ((kclean <= lim[mb][r]) | (kblock == same[mb][r])) &
+                                    (kbranch == branch[mb][r]);
+                    bits[mb] |= ok ? 1u << (4 * nt + 2 * r + e) : 0u;
                 }
             }
         }
     }
 }
 
-// Online softmax over one key tile, in base 2 (the CPU twin's loop, per fragment).
+// Sets the pairs whose bit is clear to -inf (MIXED and partial tiles; see mask_bits).
+template <int MB, int NT>
+__device__ __forceinline__ void apply_mask(float (&s)[MB][NT][4], const uint32_t (&bits)[MB]) {
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                // C fragment element i: row g + 8·(i / 2), key 2t + (i % 2) of n-tile nt.
+                const bool shown = (bits[mb] >> (4 * nt + i)) & 1u;
+                s[mb][nt][i] = shown ? s[mb][nt][i] : -INFINITY;
+            }
+        }
+    }
+}
+
+// Online softmax over one key (sub-)tile, in base 2 (the CPU twin's loop, per fragment).
 // In: s = raw scores (-inf where masked). Out: s = p = 2^(s·scale_log2 - m_new) (0 where
 // masked); m, the lane's partial l and o are updated (o and l rescaled by 2^(m_old - m_new)).
 // The row max is taken on raw scores and scaled once (scale_log2 > 0, and rounding is
 // monotone, so this is the max of the scaled scores); p = 2^fma(s, scale_log2, -m_new).
 // While a row has seen no visible key, m stays -inf and p = 0: the exponent base is then 0
 // instead of m (never 2^(-inf - -inf)).
+// o is rescaled only when some row of the warp has a new max (alpha != 1; alpha is exactly 1
+// when m is unchanged, 2^0): after the first tiles the running max rarely moves, and the warp
+// skips D/4·MB multiplies per lane (a warp-uniform branch: __any_sync).
 template <int D, int MB, int NT>
 __device__ __forceinline__ void softmax_update(float (&s)[MB][NT][4], float scale_log2,
                                                float (&m)[MB][2], float (&l)[MB][2],
                                                float (&o)[MB][D / 8][4]) {
+    float alpha[MB][2];
+    bool moved = false;
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) {
 #pragma unroll
@@ -593,13 +641,14 @@ __device__ __forceinline__ void softmax_update(float (&s)[MB][NT][4], float scal
             for (int nt = 0; nt < NT; ++nt) {
                 tile_max = fmaxf(tile_max, fmaxf(s[mb][nt][2 * r], s[mb][nt][2 * r + 1]));
             }
-            // The 4 lanes of a quad hold the 64 keys of the same row.
+            // The 4 lanes of a quad hold the keys of the same row.
             tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
             tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
             const float m_new = fmaxf(m[mb][r], tile_max * scale_log2);
             const bool none_yet = m_new == -INFINITY;
             // m = -inf -> alpha = 0: nothing to rescale yet.
-            const float alpha = none_yet ? 1.f : fast_exp2(m[mb][r] - m_new);
+            alpha[mb][r] = none_yet ? 1.f : fast_exp2(m[mb][r] - m_new);
+            moved = moved || alpha[mb][r] != 1.f;
             const float neg_base = none_yet ? 0.f : -m_new;
             m[mb][r] = m_new;
             float row_sum = 0.f;
@@ -612,11 +661,18 @@ __device__ __forceinline__ void softmax_update(float (&s)[MB][NT][4], float scal
                     row_sum += x;
                 }
             }
-            l[mb][r] = l[mb][r] * alpha + row_sum;
+            l[mb][r] = l[mb][r] * alpha[mb][r] + row_sum;
+        }
+    }
+    if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) {
 #pragma unroll
             for (int nt = 0; nt < D / 8; ++nt) {
-                o[mb][nt][2 * r] *= alpha;
-                o[mb][nt][2 * r + 1] *= alpha;
+                o[mb][nt][0] *= alpha[mb][0];  // [sass:rescale]
+                o[mb][nt][1] *= alpha[mb][0];  // [sass:rescale]
+                o[mb][nt][2] *= alpha[mb][1];  // [sass:rescale]
+                o[mb][nt][3] *= alpha[mb][1];  // [sass:rescale]
             }
         }
     }
@@ -779,47 +835,53 @@ __device__ __forceinline__ void attention_tiles(const SlAttnParams &p, unsigned 
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) m[mb][0] = m[mb][1] = -INFINITY, l[mb][0] = l[mb][1] = 0.f;
 
-    for (int i = 0; ring[0] >= 0; ++i) {
-        cp_async_wait<S - 2>();  // K/V of a_i and the indices of a_{i+S-1} have landed
-        __syncthreads();         // (A)
-        ring[S] = next_active(p, W(), qd, n_tiles(), cursor);
-        if (ring[S] >= 0) {
-            fetch_keys(p, W(), ring[S] >> 2, ring[S] & 3, sIdx((i + S) % R), sTags((i + S) % R));
+    // The key loop. The `[sass:...]` tags name the regions scripts/sass-figures.py attributes
+    // the loop's SASS to (by line, through the inlining chain) for its per-tile figures.
+    for (int i = 0; ring[0] >= 0; ++i) {  // [sass:loop-begin]
+        cp_async_wait<S - 2>();  // [sass:sync] K/V of a_i, indices of a_{i+S-1} have landed
+        __syncthreads();         // [sass:sync] (A)
+        ring[S] = next_active(p, W(), qd, n_tiles(), cursor);  // [sass:cursor]
+        const int slot_next = (i + S) % R, slot_gather = (i + S - 1) % R;  // [sass:control]
+        if (ring[S] >= 0) {  // [sass:control]
+            fetch_keys(p, W(), ring[S] >> 2, ring[S] & 3, sIdx(slot_next), sTags(slot_next));  // [sass:fetch]
         }
-        cp_async_commit();  // indices of a_{i+S}
-        if (ring[S - 1] >= 0) {
-            const int b = (i + S - 1) % S;
-            gather_kv_tile<D>(p, W(), ring[S - 1] >> 2, sIdx((i + S - 1) % R), sK(b), sV(b));
+        cp_async_commit();       // [sass:sync] indices of a_{i+S}
+        const int b_gather = (i + S - 1) % S;  // [sass:control]
+        if (ring[S - 1] >= 0) {  // [sass:control]
+            gather_kv_tile<D>(p, W(), ring[S - 1] >> 2, sIdx(slot_gather), sK(b_gather), sV(b_gather));  // [sass:gather]
         }
-        cp_async_commit();  // K/V of a_{i+S-1}
+        cp_async_commit();       // [sass:sync] K/V of a_{i+S-1}
 
         // A warp whose rows are all padding (the tail of a tile of 65..127 rows) skips the math
         // (tested here, from the meta region, rather than held across the loop).
-        if (warp * 16 * MB < W().n_valid) {
-            const int tile = ring[0] >> 2, cls = ring[0] & 3;
-            const int b = i % S;
+        if (warp * 16 * MB < W().n_valid) {  // [sass:control]
+            const int tile = ring[0] >> 2, cls = ring[0] & 3;  // [sass:control]
+            const int b = i % S;  // [sass:control]
             // Recomputed per tile (a few integer ops) rather than held across the loop.
-            const FragBases fb =
-                frag_bases<D, MB>(smem_addr(sQ), smem_addr(sK(b)), smem_addr(sV(b)), warp, lane);
+            const FragBases fb = frag_bases<D, MB>(smem_addr(sQ), smem_addr(sK(b)), smem_addr(sV(b)), warp, lane);  // [sass:frag]
             // Keys in sub-tiles of 8·NT (the whole tile, or two halves where the accumulators
-            // leave too few registers for a 64-key S).
-#pragma unroll
-            for (int h = 0; h < S_TILES / NT; ++h) {
+            // leave too few registers for a 64-key S). Not unrolled: ptxas would hoist the
+            // second half's fragment loads above the first half's softmax and run out of
+            // registers.
+#pragma unroll 1
+            for (int h = 0; h < S_TILES / NT; ++h) {  // [sass:sub]
                 constexpr uint32_t SUB = 8 * NT * 2 * D;  // bytes of a sub-tile's K or V rows
-                float s[MB][NT][4];
-                qk_tile<D, MB, NT>(fb.q, fb.k + h * SUB, s);
-                if (cls != sl::TILE_VISIBLE) {
-                    const Work w = W();
-                    mask_tile<MB, NT>(p, w, s, sTags(i % R), keys_in_tile(w, tile), 8 * NT * h,
-                                      warp, lane);
+                uint32_t bits[MB];
+                const bool masked = cls != sl::TILE_VISIBLE;  // [sass:sub]
+                if (masked) {  // [sass:sub]
+                    const Work w = W();  // [sass:mask]
+                    mask_bits<MB, NT>(p, w, sTags(i % R), keys_in_tile(w, tile), 8 * NT * h, warp, lane, bits);  // [sass:mask]
                 }
-                softmax_update<D, MB, NT>(s, p.scale_log2, m, l, o);
-                pv_tile<D, MB, NT>(fb.v + h * SUB, s, o);
+                float s[MB][NT][4];
+                qk_tile<D, MB, NT>(fb.q, fb.k + h * SUB, s);  // [sass:qk]
+                if (masked) apply_mask<MB, NT>(s, bits);  // [sass:mask]
+                softmax_update<D, MB, NT>(s, p.scale_log2, m, l, o);  // [sass:softmax]
+                pv_tile<D, MB, NT>(fb.v + h * SUB, s, o);  // [sass:pv]
             }
         }
 #pragma unroll
-        for (int k = 0; k < S; ++k) ring[k] = ring[k + 1];
-    }
+        for (int k = 0; k < S; ++k) ring[k] = ring[k + 1];  // [sass:control]
+    }  // [sass:loop-end]
     cp_async_wait<0>();  // only empty groups can be pending; none may outlive the CTA
     __syncthreads();     // every warp is done with the K/V region: it becomes the staging area
 
@@ -856,9 +918,9 @@ __device__ __forceinline__ void attention_cta(const SlAttnParams &p) {
     if (threadIdx.x == 0) store_work(w, meta + WORK_AT);  // published by describe_rows' barriers
     describe_rows(p, w, meta + QD_WORDS, meta);
     if (mb == 2) {
-        attention_tiles<D, 2>(p, smem);
+        attention_tiles<D, 2>(p, smem);  // [sass:mb2]
     } else {
-        attention_tiles<D, 1>(p, smem);
+        attention_tiles<D, 1>(p, smem);  // [sass:mb1]
     }
 }
 

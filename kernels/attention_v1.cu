@@ -510,33 +510,34 @@ __device__ __forceinline__ void attention_cta(const SlAttnParams &p) {
     float m[2] = {-INFINITY, -INFINITY};
     float l[2] = {0.f, 0.f};
 
-    for (int tile = 0; tile < n_tiles; ++tile) {
-        const int buf = tile & 1;
-        if (tile + 1 < n_tiles) {
-            gather_kv_tile<D>(p, w, tile + 1, sK(buf ^ 1), sV(buf ^ 1), sTags(buf ^ 1));
-            cp_async_commit();
+    // `[sass:...]`: the regions scripts/sass-figures.py attributes the loop's SASS to.
+    for (int tile = 0; tile < n_tiles; ++tile) {  // [sass:loop-begin]
+        const int buf = tile & 1;  // [sass:control]
+        if (tile + 1 < n_tiles) {  // [sass:control]
+            gather_kv_tile<D>(p, w, tile + 1, sK(buf ^ 1), sV(buf ^ 1), sTags(buf ^ 1));  // [sass:gather]
+            cp_async_commit();  // [sass:sync]
             cp_async_wait<1>();  // everything but tile+1's group has landed
         } else {
-            cp_async_wait<0>();
+            cp_async_wait<0>();  // [sass:sync]
         }
         __syncthreads();  // (A)
 
-        const int n = min(static_cast<int>(w.n_keys) - tile * BLOCK_N, BLOCK_N);
-        const uint32_t bits = tile_visibility(sTags(buf), n, t, row_tag, row_ok, joint);
+        const int n = min(static_cast<int>(w.n_keys) - tile * BLOCK_N, BLOCK_N);  // [sass:visibility]
+        const uint32_t bits = tile_visibility(sTags(buf), n, t, row_tag, row_ok, joint);  // [sass:visibility]
         // Skip: no valid row sees any valid key of the tile. Fast path: every valid row sees
         // every key and all 64 keys are valid (row 0 is valid and lanes 0..3 of warp 0 hold it
         // for all 64 keys, so the AND sees every key's validity); padding rows then score
         // 0·K = 0, finite, and are never written.
-        const bool any_visible = __syncthreads_or(bits != 0u) != 0;
-        const bool all_visible = __syncthreads_and(bits == valid_row_bits) != 0;
-        if (any_visible) {
+        const bool any_visible = __syncthreads_or(bits != 0u) != 0;  // [sass:visibility]
+        const bool all_visible = __syncthreads_and(bits == valid_row_bits) != 0;  // [sass:visibility]
+        if (any_visible) {  // [sass:control]
             float s[S_TILES][4];
-            qk_tile<D>(smem_addr(sQ), smem_addr(sK(buf)), warp, lane, s);
-            softmax_update<D>(s, bits, all_visible, p.scale_log2, m, l, o);
-            pv_tile<D>(smem_addr(sV(buf)), lane, s, o);
+            qk_tile<D>(smem_addr(sQ), smem_addr(sK(buf)), warp, lane, s);  // [sass:qk]
+            softmax_update<D>(s, bits, all_visible, p.scale_log2, m, l, o);  // [sass:softmax]
+            pv_tile<D>(smem_addr(sV(buf)), lane, s, o);  // [sass:pv]
         }
         __syncthreads();  // (B)
-    }
+    }  // [sass:loop-end]
     cp_async_wait<0>();  // no tile: the Q copies may still be in flight
 
     epilogue<D>(p, w, warp, lane, m, l, o);

@@ -1258,7 +1258,11 @@ fn attn_case_steps(
         is_fed.shuffle(&mut r);
         let mut fed_rows = Vec::new();
         for (i, (&slot, &f)) in response.iter().zip(&is_fed).enumerate() {
-            let block = if f { k } else { 1 + (i * (k as usize - 1) / (decoded + fed)) as u32 };
+            let block = if f {
+                k
+            } else {
+                1 + (i * (k as usize - 1) / (decoded + fed)) as u32
+            };
             keys.push((slot, tag(Branch::Image, block, false)));
             if f {
                 fed_rows.push(tag(Branch::Image, k, false));
@@ -1596,7 +1600,10 @@ fn gpu_resolve_plan_matches_patch_lists_and_apply() {
             }
             let got = cut(dev.download(&d_summary).unwrap(), n_ktiles * 8);
             if with_summary {
-                let tags: Vec<Tag> = want[Field::KvTag as usize].iter().map(|&t| Tag(t)).collect();
+                let tags: Vec<Tag> = want[Field::KvTag as usize]
+                    .iter()
+                    .map(|&t| Tag(t))
+                    .collect();
                 let (_, sums) = key_tile_summaries(&kv_indptr, &tags, 64);
                 let words: Vec<u32> = sums.iter().flat_map(|s| s.0).collect();
                 assert_eq!(got, words, "{what}: key-tile summaries over {kv_indptr:?}");

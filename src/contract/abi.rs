@@ -229,9 +229,7 @@ mod tests {
             c += &format!(
                 "printf(\"v1 smem {hd} %u\\n\", (unsigned)SL_ATTN_V1_SMEM_BYTES({hd}u));\n"
             );
-            c += &format!(
-                "printf(\"stages {hd} %u\\n\", (unsigned)SL_ATTN_KV_STAGES({hd}u));\n"
-            );
+            c += &format!("printf(\"stages {hd} %u\\n\", (unsigned)SL_ATTN_KV_STAGES({hd}u));\n");
         }
         for (n, s) in SPLIT_CASES {
             c += &format!(
@@ -355,8 +353,14 @@ mod tests {
         assert_eq!(attn_v1_smem_bytes(64), Some(41_472));
         assert_eq!(attn_v1_smem_bytes(128), Some(82_432));
         assert_eq!(attn_v1_smem_bytes(u32::MAX), None);
-        assert_eq!(SL_ATTN_SUMMARY_WORDS as usize, crate::contract::attn::SUMMARY_WORDS);
-        assert_eq!(SL_SUMMARY_EMPTY_MIN, crate::contract::attn::TileSummary::EMPTY.0[0]);
+        assert_eq!(
+            SL_ATTN_SUMMARY_WORDS as usize,
+            crate::contract::attn::SUMMARY_WORDS
+        );
+        assert_eq!(
+            SL_SUMMARY_EMPTY_MIN,
+            crate::contract::attn::TileSummary::EMPTY.0[0]
+        );
         assert_eq!(split_chunk(1000, 3), Some(384));
         assert_eq!(split_chunk(0, 4), Some(0));
         assert_eq!(split_chunk(10, 0), None);

@@ -371,7 +371,8 @@ pub struct TileSummary(pub [u32; SUMMARY_WORDS]);
 
 impl TileSummary {
     /// The summary of no tag.
-    pub const EMPTY: TileSummary = TileSummary([u32::MAX, 0, u32::MAX, 0, u32::MAX, 0, u32::MAX, 0]);
+    pub const EMPTY: TileSummary =
+        TileSummary([u32::MAX, 0, u32::MAX, 0, u32::MAX, 0, u32::MAX, 0]);
 
     /// The summary of `tags`.
     pub fn of(tags: &[Tag]) -> TileSummary {
@@ -672,10 +673,19 @@ mod tests {
         let masked_k = [t(image, 3, true), t(image, 3, true)];
         assert_eq!(class(&clean_q, &masked_k, true), TileClass::Hidden);
         // Clean queries vs later clean blocks.
-        assert_eq!(class(&clean_q, &[t(image, 3, false)], true), TileClass::Hidden);
+        assert_eq!(
+            class(&clean_q, &[t(image, 3, false)], true),
+            TileClass::Hidden
+        );
         // Non-joint layer, other branch (the prompt for image queries).
-        assert_eq!(class(&clean_q, &[t(text, 0, false)], false), TileClass::Hidden);
-        assert_eq!(class(&clean_q, &[t(text, 0, false)], true), TileClass::Visible);
+        assert_eq!(
+            class(&clean_q, &[t(text, 0, false)], false),
+            TileClass::Hidden
+        );
+        assert_eq!(
+            class(&clean_q, &[t(text, 0, false)], true),
+            TileClass::Visible
+        );
         // Masked queries vs another masked block; vs clean keys.
         let masked_q = [t(image, 4, true)];
         assert_eq!(class(&masked_q, &masked_k, true), TileClass::Hidden);
@@ -683,7 +693,10 @@ mod tests {
         // A query tile holding both branches in a non-joint layer: never all visible.
         let both = [t(image, 1, false), t(text, 1, false)];
         assert_eq!(class(&both, &[t(image, 0, false)], false), TileClass::Mixed);
-        assert_eq!(class(&both, &[t(image, 0, false)], true), TileClass::Visible);
+        assert_eq!(
+            class(&both, &[t(image, 0, false)], true),
+            TileClass::Visible
+        );
     }
 
     #[test]
@@ -695,7 +708,10 @@ mod tests {
         assert_eq!(indptr, vec![0, 3, 3, 6]);
         assert_eq!(sums[2], TileSummary::of(&tags[4..5]));
         assert_eq!(sums[3], TileSummary::of(&tags[5..7]));
-        assert_eq!(sums[3].range(Branch::Image, false), BlockRange { lo: 5, hi: 6 });
+        assert_eq!(
+            sums[3].range(Branch::Image, false),
+            BlockRange { lo: 5, hi: 6 }
+        );
         assert!(sums[3].range(Branch::Text, false).is_empty());
         assert_eq!(TileSummary::of(&[]), TileSummary::EMPTY);
     }

@@ -374,7 +374,9 @@ impl Kernels {
         kernels.set_attention_smem(ctx)?;
         for version in AttnVersion::ALL {
             for (i, head_dim) in [64u32, 128].into_iter().enumerate() {
-                let kernel = kernels.attention_of(version, head_dim).expect("64 and 128 exist");
+                let kernel = kernels
+                    .attention_of(version, head_dim)
+                    .expect("64 and 128 exist");
                 let smem = attn_smem(version, head_dim);
                 let mut n = 0i32;
                 // SAFETY: the function handle is live in this context (bound above) and the

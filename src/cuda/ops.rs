@@ -36,8 +36,8 @@ use crate::contract::abi::{
     SlGatherParams, SlInitParams, SlMaskedSoftmaxParams, SlPatch, SlResolveParams, SlRmsNormParams,
     SlRopeKvParams, SlSampleParams, SlSwigluParams,
 };
-use crate::contract::program::field_name;
 use crate::contract::attn::{AttnVersion, SUMMARY_WORDS, TileSummary, key_tile_summaries};
+use crate::contract::program::field_name;
 use crate::contract::{AttnShape, REGISTER, SampleParams, Sampled, Tag};
 use crate::cuda::device::CudaDevice;
 use crate::cuda::raw;
@@ -360,11 +360,8 @@ impl AttnPlan {
         let op = "attention plan";
         layout.validate()?;
         let (qtile_seq, qtile_row0) = query_tiles(layout.seq_indptr, version.block_m());
-        let (ktile_indptr, summaries) = key_tile_summaries(
-            layout.kv_indptr,
-            layout.kv_tags,
-            SL_ATTN_BLOCK_N as usize,
-        );
+        let (ktile_indptr, summaries) =
+            key_tile_summaries(layout.kv_indptr, layout.kv_tags, SL_ATTN_BLOCK_N as usize);
         to_u32(op, "key tiles", summaries.len())?;
         let max_keys = layout
             .kv_indptr
@@ -485,11 +482,7 @@ impl AttnPlan {
     /// the plan's pool rows (the attention kernel gathers through them unchecked).
     pub(crate) fn patch_targets(
         &mut self,
-    ) -> (
-        &mut CudaSlice<u32>,
-        &mut CudaSlice<u32>,
-        SummaryTarget<'_>,
-    ) {
+    ) -> (&mut CudaSlice<u32>, &mut CudaSlice<u32>, SummaryTarget<'_>) {
         let n_ktiles = *self.host_ktile_indptr.last().unwrap_or(&0) as usize;
         (
             &mut self.kv_indices,

@@ -28,15 +28,14 @@ use std::ffi::c_void;
 
 use cudarc::driver::{result, sys};
 
+use crate::contract::attn::AttnVersion;
 use crate::cuda::abi::{
     self, SL_AGG_THREADS, SL_ATTN_THREADS, SL_ELEM_THREADS, SL_GATHER_THREADS, SL_MERGE_HEADS,
-    SL_MERGE_THREADS,
-    SL_PROGRAM_THREADS, SL_ROW_THREADS, SL_SAMPLE_THREADS, SL_SOFTMAX_THREADS, SlAggregateParams,
-    SlAttnParams, SlCommitParams, SlEmbedParams, SlFillParams, SlGatherParams, SlInitParams,
-    SlMaskedSoftmaxParams, SlResolveParams, SlRmsNormParams, SlRopeKvParams, SlSampleParams,
-    SlSwigluParams,
+    SL_MERGE_THREADS, SL_PROGRAM_THREADS, SL_ROW_THREADS, SL_SAMPLE_THREADS, SL_SOFTMAX_THREADS,
+    SlAggregateParams, SlAttnParams, SlCommitParams, SlEmbedParams, SlFillParams, SlGatherParams,
+    SlInitParams, SlMaskedSoftmaxParams, SlResolveParams, SlRmsNormParams, SlRopeKvParams,
+    SlSampleParams, SlSwigluParams,
 };
-use crate::contract::attn::AttnVersion;
 use crate::cuda::device::{Kernel, Kernels, cuda_err};
 use crate::error::{Error, Result};
 
