@@ -487,9 +487,9 @@ __device__ __forceinline__ void gather_kv_tile(const SlAttnParams &p, const Work
 // swizzled address of (row, chunk) with row % 8 = lane % 8 (every row below is 8-aligned plus
 // lane % 8) and chunk = 2k + h (h = 0, 1 the lane's half) is row·RB + ((2k ^ h ^ row%8) << 4)
 // = (row·RB + ((h ^ lane%8) << 4)) ^ (k << 5) + (rows above the 8-aligned part)·RB: bits 4..7
-// of a row start are zero (RB, the region bases and the tile strides are multiples of 256, or
-// of 128 with k < 4 for D = 64), so each ldmatrix costs one XOR with an immediate (k << 5)
-// instead of a register per (k, row block).
+// of a row start are zero (RB, the region offsets and the tile strides are multiples of 256, or
+// of 128 with k < 4 for D = 64, and the dynamic shared memory is 1024-byte aligned), so each
+// ldmatrix costs one XOR with an immediate (k << 5) instead of a register per (k, row block).
 struct FragBases {
     uint32_t q;  // Q, A operand: row 16·MB·warp + (lane & 7) + 8·((lane >> 3) & 1), h = lane >> 4
     uint32_t k;  // K, B operand: row (lane & 7) + 8·(lane >> 4), h = (lane >> 3) & 1 (stage 0)
@@ -910,7 +910,8 @@ __device__ __forceinline__ void attention_cta(const SlAttnParams &p) {
     Work w;
     if (!plan_work(p, w)) return;  // CTA-uniform, before any barrier
 
-    SL_DYNAMIC_SHARED(unsigned char, smem);
+    // 1024-byte aligned: the ldmatrix addressing XORs bits 4..7 of shared addresses (FragBases).
+    SL_DYNAMIC_SHARED_ALIGNED(unsigned char, smem, 1024);
     using L = SmemLayout<D>;
     const int mb = w.n_valid > BLOCK_M / 2 ? 2 : 1;
     load_q_tile<D>(p, w, 16 * WARPS * mb, smem + L::Q);  // committed with the prologue's group

@@ -11,10 +11,14 @@
 // The block's dynamic shared memory as `type *name` (launch argument sharedMemBytes), 16-byte
 // aligned. On the emulated device (kernels/emu, SL_EMULATE) it is the block's buffer, which the
 // runtime hands out, since host C++ has no `extern __shared__`.
+// SL_DYNAMIC_SHARED_ALIGNED: the same, with its shared-window address a multiple of `align`
+// (the emulator's window starts at 0 for every block).
 #ifdef SL_EMULATE
 #define SL_DYNAMIC_SHARED(type, name) SL_EMU_DYNAMIC_SHARED(type, name)
+#define SL_DYNAMIC_SHARED_ALIGNED(type, name, align) SL_EMU_DYNAMIC_SHARED(type, name)
 #else
 #define SL_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#define SL_DYNAMIC_SHARED_ALIGNED(type, name, align) extern __shared__ __align__(align) type name[]
 #endif
 
 namespace sl {

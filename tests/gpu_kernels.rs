@@ -125,7 +125,7 @@ fn probe_fails_cleanly_without_a_gpu() {
         Ok(dev) => {
             // A GPU machine: the probe succeeded and found the kernels.
             assert!(dev.info().sm_count > 0);
-            assert_eq!(dev.kernels().images().len(), 6);
+            assert_eq!(dev.kernels().images().len(), 7);
         }
         Err(Error::Unavailable(msg)) => {
             assert!(!msg.is_empty());
@@ -281,7 +281,7 @@ fn gpu_device_opens_and_loads_every_kernel_file() {
     let info = dev.info();
     assert!(info.sm_count > 0 && info.cc.0 >= 8, "{info:?}");
     let files: Vec<&str> = dev.kernels().images().iter().map(|&(f, _)| f).collect();
-    assert_eq!(files.len(), 6, "{files:?}");
+    assert_eq!(files.len(), 7, "{files:?}");
     eprintln!("{info:?}: images {:?}", dev.kernels().images());
 }
 
