@@ -866,7 +866,7 @@ __device__ __forceinline__ void attention_tiles(const SlAttnParams &p, unsigned 
 #pragma unroll 1
             for (int h = 0; h < S_TILES / NT; ++h) {  // [sass:sub]
                 constexpr uint32_t SUB = 8 * NT * 2 * D;  // bytes of a sub-tile's K or V rows
-                uint32_t bits[MB];
+                uint32_t bits[MB] = {};
                 const bool masked = cls != sl::TILE_VISIBLE;  // [sass:sub]
                 if (masked) {  // [sass:sub]
                     const Work w = W();  // [sass:mask]

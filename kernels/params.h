@@ -179,7 +179,11 @@ typedef struct SlSampleParams {
  * sl_rope_kv: RoPE on q in place (n_heads heads) and on k (n_kv_heads), then stores the rotated
  *   k and v rows into k_pool / v_pool at slots[i]. theta_i = pos * rope_theta^(-2i/head_dim)
  *   computed in f64, sin/cos in f64, rotation in f32: (a, b) = (x_i, x_{i+hd/2}) ->
- *   (a cos - b sin, a sin + b cos). Grid: n_rows; block: SL_ROW_THREADS.
+ *   (a cos - b sin, a sin + b cos). With rope_table set, a position below table_positions reads
+ *   its (cos, sin) there instead: [table_positions][head_dim/2][2] f32, the same values
+ *   computed once per generation on the host (src/contract/rope.rs). q may be columns of the
+ *   same allocation as k and v (the fused q|k|v projection): the columns are disjoint.
+ *   Grid: n_rows; block: SL_ROW_THREADS.
  * sl_swiglu: out = bf16(silu(gate) * up), silu(g) = g / (1 + exp(-g)), f32 math. Grid-stride
  *   loop; block: SL_ELEM_THREADS.
  * ------------------------------------------------------------------------------------- */
@@ -227,8 +231,9 @@ typedef struct SlRopeKvParams {
     uint32_t q_stride;
     uint32_t kv_stride;
     uint32_t pool_stride;
-    uint32_t _pad;
+    uint32_t table_positions;  /* positions rope_table holds (0 without a table) */
     double rope_theta;
+    const float *rope_table;   /* nullable [table_positions, head_dim / 2, 2] cos, sin */
 } SlRopeKvParams;
 
 typedef struct SlSwigluParams {

@@ -32,7 +32,7 @@ use sparse_lavida::cuda::device::{CudaDevice, NO_DRIVER};
 use sparse_lavida::cuda::ops::{
     self, AggregateInputs, AttnArgs, AttnLayout, AttnOut, AttnPlan, BannedMask, DecodeArrays,
     DeviceMask, DeviceSampleArgs, DeviceStateBufs, EmbedNorm, IndexBuf, KvPool, PatchLens,
-    PatchTargets, RopeKv, SampleOut, ScoreShape, SummaryTarget, SwigluShape,
+    PatchTargets, RopeKv, RopeQkv, RopeTable, SampleOut, ScoreShape, SummaryTarget, SwigluShape,
 };
 use sparse_lavida::plan::{REGISTER, Tag};
 use sparse_lavida::sampler::patch::{
@@ -485,78 +485,116 @@ fn gpu_rope_kv_matches_cpu_rope_and_stores_at_slots() {
         let mut want_k = widen(&dense(&k, n_rows, kv_dim, kv_stride));
         cpu::rope(&mut want_k, n_kv_heads, head_dim, &positions, theta).unwrap();
 
-        let mut q_dev = dev.upload(&q).unwrap();
-        let k_dev = dev.upload(&k).unwrap();
-        let v_dev = dev.upload(&v).unwrap();
-        let pos_dev = dev.upload(&positions).unwrap();
-        let slots_dev = IndexBuf::upload(&dev, &slots).unwrap();
-        let poison = vec![bf16::NAN; n_slots * pool_stride];
-        let mut k_pool = dev.upload(&poison).unwrap();
-        let mut v_pool = dev.upload(&poison).unwrap();
-        ops::rope_kv(
-            &dev,
-            RopeKv {
+        // The same rows three ways: separate q, k, v with the angles computed per row; with the
+        // generation's table covering positions below 2500 (the rest computed); fused q|k|v in
+        // one buffer (padded rows) with the table.
+        let table = RopeTable::new(&dev, head_dim, theta, 2500).unwrap();
+        for mode in ["separate", "table", "fused"] {
+            let what = format!("rope_kv case {case} {mode}");
+            let pos_dev = dev.upload(&positions).unwrap();
+            let slots_dev = IndexBuf::upload(&dev, &slots).unwrap();
+            let poison = vec![bf16::NAN; n_slots * pool_stride];
+            let mut k_pool = dev.upload(&poison).unwrap();
+            let mut v_pool = dev.upload(&poison).unwrap();
+            let pool = KvPool {
+                k: &mut k_pool,
+                v: &mut v_pool,
+                stride: pool_stride,
+            };
+            let stride = q_dim + 2 * kv_dim + pad;
+            let fused: Vec<bf16> = (0..n_rows)
+                .flat_map(|row| {
+                    let mut r = q[row * q_stride..][..q_dim].to_vec();
+                    r.extend_from_slice(&k[row * kv_stride..][..kv_dim]);
+                    r.extend_from_slice(&v[row * kv_stride..][..kv_dim]);
+                    r.extend(std::iter::repeat_n(bf16::from_f32(7.0), pad));
+                    r
+                })
+                .collect();
+            let mut q_dev = dev.upload(&q).unwrap();
+            let mut qkv_dev = dev.upload(&fused).unwrap();
+            let k_dev = dev.upload(&k).unwrap();
+            let v_dev = dev.upload(&v).unwrap();
+            let qkv = if mode == "fused" {
+                RopeQkv::Fused {
+                    qkv: &mut qkv_dev,
+                    stride,
+                }
+            } else {
+                RopeQkv::Separate {
+                    q: &mut q_dev,
+                    q_stride,
+                    k: &k_dev,
+                    v: &v_dev,
+                    kv_stride,
+                }
+            };
+            let args = RopeKv {
                 shape,
                 n_rows,
                 positions: &pos_dev,
                 slots: &slots_dev,
                 rope_theta: theta,
-                q: &mut q_dev,
-                q_stride,
-                k: &k_dev,
-                v: &v_dev,
-                kv_stride,
-            },
-            KvPool {
-                k: &mut k_pool,
-                v: &mut v_pool,
-                stride: pool_stride,
-            },
-        )
-        .unwrap();
-        let what = format!("rope_kv case {case}");
-        let q_out = dev.download(&q_dev).unwrap();
-        assert_bf16_close(&what, &dense(&q_out, n_rows, q_dim, q_stride), &want_q);
-        // q's padding columns are untouched.
-        for row in 0..n_rows {
-            let tail = &q_out[row * q_stride + q_dim..][..pad];
-            assert_eq!(
-                bits(tail),
-                bits(&q[row * q_stride + q_dim..][..pad]),
-                "{what}"
-            );
-        }
-        let (kp, vp) = (
-            dev.download(&k_pool).unwrap(),
-            dev.download(&v_pool).unwrap(),
-        );
-        let got_k: Vec<bf16> = slots
-            .iter()
-            .flat_map(|&s| kp[s as usize * pool_stride..][..kv_dim].to_vec())
-            .collect();
-        assert_bf16_close(&format!("{what} k pool"), &got_k, &want_k);
-        let got_v: Vec<bf16> = slots
-            .iter()
-            .flat_map(|&s| vp[s as usize * pool_stride..][..kv_dim].to_vec())
-            .collect();
-        assert_eq!(
-            bits(&got_v),
-            bits(&dense(&v, n_rows, kv_dim, kv_stride)),
-            "{what} v pool"
-        );
-        // Every other pool element keeps its poison.
-        for slot in 0..n_slots {
-            let cols = if slots.contains(&(slot as u32)) {
-                kv_dim..pool_stride
-            } else {
-                0..pool_stride
+                qkv,
+                table: (mode != "separate").then_some(&table),
             };
-            for c in cols {
-                let at = slot * pool_stride + c;
-                assert!(
-                    kp[at].is_nan() && vp[at].is_nan(),
-                    "{what}: pool {slot},{c}"
-                );
+            ops::rope_kv(&dev, args, pool).unwrap();
+            if mode == "fused" {
+                let out = dev.download(&qkv_dev).unwrap();
+                assert_bf16_close(&what, &dense(&out, n_rows, q_dim, stride), &want_q);
+                // k, v and the padding columns of each row are read, never written.
+                for row in 0..n_rows {
+                    assert_eq!(
+                        bits(&out[row * stride + q_dim..][..2 * kv_dim + pad]),
+                        bits(&fused[row * stride + q_dim..][..2 * kv_dim + pad]),
+                        "{what}: row {row} past q"
+                    );
+                }
+            } else {
+                let q_out = dev.download(&q_dev).unwrap();
+                assert_bf16_close(&what, &dense(&q_out, n_rows, q_dim, q_stride), &want_q);
+                // q's padding columns are untouched.
+                for row in 0..n_rows {
+                    let tail = &q_out[row * q_stride + q_dim..][..pad];
+                    assert_eq!(
+                        bits(tail),
+                        bits(&q[row * q_stride + q_dim..][..pad]),
+                        "{what}"
+                    );
+                }
+            }
+            let (kp, vp) = (
+                dev.download(&k_pool).unwrap(),
+                dev.download(&v_pool).unwrap(),
+            );
+            let got_k: Vec<bf16> = slots
+                .iter()
+                .flat_map(|&s| kp[s as usize * pool_stride..][..kv_dim].to_vec())
+                .collect();
+            assert_bf16_close(&format!("{what} k pool"), &got_k, &want_k);
+            let got_v: Vec<bf16> = slots
+                .iter()
+                .flat_map(|&s| vp[s as usize * pool_stride..][..kv_dim].to_vec())
+                .collect();
+            assert_eq!(
+                bits(&got_v),
+                bits(&dense(&v, n_rows, kv_dim, kv_stride)),
+                "{what} v pool"
+            );
+            // Every other pool element keeps its poison.
+            for slot in 0..n_slots {
+                let cols = if slots.contains(&(slot as u32)) {
+                    kv_dim..pool_stride
+                } else {
+                    0..pool_stride
+                };
+                for c in cols {
+                    let at = slot * pool_stride + c;
+                    assert!(
+                        kp[at].is_nan() && vp[at].is_nan(),
+                        "{what}: pool {slot},{c}"
+                    );
+                }
             }
         }
     }

@@ -153,10 +153,10 @@ mod tests {
         SlRmsNormParams { size: 48, align: 8 } {
             x: 0, add: 8, w: 16, out: 24, n_rows: 32, d: 36, eps: 40, _pad: 44,
         }
-        SlRopeKvParams { size: 96, align: 8 } {
+        SlRopeKvParams { size: 104, align: 8 } {
             q: 0, k: 8, v: 16, k_pool: 24, v_pool: 32, positions: 40, slots: 48, n_rows: 56,
             n_heads: 60, n_kv_heads: 64, head_dim: 68, q_stride: 72, kv_stride: 76,
-            pool_stride: 80, _pad: 84, rope_theta: 88,
+            pool_stride: 80, table_positions: 84, rope_theta: 88, rope_table: 96,
         }
         SlSwigluParams { size: 40, align: 8 } {
             gate: 0, up: 8, out: 16, n_rows: 24, width: 28, gate_stride: 32, up_stride: 36,

@@ -246,8 +246,11 @@ pub struct SlRopeKvParams {
     pub q_stride: u32,
     pub kv_stride: u32,
     pub pool_stride: u32,
-    pub _pad: u32,
+    #[doc = " positions rope_table holds (0 without a table)"]
+    pub table_positions: u32,
     pub rope_theta: f64,
+    #[doc = " nullable [table_positions, head_dim / 2, 2] cos, sin"]
+    pub rope_table: *const f32,
 }
 impl Default for SlRopeKvParams {
     fn default() -> Self {

@@ -1257,6 +1257,77 @@ pub struct KvPool<'a> {
     pub stride: usize,
 }
 
+/// The generation's RoPE table on the device: `(cos, sin)` of every position below
+/// `positions` for every pair of a head ([`crate::contract::rope::table`], computed once on the
+/// host by the CPU's expression), read by [`rope_kv`] instead of two f64 transcendentals per
+/// pair and row.
+#[derive(Debug)]
+pub struct RopeTable {
+    buf: CudaSlice<f32>,
+    positions: usize,
+    head_dim: usize,
+    rope_theta: f64,
+}
+
+impl RopeTable {
+    /// The table of positions `0..positions` for `head_dim` (even) and `rope_theta`.
+    pub fn new(
+        dev: &CudaDevice,
+        head_dim: usize,
+        rope_theta: f64,
+        positions: usize,
+    ) -> Result<Self> {
+        let op = "rope table";
+        if head_dim == 0 || head_dim % 2 != 0 || !(rope_theta.is_finite() && rope_theta > 0.0) {
+            return bad(
+                op,
+                format_args!("head_dim {head_dim} (even, > 0), rope_theta {rope_theta} (> 0)"),
+            );
+        }
+        to_u32(op, "positions", positions)?;
+        let host = crate::contract::rope::table(head_dim, rope_theta, positions);
+        Ok(RopeTable {
+            buf: upload_padded(dev, &host)?,
+            positions,
+            head_dim,
+            rope_theta,
+        })
+    }
+
+    /// Positions held.
+    pub fn positions(&self) -> usize {
+        self.positions
+    }
+}
+
+/// The queries, keys and values [`rope_kv`] reads: three matrices, or one fused `[n_rows,
+/// q_dim + 2·kv_dim]` buffer whose row holds q, then k, then v (the output of one product by
+/// the concatenated q|k|v weights).
+#[derive(Debug)]
+pub enum RopeQkv<'a> {
+    /// Separate matrices.
+    Separate {
+        /// Queries `[n_rows, q_stride]`, rotated in place.
+        q: &'a mut CudaSlice<bf16>,
+        /// Row stride of `q`.
+        q_stride: usize,
+        /// Keys `[n_rows, kv_stride]` (rotated on the way to the pool).
+        k: &'a CudaSlice<bf16>,
+        /// Values `[n_rows, kv_stride]`.
+        v: &'a CudaSlice<bf16>,
+        /// Row stride of `k` and `v`.
+        kv_stride: usize,
+    },
+    /// One buffer: q at columns `0..q_dim` (rotated in place), k at `q_dim..q_dim + kv_dim`,
+    /// v after it.
+    Fused {
+        /// `[n_rows, stride]`.
+        qkv: &'a mut CudaSlice<bf16>,
+        /// Row stride (≥ q_dim + 2·kv_dim).
+        stride: usize,
+    },
+}
+
 /// Inputs of [`rope_kv`].
 #[derive(Debug)]
 pub struct RopeKv<'a> {
@@ -1270,20 +1341,15 @@ pub struct RopeKv<'a> {
     pub slots: &'a IndexBuf,
     /// RoPE base (finite, > 0).
     pub rope_theta: f64,
-    /// Queries `[n_rows, q_stride]`, rotated in place.
-    pub q: &'a mut CudaSlice<bf16>,
-    /// Row stride of `q`.
-    pub q_stride: usize,
-    /// Keys `[n_rows, kv_stride]` (rotated on the way to the pool).
-    pub k: &'a CudaSlice<bf16>,
-    /// Values `[n_rows, kv_stride]`.
-    pub v: &'a CudaSlice<bf16>,
-    /// Row stride of `k` and `v`.
-    pub kv_stride: usize,
+    /// The queries, keys and values.
+    pub qkv: RopeQkv<'a>,
+    /// The generation's table (same head_dim and rope_theta), or `None`: the kernel computes
+    /// every row's angles.
+    pub table: Option<&'a RopeTable>,
 }
 
-/// RoPE on `q` (in place) and `k`, then the rotated `k` and `v` rows stored into the pool at
-/// `slots` (SPEC §2.3; the CPU twin is `cpu::ops::rope` plus the store).
+/// RoPE on q (in place) and k at each row's position, then k and v stored into the pool at each
+/// row's slot (SPEC §2.3, §5). Angles from the table for positions it holds.
 pub fn rope_kv(dev: &CudaDevice, a: RopeKv, pool: KvPool) -> Result<()> {
     let op = "rope_kv";
     let AttnShape {
@@ -1306,10 +1372,34 @@ pub fn rope_kv(dev: &CudaDevice, a: RopeKv, pool: KvPool) -> Result<()> {
             format_args!("rope_theta ({}) must be finite and > 0", a.rope_theta),
         );
     }
+    if let Some(t) = a.table
+        && (t.head_dim != head_dim || t.rope_theta != a.rope_theta)
+    {
+        return bad(
+            op,
+            format_args!(
+                "the RoPE table is for head_dim {} and theta {}, not {head_dim} and {}",
+                t.head_dim, t.rope_theta, a.rope_theta
+            ),
+        );
+    }
     let (n, q_dim, kv_dim) = (a.n_rows, a.shape.q_dim(), a.shape.kv_dim());
-    check_matrix(op, "q", a.q.len(), (n, q_dim, a.q_stride), 1)?;
-    check_matrix(op, "k", a.k.len(), (n, kv_dim, a.kv_stride), 1)?;
-    check_matrix(op, "v", a.v.len(), (n, kv_dim, a.kv_stride), 1)?;
+    match &a.qkv {
+        RopeQkv::Separate {
+            q,
+            q_stride,
+            k,
+            v,
+            kv_stride,
+        } => {
+            check_matrix(op, "q", q.len(), (n, q_dim, *q_stride), 1)?;
+            check_matrix(op, "k", k.len(), (n, kv_dim, *kv_stride), 1)?;
+            check_matrix(op, "v", v.len(), (n, kv_dim, *kv_stride), 1)?;
+        }
+        RopeQkv::Fused { qkv, stride } => {
+            check_matrix(op, "qkv", qkv.len(), (n, q_dim + 2 * kv_dim, *stride), 1)?;
+        }
+    }
     if pool.k.len() != pool.v.len() {
         return bad(
             op,
@@ -1341,10 +1431,44 @@ pub fn rope_kv(dev: &CudaDevice, a: RopeKv, pool: KvPool) -> Result<()> {
         return bad(op, "two rows store to the same pool slot");
     }
     let mut b = Bufs::new(dev, op);
+    let (q, k, v, q_stride, kv_stride) = match a.qkv {
+        RopeQkv::Separate {
+            q,
+            q_stride,
+            k,
+            v,
+            kv_stride,
+        } => (
+            b.write("q", q)?,
+            b.read("k", k)?,
+            b.read("v", v)?,
+            q_stride,
+            kv_stride,
+        ),
+        RopeQkv::Fused { qkv, stride } => {
+            let q = b.write("qkv", qkv)?;
+            // k and v are columns q_dim.. and q_dim + kv_dim.. of the same rows (checked above
+            // to lie inside the buffer); the kernel reads them and writes only q's columns.
+            (
+                q,
+                q.wrapping_add(q_dim).cast_const(),
+                q.wrapping_add(q_dim + kv_dim).cast_const(),
+                stride,
+                stride,
+            )
+        }
+    };
+    let (rope_table, table_positions) = match a.table {
+        Some(t) => (
+            b.read("rope table", &t.buf)?,
+            to_u32(op, "table positions", t.positions)?,
+        ),
+        None => (null(), 0),
+    };
     let p = SlRopeKvParams {
-        q: b.write("q", a.q)?,
-        k: b.read("k", a.k)?,
-        v: b.read("v", a.v)?,
+        q,
+        k,
+        v,
         k_pool: b.write("k pool", pool.k)?,
         v_pool: b.write("v pool", pool.v)?,
         positions: b.read("positions", a.positions)?,
@@ -1353,15 +1477,18 @@ pub fn rope_kv(dev: &CudaDevice, a: RopeKv, pool: KvPool) -> Result<()> {
         n_heads: to_u32(op, "n_heads", n_heads)?,
         n_kv_heads: to_u32(op, "n_kv_heads", n_kv_heads)?,
         head_dim: to_u32(op, "head_dim", head_dim)?,
-        q_stride: to_u32(op, "q_stride", a.q_stride)?,
-        kv_stride: to_u32(op, "kv_stride", a.kv_stride)?,
+        q_stride: to_u32(op, "q_stride", q_stride)?,
+        kv_stride: to_u32(op, "kv_stride", kv_stride)?,
         pool_stride: to_u32(op, "pool stride", pool.stride)?,
-        _pad: 0,
+        table_positions,
         rope_theta: a.rope_theta,
+        rope_table,
     };
-    // SAFETY: q, k, v hold n_rows rows of strides covering their heads; every
-    // slot is a distinct row of both pools (recorded at upload, checked above); positions cover
-    // the rows; live buffers of this context borrowed for the launch, q and the pools mutably.
+    // SAFETY: q, k, v hold n_rows rows of strides covering their heads (fused: disjoint column
+    // ranges of one buffer's rows, q the only one written); every slot is a distinct row of both
+    // pools (recorded at upload, checked above); positions cover the rows; the table holds
+    // table_positions positions of head_dim / 2 pairs; live buffers of this context borrowed for
+    // the launch, q and the pools mutably.
     unsafe { raw::rope_kv(dev.kernels(), &p, dev.stream().cu_stream()) }
 }
 
