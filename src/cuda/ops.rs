@@ -13,8 +13,9 @@
 //! host when their plan is built ([`AttnPlan`], [`aggregate`]).
 //!
 //! Attention follows FlashInfer's plan/run split: [`AttnPlan::new`] (the *plan*, on the host,
-//! outside any capture) validates the ragged layout, cuts it into query tiles, picks the split
-//! count, uploads the index arrays and allocates the split workspace, once per step;
+//! outside any capture) validates the ragged layout, cuts it into query tiles, summarises its key
+//! tiles, picks the split count, uploads the index arrays and allocates the split workspace,
+//! once per step;
 //! [`attention`] (the *run*) then only checks the per-layer buffers and launches: it allocates
 //! nothing, never synchronizes, and can be captured into a CUDA graph and replayed. The sampler
 //! splits the same way: [`BannedMask::new`] is its plan, [`sample_to_device`] its run
@@ -325,7 +326,7 @@ pub struct AttnPlan {
 }
 
 /// Where [`resolve_plan`] rebuilds an attention plan's key-tile summaries after patching its key
-/// tags ([`AttnPlan::patch_targets`]).
+/// tags (the CUDA backend builds it from its attention plan).
 #[derive(Debug)]
 pub struct SummaryTarget<'a> {
     /// The plan's `n_seqs + 1` key offsets.
@@ -1278,7 +1279,10 @@ impl RopeTable {
         positions: usize,
     ) -> Result<Self> {
         let op = "rope table";
-        if head_dim == 0 || head_dim % 2 != 0 || !(rope_theta.is_finite() && rope_theta > 0.0) {
+        if head_dim == 0
+            || !head_dim.is_multiple_of(2)
+            || !(rope_theta.is_finite() && rope_theta > 0.0)
+        {
             return bad(
                 op,
                 format_args!("head_dim {head_dim} (even, > 0), rope_theta {rope_theta} (> 0)"),
