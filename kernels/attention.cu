@@ -818,7 +818,7 @@ __device__ __forceinline__ void attention_tiles(const SlAttnParams &p, unsigned 
     ring[S] = -1;
     cp_async_commit();  // Q and the indices of a_0 .. a_{S-1}
     cp_async_wait<0>();
-    __syncthreads();  // the indices are visible to every thread (and the QueryDesc scratch free)
+    __syncthreads();  // the indices are visible to every thread
 #pragma unroll
     for (int k = 0; k < S - 1; ++k) {
         if (ring[k] >= 0) gather_kv_tile<D>(p, W(), ring[k] >> 2, sIdx(k), sK(k), sV(k));

@@ -85,8 +85,8 @@ unsafe fn launch<P>(
 /// `sl_attention_merge` when `p.n_splits > 1`. Grid `(n_qtiles, n_heads, n_splits)`,
 /// `SL_ATTN_THREADS` threads, `SL_ATTN_SMEM_BYTES(head_dim)` dynamic shared memory.
 ///
-/// Errors: a head_dim other than 64 or 128, `n_splits == 0`, or `n_heads` / `n_splits` above
-/// the grid limit; a launch failure.
+/// Errors: a head_dim other than 64 or 128, `n_splits == 0`, `n_heads` / `n_splits` above the
+/// grid limit, a null `ktile_indptr` or `kv_summary`; a launch failure.
 ///
 /// # Safety
 /// The module's common contract, and:
@@ -150,6 +150,13 @@ pub unsafe fn attention_version(
             "attention: n_splits {} / n_heads {} outside 1..={MAX_GRID_YZ}",
             p.n_splits, p.n_heads
         )));
+    }
+    if version == AttnVersion::V2 && (p.ktile_indptr.is_null() || p.kv_summary.is_null()) {
+        return Err(Error::Input(
+            "attention: ktile_indptr and kv_summary are required (contract::attn::\
+             key_tile_summaries, sl_key_tiles)"
+                .into(),
+        ));
     }
     if p.n_qtiles == 0 || p.n_heads == 0 {
         return Ok(());
