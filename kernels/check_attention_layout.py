@@ -395,7 +395,7 @@ def next_active(p, w, smem, qd, n_tiles, cursor, stats):
         c = tile_class(p, w, smem, qd, tile, stats)
         if c != TILE_HIDDEN:
             return tile * 4 + c
-        stats["hidden_skipped"].add((id(w), tile))
+        stats["hidden_skipped"].add((w["cta"], tile))
     return -1
 
 
@@ -413,7 +413,7 @@ def load_q_tile_v2(p, w, rows, smem, sQ, D):
 
 
 def fetch_keys(p, w, tile, cls, smem, sIdx, sTags, stats):
-    assert (id(w), tile) not in stats["hidden_skipped"], "a hidden tile is fetched"
+    assert (w["cta"], tile) not in stats["hidden_skipped"], "a hidden tile is fetched"
     n = keys_in_tile(w, tile)
     first = w["key0"] + tile * BLOCK_N
     for tid in range(THREADS):
@@ -427,7 +427,7 @@ def fetch_keys(p, w, tile, cls, smem, sIdx, sTags, stats):
 
 
 def gather_kv_tile_v2(p, w, tile, smem, sIdx, sK, sV, D, stats):
-    assert (id(w), tile) not in stats["hidden_skipped"], "a hidden tile is gathered"
+    assert (w["cta"], tile) not in stats["hidden_skipped"], "a hidden tile is gathered"
     stats["gathered"] += 1
     n = keys_in_tile(w, tile)
     full = n == BLOCK_N
@@ -686,6 +686,7 @@ def attention_cta_v2(p, tile, head, split, out, stats):
     if w is None:
         return
     w["split"] = split
+    w["cta"] = stats["ctas"] = stats.get("ctas", 0) + 1  # a unique id (hidden-tile tracking)
     L = LayoutV2(D)
     S, R = L.STAGES, L.RING
     smem = Smem(L.BYTES)

@@ -575,7 +575,11 @@ fn model_tensors_follow_tensor_shapes() {
         }
     }
     let fused = groups.iter().filter(|g| g.0.contains('+')).count();
-    assert_eq!(fused, 2 * 2 * cfg.n_layers, "q|k|v and gate|up per layer and branch");
+    assert_eq!(
+        fused,
+        2 * 2 * cfg.n_layers,
+        "q|k|v and gate|up per layer and branch"
+    );
     assert_eq!(tensors.len(), groups.len());
     for (t, (name, shape, data)) in tensors.iter().zip(&groups) {
         assert_eq!(&t.shape, shape, "{name}");
