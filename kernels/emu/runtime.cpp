@@ -223,11 +223,13 @@ const char *barrier_name(Barrier b) {
     return "?";
 }
 
-// One pending cp.async: 16 bytes read at issue, written to `dst` when its group completes.
+// One pending cp.async: `size` (4 or 16) bytes read at issue, written to `dst` when its group
+// completes.
 struct AsyncCopy {
     unsigned char *dst;
     unsigned char data[16];
     uint32_t group;
+    uint32_t size;
 };
 
 struct Block;
@@ -664,11 +666,12 @@ void rendezvous(Lane &self, Coll coll, uint32_t mask) {
 Lane &lane_of(Lane &self, uint32_t l) { return self.block->lanes[self.warp * 32 + l]; }
 
 // Shared memory at window address `addr` (`bytes` of it), or an error naming `what`.
-unsigned char *shared_at(Lane &self, uint32_t addr, uint32_t bytes, const char *what) {
+unsigned char *shared_at(Lane &self, uint32_t addr, uint32_t bytes, const char *what,
+                         uint32_t align = 16) {
     Block &b = *self.block;
-    if (addr % 16 != 0) {
-        fail_block(self, std::string(what) + ": shared address " + hex(addr) +
-                             " is not 16-byte aligned");
+    if (addr % align != 0) {
+        fail_block(self, std::string(what) + ": shared address " + hex(addr) + " is not " +
+                             std::to_string(align) + "-byte aligned");
     }
     if (static_cast<uint64_t>(addr) + bytes > b.smem_bytes) {
         fail_block(self, std::string(what) + ": shared address " + hex(addr) + " + " +
@@ -843,7 +846,7 @@ void land_copies(Lane &l, uint32_t limit) {
     for (size_t i = 0; i < l.copies.size(); ++i) {
         AsyncCopy &c = l.copies[i];
         if (c.group < limit) {
-            memcpy(c.dst, c.data, 16);
+            memcpy(c.dst, c.data, c.size);
         } else {
             l.copies[kept++] = c;
         }
@@ -1250,8 +1253,24 @@ void cp_async_16(uint32_t shared_dst, const void *global_src) {
     c.dst = dst;
     memcpy(c.data, global_src, 16);  // the source is read now ...
     c.group = l.committed;
+    c.size = 16;
     l.copies.push_back(c);
     poison(dst, 16);  // ... and the destination holds garbage until the group completes
+}
+
+void cp_async_4(uint32_t shared_dst, const void *global_src) {
+    Lane &l = current_lane("cp.async");
+    unsigned char *dst = shared_at(l, shared_dst, 4, "cp.async.ca.shared.global", 4);
+    if (reinterpret_cast<uintptr_t>(global_src) % 4 != 0) {
+        fail_block(l, "cp.async.ca.shared.global: global source is not 4-byte aligned");
+    }
+    AsyncCopy c;
+    c.dst = dst;
+    memcpy(c.data, global_src, 4);  // as cp_async_16: read now, garbage until the group lands
+    c.group = l.committed;
+    c.size = 4;
+    l.copies.push_back(c);
+    poison(dst, 4);
 }
 
 void cp_async_commit() { ++current_lane("cp.async.commit_group").committed; }
