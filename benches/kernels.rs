@@ -7,7 +7,8 @@
 //!   copy, counted as read + write bytes) and the bf16 tensor-core rate (a cuBLASLt bf16 GEMM
 //!   8192³ with f32 accumulation; where cuBLASLt cannot be loaded, the attention kernel itself at
 //!   a large dense shape, 2 × 4096 rows, and the output says so).
-//! - **attention**, sparse steps of the t2i 1024-position schedule (K = 64 steps): per sequence
+//! - **attention** (the current kernel, then the previous one, `attention v1`, ids suffixed
+//!   `-v1`, on the same problems), sparse steps of the t2i 1024-position schedule (K = 64 steps): per sequence
 //!   `n = R + C_k + C_{k-1}` rows (R = 64 registers) for the steps where `C_k` first reaches 4,
 //!   16 and 64, two sequences (a CFG pair), against 128, 1024 and 5000 keys per sequence (the
 //!   fresh rows' own keys included; a combination with fewer keys than rows is skipped). Tags as
@@ -64,10 +65,11 @@ use rand_chacha::ChaCha8Rng;
 use sparse_lavida::backend::SampleParams;
 use sparse_lavida::backend::cpu::attention::AttnShape;
 use sparse_lavida::config::{Branch, Config};
+use sparse_lavida::contract::AttnVersion;
 use sparse_lavida::cuda::abi::SlSampleParams;
 use sparse_lavida::cuda::device::CudaDevice;
 use sparse_lavida::cuda::ops::{
-    self, AttnArgs, AttnLayout, AttnOut, AttnPlan, IndexBuf, KvPool, RopeKv,
+    self, AttnArgs, AttnLayout, AttnOut, AttnPlan, IndexBuf, KvPool, RopeKv, RopeQkv, RopeTable,
 };
 use sparse_lavida::cuda::raw;
 use sparse_lavida::plan::{Tag, visible};
@@ -449,8 +451,14 @@ struct AttnWork {
 }
 
 impl AttnWork {
-    fn new(dev: &CudaDevice, p: &AttnProblem, n_sets: usize, rng: &mut ChaCha8Rng) -> Result<Self> {
-        let plan = AttnPlan::new(dev, &p.layout(), None)?;
+    fn new(
+        dev: &CudaDevice,
+        p: &AttnProblem,
+        version: AttnVersion,
+        n_sets: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Self> {
+        let plan = AttnPlan::with_version(dev, &p.layout(), None, version)?;
         let (q_dim, kv_dim) = (p.shape.q_dim(), p.shape.kv_dim());
         let values = pattern(rng, 1 << 20, |r| bf16::from_f32(r.gen_range(-1.0..1.0)));
         let sets = (0..n_sets)
@@ -497,20 +505,27 @@ impl Workload for AttnWork {
     }
 }
 
-/// A benchmark case of attention over `p`.
+/// A benchmark case of attention over `p` with the kernel `version` (v1, the previous kernel:
+/// id suffixed `-v1`, so a GPU run compares the two on the same problems).
+#[allow(clippy::too_many_arguments)]
 fn attention_case(
     dev: &CudaDevice,
     l2: usize,
     id: String,
     shape: String,
     p: &AttnProblem,
+    version: AttnVersion,
     target_pct: Option<f64>,
     rng: &mut ChaCha8Rng,
 ) -> Result<(CaseInfo, Box<dyn Workload>)> {
     let bytes = p.bytes();
-    let work = AttnWork::new(dev, p, sets_for(bytes, l2), rng)?;
+    let work = AttnWork::new(dev, p, version, sets_for(bytes, l2), rng)?;
+    let (id, kernel) = match version {
+        AttnVersion::V2 => (id, "attention"),
+        AttnVersion::V1 => (format!("{id}-v1"), "attention v1"),
+    };
     let info = CaseInfo {
-        kernel: "attention",
+        kernel,
         id,
         shape,
         note: format!("{} split(s)", work.plan.n_splits()),
@@ -679,6 +694,9 @@ struct RopeWork {
     positions: CudaSlice<u32>,
     slots: IndexBuf,
     sets: Vec<RopeSet>,
+    /// The generation's (cos, sin) table, as the CUDA backend runs it; `None`: every row
+    /// computes its angles (two f64 transcendentals per pair).
+    table: Option<RopeTable>,
 }
 
 impl Workload for RopeWork {
@@ -695,11 +713,14 @@ impl Workload for RopeWork {
             positions: &self.positions,
             slots: &self.slots,
             rope_theta: self.theta,
-            q: &mut s.q,
-            q_stride: q_dim,
-            k: &s.k,
-            v: &s.v,
-            kv_stride: kv_dim,
+            qkv: RopeQkv::Separate {
+                q: &mut s.q,
+                q_stride: q_dim,
+                k: &s.k,
+                v: &s.v,
+                kv_stride: kv_dim,
+            },
+            table: self.table.as_ref(),
         };
         let pool = KvPool {
             k: &mut s.k_pool,
@@ -754,42 +775,48 @@ fn cases<'a>(dev: &'a CudaDevice, cfg: &'a Config, l2: usize) -> Result<Vec<Buil
     let shape = attn_shape(cfg);
     let regs = cfg.n_registers;
     let mut out: Vec<Build<'a>> = Vec::new();
-    for step in sparse_steps()? {
-        let rows = regs + step.ck + step.ck1;
-        for keys in SPARSE_KEYS {
-            if keys < rows {
-                continue;
+    // Each attention problem with the current kernel, then the previous one (kept for one
+    // release): "did v2 help, and by how much", on the same card and problem.
+    for version in [AttnVersion::V2, AttnVersion::V1] {
+        for step in sparse_steps()? {
+            let rows = regs + step.ck + step.ck1;
+            for keys in SPARSE_KEYS {
+                if keys < rows {
+                    continue;
+                }
+                let SparseStep { k, ck, ck1 } = step;
+                out.push(Box::new(move |rng| {
+                    let p = AttnProblem::new(shape, (ck1, ck + regs), k as u32, keys, rng);
+                    attention_case(
+                        dev,
+                        l2,
+                        format!("sparse-ck{ck}-k{keys}"),
+                        format!(
+                            "sparse step {k}: {N_SEQS}x{rows} rows (C_k {ck} + C_k-1 {ck1} + R \
+                             {regs}) x {keys} keys"
+                        ),
+                        &p,
+                        version,
+                        Some(SPARSE_TARGET_PCT),
+                        rng,
+                    )
+                }));
             }
-            let SparseStep { k, ck, ck1 } = step;
-            out.push(Box::new(move |rng| {
-                let p = AttnProblem::new(shape, (ck1, ck + regs), k as u32, keys, rng);
-                attention_case(
-                    dev,
-                    l2,
-                    format!("sparse-ck{ck}-k{keys}"),
-                    format!(
-                        "sparse step {k}: {N_SEQS}x{rows} rows (C_k {ck} + C_k-1 {ck1} + R {regs}) \
-                         x {keys} keys"
-                    ),
-                    &p,
-                    Some(SPARSE_TARGET_PCT),
-                    rng,
-                )
-            }));
         }
+        out.push(Box::new(move |rng| {
+            let p = AttnProblem::new(shape, (DENSE_ROWS, 0), 0, DENSE_ROWS, rng);
+            attention_case(
+                dev,
+                l2,
+                "dense".into(),
+                format!("dense: {N_SEQS}x{DENSE_ROWS} rows x {DENSE_ROWS} keys, all visible"),
+                &p,
+                version,
+                None,
+                rng,
+            )
+        }));
     }
-    out.push(Box::new(move |rng| {
-        let p = AttnProblem::new(shape, (DENSE_ROWS, 0), 0, DENSE_ROWS, rng);
-        attention_case(
-            dev,
-            l2,
-            "dense".into(),
-            format!("dense: {N_SEQS}x{DENSE_ROWS} rows x {DENSE_ROWS} keys, all visible"),
-            &p,
-            None,
-            rng,
-        )
-    }));
     for vocab in [cfg.image_vocab, cfg.text_vocab] {
         for n in SAMPLE_ROWS {
             out.push(Box::new(move |rng| {
@@ -841,47 +868,66 @@ fn cases<'a>(dev: &'a CudaDevice, cfg: &'a Config, l2: usize) -> Result<Vec<Buil
         Ok((info, Box::new(work) as Box<dyn Workload>))
     }));
     let theta = cfg.rope_theta;
-    out.push(Box::new(move |rng| {
-        let rows = ROWS_2048;
-        let (q_dim, kv_dim) = (shape.q_dim(), shape.kv_dim());
-        let bytes = ((2 * rows * q_dim + 4 * rows * kv_dim) * 2) as f64;
-        let values = pattern(rng, 1 << 20, |r| bf16::from_f32(r.gen_range(-2.0..2.0)));
-        let sets = (0..sets_for(bytes, l2))
-            .map(|_| {
-                Ok(RopeSet {
-                    q: filled(dev, rows * q_dim, &values)?,
-                    k: filled(dev, rows * kv_dim, &values)?,
-                    v: filled(dev, rows * kv_dim, &values)?,
-                    k_pool: dev.alloc_zeros(rows * kv_dim)?,
-                    v_pool: dev.alloc_zeros(rows * kv_dim)?,
+    for with_table in [true, false] {
+        out.push(Box::new(move |rng| {
+            let rows = ROWS_2048;
+            let (q_dim, kv_dim) = (shape.q_dim(), shape.kv_dim());
+            let bytes = ((2 * rows * q_dim + 4 * rows * kv_dim) * 2) as f64;
+            let values = pattern(rng, 1 << 20, |r| bf16::from_f32(r.gen_range(-2.0..2.0)));
+            let sets = (0..sets_for(bytes, l2))
+                .map(|_| {
+                    Ok(RopeSet {
+                        q: filled(dev, rows * q_dim, &values)?,
+                        k: filled(dev, rows * kv_dim, &values)?,
+                        v: filled(dev, rows * kv_dim, &values)?,
+                        k_pool: dev.alloc_zeros(rows * kv_dim)?,
+                        v_pool: dev.alloc_zeros(rows * kv_dim)?,
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let positions: Vec<u32> = (0..rows).map(|_| rng.gen_range(0..5000)).collect();
-        let mut slots: Vec<u32> = (0..rows as u32).collect();
-        slots.shuffle(rng);
-        let work = RopeWork {
-            shape,
-            rows,
-            theta,
-            positions: dev.upload(&positions)?,
-            slots: IndexBuf::upload(dev, &slots)?,
-            sets,
-        };
-        let info = CaseInfo {
-            kernel: "rope_kv",
-            id: format!("rope_kv-{rows}"),
-            shape: format!(
-                "{rows} rows, {} heads x {}, k/v stored at shuffled slots",
-                shape.n_heads, shape.head_dim
-            ),
-            note: String::new(),
-            flops: None,
-            bytes,
-            target_pct: None,
-        };
-        Ok((info, Box::new(work) as Box<dyn Workload>))
-    }));
+                .collect::<Result<Vec<_>>>()?;
+            let positions: Vec<u32> = (0..rows).map(|_| rng.gen_range(0..5000)).collect();
+            let mut slots: Vec<u32> = (0..rows as u32).collect();
+            slots.shuffle(rng);
+            let table = if with_table {
+                Some(RopeTable::new(dev, shape.head_dim, theta, 5000)?)
+            } else {
+                None
+            };
+            let work = RopeWork {
+                shape,
+                rows,
+                theta,
+                positions: dev.upload(&positions)?,
+                slots: IndexBuf::upload(dev, &slots)?,
+                sets,
+                table,
+            };
+            let (id, note) = if with_table {
+                (
+                    format!("rope_kv-{rows}"),
+                    "angles from the generation's table",
+                )
+            } else {
+                (
+                    format!("rope_kv-{rows}-angles"),
+                    "angles computed per row (f64)",
+                )
+            };
+            let info = CaseInfo {
+                kernel: "rope_kv",
+                id,
+                shape: format!(
+                    "{rows} rows, {} heads x {}, k/v stored at shuffled slots",
+                    shape.n_heads, shape.head_dim
+                ),
+                note: note.into(),
+                flops: None,
+                bytes,
+                target_pct: None,
+            };
+            Ok((info, Box::new(work) as Box<dyn Workload>))
+        }));
+    }
     Ok(out)
 }
 
@@ -1007,7 +1053,7 @@ fn ceilings(dev: &CudaDevice, clock: &Clock, cfg: &Config, use_graph: bool) -> R
             let mut rng = ChaCha8Rng::seed_from_u64(12);
             let shape = attn_shape(cfg);
             let p = AttnProblem::new(shape, (CEILING_ROWS, 0), 0, CEILING_ROWS, &mut rng);
-            let work = AttnWork::new(dev, &p, 1, &mut rng)?;
+            let work = AttnWork::new(dev, &p, AttnVersion::V2, 1, &mut rng)?;
             let mut note = None;
             let mut runner = Runner::new(dev, Box::new(work), use_graph, &mut note)?;
             let (t, _) = runner.measure(dev, clock)?;

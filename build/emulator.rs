@@ -92,6 +92,8 @@ pub fn build(manifest_dir: &Path, out_dir: &Path, kernel_sources: &[PathBuf], nv
     for source in kernel_sources {
         kernel_units.push(write_registration(source, &gen_dir));
     }
+    // The emulator's own test kernels (tests/emulator.rs), in the emulated device only.
+    kernel_units.push(write_registration(&emu_dir.join("selftest.cu"), &gen_dir));
     let stubs = gen_dir.join("stubs.cpp");
     write_file(&stubs, stub_source(&cuda_include).as_bytes());
 

@@ -19,7 +19,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sparse_lavida::backend::cpu::attention::{AttnInputs, attention_naive};
 use sparse_lavida::backend::cpu::ops::rmsnorm;
-use sparse_lavida::contract::abi::{SL_ATTN_BLOCK_M, SlAttnParams, SlRmsNormParams};
+use sparse_lavida::contract::abi::{
+    SL_ATTN_BLOCK_M, SL_ATTN_BLOCK_N, SlAttnParams, SlRmsNormParams,
+};
+use sparse_lavida::contract::attn::{AttnVersion, key_tile_summaries};
 use sparse_lavida::contract::{AttnShape, Branch, Tag, choose_splits, query_tiles};
 use sparse_lavida::cuda::device::{Kernels, device_count};
 use sparse_lavida::cuda::raw;
@@ -107,7 +110,7 @@ fn main() -> Result<()> {
     let kernels = Kernels::load(&ctx)?;
     let mut rng = ChaCha8Rng::seed_from_u64(5);
 
-    // --- Attention: one sequence of 90 rows (two query tiles) over 150 gathered keys ---
+    // --- Attention: one sequence of 90 rows (one 128-row query tile) over 150 gathered keys ---
     let (rows, q_dim, kv_dim) = (90usize, SHAPE.q_dim(), SHAPE.kv_dim());
     let (q, q_host) = bf(&mut rng, rows * q_dim);
     let (k, k_host) = bf(&mut rng, SLOTS * kv_dim);
@@ -122,8 +125,14 @@ fn main() -> Result<()> {
     let (seq_indptr, kv_indptr) = (vec![0u32, rows as u32], vec![0u32, 150]);
     // Host planning with the kernel contract.
     let (qtile_seq, qtile_row0) = query_tiles(&seq_indptr, SL_ATTN_BLOCK_M);
+    let (ktile_indptr, summaries) =
+        key_tile_summaries(&kv_indptr, &kv_tags, SL_ATTN_BLOCK_N as usize);
+    let summary_words: Vec<u32> = summaries.iter().flat_map(|s| s.0).collect();
     let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-    let n_splits = choose_splits(qtile_seq.len(), SHAPE.n_heads, 150, sms.max(1) as usize);
+    // The grid is sized to the CTAs that run at once: CTAs per SM (occupancy) times SMs.
+    let workers = kernels.attention_ctas_per_sm(AttnVersion::V2, SHAPE.head_dim as u32) as usize
+        * sms.max(1) as usize;
+    let n_splits = choose_splits(qtile_seq.len(), SHAPE.n_heads, 150, workers);
     let tags = |t: &[Tag]| t.iter().map(|t| t.0).collect::<Vec<u32>>();
     let d = (
         DevBuf::upload(&q_host)?,
@@ -141,6 +150,8 @@ fn main() -> Result<()> {
         DevBuf::upload(&kv_indptr)?,
         DevBuf::upload(&kv_indices)?,
         DevBuf::upload(&tags(&kv_tags))?,
+        DevBuf::upload(&ktile_indptr)?,
+        DevBuf::upload(&summary_words)?,
     ];
     let p = SlAttnParams {
         q: d.0.cptr(),
@@ -165,6 +176,8 @@ fn main() -> Result<()> {
         kv_indptr: idx[4].cptr(),
         kv_indices: idx[5].cptr(),
         kv_tags: idx[6].cptr(),
+        ktile_indptr: idx[7].cptr(),
+        kv_summary: idx[8].cptr(),
         n_rows: rows as u32,
         n_qtiles: qtile_seq.len() as u32,
         n_seqs: 1,
@@ -182,7 +195,8 @@ fn main() -> Result<()> {
     };
     // SAFETY: every pointer is a live allocation of this context sized for the struct's counts
     // (q/o: rows × q_dim bf16, pools: SLOTS × kv_dim, the workspaces for n_splits, the index
-    // arrays their lengths); the tiles come from `query_tiles`, the CSR offsets are valid and
+    // arrays their lengths); the tiles come from `query_tiles` and the key tiles and summaries
+    // from `key_tile_summaries` on the same keys, the CSR offsets are valid and
     // every kv_indices entry is below SLOTS; strides are multiples of 8 and cuMemAlloc's
     // pointers 256-byte aligned; o aliases no input; `stream` belongs to the kernels' context.
     unsafe { raw::attention(&kernels, &p, stream) }?;

@@ -28,10 +28,10 @@
  *      and no output overlaps another buffer of the launch (unless params.h says it is updated
  *      in place);
  *   4. the kernel's own conditions (params.h, and src/cuda/raw.rs for each function), e.g. for
- *      attention: query tiles from sl_query_tiles, valid CSR offsets, every kv_indices entry
- *      below n_slots, n_heads a multiple of n_kv_heads, q/kv strides multiples of 8 and
- *      q/k/v 16-byte aligned, split workspaces [n_splits, n_rows, n_heads, (head_dim)] f32
- *      when n_splits > 1.
+ *      attention: query tiles from sl_query_tiles, key tiles and summaries from sl_key_tiles
+ *      on the same kv_tags, valid CSR offsets, every kv_indices entry below n_slots, n_heads a
+ *      multiple of n_kv_heads, q/kv/o strides multiples of 8 and q/k/v/o 16-byte aligned,
+ *      split workspaces [n_splits, n_rows, n_heads, (head_dim)] f32 when n_splits > 1.
  */
 #ifndef SPARSE_LAVIDA_H
 #define SPARSE_LAVIDA_H
@@ -74,13 +74,24 @@ void sl_kernels_free(SlKernels *kernels);
 /* The device's streaming multiprocessors (the `workers` of sl_choose_splits). */
 int sl_kernels_sm_count(const SlKernels *kernels, uint32_t *out);
 
+/* The attention CTAs that run at once for head_dim (CTAs per SM from the driver's occupancy
+ * calculator, times the SMs): the `workers` of sl_choose_splits. */
+int sl_kernels_attention_workers(const SlKernels *kernels, uint32_t head_dim, uint32_t *out);
+
 /* Attention planning on the host (the values SlAttnParams needs besides the buffers).
  * sl_query_tiles: the query tiles of rows sorted by sequence (seq_indptr: n_seqs + 1 CSR
  * offsets), SL_ATTN_BLOCK_M rows of one sequence at most each; writes up to `capacity` tiles
  * to qtile_seq / qtile_row0 and their count to *n_qtiles (SL_ERR_INVALID, count written, when
- * they do not fit). sl_choose_splits: the split count of the crate's heuristic. */
+ * they do not fit). sl_key_tiles: the key tiles of each sequence (kv_indptr: n_seqs + 1 CSR
+ * offsets over kv_tags) and their summaries, SL_ATTN_SUMMARY_WORDS words per tile: writes
+ * n_seqs + 1 offsets to ktile_indptr, up to `capacity` summaries to `summaries` and their
+ * count to *n_ktiles (SL_ERR_INVALID, count written, when they do not fit); rebuild them
+ * whenever kv_tags change. sl_choose_splits: the split count of the crate's heuristic. */
 int sl_query_tiles(const uint32_t *seq_indptr, uint32_t n_seqs, uint32_t *qtile_seq,
                    uint32_t *qtile_row0, uint32_t capacity, uint32_t *n_qtiles);
+int sl_key_tiles(const uint32_t *kv_indptr, uint32_t n_seqs, const uint32_t *kv_tags,
+                 uint32_t *ktile_indptr, uint32_t *summaries, uint32_t capacity,
+                 uint32_t *n_ktiles);
 uint32_t sl_choose_splits(uint32_t n_qtiles, uint32_t n_heads, uint32_t max_keys,
                           uint32_t workers);
 

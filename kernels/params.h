@@ -30,27 +30,52 @@ extern "C" {
 #endif
 
 /* ---------------------------------------------------------------------------------------
- * Gathered-token attention (kernels/attention.cu)
+ * Gathered-token attention (kernels/attention.cu; the previous kernel in attention_v1.cu)
  *
- * Kernels: sl_attention_hd64, sl_attention_hd128 (one per head_dim), sl_attention_merge.
+ * Kernels: sl_attention_hd64, sl_attention_hd128 (one per head_dim), sl_attention_merge; the
+ * previous version, kept selectable for one release: sl_attention_v1_hd64 / _hd128.
  * Grid (attention): (n_qtiles, n_heads, n_splits); block: SL_ATTN_THREADS threads; dynamic
- * shared memory: SL_ATTN_SMEM_BYTES(head_dim) (needs the opt-in attribute above 48 KiB).
- * A query tile is up to SL_ATTN_BLOCK_M consecutive rows of ONE sequence; the host plan lists
- * the tiles (qtile_seq, qtile_row0). Keys of sequence s are kv_indices[kv_indptr[s] ..
- * kv_indptr[s+1]] (pool slots), with kv_tags in parallel; split `z` of n_splits covers the
- * keys [z*chunk, min((z+1)*chunk, n_keys)) of that list, chunk = SL_SPLIT_CHUNK (below).
+ * shared memory: SL_ATTN_SMEM_BYTES(head_dim) (v1: SL_ATTN_V1_SMEM_BYTES), which needs the
+ * opt-in attribute above 48 KiB.
+ * A query tile is up to SL_ATTN_BLOCK_M (v1: SL_ATTN_V1_BLOCK_M) consecutive rows of ONE
+ * sequence; the host plan lists the tiles (qtile_seq, qtile_row0), each sequence cut into tiles
+ * of exactly that many rows but its last. Keys of sequence s are kv_indices[kv_indptr[s] ..
+ * kv_indptr[s+1]] (pool slots), with kv_tags in parallel; split `z` of n_splits covers the keys
+ * [z*chunk, min((z+1)*chunk, n_keys)) of that list, chunk = SL_SPLIT_CHUNK (below).
+ * Key tiles (v2): the keys of sequence s are cut into tiles of SL_ATTN_BLOCK_N from its first
+ * key; tile t of sequence s is entry ktile_indptr[s] + t of kv_summary, whose
+ * SL_ATTN_SUMMARY_WORDS words are, for class c = 2*branch + masked (branch 1 = image), the
+ * smallest (word 2c) and largest (word 2c+1) block of the tile's keys of that class; a class
+ * with no key has 0xFFFFFFFF and 0 (min > max). The host plan builds them, and sl_resolve_plan
+ * rebuilds them on the device after patching kv_tags (src/contract/attn.rs `key_tile_summaries`).
+ * The kernel classifies each (query tile, key tile) pair from them: hidden tiles are neither
+ * gathered nor computed, fully visible ones are not masked, mixed ones evaluate SPEC §3 per pair.
  * With n_splits == 1 the kernel writes `o` (and `lse`) directly. With n_splits > 1 it writes
- * partial_o / partial_lse, and sl_attention_merge (grid: n_rows, block: SL_MERGE_THREADS)
- * combines them into `o` / `lse` by log-sum-exp weights.
+ * partial_o / partial_lse, and sl_attention_merge (grid: (n_rows, ceil(n_heads /
+ * SL_MERGE_HEADS)), block: SL_MERGE_THREADS, one warp per (row, head)) combines them into `o` /
+ * `lse` by log-sum-exp weights.
  * A row that sees no key gets o = 0 and lse = -inf.
  * ------------------------------------------------------------------------------------- */
-#define SL_ATTN_BLOCK_M 64
+#define SL_ATTN_BLOCK_M 128
 #define SL_ATTN_BLOCK_N 64
 #define SL_ATTN_THREADS 128
-/* Q tile + double-buffered K and V tiles, bf16. */
+/* K/V buffers of the cp.async pipeline: 3 for head_dim 64, 2 for 128 (a third would take
+ * head_dim 128 to 1 CTA per SM); the key indices and tags run one stage ahead of them. */
+#define SL_ATTN_KV_STAGES(head_dim) ((head_dim) <= 64 ? 3 : 2)
+/* Q tile + SL_ATTN_KV_STAGES K and V tiles (bf16) + (stages + 1) rows of key indices and of
+ * key tags (u32) + the CTA's row description (SL_ATTN_META_BYTES). */
+#define SL_ATTN_META_BYTES 256
 #define SL_ATTN_SMEM_BYTES(head_dim) \
-    ((SL_ATTN_BLOCK_M + 4 * SL_ATTN_BLOCK_N) * (head_dim) * 2 + 2 * SL_ATTN_BLOCK_N * 4)
+    ((SL_ATTN_BLOCK_M + 2 * SL_ATTN_KV_STAGES(head_dim) * SL_ATTN_BLOCK_N) * (head_dim) * 2 + \
+     2 * (SL_ATTN_KV_STAGES(head_dim) + 1) * SL_ATTN_BLOCK_N * 4 + SL_ATTN_META_BYTES)
+#define SL_ATTN_SUMMARY_WORDS 8
+#define SL_SUMMARY_EMPTY_MIN 0xFFFFFFFFu
+/* The previous kernel (attention_v1.cu): 64-row query tiles, double-buffered K/V. */
+#define SL_ATTN_V1_BLOCK_M 64
+#define SL_ATTN_V1_SMEM_BYTES(head_dim) \
+    ((SL_ATTN_V1_BLOCK_M + 4 * SL_ATTN_BLOCK_N) * (head_dim) * 2 + 2 * SL_ATTN_BLOCK_N * 4)
 #define SL_MERGE_THREADS 128
+#define SL_MERGE_HEADS (SL_MERGE_THREADS / 32)
 /* Keys per split: ceil(n_keys / n_splits) rounded up to a multiple of SL_ATTN_BLOCK_N. */
 #define SL_SPLIT_CHUNK(n_keys, n_splits) \
     (((((n_keys) + (n_splits) - 1) / (n_splits)) + SL_ATTN_BLOCK_N - 1) / SL_ATTN_BLOCK_N * SL_ATTN_BLOCK_N)
@@ -70,6 +95,8 @@ typedef struct SlAttnParams {
     const uint32_t *kv_indptr; /* [n_seqs + 1] */
     const uint32_t *kv_indices;/* [n_keys_total] pool slots */
     const uint32_t *kv_tags;   /* [n_keys_total] */
+    const uint32_t *ktile_indptr; /* [n_seqs + 1] key tiles of sequence s (v2; v1 ignores it) */
+    const uint32_t *kv_summary;   /* [n_ktiles, SL_ATTN_SUMMARY_WORDS] (v2; v1 ignores it) */
     uint32_t n_rows;
     uint32_t n_qtiles;
     uint32_t n_seqs;
@@ -152,7 +179,11 @@ typedef struct SlSampleParams {
  * sl_rope_kv: RoPE on q in place (n_heads heads) and on k (n_kv_heads), then stores the rotated
  *   k and v rows into k_pool / v_pool at slots[i]. theta_i = pos * rope_theta^(-2i/head_dim)
  *   computed in f64, sin/cos in f64, rotation in f32: (a, b) = (x_i, x_{i+hd/2}) ->
- *   (a cos - b sin, a sin + b cos). Grid: n_rows; block: SL_ROW_THREADS.
+ *   (a cos - b sin, a sin + b cos). With rope_table set, a position below table_positions reads
+ *   its (cos, sin) there instead: [table_positions][head_dim/2][2] f32, the same values
+ *   computed once per generation on the host (src/contract/rope.rs). q may be columns of the
+ *   same allocation as k and v (the fused q|k|v projection): the columns are disjoint.
+ *   Grid: n_rows; block: SL_ROW_THREADS.
  * sl_swiglu: out = bf16(silu(gate) * up), silu(g) = g / (1 + exp(-g)), f32 math. Grid-stride
  *   loop; block: SL_ELEM_THREADS.
  * ------------------------------------------------------------------------------------- */
@@ -200,8 +231,9 @@ typedef struct SlRopeKvParams {
     uint32_t q_stride;
     uint32_t kv_stride;
     uint32_t pool_stride;
-    uint32_t _pad;
+    uint32_t table_positions;  /* positions rope_table holds (0 without a table) */
     double rope_theta;
+    const float *rope_table;   /* nullable [table_positions, head_dim / 2, 2] cos, sin */
 } SlRopeKvParams;
 
 typedef struct SlSwigluParams {
@@ -314,7 +346,8 @@ typedef struct SlInitParams {
  *   nothing when its source reads outside the state or a list, when index is not below its
  *   field's length (n_rows for the row fields, n_keys for kv_*, n_logits for logits_rows and
  *   sample_pos), or when the field's pointer is null. No two patches may write the same entry
- *   (the host checks), so they run in parallel.
+ *   (the host checks), so they run in parallel. Then, when kv_summary is set, it rebuilds the
+ *   attention key-tile summaries of the patched kv_tags (one warp per key tile).
  * sl_commit (grid 1, block SL_PROGRAM_THREADS): patch::commit. A query entry j < n_query is a
  *   candidate when query[j] < n (others are skipped: they neither commit nor count). Rank of a
  *   candidate j = number of candidates before it: with by_confidence, those with a greater
@@ -376,6 +409,13 @@ typedef struct SlResolveParams {
     uint32_t n_keys;
     uint32_t n_logits;
     uint32_t n_samples;           /* sampled positions (logits rows / 2 under CFG) */
+    /* Attention key-tile summaries rebuilt after the patches (see "Gathered-token attention"):
+     * when kv_summary is set, the summaries of every key tile of the n_seqs sequences of
+     * kv_indptr over kv_tags (which must then be set and hold kv_indptr[n_seqs] entries). */
+    const uint32_t *kv_indptr;    /* nullable [n_seqs + 1] */
+    uint32_t *kv_summary;         /* nullable [n_ktiles, SL_ATTN_SUMMARY_WORDS] */
+    uint32_t n_seqs;
+    uint32_t _pad;
 } SlResolveParams;
 
 typedef struct SlCommitParams {

@@ -109,6 +109,8 @@ __device__ __forceinline__ void commit_pick(const SlCommitParams &p, uint32_t j,
 // the same (field, index), so no two threads write the same element. Patches read the state and
 // the lists below their lengths, which nothing writes in this phase; the plan arrays alias
 // neither (the host passes them as distinct buffers).
+// Phase 3 (when kv_summary is set): after a __syncthreads, the attention key-tile summaries of
+// the patched kv_tags (below).
 extern "C" __global__ void __launch_bounds__(SL_PROGRAM_THREADS)
     sl_resolve_plan(const SlResolveParams p) {
     __shared__ uint32_t list_len[3];
@@ -167,6 +169,38 @@ extern "C" __global__ void __launch_bounds__(SL_PROGRAM_THREADS)
         if (patch_value(p, lens, patch.kind & 0xffu, patch.arg, patch.add, v)) {
             dst[patch.index] = v;
         }
+    }
+
+    if (p.kv_summary == nullptr || p.kv_tags == nullptr) return;  // uniform
+    // Phase 3: the attention key-tile summaries of the patched tags. __syncthreads: every
+    // patch has been written and is visible to the block. Sequences are walked in order by the
+    // whole block (a uniform loop); warp w summarises tiles w, w + W, ... of each, lane l the
+    // keys l and l + 32 of its tile (a tile is SL_ATTN_BLOCK_N = 64 keys, the sequence's last
+    // one partial), then the warp merges the lanes' summaries and lanes 0..7 write one word
+    // each. Each tile has one writer.
+    static_assert(SL_ATTN_BLOCK_N == 64, "a warp summarises 64 keys, two per lane");
+    __syncthreads();
+    const uint32_t warp = tid / 32, lane = tid % 32, n_warps = nt / 32;
+    uint32_t tile_base = 0;  // key tiles of the sequences before s
+    for (uint32_t seq = 0; seq < p.n_seqs; ++seq) {
+        const uint32_t k0 = p.kv_indptr[seq], k1 = p.kv_indptr[seq + 1];
+        const uint32_t n_tiles = (k1 - k0 + SL_ATTN_BLOCK_N - 1) / SL_ATTN_BLOCK_N;
+        for (uint32_t t = warp; t < n_tiles; t += n_warps) {
+            uint32_t sum[sl::SUMMARY_WORDS];
+            sl::summary_clear(sum);
+            const uint32_t first = k0 + t * SL_ATTN_BLOCK_N;
+            for (uint32_t j = lane; j < SL_ATTN_BLOCK_N; j += 32) {
+                if (first + j < k1) sl::summary_insert(sum, p.kv_tags[first + j]);
+            }
+            sl::summary_warp_reduce(sum);
+            uint32_t mine = sum[0];
+#pragma unroll
+            for (int k = 1; k < sl::SUMMARY_WORDS; ++k) mine = lane == static_cast<uint32_t>(k) ? sum[k] : mine;
+            if (lane < sl::SUMMARY_WORDS) {
+                p.kv_summary[(tile_base + t) * sl::SUMMARY_WORDS + lane] = mine;
+            }
+        }
+        tile_base += n_tiles;
     }
 }
 

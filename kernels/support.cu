@@ -249,7 +249,10 @@ extern "C" __global__ void __launch_bounds__(SL_ROW_THREADS) sl_rmsnorm(SlRmsNor
 //
 // Angle, exactly as the CPU twin: inv_freq = pow(theta, (-2.0 * i) / head_dim) and
 // angle = pos * inv_freq in f64, sin/cos in f64 rounded to f32; rotation in f32 with two
-// roundings per product sum (no FMA): (a, b) -> (a·c − b·s, a·s + b·c).
+// roundings per product sum (no FMA): (a, b) -> (a·c − b·s, a·s + b·c). With the generation's
+// table (rope_table, positions below table_positions) the cos/sin come from there: the same
+// values, computed once on the host by the CPU twin's own expression, instead of two f64
+// transcendentals per pair and row.
 
 namespace {
 
@@ -285,11 +288,22 @@ __device__ void rope_kv_row(const SlRopeKvParams &p, uint32_t row, float *cos_t,
     const sl_bf16 *v = p.v + static_cast<size_t>(row) * p.kv_stride;
     sl_bf16 *k_dst = p.k_pool + slot * p.pool_stride;
     sl_bf16 *v_dst = p.v_pool + slot * p.pool_stride;
+    // This position's (cos, sin) pairs in the generation's table, when it has them.
+    const float2 *table = (p.rope_table != nullptr && p.positions[row] < p.table_positions)
+                              ? reinterpret_cast<const float2 *>(p.rope_table) +
+                                    static_cast<size_t>(p.positions[row]) * half
+                              : nullptr;
 
     for (uint32_t i0 = 0; i0 < half; i0 += kRopeChunk) {
         const uint32_t n_pairs = min(kRopeChunk, half - i0);  // a multiple of V
         for (uint32_t t = threadIdx.x; t < n_pairs; t += blockDim.x) {
             const uint32_t i = i0 + t;
+            if (table != nullptr) {  // computed once per generation (block-uniform)
+                const float2 cs = table[i];
+                cos_t[t] = cs.x;
+                sin_t[t] = cs.y;
+                continue;
+            }
             const double inv_freq =
                 pow(p.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(hd));
             double s, c;

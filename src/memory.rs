@@ -625,6 +625,8 @@ pub fn add_batch(
                 format!("K/V pool ({} slots)", human_count(slots)),
                 sum_of_products(&[&[2, layers, slots, kv, 2]])?,
             );
+            // The generation's RoPE (cos, sin) table: a pair of f32 per slot and head pair.
+            need.device("RoPE table", mul(slots, mul(cfg.head_dim as u64, 4)?)?);
             need.device("activations", add(activations, head)?);
             // A device-resident run uploads every step's plan up front, and keeps their host
             // copies (its program) while it runs; while the batch's program is built from the
@@ -673,6 +675,7 @@ pub fn add_forward(
         }
         Target::Cuda => {
             need.device(format!("K/V pool ({} slots)", human_count(all)), pool(2)?);
+            need.device("RoPE table", mul(all, mul(cfg.head_dim as u64, 4)?)?);
             need.device("activations", add(activations, head)?);
             need.device("device overhead", DEVICE_OVERHEAD);
         }

@@ -35,17 +35,15 @@ pub fn products(cfg: &Config, plan: &StepPlan) -> Vec<Product> {
             .filter(|&b| plan.computes(b, layer, cfg.n_joint_layers))
             .collect();
         let (a, kv) = (cfg.attn_dim(), cfg.kv_dim());
+        // Per branch: q|k|v in one product, the output projection, gate|up in one, down.
         for &b in &active {
             let (m, d) = (plan.rows(b).len(), cfg.d_model(b));
-            push(m, a, d, Activation, false);
-            push(m, kv, d, Activation, false);
-            push(m, kv, d, Activation, false);
+            push(m, a + 2 * kv, d, Activation, false);
         }
         for &b in &active {
             let (m, d, f) = (plan.rows(b).len(), cfg.d_model(b), cfg.d_mlp(b));
             push(m, d, a, Residual, true);
-            push(m, f, d, Activation, false);
-            push(m, f, d, Activation, false);
+            push(m, 2 * f, d, Activation, false);
             push(m, d, f, Residual, true);
         }
     }
@@ -73,24 +71,20 @@ pub struct BranchWeights<W> {
     pub head: W,
 }
 
-/// One branch's weights in one layer.
+/// One branch's weights in one layer. The projections that share an input are concatenated at
+/// load time ([`Backend::concat_weights`]; the weights file keeps them apart), so a layer runs
+/// two products where it would run five: q|k|v and gate|up.
 pub struct LayerWeights<W> {
     /// `[d_b]` pre-attention RMSNorm gain.
     pub attn_norm: W,
-    /// `[A, d_b]` query projection.
-    pub q: W,
-    /// `[kv_dim, d_b]` key projection.
-    pub k: W,
-    /// `[kv_dim, d_b]` value projection.
-    pub v: W,
+    /// `[A + 2·kv_dim, d_b]`: the query, key and value projections, rows in that order.
+    pub qkv: W,
     /// `[d_b, A]` output projection.
     pub o: W,
     /// `[d_b]` pre-MLP RMSNorm gain.
     pub ffn_norm: W,
-    /// `[F_b, d_b]` SwiGLU gate.
-    pub gate: W,
-    /// `[F_b, d_b]` SwiGLU up.
-    pub up: W,
+    /// `[2·F_b, d_b]`: the SwiGLU gate and up projections, rows in that order.
+    pub gate_up: W,
     /// `[d_b, F_b]` SwiGLU down.
     pub down: W,
 }
@@ -115,12 +109,11 @@ pub struct Model<B: Backend> {
 struct Scratch<M> {
     x: M,
     h: M,
-    q: M,
-    k: M,
-    v: M,
+    /// `[rows, A + 2·kv_dim]`: q | k | v.
+    qkv: M,
     att: M,
-    gate: M,
-    up: M,
+    /// `[rows, 2·F]`: gate | up.
+    gate_up: M,
     act: M,
 }
 
@@ -235,15 +228,26 @@ impl<B: Backend> Model<B> {
         for i in 0..cfg.n_layers {
             let mut layer = |b: Branch| -> Result<LayerWeights<B::Weight>> {
                 let p = format!("layers.{i}.{}", b.name());
+                // In Config::tensor_shapes order; q|k|v and gate|up concatenated as they come.
+                let attn_norm = take(format!("{p}.attn_norm"))?;
+                let qkv = ["q", "k", "v"]
+                    .iter()
+                    .map(|n| take(format!("{p}.{n}")))
+                    .collect::<Result<Vec<_>>>()?;
+                let qkv = backend.concat_weights(qkv)?;
+                let o = take(format!("{p}.o"))?;
+                let ffn_norm = take(format!("{p}.ffn_norm"))?;
+                let gate_up = ["gate", "up"]
+                    .iter()
+                    .map(|n| take(format!("{p}.{n}")))
+                    .collect::<Result<Vec<_>>>()?;
+                let gate_up = backend.concat_weights(gate_up)?;
                 Ok(LayerWeights {
-                    attn_norm: take(format!("{p}.attn_norm"))?,
-                    q: take(format!("{p}.q"))?,
-                    k: take(format!("{p}.k"))?,
-                    v: take(format!("{p}.v"))?,
-                    o: take(format!("{p}.o"))?,
-                    ffn_norm: take(format!("{p}.ffn_norm"))?,
-                    gate: take(format!("{p}.gate"))?,
-                    up: take(format!("{p}.up"))?,
+                    attn_norm,
+                    qkv,
+                    o,
+                    ffn_norm,
+                    gate_up,
                     down: take(format!("{p}.down"))?,
                 })
             };
@@ -277,8 +281,8 @@ impl<B: Backend> Model<B> {
         &self.layers
     }
 
-    /// Every weight, in [`Config::tensor_shapes`] order (the order [`Model::from_uploaded`]
-    /// makes them in).
+    /// Every weight as the backend holds it, in [`Config::tensor_shapes`] order with q|k|v and
+    /// gate|up concatenated ([`LayerWeights`]).
     pub fn tensors(&self) -> Vec<&B::Weight> {
         let mut out = Vec::new();
         for bw in &self.branches {
@@ -287,13 +291,10 @@ impl<B: Backend> Model<B> {
         for lw in self.layers.iter().flatten() {
             out.extend([
                 &lw.attn_norm,
-                &lw.q,
-                &lw.k,
-                &lw.v,
+                &lw.qkv,
                 &lw.o,
                 &lw.ffn_norm,
-                &lw.gate,
-                &lw.up,
+                &lw.gate_up,
                 &lw.down,
             ]);
         }
@@ -333,12 +334,9 @@ impl<B: Backend> Model<B> {
             ws.scratch[i] = Some(Scratch {
                 x: be.matrix(n, d, Residual)?,
                 h: be.matrix(n, d, Activation)?,
-                q: be.matrix(n, cfg.attn_dim(), Activation)?,
-                k: be.matrix(n, cfg.kv_dim(), Activation)?,
-                v: be.matrix(n, cfg.kv_dim(), Activation)?,
+                qkv: be.matrix(n, cfg.attn_dim() + 2 * cfg.kv_dim(), Activation)?,
                 att: be.matrix(n, cfg.attn_dim(), Activation)?,
-                gate: be.matrix(n, f, Activation)?,
-                up: be.matrix(n, f, Activation)?,
+                gate_up: be.matrix(n, 2 * f, Activation)?,
                 act: be.matrix(n, f, Activation)?,
             });
             ws.rows[i] = n;
@@ -347,12 +345,9 @@ impl<B: Backend> Model<B> {
             let (d, f, a, kv) = (cfg.d_model(b), cfg.d_mlp(b), cfg.attn_dim(), cfg.kv_dim());
             be.reshape(&mut s.x, n, d)?;
             be.reshape(&mut s.h, n, d)?;
-            be.reshape(&mut s.q, n, a)?;
-            be.reshape(&mut s.k, n, kv)?;
-            be.reshape(&mut s.v, n, kv)?;
+            be.reshape(&mut s.qkv, n, a + 2 * kv)?;
             be.reshape(&mut s.att, n, a)?;
-            be.reshape(&mut s.gate, n, f)?;
-            be.reshape(&mut s.up, n, f)?;
+            be.reshape(&mut s.gate_up, n, 2 * f)?;
             be.reshape(&mut s.act, n, f)?;
         }
         Ok(())
@@ -433,22 +428,19 @@ impl<B: Backend> Model<B> {
                     scratch[b as usize].as_mut().expect("rows"),
                 );
                 be.rmsnorm(&s.x, &w.attn_norm, eps, &mut s.h)?;
-                be.matmul(&s.h, &w.q, &mut s.q, false)?;
-                be.matmul(&s.h, &w.k, &mut s.k, false)?;
-                be.matmul(&s.h, &w.v, &mut s.v, false)?;
-                be.rope_store_kv(&p.dev, b, layer, &mut s.q, &s.k, &s.v, cache)?;
+                be.matmul(&s.h, &w.qkv, &mut s.qkv, false)?;
+                be.rope_store_kv(&p.dev, b, layer, &mut s.qkv, cache)?;
             }
             for &b in &active {
                 let (w, s) = (
                     &weights[b as usize],
                     scratch[b as usize].as_mut().expect("rows"),
                 );
-                be.attention(&p.dev, b, layer, joint, &s.q, cache, &mut s.att)?;
+                be.attention(&p.dev, b, layer, joint, &s.qkv, cache, &mut s.att)?;
                 be.matmul(&s.att, &w.o, &mut s.x, true)?;
                 be.rmsnorm(&s.x, &w.ffn_norm, eps, &mut s.h)?;
-                be.matmul(&s.h, &w.gate, &mut s.gate, false)?;
-                be.matmul(&s.h, &w.up, &mut s.up, false)?;
-                be.swiglu(&s.gate, &s.up, &mut s.act)?;
+                be.matmul(&s.h, &w.gate_up, &mut s.gate_up, false)?;
+                be.swiglu(&s.gate_up, &mut s.act)?;
                 be.matmul(&s.act, &w.down, &mut s.x, true)?;
             }
         }

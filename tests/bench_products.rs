@@ -34,6 +34,9 @@ impl Backend for Counting {
     fn upload_weight(&self, t: HostTensor) -> Result<HostTensor> {
         self.0.upload_weight(t)
     }
+    fn concat_weights(&self, parts: Vec<HostTensor>) -> Result<HostTensor> {
+        self.0.concat_weights(parts)
+    }
     fn upload_plan(&self, plan: &StepPlan) -> Result<StepPlan> {
         self.0.upload_plan(plan)
     }
@@ -71,12 +74,10 @@ impl Backend for Counting {
         plan: &StepPlan,
         b: Branch,
         layer: usize,
-        q: &mut CpuMatrix,
-        k: &CpuMatrix,
-        v: &CpuMatrix,
+        qkv: &mut CpuMatrix,
         cache: &mut CpuCache,
     ) -> Result<()> {
-        self.0.rope_store_kv(plan, b, layer, q, k, v, cache)
+        self.0.rope_store_kv(plan, b, layer, qkv, cache)
     }
     fn attention(
         &self,
@@ -90,8 +91,8 @@ impl Backend for Counting {
     ) -> Result<()> {
         self.0.attention(plan, b, layer, joint, q, cache, out)
     }
-    fn swiglu(&self, gate: &CpuMatrix, up: &CpuMatrix, out: &mut CpuMatrix) -> Result<()> {
-        self.0.swiglu(gate, up, out)
+    fn swiglu(&self, gate_up: &CpuMatrix, out: &mut CpuMatrix) -> Result<()> {
+        self.0.swiglu(gate_up, out)
     }
     fn gather_logit_rows(&self, plan: &StepPlan, x: &CpuMatrix, out: &mut CpuMatrix) -> Result<()> {
         self.0.gather_logit_rows(plan, x, out)

@@ -465,9 +465,10 @@ fn heuristic_splits_only_when_query_work_is_scarce() {
     // Few keys: no split shorter than MIN_KEYS_PER_SPLIT.
     let t = AttnTiling::heuristic(10, 600, 4, 132);
     assert_eq!(t.n_splits, 3);
-    // Sparse step at lavida-o size: 91 rows × 32 heads = 64 items of 64 rows on 132 SMs.
-    let t = AttnTiling::heuristic(91, 4096, 32, 132);
-    assert_eq!((t.tile_q, t.n_splits), (64, 3));
+    // Sparse step at lavida-o size: 91 rows × 32 heads = 32 items of 128 rows on 264
+    // concurrent CTAs (2 per SM × 132 SMs): ceil(264 / 32) = 9 splits.
+    let t = AttnTiling::heuristic(91, 4096, 32, 264);
+    assert_eq!((t.tile_q, t.n_splits), (128, 9));
     for (rows, keys) in [(0, 0), (1, 0), (0, 1000)] {
         let t = AttnTiling::heuristic(rows, keys, 1, 8);
         assert!(t.tile_q >= 1 && t.tile_k >= 1 && t.n_splits >= 1, "{t:?}");

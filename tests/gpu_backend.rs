@@ -314,6 +314,23 @@ fn gpu_gemm_matches_cpu_matmul() {
             .unwrap();
     }
     assert_eq!(gemm.plans(), planned, "a shape was planned twice");
+    // Every plan's algorithm choice is recorded once: among the heuristic's candidates, the
+    // fastest on a GPU (every candidate timed), the first on the emulated device.
+    let choices = gemm.choices();
+    assert_eq!(choices.len(), planned, "{choices:?}");
+    for c in &choices {
+        assert!(c.candidates >= 1 && c.chosen < c.candidates, "{c:?}");
+        if dev.info().emulated {
+            assert_eq!((c.chosen, &c.seconds), (0, &None), "{c:?}");
+        } else if c.candidates > 1 {
+            let t = c.seconds.as_ref().expect("timed on a GPU");
+            assert_eq!(t.len(), c.candidates, "{c:?}");
+            assert!(
+                t.iter().all(|&s| s >= t[c.chosen]),
+                "not the fastest: {c:?}"
+            );
+        }
+    }
 
     // Bad lengths are errors before anything is queued.
     let x = dev.alloc_zeros::<bf16>(10).unwrap();
@@ -429,7 +446,8 @@ fn gpu_same_seed_twice_gives_identical_tokens() {
 
 /// `Model::random_on_device` holds exactly `HostWeights::random_like_device` (its CPU twin, which
 /// `init-weights --like-device` writes and the PyTorch peer's `--weights-device-seed`
-/// reproduces): every tensor, downloaded in `Config::tensor_shapes` order, equal bit for bit.
+/// reproduces): every tensor, downloaded in `Config::tensor_shapes` order (q|k|v and gate|up
+/// concatenated, as the model holds them from load), equal bit for bit.
 #[test]
 #[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
 fn gpu_device_random_weights_equal_the_host_twin_bit_for_bit() {
@@ -441,12 +459,25 @@ fn gpu_device_random_weights_equal_the_host_twin_bit_for_bit() {
         let dev = model.backend().device();
         let bufs = model.tensors();
         let twin = HostWeights::random_like_device(&cfg, seed).unwrap();
-        let shapes = cfg.tensor_shapes();
-        assert_eq!(bufs.len(), shapes.len());
-        for (w, (name, shape)) in bufs.iter().zip(&shapes) {
+        // The model holds q|k|v and gate|up concatenated (rows in that order): group the
+        // file's tensors the same way.
+        let mut groups: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        for (name, shape) in cfg.tensor_shapes() {
+            let data = &twin.get(&name).unwrap().data;
+            let joins = [".k", ".v", ".up"].iter().any(|s| name.ends_with(s));
+            match groups.last_mut() {
+                Some((n, sh, d)) if joins => {
+                    *n = format!("{n}+{}", name.rsplit('.').next().unwrap());
+                    sh[0] += shape[0];
+                    d.extend_from_slice(data);
+                }
+                _ => groups.push((name, shape, data.clone())),
+            }
+        }
+        assert_eq!(bufs.len(), groups.len());
+        for (w, (name, shape, want)) in bufs.iter().zip(&groups) {
             assert_eq!(&w.shape, shape, "{name}");
             let got = dev.download(&w.buf).unwrap();
-            let want = &twin.get(name).unwrap().data;
             assert_eq!(got.len(), want.len(), "{name}");
             let bad = got
                 .iter()

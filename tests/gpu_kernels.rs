@@ -26,12 +26,13 @@ use sparse_lavida::backend::SampleParams;
 use sparse_lavida::backend::cpu::attention::{AttnInputs, AttnShape, attention_naive};
 use sparse_lavida::backend::cpu::ops::{self as cpu, SoftmaxMask};
 use sparse_lavida::config::Branch;
+use sparse_lavida::contract::attn::{AttnVersion, key_tile_summaries};
 use sparse_lavida::cuda::abi::SL_ATTN_BLOCK_M;
 use sparse_lavida::cuda::device::{CudaDevice, NO_DRIVER};
 use sparse_lavida::cuda::ops::{
     self, AggregateInputs, AttnArgs, AttnLayout, AttnOut, AttnPlan, BannedMask, DecodeArrays,
     DeviceMask, DeviceSampleArgs, DeviceStateBufs, EmbedNorm, IndexBuf, KvPool, PatchLens,
-    PatchTargets, RopeKv, SampleOut, ScoreShape, SwigluShape,
+    PatchTargets, RopeKv, RopeQkv, RopeTable, SampleOut, ScoreShape, SummaryTarget, SwigluShape,
 };
 use sparse_lavida::plan::{REGISTER, Tag};
 use sparse_lavida::sampler::patch::{
@@ -124,7 +125,7 @@ fn probe_fails_cleanly_without_a_gpu() {
         Ok(dev) => {
             // A GPU machine: the probe succeeded and found the kernels.
             assert!(dev.info().sm_count > 0);
-            assert_eq!(dev.kernels().images().len(), 6);
+            assert_eq!(dev.kernels().images().len(), 7);
         }
         Err(Error::Unavailable(msg)) => {
             assert!(!msg.is_empty());
@@ -280,7 +281,7 @@ fn gpu_device_opens_and_loads_every_kernel_file() {
     let info = dev.info();
     assert!(info.sm_count > 0 && info.cc.0 >= 8, "{info:?}");
     let files: Vec<&str> = dev.kernels().images().iter().map(|&(f, _)| f).collect();
-    assert_eq!(files.len(), 6, "{files:?}");
+    assert_eq!(files.len(), 7, "{files:?}");
     eprintln!("{info:?}: images {:?}", dev.kernels().images());
 }
 
@@ -484,78 +485,116 @@ fn gpu_rope_kv_matches_cpu_rope_and_stores_at_slots() {
         let mut want_k = widen(&dense(&k, n_rows, kv_dim, kv_stride));
         cpu::rope(&mut want_k, n_kv_heads, head_dim, &positions, theta).unwrap();
 
-        let mut q_dev = dev.upload(&q).unwrap();
-        let k_dev = dev.upload(&k).unwrap();
-        let v_dev = dev.upload(&v).unwrap();
-        let pos_dev = dev.upload(&positions).unwrap();
-        let slots_dev = IndexBuf::upload(&dev, &slots).unwrap();
-        let poison = vec![bf16::NAN; n_slots * pool_stride];
-        let mut k_pool = dev.upload(&poison).unwrap();
-        let mut v_pool = dev.upload(&poison).unwrap();
-        ops::rope_kv(
-            &dev,
-            RopeKv {
+        // The same rows three ways: separate q, k, v with the angles computed per row; with the
+        // generation's table covering positions below 2500 (the rest computed); fused q|k|v in
+        // one buffer (padded rows) with the table.
+        let table = RopeTable::new(&dev, head_dim, theta, 2500).unwrap();
+        for mode in ["separate", "table", "fused"] {
+            let what = format!("rope_kv case {case} {mode}");
+            let pos_dev = dev.upload(&positions).unwrap();
+            let slots_dev = IndexBuf::upload(&dev, &slots).unwrap();
+            let poison = vec![bf16::NAN; n_slots * pool_stride];
+            let mut k_pool = dev.upload(&poison).unwrap();
+            let mut v_pool = dev.upload(&poison).unwrap();
+            let pool = KvPool {
+                k: &mut k_pool,
+                v: &mut v_pool,
+                stride: pool_stride,
+            };
+            let stride = q_dim + 2 * kv_dim + pad;
+            let fused: Vec<bf16> = (0..n_rows)
+                .flat_map(|row| {
+                    let mut r = q[row * q_stride..][..q_dim].to_vec();
+                    r.extend_from_slice(&k[row * kv_stride..][..kv_dim]);
+                    r.extend_from_slice(&v[row * kv_stride..][..kv_dim]);
+                    r.extend(std::iter::repeat_n(bf16::from_f32(7.0), pad));
+                    r
+                })
+                .collect();
+            let mut q_dev = dev.upload(&q).unwrap();
+            let mut qkv_dev = dev.upload(&fused).unwrap();
+            let k_dev = dev.upload(&k).unwrap();
+            let v_dev = dev.upload(&v).unwrap();
+            let qkv = if mode == "fused" {
+                RopeQkv::Fused {
+                    qkv: &mut qkv_dev,
+                    stride,
+                }
+            } else {
+                RopeQkv::Separate {
+                    q: &mut q_dev,
+                    q_stride,
+                    k: &k_dev,
+                    v: &v_dev,
+                    kv_stride,
+                }
+            };
+            let args = RopeKv {
                 shape,
                 n_rows,
                 positions: &pos_dev,
                 slots: &slots_dev,
                 rope_theta: theta,
-                q: &mut q_dev,
-                q_stride,
-                k: &k_dev,
-                v: &v_dev,
-                kv_stride,
-            },
-            KvPool {
-                k: &mut k_pool,
-                v: &mut v_pool,
-                stride: pool_stride,
-            },
-        )
-        .unwrap();
-        let what = format!("rope_kv case {case}");
-        let q_out = dev.download(&q_dev).unwrap();
-        assert_bf16_close(&what, &dense(&q_out, n_rows, q_dim, q_stride), &want_q);
-        // q's padding columns are untouched.
-        for row in 0..n_rows {
-            let tail = &q_out[row * q_stride + q_dim..][..pad];
-            assert_eq!(
-                bits(tail),
-                bits(&q[row * q_stride + q_dim..][..pad]),
-                "{what}"
-            );
-        }
-        let (kp, vp) = (
-            dev.download(&k_pool).unwrap(),
-            dev.download(&v_pool).unwrap(),
-        );
-        let got_k: Vec<bf16> = slots
-            .iter()
-            .flat_map(|&s| kp[s as usize * pool_stride..][..kv_dim].to_vec())
-            .collect();
-        assert_bf16_close(&format!("{what} k pool"), &got_k, &want_k);
-        let got_v: Vec<bf16> = slots
-            .iter()
-            .flat_map(|&s| vp[s as usize * pool_stride..][..kv_dim].to_vec())
-            .collect();
-        assert_eq!(
-            bits(&got_v),
-            bits(&dense(&v, n_rows, kv_dim, kv_stride)),
-            "{what} v pool"
-        );
-        // Every other pool element keeps its poison.
-        for slot in 0..n_slots {
-            let cols = if slots.contains(&(slot as u32)) {
-                kv_dim..pool_stride
-            } else {
-                0..pool_stride
+                qkv,
+                table: (mode != "separate").then_some(&table),
             };
-            for c in cols {
-                let at = slot * pool_stride + c;
-                assert!(
-                    kp[at].is_nan() && vp[at].is_nan(),
-                    "{what}: pool {slot},{c}"
-                );
+            ops::rope_kv(&dev, args, pool).unwrap();
+            if mode == "fused" {
+                let out = dev.download(&qkv_dev).unwrap();
+                assert_bf16_close(&what, &dense(&out, n_rows, q_dim, stride), &want_q);
+                // k, v and the padding columns of each row are read, never written.
+                for row in 0..n_rows {
+                    assert_eq!(
+                        bits(&out[row * stride + q_dim..][..2 * kv_dim + pad]),
+                        bits(&fused[row * stride + q_dim..][..2 * kv_dim + pad]),
+                        "{what}: row {row} past q"
+                    );
+                }
+            } else {
+                let q_out = dev.download(&q_dev).unwrap();
+                assert_bf16_close(&what, &dense(&q_out, n_rows, q_dim, q_stride), &want_q);
+                // q's padding columns are untouched.
+                for row in 0..n_rows {
+                    let tail = &q_out[row * q_stride + q_dim..][..pad];
+                    assert_eq!(
+                        bits(tail),
+                        bits(&q[row * q_stride + q_dim..][..pad]),
+                        "{what}"
+                    );
+                }
+            }
+            let (kp, vp) = (
+                dev.download(&k_pool).unwrap(),
+                dev.download(&v_pool).unwrap(),
+            );
+            let got_k: Vec<bf16> = slots
+                .iter()
+                .flat_map(|&s| kp[s as usize * pool_stride..][..kv_dim].to_vec())
+                .collect();
+            assert_bf16_close(&format!("{what} k pool"), &got_k, &want_k);
+            let got_v: Vec<bf16> = slots
+                .iter()
+                .flat_map(|&s| vp[s as usize * pool_stride..][..kv_dim].to_vec())
+                .collect();
+            assert_eq!(
+                bits(&got_v),
+                bits(&dense(&v, n_rows, kv_dim, kv_stride)),
+                "{what} v pool"
+            );
+            // Every other pool element keeps its poison.
+            for slot in 0..n_slots {
+                let cols = if slots.contains(&(slot as u32)) {
+                    kv_dim..pool_stride
+                } else {
+                    0..pool_stride
+                };
+                for c in cols {
+                    let at = slot * pool_stride + c;
+                    assert!(
+                        kp[at].is_nan() && vp[at].is_nan(),
+                        "{what}: pool {slot},{c}"
+                    );
+                }
             }
         }
     }
@@ -1044,16 +1083,19 @@ impl AttnCase {
     }
 }
 
-/// Runs the GPU attention with `n_splits` (None: the heuristic); returns (o dense, lse, splits).
-fn run_attention(
+/// Runs the GPU attention (kernel `version`) with `n_splits` (None: the heuristic); returns
+/// (o dense, lse, splits).
+fn run_attention_version(
     dev: &CudaDevice,
     c: &AttnCase,
     n_splits: Option<usize>,
+    version: AttnVersion,
 ) -> (Vec<bf16>, Vec<f32>, usize) {
     let rows = c.row_tags.len();
     let q_dim = c.shape.q_dim();
     let o_stride = q_dim + 8; // padded: the padding must stay poisoned
-    let mut plan = AttnPlan::new(dev, &c.layout(), n_splits).unwrap();
+    let mut plan = AttnPlan::with_version(dev, &c.layout(), n_splits, version).unwrap();
+    assert_eq!(plan.version(), version);
     let q = dev.upload(&c.q).unwrap();
     let k = dev.upload(&c.k_pool).unwrap();
     let v = dev.upload(&c.v_pool).unwrap();
@@ -1086,6 +1128,15 @@ fn run_attention(
         dev.download(&lse).unwrap(),
         plan.n_splits(),
     )
+}
+
+/// The current kernel ([`run_attention_version`] with v2).
+fn run_attention(
+    dev: &CudaDevice,
+    c: &AttnCase,
+    n_splits: Option<usize>,
+) -> (Vec<bf16>, Vec<f32>, usize) {
+    run_attention_version(dev, c, n_splits, AttnVersion::V2)
 }
 
 /// o within 1e-2 relative L2 of the oracle, no NaN, hidden (row, head) exactly zero with lse
@@ -1165,6 +1216,12 @@ fn gpu_attention_matches_naive_and_splits_agree() {
                     }
                     let (o1, lse1, _) = run_attention(&dev, &c, Some(1));
                     check_attention(&format!("{what} 1 split"), &want, head_dim, &o1, &lse1);
+                    // The previous kernel, kept selectable: its heuristic and 3 splits.
+                    for n in [None, Some(3)] {
+                        let (ov, lsev, sv) = run_attention_version(&dev, &c, n, AttnVersion::V1);
+                        let w = format!("{what} v1 ({sv} splits)");
+                        check_attention(&w, &want, head_dim, &ov, &lsev);
+                    }
                     for n_splits in 2..=4 {
                         let (on, lsen, _) = run_attention(&dev, &c, Some(n_splits));
                         let w = format!("{what} {n_splits} splits");
@@ -1179,6 +1236,170 @@ fn gpu_attention_matches_naive_and_splits_agree() {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// A sparse step's attention layout, as the planner builds it (SPEC §3, keys sorted by slot):
+/// per sequence `prompt` text keys (clean, block 0), `decoded` image keys of clean blocks
+/// 1..=k in slot order (k = 6), the `fed` rows C_{k-1} (image, clean, block k; their keys among
+/// the decoded ones) and `masked` rows C_k + registers (image, masked, block k + 1; their keys
+/// last). Dense (`masked == 0`, `dense`): every row and key clean block 0, full attention.
+fn attn_case_steps(
+    seed: u64,
+    shape: AttnShape,
+    seqs: &[(usize, usize, usize, usize)],
+    joint: bool,
+    dense: bool,
+) -> AttnCase {
+    let mut r = rng(seed);
+    let kv_dim = shape.kv_dim();
+    let n_keys: usize = seqs.iter().map(|&(p, d, f, m)| p + d + f + m).sum();
+    let n_slots = n_keys + 7;
+    let mut free: Vec<u32> = (0..n_slots as u32).collect();
+    free.shuffle(&mut r);
+    let mut c = AttnCase {
+        shape,
+        joint,
+        q: Vec::new(),
+        row_tags: Vec::new(),
+        seq_indptr: vec![0],
+        k_pool: vec![bf16::NAN; n_slots * kv_dim],
+        v_pool: vec![bf16::NAN; n_slots * kv_dim],
+        kv_indptr: vec![0],
+        kv_indices: Vec::new(),
+        kv_tags: Vec::new(),
+        n_slots,
+    };
+    let k = 6u32;
+    let tag = |b: Branch, block: u32, masked: bool| {
+        if dense {
+            Tag::new(Branch::Image, 0, false)
+        } else {
+            Tag::new(b, block, masked)
+        }
+    };
+    for &(prompt, decoded, fed, masked) in seqs {
+        let mut slots: Vec<u32> = (0..prompt + decoded + fed + masked)
+            .map(|_| free.pop().unwrap())
+            .collect();
+        // Slot order = the key order: prompt, then response (decoded and fed interleaved by
+        // slot, blocks ascending with the slot), then the masked block.
+        slots.sort_unstable();
+        let mut keys: Vec<(u32, Tag)> = Vec::new();
+        for &slot in &slots[..prompt] {
+            keys.push((slot, tag(Branch::Text, 0, false)));
+        }
+        let response = &slots[prompt..prompt + decoded + fed];
+        let mut is_fed: Vec<bool> = (0..decoded + fed).map(|i| i < fed).collect();
+        is_fed.shuffle(&mut r);
+        let mut fed_rows = Vec::new();
+        for (i, (&slot, &f)) in response.iter().zip(&is_fed).enumerate() {
+            let block = if f {
+                k
+            } else {
+                1 + (i * (k as usize - 1) / (decoded + fed)) as u32
+            };
+            keys.push((slot, tag(Branch::Image, block, false)));
+            if f {
+                fed_rows.push(tag(Branch::Image, k, false));
+            }
+        }
+        for _ in &slots[prompt + decoded + fed..] {
+            c.row_tags.push(tag(Branch::Image, k + 1, true));
+        }
+        for &slot in &slots[prompt + decoded + fed..] {
+            keys.push((slot, tag(Branch::Image, k + 1, true)));
+        }
+        // Rows: C_{k-1} first, then the masked block (the planner's order).
+        let masked_rows = c.row_tags.split_off(c.row_tags.len() - masked);
+        c.row_tags.extend(fed_rows);
+        c.row_tags.extend(masked_rows);
+        for (slot, t) in keys {
+            c.kv_indices.push(slot);
+            c.kv_tags.push(t);
+            let at = slot as usize * kv_dim;
+            c.k_pool[at..at + kv_dim].copy_from_slice(&bf16s(&mut r, kv_dim, 1.0));
+            c.v_pool[at..at + kv_dim].copy_from_slice(&bf16s(&mut r, kv_dim, 1.0));
+        }
+        c.seq_indptr.push(c.row_tags.len() as u32);
+        c.kv_indptr.push(c.kv_indices.len() as u32);
+    }
+    c.q = bf16s(&mut r, c.row_tags.len() * shape.q_dim(), 3.0);
+    c
+}
+
+/// How the key tiles of a case classify against its v2 query tiles (host twin of the kernel's
+/// decisions): (hidden, mixed or partial, visible and full).
+fn tile_class_counts(c: &AttnCase) -> (usize, usize, usize) {
+    use sparse_lavida::contract::attn::{QueryDesc, TileClass, TileSummary};
+    let (qseq, qrow0) = ops::query_tiles(&c.seq_indptr, SL_ATTN_BLOCK_M);
+    let (kptr, sums) = key_tile_summaries(&c.kv_indptr, &c.kv_tags, 64);
+    let mut n = (0, 0, 0);
+    for (&s, &r0) in qseq.iter().zip(&qrow0) {
+        let end = (r0 + SL_ATTN_BLOCK_M).min(c.seq_indptr[s as usize + 1]);
+        let q = QueryDesc::new(
+            &TileSummary::of(&c.row_tags[r0 as usize..end as usize]),
+            c.joint,
+        );
+        let keys = (c.kv_indptr[s as usize + 1] - c.kv_indptr[s as usize]) as usize;
+        for t in kptr[s as usize]..kptr[s as usize + 1] {
+            let i = (t - kptr[s as usize]) as usize;
+            let full = keys - i * 64 >= 64;
+            match q.classify(&sums[t as usize]) {
+                TileClass::Hidden => n.0 += 1,
+                TileClass::Visible if full => n.2 += 1,
+                _ => n.1 += 1,
+            }
+        }
+    }
+    n
+}
+
+/// The tile classes on the layouts the samplers produce: sparse steps (hidden prompt tiles in
+/// non-joint layers, hidden masked tiles for clean rows, mixed boundary tiles, fully visible
+/// tiles for the masked block) and the dense baseline (all visible, a partial last tile), for
+/// both head dims, 64- and 128-row query tiles, splits, and both kernel versions.
+#[test]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
+fn gpu_attention_tile_classes_on_step_layouts() {
+    let dev = device();
+    let mut seed = 1700;
+    // (prompt keys, decoded, C_{k-1} rows, C_k + registers) per sequence.
+    let sparse = [(70usize, 200usize, 150usize, 100usize), (64, 130, 9, 40)];
+    let dense = [(64usize, 230usize, 0usize, 0usize)];
+    for head_dim in [64usize, 128] {
+        for (seqs, is_dense) in [(&sparse[..], false), (&dense[..], true)] {
+            for joint in [false, true] {
+                seed += 1;
+                let shape = AttnShape {
+                    n_heads: 2,
+                    n_kv_heads: 1,
+                    head_dim,
+                };
+                let mut c = attn_case_steps(seed, shape, seqs, joint, is_dense);
+                if is_dense {
+                    // Every key is a row of the dense pass.
+                    let rows = c.kv_tags.len();
+                    c.row_tags = c.kv_tags.clone();
+                    c.seq_indptr = vec![0, rows as u32];
+                    c.q = bf16s(&mut rng(seed), rows * shape.q_dim(), 3.0);
+                }
+                let (hidden, mixed, visible) = tile_class_counts(&c);
+                let what = format!("hd {head_dim} dense {is_dense} joint {joint}");
+                assert!(visible > 0, "{what}: no fully visible tile");
+                assert!(mixed > 0, "{what}: no mixed or partial tile");
+                if !is_dense {
+                    assert!(hidden > 0, "{what}: no hidden tile");
+                }
+                let want = c.naive();
+                for n in [None, Some(1), Some(3)] {
+                    let (o, lse, z) = run_attention(&dev, &c, n);
+                    check_attention(&format!("{what} ({z} splits)"), &want, head_dim, &o, &lse);
+                }
+                let (o, lse, _) = run_attention_version(&dev, &c, None, AttnVersion::V1);
+                check_attention(&format!("{what} v1"), &want, head_dim, &o, &lse);
             }
         }
     }
@@ -1369,6 +1590,23 @@ fn gpu_resolve_plan_matches_patch_lists_and_apply() {
             let l = patch::lists(&st, (b0, b1));
             patch::apply(&patches, &st, &l, &mut PlanArrays::by_field(&mut want));
 
+            // Every case but a third also rebuilds attention key-tile summaries over the
+            // patched tags, for random sequences of the keys (poisoned buffer).
+            let with_summary = !case.is_multiple_of(3);
+            let mut cuts: Vec<u32> = (0..r.gen_range(0..5))
+                .map(|_| r.gen_range(0..=lens.keys as u32))
+                .collect();
+            cuts.sort_unstable();
+            let kv_indptr: Vec<u32> = std::iter::once(0)
+                .chain(cuts)
+                .chain(std::iter::once(lens.keys as u32))
+                .collect();
+            let n_seqs = kv_indptr.len() - 1;
+            let (_, zero_tiles) = key_tile_summaries(&kv_indptr, &vec![Tag(0); lens.keys], 64);
+            let n_ktiles = zero_tiles.len();
+            let d_kv_indptr = dev.upload(&kv_indptr).unwrap();
+            let mut d_summary = upload_u32(&dev, &vec![0xAAAA_AAAA; n_ktiles * 8], 0);
+
             let mut state = upload_state(&dev, &st);
             let pbuf = ops::upload_patches(&dev, &patches, lens).unwrap();
             {
@@ -1383,6 +1621,13 @@ fn gpu_resolve_plan_matches_patch_lists_and_apply() {
                     kv_tags: Some(tags),
                     logits_rows: Some(lr),
                     sample_pos: if skip.is_empty() { Some(sp) } else { None },
+                    kv_summary: with_summary.then_some(SummaryTarget {
+                        kv_indptr: &d_kv_indptr,
+                        n_seqs,
+                        n_keys: lens.keys,
+                        n_ktiles,
+                        summary: &mut d_summary,
+                    }),
                 };
                 ops::resolve_plan(&dev, &pbuf, &mut state, (b0, b1), targets).unwrap();
             }
@@ -1390,6 +1635,21 @@ fn gpu_resolve_plan_matches_patch_lists_and_apply() {
             for (k, f) in Field::ALL.iter().enumerate() {
                 let got = cut(dev.download(&dev_targets[k]).unwrap(), lens.of(*f));
                 assert_eq!(got, want[k], "{what}: {f:?}");
+            }
+            let got = cut(dev.download(&d_summary).unwrap(), n_ktiles * 8);
+            if with_summary {
+                let tags: Vec<Tag> = want[Field::KvTag as usize]
+                    .iter()
+                    .map(|&t| Tag(t))
+                    .collect();
+                let (_, sums) = key_tile_summaries(&kv_indptr, &tags, 64);
+                let words: Vec<u32> = sums.iter().flat_map(|s| s.0).collect();
+                assert_eq!(got, words, "{what}: key-tile summaries over {kv_indptr:?}");
+            } else {
+                assert!(
+                    got.iter().all(|&w| w == 0xAAAA_AAAA),
+                    "{what}: summaries written without a target"
+                );
             }
             assert_eq!(state.download(&dev).unwrap(), st, "{what}: state changed");
             assert_eq!(state.download_lists(&dev).unwrap(), l, "{what}: lists");

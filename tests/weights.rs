@@ -547,8 +547,10 @@ proptest! {
     }
 }
 
-/// `Model::tensors` lists every weight once, in `Config::tensor_shapes` order: on the CPU
-/// backend each is the uploaded tensor of that name.
+/// `Model::tensors` lists every weight once, in `Config::tensor_shapes` order, with each
+/// layer's q|k|v and gate|up concatenated along their rows as the model holds them from load
+/// (the file keeps them apart): on the CPU backend each is the uploaded tensor of that name, or
+/// the concatenation of those names.
 #[test]
 fn model_tensors_follow_tensor_shapes() {
     let cfg = Config::preset("tiny").unwrap();
@@ -560,10 +562,27 @@ fn model_tensors_follow_tensor_shapes() {
     )
     .unwrap();
     let tensors = model.tensors();
-    let shapes = cfg.tensor_shapes();
-    assert_eq!(tensors.len(), shapes.len());
-    for (t, (name, shape)) in tensors.iter().zip(&shapes) {
+    let mut groups: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for (name, shape) in cfg.tensor_shapes() {
+        let data = &w.get(&name).unwrap().data;
+        match groups.last_mut() {
+            Some((n, sh, d)) if [".k", ".v", ".up"].iter().any(|s| name.ends_with(s)) => {
+                *n = format!("{n}+{name}");
+                sh[0] += shape[0];
+                d.extend_from_slice(data);
+            }
+            _ => groups.push((name, shape, data.clone())),
+        }
+    }
+    let fused = groups.iter().filter(|g| g.0.contains('+')).count();
+    assert_eq!(
+        fused,
+        2 * 2 * cfg.n_layers,
+        "q|k|v and gate|up per layer and branch"
+    );
+    assert_eq!(tensors.len(), groups.len());
+    for (t, (name, shape, data)) in tensors.iter().zip(&groups) {
         assert_eq!(&t.shape, shape, "{name}");
-        assert_eq!(t.data, w.get(name).unwrap().data, "{name}");
+        assert_eq!(&t.data, data, "{name}");
     }
 }

@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, sys};
 use sparse_lavida::Error;
+use sparse_lavida::contract::Tag;
 use sparse_lavida::contract::abi::{
     SlAggregateParams, SlAttnParams, SlCommitParams, SlEmbedParams, SlFillParams, SlGatherParams,
     SlInitParams, SlMaskedSoftmaxParams, SlResolveParams, SlRmsNormParams, SlRopeKvParams,
@@ -218,8 +219,109 @@ pub unsafe extern "C" fn sl_query_tiles(
     })
 }
 
+/// The key tiles of each sequence and their summaries (`SlAttnParams::ktile_indptr` /
+/// `kv_summary`): the keys `kv_indptr[s]..kv_indptr[s+1]` of sequence `s` cut into tiles of
+/// `SL_ATTN_BLOCK_N`, `SL_ATTN_SUMMARY_WORDS` words per tile (`contract::attn::
+/// key_tile_summaries`). Writes `n_seqs + 1` offsets to `ktile_indptr`, at most `capacity`
+/// summaries to `summaries` and their count to `*n_ktiles` (a count above `capacity` is an
+/// error, with the count written).
+///
+/// # Safety
+/// `kv_indptr` holds `n_seqs + 1` valid CSR offsets and `kv_tags` `kv_indptr[n_seqs]` tags;
+/// `ktile_indptr` holds `n_seqs + 1` entries and `summaries` `capacity ·
+/// SL_ATTN_SUMMARY_WORDS`; `n_ktiles` is writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sl_key_tiles(
+    kv_indptr: *const u32,
+    n_seqs: u32,
+    kv_tags: *const u32,
+    ktile_indptr: *mut u32,
+    summaries: *mut u32,
+    capacity: u32,
+    n_ktiles: *mut u32,
+) -> c_int {
+    guard(|| {
+        if kv_indptr.is_null() || ktile_indptr.is_null() || summaries.is_null() {
+            return Err(null("an array"));
+        }
+        if n_ktiles.is_null() {
+            return Err(null("n_ktiles"));
+        }
+        // SAFETY: the caller guarantees n_seqs + 1 readable entries.
+        let indptr = unsafe { std::slice::from_raw_parts(kv_indptr, n_seqs as usize + 1) };
+        let keys = indptr[indptr.len() - 1] as usize;
+        sparse_lavida::contract::attn::check_indptr("key tiles", "kv_indptr", indptr, keys)?;
+        if keys > 0 && kv_tags.is_null() {
+            return Err(null("kv_tags"));
+        }
+        let tags: Vec<Tag> = if keys == 0 {
+            Vec::new()
+        } else {
+            // SAFETY: the caller guarantees kv_indptr[n_seqs] readable tags (non-null).
+            unsafe { std::slice::from_raw_parts(kv_tags, keys) }
+                .iter()
+                .map(|&t| Tag(t))
+                .collect()
+        };
+        let (tile_indptr, sums) = sparse_lavida::contract::attn::key_tile_summaries(
+            indptr,
+            &tags,
+            sparse_lavida::contract::abi::SL_ATTN_BLOCK_N as usize,
+        );
+        let count = u32::try_from(sums.len())
+            .map_err(|_| Error::Input(format!("{} key tiles", sums.len())))?;
+        // SAFETY: checked non-null; writable per the contract.
+        unsafe { *n_ktiles = count };
+        if count > capacity {
+            return Err(Error::Input(format!(
+                "{count} key tiles for a capacity of {capacity}"
+            )));
+        }
+        let words: Vec<u32> = sums.iter().flat_map(|s| s.0).collect();
+        // SAFETY: the caller guarantees n_seqs + 1 writable offsets and capacity summaries
+        // (count <= capacity); the lengths match what was computed.
+        unsafe {
+            std::ptr::copy_nonoverlapping(tile_indptr.as_ptr(), ktile_indptr, tile_indptr.len());
+            std::ptr::copy_nonoverlapping(words.as_ptr(), summaries, words.len());
+        }
+        Ok(())
+    })
+}
+
+/// The attention CTAs that run at once for `head_dim` (the kernel's CTAs per SM, from the
+/// driver's occupancy calculator at load, times the SMs): the `workers` of [`sl_choose_splits`].
+///
+/// # Safety
+/// `kernels` is null or a live handle; `out` is null or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sl_kernels_attention_workers(
+    kernels: *const SlKernels,
+    head_dim: u32,
+    out: *mut u32,
+) -> c_int {
+    guard(|| {
+        // SAFETY: null checked; the caller guarantees a live handle.
+        let k = unsafe { kernels.as_ref() }.ok_or_else(|| null("kernels"))?;
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        if k.kernels.attention(head_dim).is_none() {
+            return Err(Error::Input(format!(
+                "no attention kernel for head_dim {head_dim} (64 and 128 are compiled)"
+            )));
+        }
+        let ctas = k
+            .kernels
+            .attention_ctas_per_sm(sparse_lavida::contract::AttnVersion::V2, head_dim);
+        // SAFETY: checked non-null; the caller guarantees it is writable.
+        unsafe { *out = ctas.saturating_mul(k.sm_count) };
+        Ok(())
+    })
+}
+
 /// The split count of the crate's heuristic for `n_qtiles` query tiles of `n_heads` heads over
-/// at most `max_keys` keys per sequence on `workers` SMs (1 when the grid is already full).
+/// at most `max_keys` keys per sequence on `workers` concurrent CTAs
+/// ([`sl_kernels_attention_workers`]; 1 split when the grid is already full).
 #[unsafe(no_mangle)]
 pub extern "C" fn sl_choose_splits(
     n_qtiles: u32,

@@ -147,7 +147,7 @@ int main(void) {
         return 1;
     }
 
-    /* Rows: sequence 0 has 70 rows (two query tiles), sequence 1 has 25. */
+    /* Rows: sequence 0 has 70 rows (one query tile, two m-blocks per warp), sequence 1 has 25. */
     const uint32_t seq_indptr[3] = {0, 70, 95};
     const uint32_t n_rows = 95;
     uint32_t row_tags[95];
@@ -185,10 +185,19 @@ int main(void) {
         fprintf(stderr, "sl_query_tiles: %s\n", sl_last_error());
         return 1;
     }
-    uint32_t sms = 0;
+    /* The key tiles and their summaries (the kernel's tile classes come from them). */
+    uint32_t ktile_indptr[3], summaries[8 * SL_ATTN_SUMMARY_WORDS], n_ktiles = 0;
+    if (sl_key_tiles(kv_indptr, 2, kv_tags, ktile_indptr, summaries, 8, &n_ktiles) != SL_OK) {
+        fprintf(stderr, "sl_key_tiles: %s\n", sl_last_error());
+        return 1;
+    }
+    uint32_t sms = 0, workers = 0;
     if (sl_kernels_sm_count(kernels, &sms) != SL_OK) return 1;
-    printf("%u query tiles; the heuristic would split the keys %u way(s) on %u SMs; using %d\n",
-           n_qtiles, sl_choose_splits(n_qtiles, N_HEADS, 80, sms), sms, N_SPLITS);
+    if (sl_kernels_attention_workers(kernels, HD, &workers) != SL_OK) return 1;
+    printf("%u query tiles, %u key tiles; the heuristic would split the keys %u way(s) on %u "
+           "concurrent CTAs (%u SMs); using %d\n",
+           n_qtiles, n_ktiles, sl_choose_splits(n_qtiles, N_HEADS, 80, workers), workers, sms,
+           N_SPLITS);
 
     /* The engine's device buffers. */
     CUdeviceptr d_q = upload(qh, 2u * n_rows * Q_DIM), d_k = upload(kh, 2u * N_SLOTS * KV_DIM);
@@ -203,6 +212,8 @@ int main(void) {
     CUdeviceptr d_kv_indptr = upload(kv_indptr, sizeof kv_indptr);
     CUdeviceptr d_kv_indices = upload(kv_indices, 4u * n_keys);
     CUdeviceptr d_kv_tags = upload(kv_tags, 4u * n_keys);
+    CUdeviceptr d_ktile_indptr = upload(ktile_indptr, sizeof ktile_indptr);
+    CUdeviceptr d_summaries = upload(summaries, 4u * SL_ATTN_SUMMARY_WORDS * n_ktiles);
 
     SlAttnParams p;
     memset(&p, 0, sizeof p);
@@ -220,6 +231,8 @@ int main(void) {
     p.kv_indptr = (const uint32_t *)(uintptr_t)d_kv_indptr;
     p.kv_indices = (const uint32_t *)(uintptr_t)d_kv_indices;
     p.kv_tags = (const uint32_t *)(uintptr_t)d_kv_tags;
+    p.ktile_indptr = (const uint32_t *)(uintptr_t)d_ktile_indptr;
+    p.kv_summary = (const uint32_t *)(uintptr_t)d_summaries;
     p.n_rows = n_rows;
     p.n_qtiles = n_qtiles;
     p.n_seqs = 2;
@@ -294,6 +307,8 @@ int main(void) {
     CU(cuMemFree(d_kv_indptr));
     CU(cuMemFree(d_kv_indices));
     CU(cuMemFree(d_kv_tags));
+    CU(cuMemFree(d_ktile_indptr));
+    CU(cuMemFree(d_summaries));
     sl_kernels_free(kernels);
     CU(cuStreamDestroy(stream));
     free(q), free(k), free(v), free(qh), free(kh), free(vh), free(oh);

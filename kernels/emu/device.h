@@ -112,6 +112,7 @@ uint32_t shared_address(const void *p);
 
 // sm_80 instructions of attention.cu's inline PTX.
 void cp_async_16(uint32_t shared_dst, const void *global_src);  // cp.async.cg.shared.global 16
+void cp_async_4(uint32_t shared_dst, const void *global_src);   // cp.async.ca.shared.global 4
 void cp_async_commit();                                           // cp.async.commit_group
 void cp_async_wait(int n);                                        // cp.async.wait_group n
 void ldmatrix_x4(uint32_t (&r)[4], uint32_t shared_addr, bool trans);

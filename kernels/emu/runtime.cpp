@@ -119,10 +119,10 @@ constexpr size_t kStackBytes = 256 << 10;
 #endif
 constexpr size_t kGuardBytes = 4096;
 
-[[noreturn]] void die(const char *fmt, const char *arg) {
-    fprintf(stderr, "sparse-lavida emulated device: ");
-    fprintf(stderr, fmt, arg);
-    fprintf(stderr, "\n");
+// A misuse of the emulator itself (a bad setting, an intrinsic called outside a kernel, no
+// memory for a stack): reported, then the process stops.
+[[noreturn]] void die(const std::string &what) {
+    fprintf(stderr, "sparse-lavida emulated device: %s\n", what.c_str());
     abort();
 }
 
@@ -141,16 +141,16 @@ const Config &config() {
         if (const char *w = getenv("SL_EMU_WORKERS"); w && *w) {
             char *end = nullptr;
             const unsigned long n = strtoul(w, &end, 10);
-            if (*end != 0 || n == 0 || n > 1024) die("SL_EMU_WORKERS=%s: expected 1..1024", w);
+            if (*end != 0 || n == 0 || n > 1024) die(std::string("SL_EMU_WORKERS=") + w + ": expected 1..1024");
             c.workers = static_cast<unsigned>(n);
         }
         if (const char *s = getenv("SL_EMU_SCHEDULE"); s && *s && strcmp(s, "in-order") != 0) {
             if (strncmp(s, "random:", 7) != 0) {
-                die("SL_EMU_SCHEDULE=%s: expected in-order or random:SEED", s);
+                die(std::string("SL_EMU_SCHEDULE=") + s + ": expected in-order or random:SEED");
             }
             char *end = nullptr;
             c.seed = strtoull(s + 7, &end, 10);
-            if (*end != 0 || end == s + 7) die("SL_EMU_SCHEDULE=%s: SEED is not a number", s);
+            if (*end != 0 || end == s + 7) die(std::string("SL_EMU_SCHEDULE=") + s + ": SEED is not a number");
             c.random_schedule = true;
         }
         return c;
@@ -179,7 +179,7 @@ struct Stack {
     void allocate() {
         void *p = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (p == MAP_FAILED) die("cannot map a %s fiber stack", "thread");
+        if (p == MAP_FAILED) die("cannot map a fiber stack");
         mprotect(p, kGuardBytes, PROT_NONE);  // a stack overflow faults instead of corrupting
         lo = static_cast<unsigned char *>(p) + kGuardBytes;
         size = kStackBytes;
@@ -223,11 +223,13 @@ const char *barrier_name(Barrier b) {
     return "?";
 }
 
-// One pending cp.async: 16 bytes read at issue, written to `dst` when its group completes.
+// One pending cp.async: `size` (4 or 16) bytes read at issue, written to `dst` when its group
+// completes.
 struct AsyncCopy {
     unsigned char *dst;
     unsigned char data[16];
     uint32_t group;
+    uint32_t size;
 };
 
 struct Block;
@@ -366,7 +368,7 @@ Worker &worker() {
         pthread_setspecific(worker_key, w);
         w->tls_block = tls_block_of_this_thread();
         w->tls_bytes = w->tls_block ? tls_segment_bytes() : 0;
-        if (!w->tls_block) die("cannot locate the %s TLS block", "emulator's");
+        if (!w->tls_block) die("cannot locate this thread's TLS block of the emulator (its __shared__ memory)");
 #if !SL_EMU_ASAN
         // The fault handler must run on its own stack: a fiber that overflows its stack faults
         // on the guard page with no stack left.
@@ -517,7 +519,7 @@ std::string describe_thread(const Block &b, const Lane *l) {
 
 Lane &current_lane(const char *what) {
     Worker *w = worker_if_any();
-    if (!w || !w->block.current) die("%s called outside a kernel", what);
+    if (!w || !w->block.current) die(std::string(what) + " called outside a kernel");
     return *w->block.current;
 }
 
@@ -551,7 +553,7 @@ int do_barrier(Barrier kind, int predicate) {
         for (uint32_t l = 0; l < 32; ++l) {
             const Lane &o = b.lanes[self.warp * 32 + l];
             if (((w.waiting >> l) & 1u) && (o.mask & bit)) {
-                fail_block(self, std::string(barrier_name(kind)) + " reached while lane " +
+                fail_block(self, std::string("barrier ") + barrier_name(kind) + " reached while lane " +
                                      std::to_string(l) + " of its warp waits for it at " +
                                      coll_name(o.coll) + " (mask " + hex(o.mask) + ")");
             }
@@ -664,11 +666,12 @@ void rendezvous(Lane &self, Coll coll, uint32_t mask) {
 Lane &lane_of(Lane &self, uint32_t l) { return self.block->lanes[self.warp * 32 + l]; }
 
 // Shared memory at window address `addr` (`bytes` of it), or an error naming `what`.
-unsigned char *shared_at(Lane &self, uint32_t addr, uint32_t bytes, const char *what) {
+unsigned char *shared_at(Lane &self, uint32_t addr, uint32_t bytes, const char *what,
+                         uint32_t align = 16) {
     Block &b = *self.block;
-    if (addr % 16 != 0) {
-        fail_block(self, std::string(what) + ": shared address " + hex(addr) +
-                             " is not 16-byte aligned");
+    if (addr % align != 0) {
+        fail_block(self, std::string(what) + ": shared address " + hex(addr) + " is not " +
+                             std::to_string(align) + "-byte aligned");
     }
     if (static_cast<uint64_t>(addr) + bytes > b.smem_bytes) {
         fail_block(self, std::string(what) + ": shared address " + hex(addr) + " + " +
@@ -843,7 +846,7 @@ void land_copies(Lane &l, uint32_t limit) {
     for (size_t i = 0; i < l.copies.size(); ++i) {
         AsyncCopy &c = l.copies[i];
         if (c.group < limit) {
-            memcpy(c.dst, c.data, 16);
+            memcpy(c.dst, c.data, c.size);
         } else {
             l.copies[kept++] = c;
         }
@@ -1250,8 +1253,24 @@ void cp_async_16(uint32_t shared_dst, const void *global_src) {
     c.dst = dst;
     memcpy(c.data, global_src, 16);  // the source is read now ...
     c.group = l.committed;
+    c.size = 16;
     l.copies.push_back(c);
     poison(dst, 16);  // ... and the destination holds garbage until the group completes
+}
+
+void cp_async_4(uint32_t shared_dst, const void *global_src) {
+    Lane &l = current_lane("cp.async");
+    unsigned char *dst = shared_at(l, shared_dst, 4, "cp.async.ca.shared.global", 4);
+    if (reinterpret_cast<uintptr_t>(global_src) % 4 != 0) {
+        fail_block(l, "cp.async.ca.shared.global: global source is not 4-byte aligned");
+    }
+    AsyncCopy c;
+    c.dst = dst;
+    memcpy(c.data, global_src, 4);  // as cp_async_16: read now, garbage until the group lands
+    c.group = l.committed;
+    c.size = 4;
+    l.copies.push_back(c);
+    poison(dst, 4);
 }
 
 void cp_async_commit() { ++current_lane("cp.async.commit_group").committed; }

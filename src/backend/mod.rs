@@ -63,6 +63,10 @@ pub trait Backend {
     fn name(&self) -> String;
     /// Uploads a weight tensor.
     fn upload_weight(&self, t: HostTensor) -> Result<Self::Weight>;
+    /// Concatenates weight matrices `[n_i, k]` of one `k` into one `[Σ n_i, k]` (rows in the
+    /// given order), consuming them: done at load time, so that the products sharing an input
+    /// run as one (the model's q|k|v and gate|up). The weights file is unchanged.
+    fn concat_weights(&self, parts: Vec<Self::Weight>) -> Result<Self::Weight>;
     /// Uploads a plan.
     fn upload_plan(&self, plan: &StepPlan) -> Result<Self::Plan>;
     /// Allocates a zeroed K/V pool for `slots` slots.
@@ -101,21 +105,21 @@ pub trait Backend {
         out: &mut Self::Matrix,
         accumulate: bool,
     ) -> Result<()>;
-    /// Applies RoPE (at the positions of rows of `b`) to `q` in place and to `k`, then stores the
-    /// rotated `k` and `v` into the pool slots of rows of `b` at `layer`.
-    #[allow(clippy::too_many_arguments)]
+    /// Applies RoPE (at the positions of rows of `b`) to the queries in place and to the keys,
+    /// then stores the rotated keys and the values into the pool slots of rows of `b` at `layer`.
+    /// `qkv` is `[rows, n_heads·head_dim + 2·kv_dim]`: each row holds q, then k, then v (the
+    /// product by the concatenated q|k|v weights).
     fn rope_store_kv(
         &self,
         plan: &Self::Plan,
         b: Branch,
         layer: usize,
-        q: &mut Self::Matrix,
-        k: &Self::Matrix,
-        v: &Self::Matrix,
+        qkv: &mut Self::Matrix,
         cache: &mut Self::Cache,
     ) -> Result<()>;
-    /// Attention of the rows of `b` (queries `q`) over their sequence's keys at `layer`, under
-    /// the SPEC §3 rule (`joint`: cross-branch layer). Fully hidden rows give zeros.
+    /// Attention of the rows of `b` over their sequence's keys at `layer`, under the SPEC §3
+    /// rule (`joint`: cross-branch layer). The queries are the first `n_heads·head_dim` columns
+    /// of `q` (which may be wider: the fused q|k|v). Fully hidden rows give zeros.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -127,8 +131,9 @@ pub trait Backend {
         cache: &Self::Cache,
         out: &mut Self::Matrix,
     ) -> Result<()>;
-    /// `out = silu(gate) ⊙ up`.
-    fn swiglu(&self, gate: &Self::Matrix, up: &Self::Matrix, out: &mut Self::Matrix) -> Result<()>;
+    /// `out = silu(gate) ⊙ up`, with `gate_up` `[rows, 2F]` holding gate then up in each row
+    /// (the product by the concatenated gate|up weights) and `out` `[rows, F]`.
+    fn swiglu(&self, gate_up: &Self::Matrix, out: &mut Self::Matrix) -> Result<()>;
     /// `out[j] = x[plan.logits_rows[j]]`: the rows of the residual stream that need logits.
     fn gather_logit_rows(
         &self,

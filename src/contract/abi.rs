@@ -20,11 +20,33 @@ mod bindings {
 
 pub use bindings::*;
 
+/// K/V buffers of the attention kernel's pipeline: `SL_ATTN_KV_STAGES(head_dim)` of `params.h`.
+pub const fn attn_kv_stages(head_dim: u32) -> u32 {
+    if head_dim <= 64 { 3 } else { 2 }
+}
+
 /// Dynamic shared memory of one attention block, in bytes: `SL_ATTN_SMEM_BYTES(head_dim)` of
-/// `params.h` (the Q tile plus double-buffered K and V tiles in bf16, plus two f32 vectors of
-/// `SL_ATTN_BLOCK_N`). `None` when it does not fit a `u32`.
+/// `params.h` (the 128-row Q tile plus `attn_kv_stages` K and V tiles in bf16, plus
+/// `stages + 1` rows of `SL_ATTN_BLOCK_N` key indices and of key tags, plus
+/// `SL_ATTN_META_BYTES`). `None` when it does not fit a `u32`.
 pub const fn attn_smem_bytes(head_dim: u32) -> Option<u32> {
-    let tile_rows = SL_ATTN_BLOCK_M + 4 * SL_ATTN_BLOCK_N;
+    let stages = attn_kv_stages(head_dim);
+    let tile_rows = SL_ATTN_BLOCK_M + 2 * stages * SL_ATTN_BLOCK_N;
+    let lists = 2 * (stages + 1) * SL_ATTN_BLOCK_N * 4 + SL_ATTN_META_BYTES;
+    match tile_rows.checked_mul(head_dim) {
+        Some(elems) => match elems.checked_mul(2) {
+            Some(bytes) => bytes.checked_add(lists),
+            None => None,
+        },
+        None => None,
+    }
+}
+
+/// Dynamic shared memory of the previous kernel (`sl_attention_v1_hd*`):
+/// `SL_ATTN_V1_SMEM_BYTES(head_dim)` (its 64-row Q tile plus double-buffered K and V tiles in
+/// bf16, plus two f32 vectors of `SL_ATTN_BLOCK_N`). `None` when it does not fit a `u32`.
+pub const fn attn_v1_smem_bytes(head_dim: u32) -> Option<u32> {
+    let tile_rows = SL_ATTN_V1_BLOCK_M + 4 * SL_ATTN_BLOCK_N;
     match tile_rows.checked_mul(head_dim) {
         Some(elems) => match elems.checked_mul(2) {
             Some(bytes) => bytes.checked_add(2 * SL_ATTN_BLOCK_N * 4),
@@ -107,12 +129,13 @@ mod tests {
     // offsetof of every field); `params_h_still_has_the_pinned_layouts` re-derives them with
     // the C compiler on every test run.
     c_layouts! {
-        SlAttnParams { size: 168, align: 8 } {
+        SlAttnParams { size: 184, align: 8 } {
             q: 0, k_pool: 8, v_pool: 16, o: 24, lse: 32, partial_o: 40, partial_lse: 48,
             row_tags: 56, qtile_seq: 64, qtile_row0: 72, seq_indptr: 80, kv_indptr: 88,
-            kv_indices: 96, kv_tags: 104, n_rows: 112, n_qtiles: 116, n_seqs: 120, n_slots: 124,
-            q_stride: 128, kv_stride: 132, o_stride: 136, n_heads: 140, n_kv_heads: 144,
-            head_dim: 148, n_splits: 152, joint: 156, scale_log2: 160, _pad: 164,
+            kv_indices: 96, kv_tags: 104, ktile_indptr: 112, kv_summary: 120, n_rows: 128,
+            n_qtiles: 132, n_seqs: 136, n_slots: 140, q_stride: 144, kv_stride: 148,
+            o_stride: 152, n_heads: 156, n_kv_heads: 160, head_dim: 164, n_splits: 168,
+            joint: 172, scale_log2: 176, _pad: 180,
         }
         SlMaskedSoftmaxParams { size: 64, align: 8 } {
             scores: 0, probs: 8, row_tags: 16, col_tags: 24, prefix_len: 32, n_rows: 40,
@@ -130,10 +153,10 @@ mod tests {
         SlRmsNormParams { size: 48, align: 8 } {
             x: 0, add: 8, w: 16, out: 24, n_rows: 32, d: 36, eps: 40, _pad: 44,
         }
-        SlRopeKvParams { size: 96, align: 8 } {
+        SlRopeKvParams { size: 104, align: 8 } {
             q: 0, k: 8, v: 16, k_pool: 24, v_pool: 32, positions: 40, slots: 48, n_rows: 56,
             n_heads: 60, n_kv_heads: 64, head_dim: 68, q_stride: 72, kv_stride: 76,
-            pool_stride: 80, _pad: 84, rope_theta: 88,
+            pool_stride: 80, table_positions: 84, rope_theta: 88, rope_table: 96,
         }
         SlSwigluParams { size: 40, align: 8 } {
             gate: 0, up: 8, out: 16, n_rows: 24, width: 28, gate_stride: 32, up_stride: 36,
@@ -152,11 +175,12 @@ mod tests {
         SlPatch { size: 16, align: 4 } {
             kind: 0, index: 4, arg: 8, add: 12,
         }
-        SlResolveParams { size: 144, align: 8 } {
+        SlResolveParams { size: 168, align: 8 } {
             tokens: 0, order: 8, decoded_step: 16, list_q: 24, list_m: 32, list_d: 40,
             patches: 48, row_ids: 56, row_pos: 64, row_slots: 72, kv_indices: 80, kv_tags: 88,
             logits_rows: 96, sample_pos: 104, n: 112, n_patches: 116, block_begin: 120,
             block_end: 124, n_rows: 128, n_keys: 132, n_logits: 136, n_samples: 140,
+            kv_indptr: 144, kv_summary: 152, n_seqs: 160, _pad: 164,
         }
         SlCommitParams { size: 72, align: 8 } {
             query: 0, token: 8, confidence: 16, tokens: 24, order: 32, decoded_step: 40, n: 48,
@@ -202,6 +226,10 @@ mod tests {
         }
         for hd in HEAD_DIMS {
             c += &format!("printf(\"smem {hd} %u\\n\", (unsigned)SL_ATTN_SMEM_BYTES({hd}u));\n");
+            c += &format!(
+                "printf(\"v1 smem {hd} %u\\n\", (unsigned)SL_ATTN_V1_SMEM_BYTES({hd}u));\n"
+            );
+            c += &format!("printf(\"stages {hd} %u\\n\", (unsigned)SL_ATTN_KV_STAGES({hd}u));\n");
         }
         for (n, s) in SPLIT_CASES {
             c += &format!(
@@ -240,6 +268,8 @@ mod tests {
         }
         for &hd in HEAD_DIMS {
             want += &format!("smem {hd} {}\n", attn_smem_bytes(hd).unwrap());
+            want += &format!("v1 smem {hd} {}\n", attn_v1_smem_bytes(hd).unwrap());
+            want += &format!("stages {hd} {}\n", attn_kv_stages(hd));
         }
         for &(n, s) in SPLIT_CASES {
             // The probe prints the device's (wrapping) value; the twin refuses an overflow.
@@ -315,10 +345,22 @@ mod tests {
 
     #[test]
     fn macro_twins_known_values() {
-        // (64 + 4·64)·hd·2 + 2·64·4
-        assert_eq!(attn_smem_bytes(64), Some(41_472));
-        assert_eq!(attn_smem_bytes(128), Some(82_432));
+        // (128 + 2·stages·64)·hd·2 + 2·(stages + 1)·64·4 + 256; 3 stages at 64, 2 at 128
+        assert_eq!(attn_smem_bytes(64), Some(67_840));
+        assert_eq!(attn_smem_bytes(128), Some(100_096));
         assert_eq!(attn_smem_bytes(u32::MAX), None);
+        // (64 + 4·64)·hd·2 + 2·64·4
+        assert_eq!(attn_v1_smem_bytes(64), Some(41_472));
+        assert_eq!(attn_v1_smem_bytes(128), Some(82_432));
+        assert_eq!(attn_v1_smem_bytes(u32::MAX), None);
+        assert_eq!(
+            SL_ATTN_SUMMARY_WORDS as usize,
+            crate::contract::attn::SUMMARY_WORDS
+        );
+        assert_eq!(
+            SL_SUMMARY_EMPTY_MIN,
+            crate::contract::attn::TileSummary::EMPTY.0[0]
+        );
         assert_eq!(split_chunk(1000, 3), Some(384));
         assert_eq!(split_chunk(0, 4), Some(0));
         assert_eq!(split_chunk(10, 0), None);

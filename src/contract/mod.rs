@@ -11,6 +11,7 @@
 //! | [`attn`] | head geometry, the CSR row/key layout of an attention call, the query tiling and the split-KV rule |
 //! | [`sample`] | the sampler's parameters and outputs |
 //! | [`rng`] | Philox4x32-10, the Gumbel noise and the seeded uniform weights the kernels draw |
+//! | [`rope`] | RoPE's angles in f64 rounded to f32, and the per-generation table the RoPE kernel reads |
 //! | [`program`] | the device-resident program: patches, decode state, lists, commit rule |
 //! | [`aggregate`] | the register-token aggregation's inputs and sizes |
 
@@ -19,9 +20,10 @@ pub mod aggregate;
 pub mod attn;
 pub mod program;
 pub mod rng;
+pub mod rope;
 pub mod sample;
 pub mod tags;
 
-pub use attn::{AttnLayout, AttnShape, AttnTiling, choose_splits, query_tiles};
+pub use attn::{AttnLayout, AttnShape, AttnTiling, AttnVersion, choose_splits, query_tiles};
 pub use sample::{SampleParams, Sampled};
 pub use tags::{Branch, MAX_BLOCK, REGISTER, Tag, visible};

@@ -16,7 +16,11 @@
 //!
 //! [`Gemm`] owns the cuBLASLt handle and a workspace; for every distinct problem (shape, output
 //! type, accumulate flag, pointer alignments) it creates the descriptors and asks the heuristic
-//! for an algorithm once, then reuses them: layouts are chosen once per shape.
+//! for its best [`ALGO_CANDIDATES`] algorithms once, then reuses them: layouts are chosen once
+//! per shape. On a GPU it times each candidate once (on scratch operands of the problem's shape,
+//! a few launches between CUDA events) and keeps the fastest; on the emulated device, or while
+//! the stream is being captured (which the executors avoid by preparing every product first),
+//! it keeps the heuristic's first. Each choice is recorded ([`Gemm::choices`]).
 //!
 //! The library is loaded at run time (cudarc's `dynamic-loading`). [`Gemm::new`] first checks
 //! that it can be found under its usual names; failing that it looks in the usual install
@@ -47,6 +51,29 @@ const OP_T: i32 = 1;
 
 /// The largest alignment the heuristic is told about (its default assumption).
 const MAX_ALIGN: u32 = 256;
+
+/// Algorithms asked of the heuristic per problem (the best it ranks first).
+pub const ALGO_CANDIDATES: usize = 4;
+
+/// Timed launches per candidate when choosing among them on a GPU (after one untimed).
+const TUNE_REPS: usize = 3;
+
+/// How the algorithm of one problem was chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GemmChoice {
+    /// The product's shape.
+    pub shape: GemmShape,
+    /// f32 output (the residual stream, logits) rather than bf16.
+    pub f32_out: bool,
+    /// `out += x · wᵀ`.
+    pub accumulate: bool,
+    /// Algorithms the heuristic returned that fit the workspace.
+    pub candidates: usize,
+    /// Index of the one kept, in the heuristic's order.
+    pub chosen: usize,
+    /// Seconds per launch of each candidate, when they were timed (a GPU, not capturing).
+    pub seconds: Option<Vec<f64>>,
+}
 
 /// Shape of one product: `out[m, n] (+)= x[m, k] · w[n, k]ᵀ`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -102,6 +129,8 @@ struct GemmPlan {
     /// Layout of both C and D (same type and shape; C is D when accumulating).
     d: sys::cublasLtMatrixLayout_t,
     algo: sys::cublasLtMatmulAlgo_t,
+    /// The heuristic's candidates that fit the workspace, best-ranked first.
+    candidates: Vec<sys::cublasLtMatmulAlgo_t>,
 }
 
 impl Drop for GemmPlan {
@@ -154,8 +183,8 @@ unsafe fn set_attr<H, A, T>(
 }
 
 impl GemmPlan {
-    /// Creates the descriptors of `key` and asks the heuristic for the best algorithm that fits
-    /// the workspace and the pointers' alignment.
+    /// Creates the descriptors of `key` and asks the heuristic for its best [`ALGO_CANDIDATES`]
+    /// algorithms that fit the workspace and the pointers' alignment (`algo` = the first).
     fn new(handle: sys::cublasLtHandle_t, key: &PlanKey, workspace: usize) -> Result<GemmPlan> {
         let GemmShape { m, n, k } = key.shape;
         let (m, n, k) = (m as u64, n as u64, k as u64);
@@ -167,6 +196,7 @@ impl GemmPlan {
             // SAFETY: cublasLtMatmulAlgo_t is a plain array of u64 words; all-zero is a valid
             // (unused) value, overwritten by the heuristic below.
             algo: unsafe { std::mem::zeroed() },
+            candidates: Vec::new(),
         };
         // `plan` destroys whatever was created if a later step fails.
         plan.desc = lt::create_matmul_desc(
@@ -217,25 +247,47 @@ impl GemmPlan {
             .and_then(|()| set(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d))
         }
         .map_err(blas_err("setting the search preferences"))?;
-        // SAFETY: every descriptor is live and describes this problem.
-        let heuristic = unsafe {
-            lt::get_matmul_algo_heuristic(handle, plan.desc, plan.a, plan.b, plan.d, plan.d, pref.0)
-        }
-        .map_err(|e| {
-            Error::Cuda(format!(
-                "cuBLASLt found no algorithm for a bf16 product [{m}, {k}] · [{n}, {k}]ᵀ → \
-                 {:?} (alignments {:?} bytes): {e}",
-                key.out, key.align
-            ))
-        })?;
-        if heuristic.workspaceSize > workspace {
+        let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> =
+            Vec::with_capacity(ALGO_CANDIDATES);
+        let mut returned = 0i32;
+        // SAFETY: every descriptor is live and describes this problem; `results` has room for
+        // ALGO_CANDIDATES entries, of which the library fills `returned` (set_len below).
+        let status = unsafe {
+            sys::cublasLtMatmulAlgoGetHeuristic(
+                handle,
+                plan.desc,
+                plan.a,
+                plan.b,
+                plan.d,
+                plan.d,
+                pref.0,
+                ALGO_CANDIDATES as i32,
+                results.as_mut_ptr(),
+                &mut returned,
+            )
+        };
+        let returned = if status == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            (returned.max(0) as usize).min(ALGO_CANDIDATES)
+        } else {
+            0
+        };
+        // SAFETY: the library initialised the first `returned` entries (at most the capacity).
+        unsafe { results.set_len(returned) };
+        let mut candidates: Vec<sys::cublasLtMatmulAlgo_t> = results
+            .iter()
+            .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .filter(|r| r.workspaceSize <= workspace)
+            .map(|r| r.algo)
+            .collect();
+        if candidates.is_empty() {
             return Err(Error::Cuda(format!(
-                "cuBLASLt chose an algorithm needing {} bytes of workspace, above the {workspace} \
-                 allowed",
-                heuristic.workspaceSize
+                "cuBLASLt found no algorithm within {workspace} bytes of workspace for a bf16 \
+                 product [{m}, {k}] · [{n}, {k}]ᵀ → {:?} (alignments {:?} bytes): {status:?}",
+                key.out, key.align
             )));
         }
-        plan.algo = heuristic.algo;
+        plan.algo = candidates[0];
+        plan.candidates = std::mem::take(&mut candidates);
         Ok(plan)
     }
 }
@@ -256,6 +308,9 @@ pub struct Gemm {
     stream: Arc<CudaStream>,
     workspace: CudaSlice<u8>,
     plans: Mutex<HashMap<PlanKey, GemmPlan>>,
+    /// Time the candidates (a GPU) or keep the heuristic's first (the emulated device).
+    tune: bool,
+    choices: Mutex<Vec<GemmChoice>>,
 }
 
 impl std::fmt::Debug for Gemm {
@@ -327,7 +382,112 @@ impl Gemm {
             stream,
             workspace,
             plans: Mutex::new(HashMap::new()),
+            tune: !dev.info().emulated,
+            choices: Mutex::new(Vec::new()),
         })
+    }
+
+    /// How each problem's algorithm was chosen, in the order the problems were first run.
+    pub fn choices(&self) -> Vec<GemmChoice> {
+        self.choices.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Picks `plan.algo` among its candidates: on a GPU, outside a capture, the fastest over
+    /// [`TUNE_REPS`] launches each on scratch operands of the shape (the weight operand is the
+    /// problem's own, read only; the real output is untouched); else the heuristic's first.
+    fn choose(&self, plan: &mut GemmPlan, key: &PlanKey, w_ptr: u64) -> Result<GemmChoice> {
+        let capturing = self
+            .stream
+            .capture_status()
+            .map(|s| s != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+            .unwrap_or(true);
+        let mut choice = GemmChoice {
+            shape: key.shape,
+            f32_out: key.out == OutType::F32,
+            accumulate: key.accumulate,
+            candidates: plan.candidates.len(),
+            chosen: 0,
+            seconds: None,
+        };
+        if !self.tune || capturing || plan.candidates.len() < 2 {
+            plan.algo = plan.candidates[0];
+            return Ok(choice);
+        }
+        let GemmShape { m, n, k } = key.shape;
+        let x = self
+            .stream
+            .alloc_zeros::<bf16>(m * k)
+            .map_err(cuda_err("allocating a tuning operand"))?;
+        let out_bytes = m * n * if key.out == OutType::F32 { 4 } else { 2 };
+        let mut out = self
+            .stream
+            .alloc_zeros::<u8>(out_bytes)
+            .map_err(cuda_err("allocating a tuning output"))?;
+        let ctx = self.stream.context();
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let (start, end) = (
+            ctx.new_event(timing)
+                .map_err(cuda_err("creating an event"))?,
+            ctx.new_event(timing)
+                .map_err(cuda_err("creating an event"))?,
+        );
+        let stream = &*self.stream;
+        let mut seconds = Vec::with_capacity(plan.candidates.len());
+        {
+            let (x_ptr, _xg) = x.device_ptr(stream);
+            let (out_ptr, _og) = out.device_ptr_mut(stream);
+            let (ws_ptr, _wg) = self.workspace.device_ptr(stream);
+            let (alpha, beta) = (1.0f32, if key.accumulate { 1.0f32 } else { 0.0 });
+            for algo in &plan.candidates {
+                let launch = || {
+                    // SAFETY: as in `matmul`: the descriptors describe this problem; the scratch
+                    // x (m·k bf16) and out (m·n of the output type) are fresh allocations of this
+                    // context, 256-byte aligned (any promised alignment holds), w is the
+                    // problem's weight (read only); the workspace is large enough for every
+                    // candidate (filtered by the heuristic's workspace size).
+                    unsafe {
+                        lt::matmul(
+                            self.handle,
+                            plan.desc,
+                            (&alpha as *const f32).cast(),
+                            (&beta as *const f32).cast(),
+                            w_ptr as usize as *const c_void,
+                            plan.a,
+                            x_ptr as usize as *const c_void,
+                            plan.b,
+                            out_ptr as usize as *const c_void,
+                            plan.d,
+                            out_ptr as usize as *mut c_void,
+                            plan.d,
+                            algo,
+                            ws_ptr as usize as *mut c_void,
+                            self.workspace.len(),
+                            stream.cu_stream() as sys::cudaStream_t,
+                        )
+                    }
+                    .map_err(blas_err("timing a matmul algorithm"))
+                };
+                launch()?;
+                start
+                    .record(stream)
+                    .map_err(cuda_err("recording an event"))?;
+                for _ in 0..TUNE_REPS {
+                    launch()?;
+                }
+                end.record(stream).map_err(cuda_err("recording an event"))?;
+                let ms = start
+                    .elapsed_ms(&end)
+                    .map_err(cuda_err("reading the event timer"))?;
+                seconds.push(f64::from(ms) * 1e-3 / TUNE_REPS as f64);
+            }
+        }
+        let best = (0..seconds.len())
+            .min_by(|&i, &j| seconds[i].total_cmp(&seconds[j]))
+            .unwrap_or(0);
+        plan.algo = plan.candidates[best];
+        choice.chosen = best;
+        choice.seconds = Some(seconds);
+        Ok(choice)
     }
 
     /// Number of distinct problems planned so far.
@@ -416,7 +576,12 @@ impl Gemm {
         let plan = match plans.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(GemmPlan::new(self.handle, &key, self.workspace.len())?)
+                let mut plan = GemmPlan::new(self.handle, &key, self.workspace.len())?;
+                let choice = self.choose(&mut plan, &key, w_ptr)?;
+                if let Ok(mut c) = self.choices.lock() {
+                    c.push(choice);
+                }
+                e.insert(plan)
             }
         };
         let alpha = 1.0f32;

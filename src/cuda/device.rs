@@ -22,11 +22,12 @@ use cudarc::driver::{
 };
 
 use crate::contract::abi;
+use crate::contract::attn::AttnVersion;
 use crate::cuda::images::{KERNEL_IMAGES, KERNELS_MISSING, KernelImage};
 use crate::error::{Error, Result};
 
 /// The kernel files (stem of `KernelImage::file`) and the functions each must define.
-const KERNEL_FILES: [(&str, &[&str]); 6] = [
+const KERNEL_FILES: [(&str, &[&str]); 7] = [
     (
         "attention",
         &[
@@ -34,6 +35,10 @@ const KERNEL_FILES: [(&str, &[&str]); 6] = [
             "sl_attention_hd128",
             "sl_attention_merge",
         ],
+    ),
+    (
+        "attention_v1",
+        &["sl_attention_v1_hd64", "sl_attention_v1_hd128"],
     ),
     ("softmax", &["sl_sample", "sl_masked_softmax"]),
     (
@@ -241,6 +246,15 @@ impl Drop for Module {
     }
 }
 
+/// Dynamic shared memory of the attention kernel of `version` for `head_dim` (params.h).
+fn attn_smem(version: AttnVersion, head_dim: u32) -> u32 {
+    match version {
+        AttnVersion::V2 => abi::attn_smem_bytes(head_dim),
+        AttnVersion::V1 => abi::attn_v1_smem_bytes(head_dim),
+    }
+    .unwrap_or(u32::MAX)
+}
+
 /// A kernel function handle, valid while the [`Kernels`] it came from lives.
 #[derive(Debug)]
 pub struct Kernel {
@@ -271,7 +285,12 @@ impl Kernel {
 pub struct Kernels {
     attention_hd64: Kernel,
     attention_hd128: Kernel,
+    attention_v1_hd64: Kernel,
+    attention_v1_hd128: Kernel,
     attention_merge: Kernel,
+    /// Attention CTAs that fit one SM at once, `[version][head_dim 64, 128]` (the driver's
+    /// occupancy calculator: registers, shared memory, threads).
+    attention_ctas_per_sm: [[u32; 2]; 2],
     sample: Kernel,
     masked_softmax: Kernel,
     embed: Kernel,
@@ -329,10 +348,13 @@ impl Kernels {
             modules.push(module);
         }
         let mut take = |name: &str| funcs.remove(name).expect("every listed kernel was loaded");
-        let kernels = Kernels {
+        let mut kernels = Kernels {
             attention_hd64: take("sl_attention_hd64"),
             attention_hd128: take("sl_attention_hd128"),
+            attention_v1_hd64: take("sl_attention_v1_hd64"),
+            attention_v1_hd128: take("sl_attention_v1_hd128"),
             attention_merge: take("sl_attention_merge"),
+            attention_ctas_per_sm: [[1; 2]; 2],
             sample: take("sl_sample"),
             masked_softmax: take("sl_masked_softmax"),
             embed: take("sl_embed"),
@@ -350,17 +372,47 @@ impl Kernels {
             ctx: ctx.clone(),
         };
         kernels.set_attention_smem(ctx)?;
+        for version in AttnVersion::ALL {
+            for (i, head_dim) in [64u32, 128].into_iter().enumerate() {
+                let kernel = kernels
+                    .attention_of(version, head_dim)
+                    .expect("64 and 128 exist");
+                let smem = attn_smem(version, head_dim);
+                let mut n = 0i32;
+                // SAFETY: the function handle is live in this context (bound above) and the
+                // call only writes `n`. A driver without the calculator leaves 1 (the split
+                // rule then sizes the grid to the SM count, as before occupancy was known).
+                let ok = unsafe {
+                    sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                        &mut n,
+                        kernel.func,
+                        abi::SL_ATTN_THREADS as i32,
+                        smem as usize,
+                    )
+                }
+                .result()
+                .is_ok();
+                kernels.attention_ctas_per_sm[version as usize][i] =
+                    if ok && n > 0 { n as u32 } else { 1 };
+            }
+        }
         Ok(kernels)
     }
 
     /// Opts the attention kernels into the dynamic shared memory params.h fixes
-    /// (`SL_ATTN_SMEM_BYTES(head_dim)`, above the default 48 KiB for head_dim 128).
+    /// (`SL_ATTN_SMEM_BYTES(head_dim)`, `SL_ATTN_V1_SMEM_BYTES`, above the default 48 KiB).
     fn set_attention_smem(&self, ctx: &CudaContext) -> Result<()> {
         let optin = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(cuda_err("reading the shared-memory opt-in limit"))?;
-        for (kernel, head_dim) in [(&self.attention_hd64, 64), (&self.attention_hd128, 128)] {
-            let bytes = abi::attn_smem_bytes(head_dim).unwrap_or(u32::MAX);
+        let all = [
+            (&self.attention_hd64, AttnVersion::V2, 64),
+            (&self.attention_hd128, AttnVersion::V2, 128),
+            (&self.attention_v1_hd64, AttnVersion::V1, 64),
+            (&self.attention_v1_hd128, AttnVersion::V1, 128),
+        ];
+        for (kernel, version, head_dim) in all {
+            let bytes = attn_smem(version, head_dim);
             if i64::from(bytes) > i64::from(optin) {
                 return Err(Error::Unavailable(format!(
                     "attention with head_dim {head_dim} needs {bytes} bytes of shared memory per \
@@ -385,10 +437,28 @@ impl Kernels {
 
     /// `sl_attention_hd64` or `sl_attention_hd128`; `None` for another head_dim.
     pub fn attention(&self, head_dim: u32) -> Option<&Kernel> {
-        match head_dim {
-            64 => Some(&self.attention_hd64),
-            128 => Some(&self.attention_hd128),
+        self.attention_of(AttnVersion::V2, head_dim)
+    }
+
+    /// The attention kernel of `version` for `head_dim` (64 or 128; `None` otherwise).
+    pub fn attention_of(&self, version: AttnVersion, head_dim: u32) -> Option<&Kernel> {
+        match (version, head_dim) {
+            (AttnVersion::V2, 64) => Some(&self.attention_hd64),
+            (AttnVersion::V2, 128) => Some(&self.attention_hd128),
+            (AttnVersion::V1, 64) => Some(&self.attention_v1_hd64),
+            (AttnVersion::V1, 128) => Some(&self.attention_v1_hd128),
             _ => None,
+        }
+    }
+
+    /// How many CTAs of the attention kernel of `version` for `head_dim` fit one SM at once
+    /// (the driver's occupancy calculator at load; 1 where it is not available, or for a
+    /// head_dim without a kernel). Times the SM count, the `workers` of the split rule.
+    pub fn attention_ctas_per_sm(&self, version: AttnVersion, head_dim: u32) -> u32 {
+        match head_dim {
+            64 => self.attention_ctas_per_sm[version as usize][0],
+            128 => self.attention_ctas_per_sm[version as usize][1],
+            _ => 1,
         }
     }
 

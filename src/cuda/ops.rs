@@ -13,8 +13,9 @@
 //! host when their plan is built ([`AttnPlan`], [`aggregate`]).
 //!
 //! Attention follows FlashInfer's plan/run split: [`AttnPlan::new`] (the *plan*, on the host,
-//! outside any capture) validates the ragged layout, cuts it into query tiles, picks the split
-//! count, uploads the index arrays and allocates the split workspace, once per step;
+//! outside any capture) validates the ragged layout, cuts it into query tiles, summarises its key
+//! tiles, picks the split count, uploads the index arrays and allocates the split workspace,
+//! once per step;
 //! [`attention`] (the *run*) then only checks the per-layer buffers and launches: it allocates
 //! nothing, never synchronizes, and can be captured into a CUDA graph and replayed. The sampler
 //! splits the same way: [`BannedMask::new`] is its plan, [`sample_to_device`] its run
@@ -32,10 +33,11 @@ use cudarc::driver::{
 use half::bf16;
 
 use crate::contract::abi::{
-    SL_ATTN_BLOCK_M, SlAggregateParams, SlAttnParams, SlCommitParams, SlEmbedParams, SlFillParams,
+    SL_ATTN_BLOCK_N, SlAggregateParams, SlAttnParams, SlCommitParams, SlEmbedParams, SlFillParams,
     SlGatherParams, SlInitParams, SlMaskedSoftmaxParams, SlPatch, SlResolveParams, SlRmsNormParams,
     SlRopeKvParams, SlSampleParams, SlSwigluParams,
 };
+use crate::contract::attn::{AttnVersion, SUMMARY_WORDS, TileSummary, key_tile_summaries};
 use crate::contract::program::field_name;
 use crate::contract::{AttnShape, REGISTER, SampleParams, Sampled, Tag};
 use crate::cuda::device::CudaDevice;
@@ -293,18 +295,21 @@ impl IndexBuf {
 // Attention
 // ------------------------------------------------------------------------------------------
 
-/// An attention call planned and uploaded: the ragged layout, its query tiles, the split count
-/// and the split workspace. Build once per step and branch; run once per layer with
-/// [`attention`].
+/// An attention call planned and uploaded: the ragged layout, its query tiles, its key tiles
+/// and their summaries, the split count and the split workspace, for one kernel version. Build
+/// once per step and branch; run once per layer with [`attention`].
 #[derive(Debug)]
 pub struct AttnPlan {
+    version: AttnVersion,
     shape: AttnShape,
     n_rows: usize,
     n_seqs: usize,
+    n_keys: usize,
     n_slots: usize,
     n_splits: usize,
     host_qtile_seq: Vec<u32>,
     host_qtile_row0: Vec<u32>,
+    host_ktile_indptr: Vec<u32>,
     row_tags: CudaSlice<u32>,
     seq_indptr: CudaSlice<u32>,
     kv_indptr: CudaSlice<u32>,
@@ -312,18 +317,53 @@ pub struct AttnPlan {
     kv_tags: CudaSlice<u32>,
     qtile_seq: CudaSlice<u32>,
     qtile_row0: CudaSlice<u32>,
+    ktile_indptr: CudaSlice<u32>,
+    /// `[n_ktiles, SUMMARY_WORDS]` key-tile summaries (rebuilt on the device when a
+    /// device-resident step patches the key tags, [`resolve_plan`]).
+    kv_summary: CudaSlice<u32>,
     /// `(partial_o, partial_lse)` when `n_splits > 1`.
     workspace: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
 }
 
+/// Where [`resolve_plan`] rebuilds an attention plan's key-tile summaries after patching its key
+/// tags (the CUDA backend builds it from its attention plan).
+#[derive(Debug)]
+pub struct SummaryTarget<'a> {
+    /// The plan's `n_seqs + 1` key offsets.
+    pub kv_indptr: &'a CudaSlice<u32>,
+    /// Sequences.
+    pub n_seqs: usize,
+    /// Keys (`kv_indptr[n_seqs]`): the key-tag target must hold this many.
+    pub n_keys: usize,
+    /// Key tiles of the sequences (the summaries' count).
+    pub n_ktiles: usize,
+    /// The summaries, `[n_ktiles, SUMMARY_WORDS]`.
+    pub summary: &'a mut CudaSlice<u32>,
+}
+
 impl AttnPlan {
-    /// Validates `layout`, builds the query tiles, picks the split count ([`choose_splits`]
-    /// with the device's SM count, or `n_splits` when given: 1..=[`MAX_FORCED_SPLITS`]) and
-    /// uploads everything.
+    /// [`AttnPlan::with_version`] for the version the environment asks for
+    /// ([`AttnVersion::from_env`]: `SL_ATTN=v1` selects the previous kernel; v2 otherwise).
     pub fn new(dev: &CudaDevice, layout: &AttnLayout, n_splits: Option<usize>) -> Result<Self> {
+        Self::with_version(dev, layout, n_splits, AttnVersion::from_env()?)
+    }
+
+    /// Validates `layout`, builds the query tiles of `version` and the key-tile summaries,
+    /// picks the split count ([`choose_splits`] on the kernel's concurrent CTAs — its CTAs per SM
+    /// times the SMs; the SM count alone for v1, as it had — or `n_splits` when given:
+    /// 1..=[`MAX_FORCED_SPLITS`]) and uploads everything.
+    pub fn with_version(
+        dev: &CudaDevice,
+        layout: &AttnLayout,
+        n_splits: Option<usize>,
+        version: AttnVersion,
+    ) -> Result<Self> {
         let op = "attention plan";
         layout.validate()?;
-        let (qtile_seq, qtile_row0) = query_tiles(layout.seq_indptr, SL_ATTN_BLOCK_M);
+        let (qtile_seq, qtile_row0) = query_tiles(layout.seq_indptr, version.block_m());
+        let (ktile_indptr, summaries) =
+            key_tile_summaries(layout.kv_indptr, layout.kv_tags, SL_ATTN_BLOCK_N as usize);
+        to_u32(op, "key tiles", summaries.len())?;
         let max_keys = layout
             .kv_indptr
             .windows(2)
@@ -339,12 +379,17 @@ impl AttnPlan {
                 );
             }
             Some(n) => n,
-            None => choose_splits(
-                qtile_seq.len(),
-                n_heads,
-                max_keys,
-                dev.info().sm_count as usize,
-            ),
+            None => {
+                let sms = dev.info().sm_count as usize;
+                let ctas = match version {
+                    AttnVersion::V1 => 1,
+                    AttnVersion::V2 => dev
+                        .kernels()
+                        .attention_ctas_per_sm(version, layout.shape.head_dim as u32)
+                        as usize,
+                };
+                choose_splits(qtile_seq.len(), n_heads, max_keys, ctas * sms)
+            }
         };
         let rows = layout.rows();
         let workspace = if n_splits > 1 {
@@ -360,10 +405,13 @@ impl AttnPlan {
             None
         };
         let tags = |t: &[Tag]| t.iter().map(|t| t.0).collect::<Vec<u32>>();
+        let words: Vec<u32> = summaries.iter().flat_map(|s| s.0).collect();
         Ok(AttnPlan {
+            version,
             shape: layout.shape,
             n_rows: rows,
             n_seqs: layout.seq_indptr.len() - 1,
+            n_keys: layout.kv_indices.len(),
             n_slots: layout.n_slots,
             n_splits,
             row_tags: upload_padded(dev, &tags(layout.row_tags))?,
@@ -373,10 +421,18 @@ impl AttnPlan {
             kv_tags: upload_padded(dev, &tags(layout.kv_tags))?,
             qtile_seq: upload_padded(dev, &qtile_seq)?,
             qtile_row0: upload_padded(dev, &qtile_row0)?,
+            ktile_indptr: dev.upload(&ktile_indptr)?,
+            kv_summary: upload_padded(dev, &words)?,
             host_qtile_seq: qtile_seq,
             host_qtile_row0: qtile_row0,
+            host_ktile_indptr: ktile_indptr,
             workspace,
         })
+    }
+
+    /// The kernel version the plan was built for.
+    pub fn version(&self) -> AttnVersion {
+        self.version
     }
 
     /// Head geometry.
@@ -404,11 +460,42 @@ impl AttnPlan {
         &self.host_qtile_row0
     }
 
-    /// `(kv_indices, kv_tags)`, writable, for the patches of a device-resolved plan
-    /// ([`resolve_plan`]). The caller keeps what [`AttnPlan::new`] validated: every key's slot
-    /// stays below the plan's pool rows (the attention kernel gathers through them unchecked).
-    pub(crate) fn kv_targets(&mut self) -> (&mut CudaSlice<u32>, &mut CudaSlice<u32>) {
-        (&mut self.kv_indices, &mut self.kv_tags)
+    /// The key tiles of each sequence (`ktile_indptr`, `n_seqs + 1` offsets).
+    pub fn ktile_indptr(&self) -> &[u32] {
+        &self.host_ktile_indptr
+    }
+
+    /// The key-tile summaries as the kernel reads them (`[n_ktiles, SUMMARY_WORDS]`; a device
+    /// read, for tests).
+    pub fn download_summaries(&self, dev: &CudaDevice) -> Result<Vec<TileSummary>> {
+        let n = *self.host_ktile_indptr.last().unwrap_or(&0) as usize;
+        let words = dev.download(&self.kv_summary)?;
+        Ok(words
+            .chunks_exact(SUMMARY_WORDS)
+            .take(n)
+            .map(|c| TileSummary(c.try_into().expect("chunks of SUMMARY_WORDS")))
+            .collect())
+    }
+
+    /// `(kv_indices, kv_tags, the summaries' target)`, writable, for the patches of a
+    /// device-resolved plan ([`resolve_plan`], which rebuilds the summaries after patching the
+    /// tags). The caller keeps what [`AttnPlan::new`] validated: every key's slot stays below
+    /// the plan's pool rows (the attention kernel gathers through them unchecked).
+    pub(crate) fn patch_targets(
+        &mut self,
+    ) -> (&mut CudaSlice<u32>, &mut CudaSlice<u32>, SummaryTarget<'_>) {
+        let n_ktiles = *self.host_ktile_indptr.last().unwrap_or(&0) as usize;
+        (
+            &mut self.kv_indices,
+            &mut self.kv_tags,
+            SummaryTarget {
+                kv_indptr: &self.kv_indptr,
+                n_seqs: self.n_seqs,
+                n_keys: self.n_keys,
+                n_ktiles,
+                summary: &mut self.kv_summary,
+            },
+        )
     }
 }
 
@@ -497,6 +584,8 @@ pub fn attention(
         kv_indptr: b.read("kv_indptr", &plan.kv_indptr)?,
         kv_indices: b.read("kv_indices", &plan.kv_indices)?,
         kv_tags: b.read("kv_tags", &plan.kv_tags)?,
+        ktile_indptr: b.read("ktile_indptr", &plan.ktile_indptr)?,
+        kv_summary: b.read("kv_summary", &plan.kv_summary)?,
         n_rows: to_u32(op, "rows", rows)?,
         n_qtiles: to_u32(op, "query tiles", plan.host_qtile_seq.len())?,
         n_seqs: to_u32(op, "sequences", plan.n_seqs)?,
@@ -517,8 +606,10 @@ pub fn attention(
     // strides, the pools at least `n_slots` rows, strides are 8-aligned and cover the heads, the
     // workspace was sized for this plan's splits; every pointer comes from a live buffer of this
     // context borrowed for the launch (`b` holds the borrows), and the outputs are borrowed
-    // mutably, so they alias no input.
-    unsafe { raw::attention(dev.kernels(), &p, dev.stream().cu_stream()) }
+    // mutably, so they alias no input. The plan built the key tiles and summaries from the same
+    // layout (or resolve_plan rebuilt them after patching the tags), and every buffer is a whole
+    // allocation (256-byte aligned), as both versions' alignment rules need.
+    unsafe { raw::attention_version(dev.kernels(), plan.version, &p, dev.stream().cu_stream()) }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1167,6 +1258,80 @@ pub struct KvPool<'a> {
     pub stride: usize,
 }
 
+/// The generation's RoPE table on the device: `(cos, sin)` of every position below
+/// `positions` for every pair of a head ([`crate::contract::rope::table`], computed once on the
+/// host by the CPU's expression), read by [`rope_kv`] instead of two f64 transcendentals per
+/// pair and row.
+#[derive(Debug)]
+pub struct RopeTable {
+    buf: CudaSlice<f32>,
+    positions: usize,
+    head_dim: usize,
+    rope_theta: f64,
+}
+
+impl RopeTable {
+    /// The table of positions `0..positions` for `head_dim` (even) and `rope_theta`.
+    pub fn new(
+        dev: &CudaDevice,
+        head_dim: usize,
+        rope_theta: f64,
+        positions: usize,
+    ) -> Result<Self> {
+        let op = "rope table";
+        if head_dim == 0
+            || !head_dim.is_multiple_of(2)
+            || !(rope_theta.is_finite() && rope_theta > 0.0)
+        {
+            return bad(
+                op,
+                format_args!("head_dim {head_dim} (even, > 0), rope_theta {rope_theta} (> 0)"),
+            );
+        }
+        to_u32(op, "positions", positions)?;
+        let host = crate::contract::rope::table(head_dim, rope_theta, positions);
+        Ok(RopeTable {
+            buf: upload_padded(dev, &host)?,
+            positions,
+            head_dim,
+            rope_theta,
+        })
+    }
+
+    /// Positions held.
+    pub fn positions(&self) -> usize {
+        self.positions
+    }
+}
+
+/// The queries, keys and values [`rope_kv`] reads: three matrices, or one fused `[n_rows,
+/// q_dim + 2·kv_dim]` buffer whose row holds q, then k, then v (the output of one product by
+/// the concatenated q|k|v weights).
+#[derive(Debug)]
+pub enum RopeQkv<'a> {
+    /// Separate matrices.
+    Separate {
+        /// Queries `[n_rows, q_stride]`, rotated in place.
+        q: &'a mut CudaSlice<bf16>,
+        /// Row stride of `q`.
+        q_stride: usize,
+        /// Keys `[n_rows, kv_stride]` (rotated on the way to the pool).
+        k: &'a CudaSlice<bf16>,
+        /// Values `[n_rows, kv_stride]`.
+        v: &'a CudaSlice<bf16>,
+        /// Row stride of `k` and `v`.
+        kv_stride: usize,
+    },
+    /// One buffer: q at columns `0..q_dim` (rotated in place), k at `q_dim..q_dim + kv_dim`,
+    /// v after it.
+    Fused {
+        /// `[n_rows, stride]`.
+        qkv: &'a mut CudaSlice<bf16>,
+        /// Row stride (≥ q_dim + 2·kv_dim).
+        stride: usize,
+    },
+}
+
 /// Inputs of [`rope_kv`].
 #[derive(Debug)]
 pub struct RopeKv<'a> {
@@ -1180,20 +1345,15 @@ pub struct RopeKv<'a> {
     pub slots: &'a IndexBuf,
     /// RoPE base (finite, > 0).
     pub rope_theta: f64,
-    /// Queries `[n_rows, q_stride]`, rotated in place.
-    pub q: &'a mut CudaSlice<bf16>,
-    /// Row stride of `q`.
-    pub q_stride: usize,
-    /// Keys `[n_rows, kv_stride]` (rotated on the way to the pool).
-    pub k: &'a CudaSlice<bf16>,
-    /// Values `[n_rows, kv_stride]`.
-    pub v: &'a CudaSlice<bf16>,
-    /// Row stride of `k` and `v`.
-    pub kv_stride: usize,
+    /// The queries, keys and values.
+    pub qkv: RopeQkv<'a>,
+    /// The generation's table (same head_dim and rope_theta), or `None`: the kernel computes
+    /// every row's angles.
+    pub table: Option<&'a RopeTable>,
 }
 
-/// RoPE on `q` (in place) and `k`, then the rotated `k` and `v` rows stored into the pool at
-/// `slots` (SPEC §2.3; the CPU twin is `cpu::ops::rope` plus the store).
+/// RoPE on q (in place) and k at each row's position, then k and v stored into the pool at each
+/// row's slot (SPEC §2.3, §5). Angles from the table for positions it holds.
 pub fn rope_kv(dev: &CudaDevice, a: RopeKv, pool: KvPool) -> Result<()> {
     let op = "rope_kv";
     let AttnShape {
@@ -1216,10 +1376,34 @@ pub fn rope_kv(dev: &CudaDevice, a: RopeKv, pool: KvPool) -> Result<()> {
             format_args!("rope_theta ({}) must be finite and > 0", a.rope_theta),
         );
     }
+    if let Some(t) = a.table
+        && (t.head_dim != head_dim || t.rope_theta != a.rope_theta)
+    {
+        return bad(
+            op,
+            format_args!(
+                "the RoPE table is for head_dim {} and theta {}, not {head_dim} and {}",
+                t.head_dim, t.rope_theta, a.rope_theta
+            ),
+        );
+    }
     let (n, q_dim, kv_dim) = (a.n_rows, a.shape.q_dim(), a.shape.kv_dim());
-    check_matrix(op, "q", a.q.len(), (n, q_dim, a.q_stride), 1)?;
-    check_matrix(op, "k", a.k.len(), (n, kv_dim, a.kv_stride), 1)?;
-    check_matrix(op, "v", a.v.len(), (n, kv_dim, a.kv_stride), 1)?;
+    match &a.qkv {
+        RopeQkv::Separate {
+            q,
+            q_stride,
+            k,
+            v,
+            kv_stride,
+        } => {
+            check_matrix(op, "q", q.len(), (n, q_dim, *q_stride), 1)?;
+            check_matrix(op, "k", k.len(), (n, kv_dim, *kv_stride), 1)?;
+            check_matrix(op, "v", v.len(), (n, kv_dim, *kv_stride), 1)?;
+        }
+        RopeQkv::Fused { qkv, stride } => {
+            check_matrix(op, "qkv", qkv.len(), (n, q_dim + 2 * kv_dim, *stride), 1)?;
+        }
+    }
     if pool.k.len() != pool.v.len() {
         return bad(
             op,
@@ -1251,10 +1435,44 @@ pub fn rope_kv(dev: &CudaDevice, a: RopeKv, pool: KvPool) -> Result<()> {
         return bad(op, "two rows store to the same pool slot");
     }
     let mut b = Bufs::new(dev, op);
+    let (q, k, v, q_stride, kv_stride) = match a.qkv {
+        RopeQkv::Separate {
+            q,
+            q_stride,
+            k,
+            v,
+            kv_stride,
+        } => (
+            b.write("q", q)?,
+            b.read("k", k)?,
+            b.read("v", v)?,
+            q_stride,
+            kv_stride,
+        ),
+        RopeQkv::Fused { qkv, stride } => {
+            let q = b.write("qkv", qkv)?;
+            // k and v are columns q_dim.. and q_dim + kv_dim.. of the same rows (checked above
+            // to lie inside the buffer); the kernel reads them and writes only q's columns.
+            (
+                q,
+                q.wrapping_add(q_dim).cast_const(),
+                q.wrapping_add(q_dim + kv_dim).cast_const(),
+                stride,
+                stride,
+            )
+        }
+    };
+    let (rope_table, table_positions) = match a.table {
+        Some(t) => (
+            b.read("rope table", &t.buf)?,
+            to_u32(op, "table positions", t.positions)?,
+        ),
+        None => (null(), 0),
+    };
     let p = SlRopeKvParams {
-        q: b.write("q", a.q)?,
-        k: b.read("k", a.k)?,
-        v: b.read("v", a.v)?,
+        q,
+        k,
+        v,
         k_pool: b.write("k pool", pool.k)?,
         v_pool: b.write("v pool", pool.v)?,
         positions: b.read("positions", a.positions)?,
@@ -1263,15 +1481,18 @@ pub fn rope_kv(dev: &CudaDevice, a: RopeKv, pool: KvPool) -> Result<()> {
         n_heads: to_u32(op, "n_heads", n_heads)?,
         n_kv_heads: to_u32(op, "n_kv_heads", n_kv_heads)?,
         head_dim: to_u32(op, "head_dim", head_dim)?,
-        q_stride: to_u32(op, "q_stride", a.q_stride)?,
-        kv_stride: to_u32(op, "kv_stride", a.kv_stride)?,
+        q_stride: to_u32(op, "q_stride", q_stride)?,
+        kv_stride: to_u32(op, "kv_stride", kv_stride)?,
         pool_stride: to_u32(op, "pool stride", pool.stride)?,
-        _pad: 0,
+        table_positions,
         rope_theta: a.rope_theta,
+        rope_table,
     };
-    // SAFETY: q, k, v hold n_rows rows of strides covering their heads; every
-    // slot is a distinct row of both pools (recorded at upload, checked above); positions cover
-    // the rows; live buffers of this context borrowed for the launch, q and the pools mutably.
+    // SAFETY: q, k, v hold n_rows rows of strides covering their heads (fused: disjoint column
+    // ranges of one buffer's rows, q the only one written); every slot is a distinct row of both
+    // pools (recorded at upload, checked above); positions cover the rows; the table holds
+    // table_positions positions of head_dim / 2 pairs; live buffers of this context borrowed for
+    // the launch, q and the pools mutably.
     unsafe { raw::rope_kv(dev.kernels(), &p, dev.stream().cu_stream()) }
 }
 
@@ -1720,6 +1941,9 @@ pub struct PatchTargets<'a> {
     pub logits_rows: Option<&'a mut CudaSlice<u32>>,
     /// Sampler positions (`logits`).
     pub sample_pos: Option<&'a mut CudaSlice<u32>>,
+    /// The attention plan's key-tile summaries, rebuilt from the patched key tags (which must
+    /// then be given) after the patches.
+    pub kv_summary: Option<SummaryTarget<'a>>,
 }
 
 /// Checks the targets of [`resolve_plan`]: `given[f]` is the buffer length of field `f`'s target
@@ -1758,9 +1982,11 @@ fn check_targets(lens: PatchLens, writes: [bool; 7], given: [Option<usize>; 7]) 
 /// Queues `sl_resolve_plan` (never waits; capturable): computes the lists of the state's
 /// current decode progress for the step's block `[block.0, block.1)` into `state.q` / `m` /
 /// `d`, then applies `patches` to the targets, exactly as the host twins (the sampler's
-/// `patch::lists` and `patch::apply`). Errors (nothing queued): `block.0 > block.1`, a field some
-/// patch writes without a target, a target shorter than its [`PatchLens`] length, a state
-/// buffer shorter than the response.
+/// `patch::lists` and `patch::apply`); with a summary target, it then rebuilds the attention
+/// plan's key-tile summaries from the patched key tags (`contract::attn::key_tile_summaries`).
+/// Errors (nothing queued): `block.0 > block.1`, a field some patch writes without a target, a
+/// target shorter than its [`PatchLens`] length, a state buffer shorter than the response, a
+/// summary target without a key-tag target holding its keys or with too short a buffer.
 pub fn resolve_plan(
     dev: &CudaDevice,
     patches: &PatchBuf,
@@ -1784,7 +2010,33 @@ pub fn resolve_plan(
         kv_tags,
         logits_rows,
         sample_pos,
+        kv_summary,
     } = targets;
+    if let Some(t) = &kv_summary {
+        let tags = kv_tags.as_ref().map_or(0, |b| b.len());
+        if kv_tags.is_none() || tags < t.n_keys {
+            return bad(
+                op,
+                format_args!(
+                    "the key-tile summaries of {} keys need a kv_tags target holding them \
+                     (given: {tags})",
+                    t.n_keys
+                ),
+            );
+        }
+        if t.summary.len() < t.n_ktiles * SUMMARY_WORDS || t.kv_indptr.len() != t.n_seqs + 1 {
+            return bad(
+                op,
+                format_args!(
+                    "summary target: {} words for {} key tiles, {} offsets for {} sequences",
+                    t.summary.len(),
+                    t.n_ktiles,
+                    t.kv_indptr.len(),
+                    t.n_seqs
+                ),
+            );
+        }
+    }
     let mut ts = [
         row_ids,
         row_pos,
@@ -1838,13 +2090,25 @@ pub fn resolve_plan(
         n_keys: to_u32(op, "keys", lens.keys)?,
         n_logits: to_u32(op, "logits", lens.logits)?,
         n_samples: to_u32(op, "samples", lens.samples)?,
+        kv_indptr: null(),
+        kv_summary: null_mut(),
+        n_seqs: 0,
+        _pad: 0,
     };
+    let mut p = p;
+    if let Some(t) = kv_summary {
+        p.kv_indptr = b.read("kv_indptr", t.kv_indptr)?;
+        p.kv_summary = b.write("kv_summary", t.summary)?;
+        p.n_seqs = to_u32(op, "sequences", t.n_seqs)?;
+    }
     // SAFETY: n <= MAX_PROGRAM_LEN (< 2^31) and every state buffer holds n entries (`check`);
     // the patch buffer holds n_patches 16-byte records (4 u32 each, 4-byte aligned as SlPatch
     // needs) checked by `check_patches`, so no two name the same entry; every given target
     // holds its PatchLens length (`check_targets`) and a target not given is null (the kernel
     // skips it); all are live buffers of this context borrowed for the launch, the written ones
-    // mutably, so the targets, the lists and the state are distinct buffers.
+    // mutably, so the targets, the lists and the state are distinct buffers. A summary target
+    // comes from an attention plan whose kv_indptr covers n_keys keys, all held by the checked
+    // kv_tags target, and whose summary buffer holds a summary per key tile (checked above).
     unsafe { raw::resolve_plan(dev.kernels(), &p, dev.stream().cu_stream()) }
 }
 

@@ -28,12 +28,13 @@ use std::ffi::c_void;
 
 use cudarc::driver::{result, sys};
 
+use crate::contract::attn::AttnVersion;
 use crate::cuda::abi::{
-    self, SL_AGG_THREADS, SL_ATTN_THREADS, SL_ELEM_THREADS, SL_GATHER_THREADS, SL_MERGE_THREADS,
-    SL_PROGRAM_THREADS, SL_ROW_THREADS, SL_SAMPLE_THREADS, SL_SOFTMAX_THREADS, SlAggregateParams,
-    SlAttnParams, SlCommitParams, SlEmbedParams, SlFillParams, SlGatherParams, SlInitParams,
-    SlMaskedSoftmaxParams, SlResolveParams, SlRmsNormParams, SlRopeKvParams, SlSampleParams,
-    SlSwigluParams,
+    self, SL_AGG_THREADS, SL_ATTN_THREADS, SL_ELEM_THREADS, SL_GATHER_THREADS, SL_MERGE_HEADS,
+    SL_MERGE_THREADS, SL_PROGRAM_THREADS, SL_ROW_THREADS, SL_SAMPLE_THREADS, SL_SOFTMAX_THREADS,
+    SlAggregateParams, SlAttnParams, SlCommitParams, SlEmbedParams, SlFillParams, SlGatherParams,
+    SlInitParams, SlMaskedSoftmaxParams, SlResolveParams, SlRmsNormParams, SlRopeKvParams,
+    SlSampleParams, SlSwigluParams,
 };
 use crate::cuda::device::{Kernel, Kernels, cuda_err};
 use crate::error::{Error, Result};
@@ -84,8 +85,8 @@ unsafe fn launch<P>(
 /// `sl_attention_merge` when `p.n_splits > 1`. Grid `(n_qtiles, n_heads, n_splits)`,
 /// `SL_ATTN_THREADS` threads, `SL_ATTN_SMEM_BYTES(head_dim)` dynamic shared memory.
 ///
-/// Errors: a head_dim other than 64 or 128, `n_splits == 0`, or `n_heads` / `n_splits` above
-/// the grid limit; a launch failure.
+/// Errors: a head_dim other than 64 or 128, `n_splits == 0`, `n_heads` / `n_splits` above the
+/// grid limit, a null `ktile_indptr` or `kv_summary`; a launch failure.
 ///
 /// # Safety
 /// The module's common contract, and:
@@ -95,15 +96,50 @@ unsafe fn launch<P>(
 /// - `seq_indptr` and `kv_indptr` are valid CSR offsets over `n_seqs` sequences (`n_rows` rows,
 ///   `kv_indices` / `kv_tags` keys), every `kv_indices` entry is below `n_slots`, and `k_pool` /
 ///   `v_pool` hold `n_slots` rows of `kv_stride`;
+/// - `ktile_indptr` and `kv_summary` are the key tiles and summaries of `kv_indptr` /
+///   `kv_tags` (`contract::attn::key_tile_summaries` with `SL_ATTN_BLOCK_N`; a summary that
+///   claims a visible tile where some pair is hidden yields wrong results, never a fault);
+///   `kv_summary` is 16-byte aligned;
 /// - `n_heads` is a multiple of `n_kv_heads`; `q_stride >= n_heads·head_dim`,
-///   `o_stride >= n_heads·head_dim`, `kv_stride >= n_kv_heads·head_dim`; `q_stride` and
-///   `kv_stride` are multiples of 8 and `q`, `k_pool`, `v_pool` 16-byte aligned (16-byte
-///   `cp.async`), `o_stride` is even and `o` 4-byte aligned (bf16x2 stores), `partial_o` 8-byte
-///   aligned;
+///   `o_stride >= n_heads·head_dim`, `kv_stride >= n_kv_heads·head_dim`; `q_stride`,
+///   `kv_stride` and `o_stride` are multiples of 8 and `q`, `k_pool`, `v_pool`, `o`, `partial_o`
+///   16-byte aligned (16-byte `cp.async` and stores), `kv_indices` / `kv_tags` 4-byte aligned;
 /// - with `n_splits > 1`, `partial_o` / `partial_lse` hold `[n_splits, n_rows, n_heads,
 ///   head_dim]` / `[n_splits, n_rows, n_heads]` f32.
 pub unsafe fn attention(kernels: &Kernels, p: &SlAttnParams, stream: sys::CUstream) -> Result<()> {
-    let Some(kernel) = kernels.attention(p.head_dim) else {
+    // SAFETY: the caller's contract, which is v2's.
+    unsafe { attention_version(kernels, AttnVersion::V2, p, stream) }
+}
+
+/// The previous attention kernel (`sl_attention_v1_hd64` / `_hd128`, kept for one release so a
+/// GPU run can compare it with [`attention`]), followed by `sl_attention_merge` when
+/// `p.n_splits > 1`. Grid `(n_qtiles, n_heads, n_splits)`, `SL_ATTN_THREADS` threads,
+/// `SL_ATTN_V1_SMEM_BYTES(head_dim)` dynamic shared memory. It ignores `ktile_indptr` and
+/// `kv_summary`.
+///
+/// # Safety
+/// As for [`attention`], except: query tiles of at most `SL_ATTN_V1_BLOCK_M` rows; `o` 4-byte
+/// aligned with an even `o_stride` suffices; `ktile_indptr` / `kv_summary` are not read.
+pub unsafe fn attention_v1(
+    kernels: &Kernels,
+    p: &SlAttnParams,
+    stream: sys::CUstream,
+) -> Result<()> {
+    // SAFETY: the caller's contract, which is v1's.
+    unsafe { attention_version(kernels, AttnVersion::V1, p, stream) }
+}
+
+/// [`attention`] or [`attention_v1`].
+///
+/// # Safety
+/// The contract of the chosen version's function.
+pub unsafe fn attention_version(
+    kernels: &Kernels,
+    version: AttnVersion,
+    p: &SlAttnParams,
+    stream: sys::CUstream,
+) -> Result<()> {
+    let Some(kernel) = kernels.attention_of(version, p.head_dim) else {
         return Err(Error::Input(format!(
             "attention: no kernel for head_dim {} (64 and 128 are compiled)",
             p.head_dim
@@ -115,12 +151,23 @@ pub unsafe fn attention(kernels: &Kernels, p: &SlAttnParams, stream: sys::CUstre
             p.n_splits, p.n_heads
         )));
     }
+    if version == AttnVersion::V2 && (p.ktile_indptr.is_null() || p.kv_summary.is_null()) {
+        return Err(Error::Input(
+            "attention: ktile_indptr and kv_summary are required (contract::attn::\
+             key_tile_summaries, sl_key_tiles)"
+                .into(),
+        ));
+    }
     if p.n_qtiles == 0 || p.n_heads == 0 {
         return Ok(());
     }
     let grid = (p.n_qtiles, p.n_heads, p.n_splits);
     // head_dim is 64 or 128 here (it picked the kernel), so the size fits.
-    let smem = abi::attn_smem_bytes(p.head_dim).unwrap_or(u32::MAX);
+    let smem = match version {
+        AttnVersion::V2 => abi::attn_smem_bytes(p.head_dim),
+        AttnVersion::V1 => abi::attn_v1_smem_bytes(p.head_dim),
+    }
+    .unwrap_or(u32::MAX);
     // SAFETY: the caller's contract above covers every pointer and count the kernel reads; the
     // geometry is the one params.h documents and the shared memory was opted into at load.
     unsafe { launch(kernels, kernel, grid, SL_ATTN_THREADS, smem, stream, p) }?;
@@ -133,26 +180,34 @@ pub unsafe fn attention(kernels: &Kernels, p: &SlAttnParams, stream: sys::CUstre
 }
 
 /// `sl_attention_merge`: combines the split partials of [`attention`] into `o` / `lse`. Grid
-/// `n_rows`, `SL_MERGE_THREADS` threads. [`attention`] calls it; it is public for engines that
-/// schedule the two launches themselves.
+/// `(n_rows, ceil(n_heads / SL_MERGE_HEADS))`, `SL_MERGE_THREADS` threads (one warp per row and
+/// head). [`attention`] calls it; it is public for engines that schedule the two launches
+/// themselves.
 ///
 /// # Safety
 /// As for [`attention`] with `n_splits > 1`, and the partials were written by the attention
-/// kernel with the same params earlier in stream order.
+/// kernel (either version) with the same params earlier in stream order; head_dim 64 or 128.
 pub unsafe fn attention_merge(
     kernels: &Kernels,
     p: &SlAttnParams,
     stream: sys::CUstream,
 ) -> Result<()> {
-    if p.n_rows == 0 {
+    if p.n_rows == 0 || p.n_heads == 0 {
         return Ok(());
+    }
+    let heads = p.n_heads.div_ceil(SL_MERGE_HEADS);
+    if heads > MAX_GRID_YZ {
+        return Err(Error::Input(format!(
+            "attention merge: n_heads {} needs more than {MAX_GRID_YZ} blocks",
+            p.n_heads
+        )));
     }
     // SAFETY: the caller's contract; geometry from params.h.
     unsafe {
         launch(
             kernels,
             kernels.attention_merge(),
-            (p.n_rows, 1, 1),
+            (p.n_rows, heads, 1),
             SL_MERGE_THREADS,
             0,
             stream,
@@ -385,7 +440,10 @@ pub unsafe fn init_uniform(
 /// The module's common contract, and: `n < 2^31`; `tokens`, `order`, `decoded_step` and the
 /// three lists hold `n` entries; `patches` holds `n_patches`; every non-null target holds its
 /// length (`n_rows` / `n_keys` / `n_logits` / `n_samples`); no two patches name the same (field, index); the
-/// targets alias neither each other, the state nor the lists.
+/// targets alias neither each other, the state nor the lists. When `kv_summary` is set:
+/// `kv_tags` is set, `kv_indptr` holds `n_seqs + 1` valid CSR offsets ending at most at
+/// `n_keys` (and at most at kv_tags' length), and `kv_summary` holds `SL_ATTN_SUMMARY_WORDS`
+/// words per key tile of those sequences.
 pub unsafe fn resolve_plan(
     kernels: &Kernels,
     p: &SlResolveParams,

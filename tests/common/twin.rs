@@ -38,6 +38,15 @@ fn round_bf16(x: &mut [f32]) {
     }
 }
 
+/// Columns `lo..hi` of every row of `m`, dense.
+fn columns(m: &CpuMatrix, lo: usize, hi: usize) -> Vec<f32> {
+    m.data
+        .chunks_exact(m.cols.max(1))
+        .flat_map(|row| &row[lo..hi])
+        .copied()
+        .collect()
+}
+
 fn stored(m: &mut TwinMatrix) {
     if m.1 == MatrixKind::Activation {
         round_bf16(&mut m.0.data);
@@ -56,6 +65,9 @@ impl Backend for Bf16Twin {
     fn upload_weight(&self, mut t: HostTensor) -> sparse_lavida::Result<HostTensor> {
         round_bf16(&mut t.data);
         Ok(t)
+    }
+    fn concat_weights(&self, parts: Vec<HostTensor>) -> sparse_lavida::Result<HostTensor> {
+        sparse_lavida::backend::cpu::concat_rows(parts)
     }
     fn upload_plan(&self, plan: &StepPlan) -> sparse_lavida::Result<StepPlan> {
         Ok(plan.clone())
@@ -124,9 +136,7 @@ impl Backend for Bf16Twin {
         plan: &StepPlan,
         b: Branch,
         layer: usize,
-        q: &mut TwinMatrix,
-        k: &TwinMatrix,
-        v: &TwinMatrix,
+        qkv: &mut TwinMatrix,
         cache: &mut TwinCache,
     ) -> sparse_lavida::Result<()> {
         let AttnShape {
@@ -135,15 +145,21 @@ impl Backend for Bf16Twin {
             head_dim,
         } = cache.shape;
         let rows = plan.rows(b);
-        cpu::rope(
-            &mut q.0.data,
-            n_heads,
-            head_dim,
-            &rows.pos,
-            cache.rope_theta,
-        )?;
-        round_bf16(&mut q.0.data);
-        let mut k_rot = k.0.data.clone();
+        let (q_dim, d) = (n_heads * head_dim, cache.shape.kv_dim());
+        let width = q_dim + 2 * d;
+        let mut q = columns(&qkv.0, 0, q_dim);
+        cpu::rope(&mut q, n_heads, head_dim, &rows.pos, cache.rope_theta)?;
+        round_bf16(&mut q);
+        for (row, q_row) in qkv
+            .0
+            .data
+            .chunks_exact_mut(width)
+            .zip(q.chunks_exact(q_dim))
+        {
+            row[..q_dim].copy_from_slice(q_row);
+        }
+        let mut k_rot = columns(&qkv.0, q_dim, q_dim + d);
+        let v = columns(&qkv.0, q_dim + d, width);
         cpu::rope(
             &mut k_rot,
             n_kv_heads,
@@ -152,11 +168,10 @@ impl Backend for Bf16Twin {
             cache.rope_theta,
         )?;
         round_bf16(&mut k_rot);
-        let d = cache.shape.kv_dim();
         for (i, &slot) in rows.slots.iter().enumerate() {
             let s = slot as usize;
             cache.k[layer][s * d..(s + 1) * d].copy_from_slice(&k_rot[i * d..(i + 1) * d]);
-            cache.v[layer][s * d..(s + 1) * d].copy_from_slice(&v.0.data[i * d..(i + 1) * d]);
+            cache.v[layer][s * d..(s + 1) * d].copy_from_slice(&v[i * d..(i + 1) * d]);
         }
         Ok(())
     }
@@ -171,8 +186,10 @@ impl Backend for Bf16Twin {
         out: &mut TwinMatrix,
     ) -> sparse_lavida::Result<()> {
         let rows = plan.rows(b);
+        // The queries: the first n_heads·head_dim columns of the fused q|k|v.
+        let q = columns(&q.0, 0, cache.shape.q_dim());
         let inp = AttnInputs {
-            q: &q.0.data,
+            q: &q,
             row_tags: &rows.tags,
             seq_indptr: &rows.seq_indptr,
             k_pool: &cache.k[layer],
@@ -189,13 +206,8 @@ impl Backend for Bf16Twin {
         stored(out);
         Ok(())
     }
-    fn swiglu(
-        &self,
-        gate: &TwinMatrix,
-        up: &TwinMatrix,
-        out: &mut TwinMatrix,
-    ) -> sparse_lavida::Result<()> {
-        self.0.swiglu(&gate.0, &up.0, &mut out.0)?;
+    fn swiglu(&self, gate_up: &TwinMatrix, out: &mut TwinMatrix) -> sparse_lavida::Result<()> {
+        self.0.swiglu(&gate_up.0, &mut out.0)?;
         stored(out);
         Ok(())
     }

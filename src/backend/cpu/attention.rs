@@ -22,10 +22,13 @@
 //! Query head `h` reads K/V head `h / (n_heads / n_kv_heads)` (GQA).
 //!
 //! # Per key tile
-//! 1. Classify the (query tile, key tile) pair from per-tile tag summaries (`TagSummary`) as
-//!    AllVisible, AllHidden or Mixed (`classify`, whose comment proves the rule sound).
-//!    AllHidden: skip the tile, reading no K/V. AllVisible: no per-pair checks. Mixed: evaluate
-//!    `visible` per pair and set hidden scores to −inf.
+//! 1. Classify the (query tile, key tile) pair as the kernel does: the key tile's summary comes
+//!    from the plan's table ([`key_tile_summaries`], entry `ktile_indptr[seq] + split start /
+//!    tile_k + i` for the split's tile `i`), the query tile's from its rows' tags, once per work
+//!    item ([`QueryDesc`]); [`QueryDesc::classify`] proves the rule sound. Hidden: skip the tile,
+//!    reading no K/V. Visible with a full tile (`tile_k` keys): no per-pair checks. Otherwise
+//!    (Mixed, or the sequence's partial last tile): evaluate `visible` per pair and set hidden
+//!    scores to −inf.
 //! 2. Scores in base 2 with the softmax scale folded in:
 //!    `s2 = (q·k) · (1/sqrt(head_dim)) · log2(e)`.
 //! 3. Online softmax per row: `m_new = max(m, max_j s2_j)`; `acc` and `l` are rescaled by
@@ -47,8 +50,8 @@ use rayon::prelude::*;
 
 use crate::backend::cpu::ops::gemm_block;
 use crate::bail_input;
-use crate::contract::attn::check_indptr;
-use crate::contract::{Branch, Tag, visible};
+use crate::contract::attn::{QueryDesc, TileClass, TileSummary, check_indptr, key_tile_summaries};
+use crate::contract::{Tag, visible};
 use crate::error::Result;
 
 /// The call's geometry and tiling, the kernel's formats ([`crate::contract::attn`]).
@@ -174,140 +177,6 @@ impl AttnInputs<'_> {
     }
 }
 
-/// Blocks `min..=max` seen in a set of tags (empty: `min > max`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct BlockRange {
-    min: u32,
-    max: u32,
-}
-
-impl BlockRange {
-    const EMPTY: BlockRange = BlockRange {
-        min: u32::MAX,
-        max: 0,
-    };
-
-    fn is_empty(self) -> bool {
-        self.min > self.max
-    }
-
-    fn insert(&mut self, block: u32) {
-        self.min = self.min.min(block);
-        self.max = self.max.max(block);
-    }
-
-    /// Whether the ranges (not necessarily the block sets) intersect.
-    fn overlaps(self, other: BlockRange) -> bool {
-        !self.is_empty() && !other.is_empty() && self.min <= other.max && other.min <= self.max
-    }
-
-    /// Whether the range is exactly the single block `b`.
-    fn is_only(self, b: u32) -> bool {
-        self.min == b && self.max == b
-    }
-}
-
-/// Per-tile summary of tags, per branch: the block ranges of its clean and of its masked tags.
-/// On the GPU this is 8 min/max reductions over the tile's tags (a warp shuffle each).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct TagSummary {
-    /// `[branch][masked as usize]`.
-    ranges: [[BlockRange; 2]; 2],
-}
-
-impl TagSummary {
-    fn of(tags: &[Tag]) -> TagSummary {
-        let mut ranges = [[BlockRange::EMPTY; 2]; 2];
-        for t in tags {
-            ranges[t.branch() as usize][t.masked() as usize].insert(t.block());
-        }
-        TagSummary { ranges }
-    }
-}
-
-/// How a (query tile, key tile) pair is processed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TileClass {
-    /// Every pair is visible: no per-pair checks.
-    AllVisible,
-    /// No pair is visible: the tile is skipped without reading K/V.
-    AllHidden,
-    /// Anything else (or not provably one of the above): per-pair checks.
-    Mixed,
-}
-
-/// Classifies a tile pair from its summaries. Sound: AllVisible only if every pair is visible,
-/// AllHidden only if none is. AllVisible is also complete (returned whenever every pair is
-/// visible); AllHidden may be missed (→ Mixed) when masked queries' block ranges overlap the
-/// masked keys' without sharing a block.
-///
-/// Proof. `visible = branch_ok ∧ step_ok`. Split both tiles by branch; for each pair of present
-/// branch classes `(bq, bk)`:
-/// - branch: if `!joint ∧ bq ≠ bk`, every pair of the class is hidden; otherwise every pair has
-///   `branch_ok` and visibility is `step_ok` alone ([`step_bounds`]).
-///
-/// The tile is all visible iff every class is (so a branch-hidden class makes it not all
-/// visible), and all hidden iff every class is all hidden; `step_bounds` returns exact "all" and
-/// sound "none" per class, hence the claims.
-fn classify(q: &TagSummary, k: &TagSummary, joint: bool) -> TileClass {
-    let mut all_visible = true;
-    let mut maybe_visible = false;
-    for bq in Branch::ALL {
-        for bk in Branch::ALL {
-            let qs = q.ranges[bq as usize];
-            let ks = k.ranges[bk as usize];
-            let present = |r: [BlockRange; 2]| !r[0].is_empty() || !r[1].is_empty();
-            if !present(qs) || !present(ks) {
-                continue;
-            }
-            if !joint && bq != bk {
-                all_visible = false;
-                continue;
-            }
-            let (all, none) = step_bounds(qs, ks);
-            all_visible &= all;
-            maybe_visible |= !none;
-        }
-    }
-    if all_visible {
-        TileClass::AllVisible
-    } else if !maybe_visible {
-        TileClass::AllHidden
-    } else {
-        TileClass::Mixed
-    }
-}
-
-/// For queries with block ranges `q = [clean, masked]` and keys `k` (both non-empty sets, branch
-/// already allowed), returns `(all, none)`: `all` iff `step_ok` holds for every pair, and `none`
-/// only if it holds for no pair.
-///
-/// From SPEC §3 (`qc`/`qm`: clean/masked queries, `kc`/`km`: clean/masked keys):
-/// - a masked query of block `b` sees every clean key and exactly the masked keys of block `b`.
-///   All of `qm × k` visible ⇔ `km` empty, or `qm` and `km` are both exactly one block `b`.
-///   None visible ⇔ `kc` empty and no block is in both `qm` and `km`; disjoint ranges imply
-///   the latter (the converse fails, hence "only if").
-/// - a clean query of block `b` sees exactly the clean keys of blocks `<= b`. All of `qc × k`
-///   visible ⇔ `km` empty and `max(kc) <= min(qc)`. None visible ⇔ `kc` empty or
-///   `min(kc) > max(qc)` (the smallest clean key is above the largest clean query).
-///
-/// All pairs visible iff both query kinds (those present) have all visible; none iff both none.
-fn step_bounds(q: [BlockRange; 2], k: [BlockRange; 2]) -> (bool, bool) {
-    let [qc, qm] = q;
-    let [kc, km] = k;
-    let mut all = true;
-    let mut none = true;
-    if !qm.is_empty() {
-        all &= km.is_empty() || (qm.min == qm.max && km.is_only(qm.min));
-        none &= kc.is_empty() && !qm.overlaps(km);
-    }
-    if !qc.is_empty() {
-        all &= km.is_empty() && kc.max <= qc.min;
-        none &= kc.is_empty() || kc.min > qc.max;
-    }
-    (all, none)
-}
-
 /// Up to `tile_q` consecutive rows of one sequence.
 #[derive(Debug, Clone)]
 struct QueryTile {
@@ -337,10 +206,17 @@ struct Partial {
     lse2: Vec<f32>,
 }
 
+/// The key tiles of every sequence: `ktile_indptr` and a summary per tile (the plan's tables).
+struct KeyTiles {
+    indptr: Vec<u32>,
+    summaries: Vec<TileSummary>,
+}
+
 /// One work item: the rows of `tile`, query head `head`, the keys of split `split`.
 fn attend_split(
     inp: &AttnInputs,
     tiling: AttnTiling,
+    key_tiles: &KeyTiles,
     tile: &QueryTile,
     head: usize,
     split: usize,
@@ -351,12 +227,14 @@ fn attend_split(
     let scale_log2 = (d as f32).sqrt().recip() * std::f32::consts::LOG2_E;
     let n_rows = tile.rows.len();
     let q_tags = &inp.row_tags[tile.rows.clone()];
-    let q_summary = TagSummary::of(q_tags);
+    let q_desc = QueryDesc::new(&TileSummary::of(q_tags), inp.joint);
     let q_row = |r: usize| &inp.q[(tile.rows.start + r) * q_dim + head * d..][..d];
 
     let seq_keys = inp.seq_keys(tile.seq);
     let split_keys = tiling.split_range(seq_keys.len(), split);
     let keys = seq_keys.start + split_keys.start..seq_keys.start + split_keys.end;
+    // Split starts are multiples of tile_k, so the split's tiles are the sequence's from here.
+    let first_tile = key_tiles.indptr[tile.seq] as usize + split_keys.start / tiling.tile_k;
 
     // Running state per row: max `m` (base 2), sum `l`, unnormalised accumulator `acc`.
     let mut m = vec![f32::NEG_INFINITY; n_rows];
@@ -372,14 +250,16 @@ fn attend_split(
     let mut vt_tile = vec![0.0f32; d * tiling.tile_k];
     let mut s = vec![0.0f32; n_rows * tiling.tile_k];
 
-    for k0 in keys.clone().step_by(tiling.tile_k) {
+    for (i, k0) in keys.clone().step_by(tiling.tile_k).enumerate() {
         let tile_keys = k0..(k0 + tiling.tile_k).min(keys.end);
         let n_keys = tile_keys.len();
         let k_tags = &inp.kv_tags[tile_keys.clone()];
-        let class = classify(&q_summary, &TagSummary::of(k_tags), inp.joint);
-        if class == TileClass::AllHidden {
+        let class = q_desc.classify(&key_tiles.summaries[first_tile + i]);
+        if class == TileClass::Hidden {
             continue;
         }
+        // The kernel's fast path needs a full tile; the partial last tile is masked per pair.
+        let unmasked = class == TileClass::Visible && n_keys == tiling.tile_k;
         // Gather the tile through the index list (cp.async on the GPU; the pool is never copied
         // whole).
         let slots = &inp.kv_indices[tile_keys];
@@ -400,8 +280,7 @@ fn attend_split(
         gemm_block(&q_tile, n_rows, d, k_tile, n_keys, s, false);
         for r in 0..n_rows {
             for j in 0..n_keys {
-                let shown =
-                    class == TileClass::AllVisible || visible(q_tags[r], k_tags[j], inp.joint);
+                let shown = unmasked || visible(q_tags[r], k_tags[j], inp.joint);
                 let x = &mut s[r * n_keys + j];
                 *x = if shown {
                     *x * scale_log2
@@ -478,6 +357,8 @@ pub fn attention_tiled(
 
     // Work item `(t, h, sp)` has index `(t·n_heads + h)·n_splits + sp`.
     let tiles = query_tiles(inp, tiling.tile_q);
+    let (indptr, summaries) = key_tile_summaries(inp.kv_indptr, inp.kv_tags, tiling.tile_k);
+    let key_tiles = KeyTiles { indptr, summaries };
     let partials: Vec<Partial> = (0..tiles.len() * n_heads * n_splits)
         .into_par_iter()
         .map(|item| {
@@ -486,7 +367,7 @@ pub fn attention_tiled(
                 item / n_splits % n_heads,
                 item % n_splits,
             );
-            attend_split(inp, tiling, &tiles[tile], head, split)
+            attend_split(inp, tiling, &key_tiles, &tiles[tile], head, split)
         })
         .collect();
 
@@ -590,70 +471,6 @@ pub fn attention_naive(inp: &AttnInputs) -> Result<(Vec<f64>, Vec<f64>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
-
-    fn tag_strategy() -> impl Strategy<Value = Tag> {
-        (any::<bool>(), 0u32..4, any::<bool>()).prop_map(|(image, block, masked)| {
-            let branch = if image { Branch::Image } else { Branch::Text };
-            Tag::new(branch, block, masked)
-        })
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
-
-        /// The tile classification never contradicts the per-pair rule, and finds every
-        /// all-visible tile.
-        #[test]
-        fn classification_agrees_with_per_pair_rule(
-            q in prop::collection::vec(tag_strategy(), 1..6),
-            k in prop::collection::vec(tag_strategy(), 1..6),
-            joint in any::<bool>(),
-        ) {
-            let class = classify(&TagSummary::of(&q), &TagSummary::of(&k), joint);
-            let pairs: Vec<bool> = q
-                .iter()
-                .flat_map(|&qt| k.iter().map(move |&kt| visible(qt, kt, joint)))
-                .collect();
-            let all = pairs.iter().all(|&v| v);
-            let none = !pairs.iter().any(|&v| v);
-            match class {
-                TileClass::AllVisible => prop_assert!(all),
-                TileClass::AllHidden => prop_assert!(none),
-                TileClass::Mixed => prop_assert!(!all),
-            }
-        }
-    }
-
-    #[test]
-    fn classification_finds_typical_hidden_tiles() {
-        let t = |b, block, masked| Tag::new(b, block, masked);
-        let (text, image) = (Branch::Text, Branch::Image);
-        let class =
-            |q: &[Tag], k: &[Tag], joint| classify(&TagSummary::of(q), &TagSummary::of(k), joint);
-        // Clean queries vs a tile of masked keys (this step's masks and registers).
-        let clean_q = [t(image, 1, false), t(image, 2, false)];
-        let masked_k = [t(image, 3, true), t(image, 3, true)];
-        assert_eq!(class(&clean_q, &masked_k, true), TileClass::AllHidden);
-        // Clean queries vs later clean blocks.
-        assert_eq!(
-            class(&clean_q, &[t(image, 3, false)], true),
-            TileClass::AllHidden
-        );
-        // Non-joint layer, other branch.
-        assert_eq!(
-            class(&clean_q, &[t(text, 0, false)], false),
-            TileClass::AllHidden
-        );
-        assert_eq!(
-            class(&clean_q, &[t(text, 0, false)], true),
-            TileClass::AllVisible
-        );
-        // Masked queries vs another masked block.
-        let masked_q = [t(image, 4, true)];
-        assert_eq!(class(&masked_q, &masked_k, true), TileClass::AllHidden);
-        assert_eq!(class(&masked_q, &clean_q, true), TileClass::AllVisible);
-    }
 
     #[test]
     fn split_ranges_cover_the_keys_once_in_order() {

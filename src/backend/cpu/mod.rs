@@ -89,6 +89,43 @@ fn check_shape(what: &str, m: &CpuMatrix, rows: usize, cols: usize) -> Result<()
     Ok(())
 }
 
+/// Columns `lo..hi` of every row of `m`, as a dense `[m.rows, hi − lo]` buffer.
+fn columns(m: &CpuMatrix, lo: usize, hi: usize) -> Vec<f32> {
+    m.data
+        .chunks_exact(m.cols.max(1))
+        .flat_map(|row| &row[lo..hi])
+        .copied()
+        .collect()
+}
+
+/// Concatenates 2-D host tensors `[n_i, k]` of one `k` along their rows (the CPU's and the
+/// bf16 twin's [`Backend::concat_weights`]).
+pub fn concat_rows(parts: Vec<HostTensor>) -> Result<HostTensor> {
+    let Some(k) = parts.first().and_then(|t| t.shape.get(1).copied()) else {
+        return Err(Error::Input(
+            "concat_weights: no parts, or a part is not a matrix".into(),
+        ));
+    };
+    let mut rows = 0;
+    for t in &parts {
+        if t.shape.len() != 2 || t.shape[1] != k || t.data.len() != t.shape[0] * k {
+            return Err(Error::Input(format!(
+                "concat_weights: part of shape {:?} does not have {k} columns",
+                t.shape
+            )));
+        }
+        rows += t.shape[0];
+    }
+    let mut data = Vec::with_capacity(rows * k);
+    for t in parts {
+        data.extend_from_slice(&t.data);
+    }
+    Ok(HostTensor {
+        shape: vec![rows, k],
+        data,
+    })
+}
+
 fn check_weight(what: &str, w: &HostTensor, shape: &[usize]) -> Result<()> {
     if w.shape != shape {
         return Err(Error::Input(format!(
@@ -111,6 +148,10 @@ impl Backend for CpuBackend {
 
     fn upload_weight(&self, t: HostTensor) -> Result<HostTensor> {
         Ok(t)
+    }
+
+    fn concat_weights(&self, parts: Vec<HostTensor>) -> Result<HostTensor> {
+        concat_rows(parts)
     }
 
     fn upload_plan(&self, plan: &StepPlan) -> Result<StepPlan> {
@@ -214,9 +255,7 @@ impl Backend for CpuBackend {
         plan: &StepPlan,
         b: Branch,
         layer: usize,
-        q: &mut CpuMatrix,
-        k: &CpuMatrix,
-        v: &CpuMatrix,
+        qkv: &mut CpuMatrix,
         cache: &mut CpuCache,
     ) -> Result<()> {
         let AttnShape {
@@ -227,19 +266,27 @@ impl Backend for CpuBackend {
         let theta = cache.rope_theta;
         let rows = plan.rows(b);
         let n = rows.len();
-        check_shape("rope q", q, n, n_heads * head_dim)?;
-        check_shape("rope k", k, n, cache.kv_dim)?;
-        check_shape("rope v", v, n, cache.kv_dim)?;
+        let (q_dim, d) = (n_heads * head_dim, cache.kv_dim);
+        check_shape("rope q|k|v", qkv, n, q_dim + 2 * d)?;
         if layer >= cache.k.len() {
             return Err(Error::Input(format!(
                 "layer {layer} beyond the pool's {}",
                 cache.k.len()
             )));
         }
-        ops::rope(&mut q.data, n_heads, head_dim, &rows.pos, theta)?;
-        let mut k_rot = k.data.clone();
+        // The same arithmetic as on separate matrices: column blocks copied out and back.
+        let mut q = columns(qkv, 0, q_dim);
+        ops::rope(&mut q, n_heads, head_dim, &rows.pos, theta)?;
+        for (row, q_row) in qkv
+            .data
+            .chunks_exact_mut(q_dim + 2 * d)
+            .zip(q.chunks_exact(q_dim))
+        {
+            row[..q_dim].copy_from_slice(q_row);
+        }
+        let mut k_rot = columns(qkv, q_dim, q_dim + d);
+        let v = columns(qkv, q_dim + d, q_dim + 2 * d);
         ops::rope(&mut k_rot, n_kv_heads, head_dim, &rows.pos, theta)?;
-        let d = cache.kv_dim;
         for (i, &slot) in rows.slots.iter().enumerate() {
             let slot = slot as usize;
             if slot >= cache.slots {
@@ -249,7 +296,7 @@ impl Backend for CpuBackend {
                 )));
             }
             cache.k[layer][slot * d..(slot + 1) * d].copy_from_slice(&k_rot[i * d..(i + 1) * d]);
-            cache.v[layer][slot * d..(slot + 1) * d].copy_from_slice(&v.data[i * d..(i + 1) * d]);
+            cache.v[layer][slot * d..(slot + 1) * d].copy_from_slice(&v[i * d..(i + 1) * d]);
         }
         Ok(())
     }
@@ -278,8 +325,25 @@ impl Backend for CpuBackend {
                 cache.k.len()
             )));
         }
+        // The queries are q's first n_heads·head_dim columns (q may be the fused q|k|v).
+        let q_dim = shape.n_heads * shape.head_dim;
+        if q.rows != rows.len() || q.cols < q_dim {
+            return Err(Error::Input(format!(
+                "attention q: expected [{}, >= {q_dim}], got [{}, {}]",
+                rows.len(),
+                q.rows,
+                q.cols
+            )));
+        }
+        let dense;
+        let q_data = if q.cols == q_dim {
+            &q.data
+        } else {
+            dense = columns(q, 0, q_dim);
+            &dense
+        };
         let inp = AttnInputs {
-            q: &q.data,
+            q: q_data,
             row_tags: &rows.tags,
             seq_indptr: &rows.seq_indptr,
             k_pool: &cache.k[layer],
@@ -345,10 +409,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn swiglu(&self, gate: &CpuMatrix, up: &CpuMatrix, out: &mut CpuMatrix) -> Result<()> {
-        check_shape("swiglu up", up, gate.rows, gate.cols)?;
-        check_shape("swiglu output", out, gate.rows, gate.cols)?;
-        ops::swiglu(&gate.data, &up.data, &mut out.data)
+    fn swiglu(&self, gate_up: &CpuMatrix, out: &mut CpuMatrix) -> Result<()> {
+        let f = out.cols;
+        check_shape("swiglu gate|up", gate_up, out.rows, 2 * f)?;
+        check_shape("swiglu output", out, gate_up.rows, f)?;
+        let (gate, up) = (columns(gate_up, 0, f), columns(gate_up, f, 2 * f));
+        ops::swiglu(&gate, &up, &mut out.data)
     }
 
     fn gather_logit_rows(&self, plan: &StepPlan, x: &CpuMatrix, out: &mut CpuMatrix) -> Result<()> {

@@ -191,19 +191,14 @@ pub fn rope(
         return Ok(());
     }
     let half = head_dim / 2;
-    let inv_freq: Vec<f64> = (0..half)
-        .map(|i| theta.powf(-2.0 * i as f64 / head_dim as f64))
-        .collect();
+    let inv_freq = crate::contract::rope::inv_freq(head_dim, theta);
     x.par_chunks_mut(width)
         .zip(positions.par_iter())
         .with_min_len(rows_per_task(width))
         .for_each(|(row, &pos)| {
             let cos_sin: Vec<(f32, f32)> = inv_freq
                 .iter()
-                .map(|&f| {
-                    let (s, c) = (f64::from(pos) * f).sin_cos();
-                    (c as f32, s as f32)
-                })
+                .map(|&f| crate::contract::rope::cos_sin(pos, f))
                 .collect();
             for head in row.chunks_exact_mut(head_dim) {
                 let (lo, hi) = head.split_at_mut(half);

@@ -13,9 +13,10 @@
 //! | `embed` | `ops::embed_flagged` | ids → f32 |
 //! | `rmsnorm` | `ops::rmsnorm_ro` | f32 → bf16 |
 //! | `matmul` | `Gemm::matmul` | bf16 → bf16, or f32 (`accumulate`: the residual add, beta = 1) |
-//! | `rope_store_kv` | `ops::rope_kv` | bf16 q (in place), k, v → pool |
+//! | `concat_weights` | device-to-device copies (load time) | q\|k\|v and gate\|up weights |
+//! | `rope_store_kv` | `ops::rope_kv` (fused q\|k\|v, the pool's RoPE table) | bf16 q (in place), k, v → pool |
 //! | `attention` | `ops::attention` | bf16 → bf16 |
-//! | `swiglu` | `ops::swiglu` | bf16 → bf16 |
+//! | `swiglu` | `ops::swiglu` (the halves of gate\|up) | bf16 → bf16 |
 //! | `gather_logit_rows` | `ops::gather_rows` | f32 → f32 |
 //! | `sample` | `ops::sample` | f32 → host [`Sampled`] |
 //!
@@ -190,8 +191,9 @@ impl CudaPlan {
 
     /// The device arrays of this plan that a device-resident step patches before it runs
     /// (`ops::resolve_plan`): branch `b`'s row ids, positions and slots, the keys of its
-    /// attention plan (built beforehand by [`CudaBackend::prepare_attention`]), the logits rows,
-    /// and the caller's sampler positions. The caller keeps what the plan's checks established:
+    /// attention plan (built beforehand by [`CudaBackend::prepare_attention`]) and their tile
+    /// summaries (rebuilt after the patches), the logits rows, and the caller's sampler
+    /// positions. The caller keeps what the plan's checks established:
     /// every slot patched in stays at or below the declared bound ([`CudaPlan::bound_slots`]),
     /// every key below the pool's slots, every row distinct.
     pub fn patch_targets<'a>(
@@ -211,7 +213,7 @@ impl CudaPlan {
         let attn = attn
             .as_mut()
             .ok_or_else(|| Error::Cuda("attention plan not prepared".into()))?;
-        let (kv_indices, kv_tags) = attn.kv_targets();
+        let (kv_indices, kv_tags, kv_summary) = attn.patch_targets();
         Ok(PatchTargets {
             row_ids: Some(&mut bp.ids),
             row_pos: Some(&mut bp.pos),
@@ -220,6 +222,7 @@ impl CudaPlan {
             kv_tags: Some(kv_tags),
             logits_rows: Some(logits_rows),
             sample_pos: Some(sample_pos),
+            kv_summary: Some(kv_summary),
         })
     }
 }
@@ -232,6 +235,10 @@ pub struct CudaCache {
     kv_dim: usize,
     shape: AttnShape,
     rope_theta: f64,
+    /// RoPE's (cos, sin) of the positions below the pool's slots, computed once for the
+    /// generation the pool serves (its positions are below its slots); `sl_rope_kv` computes
+    /// any other position itself.
+    rope_table: Option<ops::RopeTable>,
     k: Vec<CudaSlice<bf16>>,
     v: Vec<CudaSlice<bf16>>,
 }
@@ -287,6 +294,12 @@ impl CudaBackend {
     /// The device.
     pub fn device(&self) -> &CudaDevice {
         &self.dev
+    }
+
+    /// How each matrix product's cuBLASLt algorithm was chosen so far (among the heuristic's
+    /// best few: the fastest when timed on a GPU, the first on the emulated device).
+    pub fn gemm_choices(&self) -> Vec<crate::cuda::blas::GemmChoice> {
+        self.gemm.choices()
     }
 
     /// Bytes of device memory free now.
@@ -499,6 +512,39 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn concat_weights(&self, parts: Vec<CudaWeight>) -> Result<CudaWeight> {
+        let Some(k) = parts.first().and_then(|w| w.shape.get(1).copied()) else {
+            return Err(Error::Input(
+                "concat_weights: no parts, or a part is not a matrix".into(),
+            ));
+        };
+        let mut rows = 0usize;
+        for w in &parts {
+            if w.shape.len() != 2 || w.shape[1] != k || w.buf.len() != w.shape[0] * k {
+                return Err(Error::Input(format!(
+                    "concat_weights: part of shape {:?} does not have {k} columns",
+                    w.shape
+                )));
+            }
+            rows += w.shape[0];
+        }
+        // Device-to-device copies at load time; the parts are freed as the result is made.
+        let mut buf = self.dev.alloc_zeros::<bf16>(rows * k)?;
+        let mut at = 0;
+        for w in parts {
+            let len = w.buf.len();
+            self.dev
+                .stream()
+                .memcpy_dtod(&w.buf, &mut buf.slice_mut(at..at + len))
+                .map_err(cuda_err("concatenating weights"))?;
+            at += len;
+        }
+        Ok(CudaWeight {
+            shape: vec![rows, k],
+            buf,
+        })
+    }
+
     fn upload_plan(&self, plan: &StepPlan) -> Result<CudaPlan> {
         let mut branches: [Option<BranchPlan>; 2] = [None, None];
         for b in Branch::ALL {
@@ -541,6 +587,18 @@ impl Backend for CudaBackend {
             k.push(self.dev.alloc_zeros::<bf16>(per_layer.max(1))?);
             v.push(self.dev.alloc_zeros::<bf16>(per_layer.max(1))?);
         }
+        // A generation's positions lie below its pool's slots (prompt, response, registers);
+        // the table covers those (slots · head_dim / 2 · 8 bytes).
+        let rope_table = if slots > 0 {
+            Some(ops::RopeTable::new(
+                &self.dev,
+                cfg.head_dim,
+                cfg.rope_theta,
+                slots,
+            )?)
+        } else {
+            None
+        };
         Ok(CudaCache {
             slots,
             kv_dim,
@@ -550,6 +608,7 @@ impl Backend for CudaBackend {
                 head_dim: cfg.head_dim,
             },
             rope_theta: cfg.rope_theta,
+            rope_table,
             k,
             v,
         })
@@ -689,17 +748,14 @@ impl Backend for CudaBackend {
         plan: &CudaPlan,
         b: Branch,
         layer: usize,
-        q: &mut CudaMatrix,
-        k: &CudaMatrix,
-        v: &CudaMatrix,
+        qkv: &mut CudaMatrix,
         cache: &mut CudaCache,
     ) -> Result<()> {
         let _r = profile::range("rope_kv");
         let shape = cache.shape;
         let n = plan.host.rows(b).len();
-        Self::check_shape("rope q", q, n, shape.q_dim())?;
-        Self::check_shape("rope k", k, n, cache.kv_dim)?;
-        Self::check_shape("rope v", v, n, cache.kv_dim)?;
+        let width = shape.q_dim() + 2 * cache.kv_dim;
+        Self::check_shape("rope q|k|v", qkv, n, width)?;
         cache.check_layer(layer)?;
         if n == 0 {
             return Ok(());
@@ -711,11 +767,11 @@ impl Backend for CudaBackend {
             positions: &bp.pos,
             slots: &bp.slots,
             rope_theta: cache.rope_theta,
-            q: q.bf16_mut("rope q")?,
-            q_stride: shape.q_dim(),
-            k: k.bf16("rope k")?,
-            v: v.bf16("rope v")?,
-            kv_stride: cache.kv_dim,
+            qkv: ops::RopeQkv::Fused {
+                qkv: qkv.bf16_mut("rope q|k|v")?,
+                stride: width,
+            },
+            table: cache.rope_table.as_ref(),
         };
         let pool = KvPool {
             k: &mut cache.k[layer],
@@ -739,7 +795,15 @@ impl Backend for CudaBackend {
         let shape = cache.shape;
         let rows = plan.host.rows(b);
         let n = rows.len();
-        Self::check_shape("attention q", q, n, shape.q_dim())?;
+        // The queries are q's first q_dim columns (q may be the fused q|k|v: its row stride).
+        if q.rows != n || q.cols < shape.q_dim() {
+            return Err(Error::Input(format!(
+                "attention q: expected [{n}, >= {}], got [{}, {}]",
+                shape.q_dim(),
+                q.rows,
+                q.cols
+            )));
+        }
         Self::check_shape("attention output", out, n, shape.q_dim())?;
         cache.check_layer(layer)?;
         if n == 0 {
@@ -754,7 +818,7 @@ impl Backend for CudaBackend {
         };
         let args = AttnArgs {
             q: q.bf16("attention q")?,
-            q_stride: shape.q_dim(),
+            q_stride: q.cols,
             k_pool: &cache.k[layer],
             v_pool: &cache.v[layer],
             kv_stride: cache.kv_dim,
@@ -768,23 +832,26 @@ impl Backend for CudaBackend {
         ops::attention(&self.dev, attn, &args, o)
     }
 
-    fn swiglu(&self, gate: &CudaMatrix, up: &CudaMatrix, out: &mut CudaMatrix) -> Result<()> {
+    fn swiglu(&self, gate_up: &CudaMatrix, out: &mut CudaMatrix) -> Result<()> {
         let _r = profile::range("swiglu");
-        Self::check_shape("swiglu up", up, gate.rows, gate.cols)?;
-        Self::check_shape("swiglu output", out, gate.rows, gate.cols)?;
-        if gate.rows == 0 || gate.cols == 0 {
+        let f = out.cols;
+        Self::check_shape("swiglu gate|up", gate_up, out.rows, 2 * f)?;
+        Self::check_shape("swiglu output", out, gate_up.rows, f)?;
+        if out.rows == 0 || f == 0 {
             return Ok(());
         }
+        // gate and up are the two halves of each row of the fused product.
         let shape = ops::SwigluShape {
-            n_rows: gate.rows,
-            width: gate.cols,
-            gate_stride: gate.cols,
-            up_stride: gate.cols,
+            n_rows: out.rows,
+            width: f,
+            gate_stride: 2 * f,
+            up_stride: 2 * f,
         };
+        let both = gate_up.bf16("swiglu gate|up")?;
         ops::swiglu(
             &self.dev,
-            gate.bf16("swiglu gate")?,
-            up.bf16("swiglu up")?,
+            &both.slice(..),
+            &both.slice(f..),
             shape,
             out.bf16_mut("swiglu output")?,
         )
