@@ -370,7 +370,6 @@ impl Backend for CpuBackend {
                 AttnTiling::heuristic(rows, keys, shape.n_heads, self.threads()).n_splits
             })
             .collect();
-        let q_dim = shape.q_dim();
         let mut s0 = 0;
         while s0 < n_seqs {
             let mut s1 = s0 + 1;
@@ -383,7 +382,7 @@ impl Backend for CpuBackend {
             let seq_indptr: Vec<u32> = rows.seq_indptr[s0..=s1].iter().map(|&e| e - r0).collect();
             let kv_indptr: Vec<u32> = plan.kv_indptr[s0..=s1].iter().map(|&e| e - k0).collect();
             let group = AttnInputs {
-                q: &q.data[r0u * q_dim..r1u * q_dim],
+                q: &q_data[r0u * q_dim..r1u * q_dim],
                 row_tags: &rows.tags[r0u..r1u],
                 seq_indptr: &seq_indptr,
                 kv_indptr: &kv_indptr,
