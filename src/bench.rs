@@ -22,10 +22,12 @@ use crate::plan::StepPlan;
 use crate::sampler::{self, Execution, Generation, Mode, RunOptions, Switches, Task};
 use serde::Serialize;
 
+pub mod batch;
 #[cfg(feature = "cli")]
 mod plot;
+pub use batch::{BatchReport, BatchRun, BatchSpec, run_batch_bench};
 #[cfg(feature = "cli")]
-pub use plot::{LOG_Y_RATIO, plot_steps_svg};
+pub use plot::{LOG_Y_RATIO, plot_batch_svg, plot_steps_svg};
 
 /// Bytes of the copy that measures the bandwidth for the floor (halved until two buffers of
 /// it take at most a quarter of the free device memory, down to [`MIN_COPY_BYTES`]).

@@ -55,6 +55,20 @@ impl Error {
             source,
         }
     }
+
+    /// The same error with `what: ` before its message (`request 3: prompt token 2 is ...`);
+    /// I/O and JSON errors, which name their file or context already, are returned as they are.
+    pub fn context(self, what: impl std::fmt::Display) -> Self {
+        match self {
+            Error::Config(m) => Error::Config(format!("{what}: {m}")),
+            Error::Weights(m) => Error::Weights(format!("{what}: {m}")),
+            Error::Input(m) => Error::Input(format!("{what}: {m}")),
+            Error::OutOfMemory(m) => Error::OutOfMemory(format!("{what}: {m}")),
+            Error::Unavailable(m) => Error::Unavailable(format!("{what}: {m}")),
+            Error::Cuda(m) => Error::Cuda(format!("{what}: {m}")),
+            other => other,
+        }
+    }
 }
 
 #[cfg(feature = "cuda")]

@@ -263,16 +263,28 @@ struct GenerateArgs {
     /// Sparse: also feed every remaining mask.
     #[arg(long)]
     no_truncate: bool,
-    /// Write a per-step JSON trace here.
+    /// Write a per-step JSON trace here (a batch: a directory, getting trace-{i}.json, or a
+    /// pattern with {i}).
     #[arg(long)]
     trace: Option<PathBuf>,
-    /// Write the response token ids (JSON array) here.
+    /// Write the response token ids (JSON array) here (a batch: a directory, getting
+    /// out-{i}.json, or a pattern with {i}).
     #[arg(long)]
     out: Option<PathBuf>,
     /// t2i: write a PNG picture of the generation here (each cell's decode step beside its
-    /// token id; see the README).
+    /// token id; see the README; a batch: a directory, getting image-{i}.png, or a pattern
+    /// with {i}).
     #[arg(long)]
     image: Option<PathBuf>,
+    /// Run N requests as one batch (one forward pass per step for all): request i has the seed
+    /// --seed + i and, without --prompt, a random prompt of --prompt-len drawn from that seed.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    batch: Option<u64>,
+    /// A batch's prompts, one request per line: text ids separated by commas or spaces (`[]`
+    /// is an empty prompt; blank lines and lines starting with # are skipped). Request i has
+    /// the seed --seed + i.
+    #[arg(long, conflicts_with = "prompt")]
+    prompts: Option<PathBuf>,
     /// CUDA only: run the generation once untimed (warm-up), then again between
     /// cuProfilerStart/Stop, for `nsys --capture-range=cudaProfilerApi` and
     /// `ncu --profile-from-start off`.
@@ -318,6 +330,12 @@ struct BenchArgs {
     /// t2i: write a PNG picture of the all-on sparse run's generation here.
     #[arg(long)]
     image: Option<PathBuf>,
+    /// Throughput against batch size: run the workload as batches of these sizes
+    /// (comma-separated, e.g. 1,2,4,8; request i has the seed --seed + i) and report images
+    /// (or tokens) per second, latency per request and per step, and peak memory per size;
+    /// --json and --plot then write that report.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..))]
+    batch: Option<Vec<u64>>,
 }
 
 #[derive(Args)]
@@ -541,35 +559,113 @@ fn generate_mode(a: &GenerateArgs) -> Result<Mode> {
     })
 }
 
+/// The paths `flag`'s `path` names for a batch of `n` requests (`batch`: `--batch` or
+/// `--prompts` was given): a pattern with `{i}` gives one per request, a directory
+/// `DIR/{name}-{i}.{ext}`, a plain file the file itself (a batch of one only). Without `batch`
+/// the path is the one file of a single generation, as it always was.
+fn per_request_paths(
+    flag: &str,
+    path: &Path,
+    (name, ext): (&str, &str),
+    n: usize,
+    batch: bool,
+) -> Result<Vec<PathBuf>> {
+    if !batch {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let text = path.to_string_lossy();
+    if text.contains("{i}") {
+        return Ok((0..n)
+            .map(|i| PathBuf::from(text.replace("{i}", &i.to_string())))
+            .collect());
+    }
+    if path.is_dir() {
+        return Ok((0..n)
+            .map(|i| path.join(format!("{name}-{i}.{ext}")))
+            .collect());
+    }
+    if n == 1 {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    Err(Error::Input(format!(
+        "{flag} {} names one file, and a batch of {n} writes one per request: give a directory \
+         (it gets {name}-0.{ext}, {name}-1.{ext}, ...) or a pattern with {{i}}",
+        path.display()
+    )))
+}
+
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     // Everything that can be refused without a model is refused first: flags, sizes, output
     // locations, memory.
     let cfg = load_config(&a.model.preset, a.model.config.as_deref())?;
     let work = a.work.workload();
-    let shape = work.shape(&cfg)?;
+    let prompts = match &a.prompts {
+        Some(path) => Some(sparse_lavida::request::read_prompts(path)?),
+        None => None,
+    };
+    let n = match (a.batch, &prompts) {
+        (Some(b), Some(p)) if b as usize != p.len() => {
+            return Err(Error::Input(format!(
+                "--batch {b} but --prompts holds {} prompts",
+                p.len()
+            )));
+        }
+        (_, Some(p)) => p.len(),
+        (Some(b), None) => {
+            usize::try_from(b).map_err(|_| Error::Input("--batch too large".into()))?
+        }
+        (None, None) => 1,
+    };
+    let works = work.batch(n, prompts.as_deref())?;
+    let name = |i: usize, e: Error| {
+        if n > 1 {
+            e.context(format_args!("request {i}"))
+        } else {
+            e
+        }
+    };
+    let shapes = (works.iter().enumerate())
+        .map(|(i, w)| w.shape(&cfg).map_err(|e| name(i, e)))
+        .collect::<Result<Vec<_>>>()?;
     let mode = generate_mode(&a)?;
-    let image_px = image_pixels(a.image.as_deref(), &shape)?;
-    let outputs: Vec<(&str, &Path)> = [
-        ("--trace", &a.trace),
-        ("--out", &a.out),
-        ("--image", &a.image),
-    ]
-    .into_iter()
-    .filter_map(|(flag, p)| p.as_deref().map(|p| (flag, p)))
-    .collect();
+    let image_px = image_pixels(a.image.as_deref(), &shapes[0])?;
+    let batch = a.batch.is_some() || a.prompts.is_some();
+    let paths = |flag: &str, p: &Option<PathBuf>, stem: &str, ext: &str| -> Result<Vec<PathBuf>> {
+        match p {
+            Some(p) => per_request_paths(flag, p, (stem, ext), n, batch),
+            None => Ok(Vec::new()),
+        }
+    };
+    let outs = Outputs {
+        trace: paths("--trace", &a.trace, "trace", "json")?,
+        out: paths("--out", &a.out, "out", "json")?,
+        image: paths("--image", &a.image, "image", "png")?,
+    };
+    let outputs: Vec<(&str, &Path)> = (outs.trace.iter().map(|p| ("--trace", p.as_path())))
+        .chain(outs.out.iter().map(|p| ("--out", p.as_path())))
+        .chain(outs.image.iter().map(|p| ("--image", p.as_path())))
+        .collect();
     check_outputs(&outputs)?;
-    let resolved = resolve_within_memory("this generation", &cfg, &a.model, |need, target| {
-        memory::add_generation(need, &cfg, &shape, target, image_px)
+    let what = if n > 1 {
+        format!("this batch of {n} generations")
+    } else {
+        "this generation".to_string()
+    };
+    let resolved = resolve_within_memory(&what, &cfg, &a.model, |need, target| {
+        memory::add_batch(need, &cfg, &shapes, target, image_px)
     })?;
-    let task = work.task(&cfg)?;
+    let tasks = (works.iter().enumerate())
+        .map(|(i, w)| w.task(&cfg).map_err(|e| name(i, e)))
+        .collect::<Result<Vec<_>>>()?;
     let model = runtime::build_on(resolved, cfg, &weight_source(&a.model))?;
     match &model {
         #[cfg(feature = "cuda")]
         AnyModel::Cuda(m) => generate_on(
             &**m,
             &a,
-            &task,
+            &tasks,
             mode,
+            &outs,
             a.profile.then(|| m.backend().device()),
         ),
         AnyModel::Cpu(m) if a.profile => Err(Error::Input(format!(
@@ -578,8 +674,15 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
              \"Profiling\")",
             m.backend().name()
         ))),
-        AnyModel::Cpu(m) => generate_on(&**m, &a, &task, mode, None),
+        AnyModel::Cpu(m) => generate_on(&**m, &a, &tasks, mode, &outs, None),
     }
+}
+
+/// Where `generate` writes, one path per request for each flag given.
+struct Outputs {
+    trace: Vec<PathBuf>,
+    out: Vec<PathBuf>,
+    image: Vec<PathBuf>,
 }
 
 /// The `--trace` file: the run's facts, then every step. A t2i trace also records its grid
@@ -598,6 +701,14 @@ struct TraceFile<'a> {
     wall_s: f64,
     setup_s: f64,
     execution: Execution,
+    /// The batch this request ran in (absent for a single request).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch: Option<usize>,
+    /// The request's index in the batch (absent for a single request).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request: Option<usize>,
+    /// The request's seed.
+    seed: u64,
     steps: &'a [StepTrace],
 }
 
@@ -607,24 +718,26 @@ type ProfiledDevice = CudaDevice;
 #[cfg(not(feature = "cuda"))]
 type ProfiledDevice = std::convert::Infallible;
 
-/// Runs `task` on `model` and reports it. With `capture` (`--profile`), a first, untimed run
-/// warms up (module loading, cuBLASLt algorithm choice for every shape), and the reported run
-/// is bracketed by cuProfilerStart/Stop on that device.
+/// Runs `tasks` (one batch) on `model` and reports it. With `capture` (`--profile`), a first,
+/// untimed run warms up (module loading, cuBLASLt algorithm choice for every shape), and the
+/// reported run is bracketed by cuProfilerStart/Stop on that device.
 fn generate_on<B: Resident>(
     model: &Model<B>,
     a: &GenerateArgs,
-    task: &Task,
+    tasks: &[Task],
     mode: Mode,
+    outs: &Outputs,
     capture: Option<&ProfiledDevice>,
 ) -> Result<()> {
     let execution = a.exec.execution();
     #[cfg(feature = "cuda")]
     let region = match capture {
         Some(dev) => {
-            let warm = exec::generate_with(model, task, mode, execution, RunOptions::default())?;
+            let warm =
+                exec::generate_batch_with(model, tasks, mode, execution, RunOptions::default())?;
             eprintln!(
                 "profile: warm-up run {:.3} s; the run below is inside cuProfilerStart/Stop",
-                warm.wall_s
+                warm[0].wall_s
             );
             Some(profiler::Capture::start(dev)?)
         }
@@ -634,9 +747,9 @@ fn generate_on<B: Resident>(
     let _ = capture;
     let mut progress = LazyProgress::steps();
     let mut tick = |d: usize, t: usize| progress.update("generate", d as u64, t as u64);
-    let g = exec::generate_with(
+    let gs = exec::generate_batch_with(
         model,
-        task,
+        tasks,
         mode,
         execution,
         RunOptions {
@@ -649,36 +762,97 @@ fn generate_on<B: Resident>(
         region.stop()?;
     }
     progress.finish();
-    print_summary(model, task, mode, &g);
-    let grid = match task {
-        Task::T2i(r) => Some([r.height, r.width]),
-        Task::Text(_) => None,
-    };
+    let n = tasks.len();
+    if n == 1 {
+        print_summary(model, &tasks[0], mode, &gs[0]);
+    } else {
+        print_batch_summary(model, tasks, mode, &gs);
+    }
     let image_vocab = model.config().vocab(Branch::Image);
-    if let Some(path) = &a.trace {
-        let trace = TraceFile {
-            backend: model.backend().name(),
-            task: describe(task),
-            grid,
-            vocab: grid.map(|_| image_vocab),
-            mode: mode.to_string(),
-            forwards: g.forwards,
-            rows_fed: g.rows_fed,
-            wall_s: g.wall_s,
-            setup_s: g.setup_s,
-            execution: g.execution,
-            steps: &g.steps,
+    for (i, (task, g)) in tasks.iter().zip(&gs).enumerate() {
+        let (grid, seed) = match task {
+            Task::T2i(r) => (Some([r.height, r.width]), r.seed),
+            Task::Text(r) => (None, r.seed),
         };
-        write_json(path, &trace)?;
-    }
-    if let Some(path) = &a.out {
-        write_json(path, &g.tokens)?;
-    }
-    if let (Some(path), Some([h, w])) = (&a.image, grid) {
-        GridPicture::from_trace(h, w, image_vocab, &g.steps)?.write_png(path)?;
-        say!("image     {}", path.display());
+        if let Some(path) = outs.trace.get(i) {
+            let trace = TraceFile {
+                backend: model.backend().name(),
+                task: describe(task),
+                grid,
+                vocab: grid.map(|_| image_vocab),
+                mode: mode.to_string(),
+                forwards: g.forwards,
+                rows_fed: g.rows_fed,
+                wall_s: g.wall_s,
+                setup_s: g.setup_s,
+                execution: g.execution,
+                batch: (n > 1).then_some(n),
+                request: (n > 1).then_some(i),
+                seed,
+                steps: &g.steps,
+            };
+            write_json(path, &trace)?;
+        }
+        if let Some(path) = outs.out.get(i) {
+            write_json(path, &g.tokens)?;
+        }
+        if let (Some(path), Some([h, w])) = (outs.image.get(i), grid) {
+            GridPicture::from_trace(h, w, image_vocab, &g.steps)?.write_png(path)?;
+            say!("image     {}", path.display());
+        }
     }
     Ok(())
+}
+
+/// The summary of a batch: the batch's passes, rows and time, and its throughput.
+fn print_batch_summary(model: &Model<impl Backend>, tasks: &[Task], mode: Mode, gs: &[Generation]) {
+    let n = tasks.len();
+    let longest = gs.iter().max_by_key(|g| g.steps.len()).expect("a request");
+    let prefill = usize::from(gs.iter().any(|g| g.forwards > g.steps.len()));
+    let rows: usize = gs.iter().map(|g| g.rows_fed).sum();
+    let (wall, setup) = (gs[0].wall_s, gs[0].setup_s);
+    let (items, unit) = match &tasks[0] {
+        Task::T2i(_) => (n, "images"),
+        Task::Text(_) => (
+            tasks
+                .iter()
+                .map(|t| match t {
+                    Task::Text(r) => r.answer_len,
+                    Task::T2i(_) => 0,
+                })
+                .sum(),
+            "tokens",
+        ),
+    };
+    let seeds = match (&tasks[0], &tasks[n - 1]) {
+        (Task::T2i(a), Task::T2i(b)) => (a.seed, b.seed),
+        (Task::Text(a), Task::Text(b)) => (a.seed, b.seed),
+        _ => (0, 0),
+    };
+    say!("backend   {}", model.backend().name());
+    say!(
+        "task      {} (request 0), batch of {n}, seeds {}..={}",
+        describe(&tasks[0]),
+        seeds.0,
+        seeds.1
+    );
+    say!("mode      {mode}");
+    say!("execution {}", gs[0].execution);
+    say!("steps     {}", longest.steps.len());
+    say!(
+        "forwards  {} (one pass per step for the whole batch)",
+        longest.steps.len() + prefill
+    );
+    say!(
+        "rows fed  {rows} ({:.1} per step)",
+        rows as f64 / longest.steps.len().max(1) as f64
+    );
+    if setup > 0.0 {
+        say!("time      {wall:.3} s ({setup:.3} s setup: plan uploads, graph capture)");
+    } else {
+        say!("time      {wall:.3} s");
+    }
+    say!("throughput {:.2} {unit}/s", items as f64 / wall);
 }
 
 fn print_summary(model: &Model<impl Backend>, task: &Task, mode: Mode, g: &Generation) {
@@ -757,6 +931,9 @@ fn forward_on<B: Backend>(
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
+    if a.batch.is_some() {
+        return cmd_bench_batch(a);
+    }
     let cfg = load_config(&a.model.preset, a.model.config.as_deref())?;
     let work = a.work.workload();
     let shape = work.shape(&cfg)?;
@@ -933,6 +1110,145 @@ fn bench_on<B: Resident>(
         let vocab = model.config().vocab(Branch::Image);
         GridPicture::from_trace(r.height, r.width, vocab, steps)?.write_png(path)?;
         say!("image     {} (the all-on sparse run)", path.display());
+    }
+    Ok(())
+}
+
+/// `bench --batch`: the workload as batches of each size, dense and sparse.
+fn cmd_bench_batch(a: BenchArgs) -> Result<()> {
+    let cfg = load_config(&a.model.preset, a.model.config.as_deref())?;
+    let batches: Vec<usize> = (a.batch.iter().flatten())
+        .map(|&b| usize::try_from(b).map_err(|_| Error::Input("--batch too large".into())))
+        .collect::<Result<_>>()?;
+    for (flag, given) in [
+        ("--image", a.image.is_some()),
+        ("--peer-json", a.peer_json.is_some()),
+    ] {
+        if given {
+            return Err(Error::Input(format!(
+                "{flag} applies to bench without --batch (the dense vs sparse report)"
+            )));
+        }
+    }
+    let work = a.work.workload();
+    let largest = batches.iter().copied().max().unwrap_or(1);
+    let shapes = (work.batch(largest, None)?.iter())
+        .map(|w| w.shape(&cfg))
+        .collect::<Result<Vec<_>>>()?;
+    let outputs: Vec<(&str, &Path)> = [("--json", &a.json), ("--plot", &a.plot)]
+        .into_iter()
+        .filter_map(|(flag, p)| p.as_deref().map(|p| (flag, p)))
+        .collect();
+    check_outputs(&outputs)?;
+    // The largest batch bounds the sweep: batches run one after another.
+    let what = format!("this benchmark (batches up to {largest})");
+    let resolved = resolve_within_memory(&what, &cfg, &a.model, |need, target| {
+        memory::add_batch(need, &cfg, &shapes, target, 0)
+    })?;
+    let model = runtime::build_on(resolved, cfg, &weight_source(&a.model))?;
+    with_model!(&model, m => bench_batch_on(m, &a, &work, batches))
+}
+
+fn bench_batch_on<B: Resident>(
+    model: &Model<B>,
+    a: &BenchArgs,
+    work: &sparse_lavida::request::Workload,
+    batches: Vec<usize>,
+) -> Result<()> {
+    let cfg = model.config();
+    let preset = a
+        .model
+        .config
+        .as_ref()
+        .map_or(a.model.preset.clone(), |p| p.display().to_string());
+    let model_name = if a.model.config.is_some() {
+        preset.clone()
+    } else {
+        format!("preset {preset}")
+    };
+    let first = work.task(cfg)?;
+    let workload = format!("{} per request ({model_name})", describe(&first));
+    say!("backend   {}", model.backend().name());
+    if model.backend().name().contains("emulated") {
+        say!(
+            "note      the emulated device is a CPU model for correctness: its timings say \
+             nothing about a GPU's"
+        );
+    }
+    say!("machine   {}", runtime::cpu_description());
+    if let Some([l1, l5, l15]) = bench::batch::load_average() {
+        say!("load      {l1:.2} {l5:.2} {l15:.2} (1, 5, 15 min) before the runs");
+    }
+    say!("workload  {workload}");
+    let items = match first {
+        Task::T2i(_) => "images",
+        Task::Text(_) => "tokens",
+    };
+    say!("{}", bench::batch::batch_table_header(items));
+    let spec = bench::BatchSpec {
+        workload,
+        preset,
+        batches,
+        ablation: a.ablation,
+        repeat: a.repeat as usize,
+        execution: a.exec.execution(),
+    };
+    let requests = |b: usize| -> Result<Vec<Task>> {
+        (work.batch(b, None)?.iter()).map(|w| w.task(cfg)).collect()
+    };
+    let progress = RefCell::new(LazyProgress::steps());
+    let mut seen: Vec<bench::BatchRun> = Vec::new();
+    let report = bench::run_batch_bench(
+        model,
+        &requests,
+        &spec,
+        |r| {
+            let one = seen.iter().find(|o| o.batch == 1 && o.mode == r.mode);
+            let row = bench::batch::batch_table_row(r, one);
+            progress.borrow().suspend(|| say!("{row}"));
+            seen.push(r.clone());
+        },
+        |b, mode, done, total| {
+            progress
+                .borrow_mut()
+                .update(&format!("batch {b} {mode}"), done as u64, total as u64)
+        },
+    )?;
+    progress.into_inner().finish();
+    for best in &report.best {
+        match (best.throughput_vs_batch1, best.latency_vs_batch1) {
+            (Some(t), Some(l)) => say!(
+                "best      {}: batch {} at {:.2} {items}/s = {t:.2}x batch 1, latency {l:.2}x",
+                best.mode,
+                best.batch,
+                best.items_per_s
+            ),
+            _ => say!(
+                "best      {}: batch {} at {:.2} {items}/s",
+                best.mode,
+                best.batch,
+                best.items_per_s
+            ),
+        }
+    }
+    if let Some([l1, l5, l15]) = report.load_after {
+        say!("load      {l1:.2} {l5:.2} {l15:.2} (1, 5, 15 min) after the runs");
+    }
+    if report
+        .runs
+        .iter()
+        .any(|r| r.first_matches_batch1 == Some(false))
+    {
+        eprintln!(
+            "warning: request 0 chose other tokens in a batch than alone (float rounding near a \
+             tie; on the CPU this is a bug)"
+        );
+    }
+    if let Some(path) = &a.json {
+        write_json(path, &report)?;
+    }
+    if let Some(path) = &a.plot {
+        bench::plot_batch_svg(&report, path)?;
     }
     Ok(())
 }

@@ -36,6 +36,39 @@ pub const THREAD_SCRATCH: u64 = 4 << 20;
 /// Device bytes of fixed overhead on a GPU (cuBLASLt workspaces, module images, pool slack).
 pub const DEVICE_OVERHEAD: u64 = 512 << 20;
 
+/// The process's peak resident set since a reset: Linux's `VmHWM` (`/proc/self/status`),
+/// restarted by writing `5` to `/proc/self/clear_refs`. Used by `bench --batch` on the host.
+#[derive(Debug)]
+pub struct PeakRss {
+    reset: bool,
+}
+
+impl PeakRss {
+    /// How [`PeakRss::peak`] is measured, for reports.
+    pub const SOURCE: &'static str = "peak resident set of the process (VmHWM in \
+        /proc/self/status, restarted through /proc/self/clear_refs before each run; weights \
+        included)";
+
+    /// Restarts the high watermark at the current resident set.
+    pub fn reset() -> PeakRss {
+        PeakRss {
+            reset: std::fs::write("/proc/self/clear_refs", "5").is_ok(),
+        }
+    }
+
+    /// The highest resident set since [`PeakRss::reset`], bytes; `None` when the watermark
+    /// could not be restarted or read.
+    pub fn peak(&self) -> Option<u64> {
+        if !self.reset {
+            return None;
+        }
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        kb.checked_mul(1024)
+    }
+}
+
 /// `--max-memory`, in bytes; 0 when unset.
 static MAX_MEMORY: AtomicU64 = AtomicU64::new(0);
 
@@ -451,7 +484,7 @@ fn activation_bytes(cfg: &Config, b: Branch, rows: u64, splits: u64) -> Result<u
 
 /// Adds the run of `shape` (everything but the weights) to `need`. `resident`: the target keeps
 /// every step's plan (a device-resident CUDA run) rather than one at a time; `image_px`: the
-/// pixels of a `--image` picture, if one is drawn.
+/// pixels of a `--image` picture, if one is drawn. A batch of one ([`add_batch`]).
 pub fn add_generation(
     need: &mut Need,
     cfg: &Config,
@@ -459,59 +492,122 @@ pub fn add_generation(
     target: Target,
     image_px: u64,
 ) -> Result<()> {
-    let GenShape {
-        prompt: p,
-        response_len: n,
-        n_seqs,
-        steps: k,
-        max_query,
-        ..
-    } = *shape;
-    let r = cfg.n_registers as u64;
+    add_batch(need, cfg, std::slice::from_ref(shape), target, image_px)
+}
+
+/// The sized parts of one request's run (see [`add_batch`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct RunParts {
+    slots: u64,
+    text_rows: u64,
+    image_rows: u64,
+    keys: u64,
+    logits_rows: u64,
+    bookkeeping: u64,
+    /// Every step's plan and the prefill's: what a device-resident run keeps.
+    programs: u64,
+}
+
+impl RunParts {
+    fn of(cfg: &Config, shape: &GenShape) -> Result<RunParts> {
+        let GenShape {
+            prompt: p,
+            response_len: n,
+            n_seqs,
+            steps: k,
+            max_query,
+            ..
+        } = *shape;
+        let r = cfg.n_registers as u64;
+        // Pool: [prompt | response | scratch of N + R] per sequence (sampler::Layout).
+        let slots = mul(n_seqs, sum_of_products(&[&[p], &[2, n], &[r]])?)?;
+        // Rows and keys of the largest pass of any mode: sparse without truncation feeds at
+        // most the prompt, every response position once (decoded, queried or another mask) and
+        // the registers; dense feeds prompt and response.
+        let seq_rows = sum_of_products(&[&[p], &[n], &[r]])?;
+        let (text_rows, image_rows) = match shape.response {
+            Branch::Image => (mul(n_seqs, p)?, mul(n_seqs, add(n, r)?)?),
+            Branch::Text => (mul(n_seqs, seq_rows)?, 0),
+        };
+        let keys = mul(n_seqs, seq_rows)?;
+        let rows = add(text_rows, image_rows)?;
+        let plan_pass =
+            sum_of_products(&[&[rows, PLAN_BYTES_PER_ROW], &[keys, PLAN_BYTES_PER_KEY]])?;
+        // Schedule (order, stratified keys and quadtree shuffles, groups), decode state, trace
+        // (decoded positions and tokens, each step's query), the prompts and the output tokens.
+        let (h, w) = shape.grid.unwrap_or((0, 0));
+        let queries = match shape.response {
+            Branch::Image => n,
+            Branch::Text => mul(k, max_query)?,
+        };
+        let bookkeeping = sum_of_products(&[
+            &[n, 64],
+            &[33, add(h, w)?, 4],
+            &[k, 256],
+            &[queries, 4],
+            &[add(n_seqs, 2)?, p, 4],
+        ])?;
+        Ok(RunParts {
+            slots,
+            text_rows,
+            image_rows,
+            keys,
+            logits_rows: mul(n_seqs, max_query)?,
+            bookkeeping,
+            programs: mul(add(k, 1)?, plan_pass)?,
+        })
+    }
+
+    fn plus(self, o: RunParts) -> Result<RunParts> {
+        Ok(RunParts {
+            slots: add(self.slots, o.slots)?,
+            text_rows: add(self.text_rows, o.text_rows)?,
+            image_rows: add(self.image_rows, o.image_rows)?,
+            keys: add(self.keys, o.keys)?,
+            logits_rows: add(self.logits_rows, o.logits_rows)?,
+            bookkeeping: add(self.bookkeeping, o.bookkeeping)?,
+            programs: add(self.programs, o.programs)?,
+        })
+    }
+}
+
+/// Adds the run of a batch of requests of `shapes` (everything but the weights) to `need`: one
+/// K/V pool with a region per request, passes over every request's rows at once, each
+/// request's schedule, state, trace and (device-resident) plans, and a `--image` picture of
+/// `image_px` pixels drawn one at a time. Every sized part is the sum of the requests' (a
+/// batch's pass is its requests' passes side by side, SPEC §8); the fixed
+/// overheads are counted once.
+pub fn add_batch(
+    need: &mut Need,
+    cfg: &Config,
+    shapes: &[GenShape],
+    target: Target,
+    image_px: u64,
+) -> Result<()> {
+    let mut t = RunParts::default();
+    for shape in shapes {
+        t = t.plus(RunParts::of(cfg, shape)?)?;
+    }
+    let requests = shapes.len() as u64;
     let (layers, kv) = (cfg.n_layers as u64, cfg.kv_dim() as u64);
-    // Pool: [prompt | response | scratch of N + R] per sequence (sampler::Layout).
-    let slots = mul(n_seqs, sum_of_products(&[&[p], &[2, n], &[r]])?)?;
-    // Rows and keys of the largest pass of any mode: sparse without truncation feeds at most
-    // the prompt, every response position once (decoded, queried or another mask) and the
-    // registers; dense feeds prompt and response.
-    let seq_rows = sum_of_products(&[&[p], &[n], &[r]])?;
-    let (text_rows, image_rows) = match shape.response {
-        Branch::Image => (mul(n_seqs, p)?, mul(n_seqs, add(n, r)?)?),
-        Branch::Text => (mul(n_seqs, seq_rows)?, 0),
-    };
-    let rows = add(text_rows, image_rows)?;
-    let keys = mul(n_seqs, seq_rows)?;
-    let logits_rows = mul(n_seqs, max_query)?;
     let d_max = cfg.d_text.max(cfg.d_image) as u64;
     let v_max = cfg.text_vocab.max(cfg.image_vocab) as u64;
     let threads = rayon::current_num_threads() as u64;
     let splits = threads.clamp(1, crate::contract::AttnTiling::MAX_SPLITS as u64);
     let activations = add(
-        activation_bytes(cfg, Branch::Text, text_rows, splits)?,
-        activation_bytes(cfg, Branch::Image, image_rows, splits)?,
+        activation_bytes(cfg, Branch::Text, t.text_rows, splits)?,
+        activation_bytes(cfg, Branch::Image, t.image_rows, splits)?,
     )?;
-    // Head: gathered rows, their norm, the logits; the sampler's ban mask and results.
+    // Head: gathered rows, their norm, the logits; each request's ban mask and results.
     let head = sum_of_products(&[
-        &[logits_rows, 2 * d_max + v_max, 4],
-        &[v_max],
-        &[logits_rows, 16],
+        &[t.logits_rows, 2 * d_max + v_max, 4],
+        &[requests, v_max],
+        &[t.logits_rows, 16],
     ])?;
-    let plan_pass = sum_of_products(&[&[rows, PLAN_BYTES_PER_ROW], &[keys, PLAN_BYTES_PER_KEY]])?;
-    // Schedule (order, stratified keys and quadtree shuffles, groups), decode state, trace
-    // (decoded positions and tokens, each step's query), the prompts and the output tokens.
-    let (h, w) = shape.grid.unwrap_or((0, 0));
-    let queries = match shape.response {
-        Branch::Image => n,
-        Branch::Text => mul(k, max_query)?,
-    };
-    let bookkeeping = sum_of_products(&[
-        &[n, 64],
-        &[33, add(h, w)?, 4],
-        &[k, 256],
-        &[queries, 4],
-        &[add(n_seqs, 2)?, p, 4],
-        &[image_px, 8],
-    ])?;
+    let rows = add(t.text_rows, t.image_rows)?;
+    let plan_pass = sum_of_products(&[&[rows, PLAN_BYTES_PER_ROW], &[t.keys, PLAN_BYTES_PER_KEY]])?;
+    let bookkeeping = add(t.bookkeeping, mul(image_px, 8)?)?;
+    let slots = t.slots;
     need.host("fixed overhead", FIXED_OVERHEAD);
     need.host("schedule, decode state, trace and outputs", bookkeeping);
     match target {
@@ -533,10 +629,10 @@ pub fn add_generation(
             need.device("RoPE table", mul(slots, mul(cfg.head_dim as u64, 4)?)?);
             need.device("activations", add(activations, head)?);
             // A device-resident run uploads every step's plan up front, and keeps their host
-            // copies (its program) while it runs.
-            let programs = mul(add(k, 1)?, plan_pass)?;
-            need.device("step plans", programs);
-            need.host("step plans", programs);
+            // copies (its program) while it runs; while the batch's program is built from the
+            // requests' programs, both are alive.
+            need.device("step plans", t.programs);
+            need.host("step plans", mul(2, t.programs)?);
             need.device("device overhead", DEVICE_OVERHEAD);
         }
     }

@@ -96,6 +96,168 @@ impl StepPlan {
     }
 }
 
+/// One request's plan in a batch ([`StepPlan::concat`]): a plan over the request's own
+/// sequences (from 0) and pool slots (from 0), placed at a region of the batch's pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanPart<'a> {
+    /// The request's plan, or `None` when the pass feeds nothing of it (a finished text
+    /// request, or a prefill with an empty prompt): its sequences are then empty.
+    pub plan: Option<&'a StepPlan>,
+    /// The request's sequences (1, or 2 for a CFG pair).
+    pub n_seqs: usize,
+    /// The batch pool slot of the request's slot 0.
+    pub slot_base: usize,
+    /// Slots of the request's region: its plan's slots stay below this.
+    pub slots: usize,
+}
+
+/// Where one part's entries start in a concatenated plan ([`StepPlan::concat`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartOffsets {
+    /// The part's first sequence.
+    pub seq: usize,
+    /// Its first row per branch (indexed by `Branch as usize`).
+    pub rows: [usize; 2],
+    /// Its first key (into `kv_indices` / `kv_tags`).
+    pub keys: usize,
+    /// Its first logits row (into `logits_rows`, i.e. into the pass's logits).
+    pub logits: usize,
+    /// The batch pool slot of its slot 0.
+    pub slot_base: usize,
+    /// Rows it feeds (0 without a plan).
+    pub n_rows: usize,
+    /// Logits rows it asks for.
+    pub n_logits: usize,
+}
+
+impl StepPlan {
+    /// The plan of one pass over a batch: the parts' plans side by side, in part order. Part
+    /// `i`'s sequences follow part `i − 1`'s, its rows follow within each branch (so rows stay
+    /// sorted by sequence), its keys and logits rows follow, and its slots move to its region
+    /// (`+ slot_base`). Nothing of one part refers to another, so each part's rows compute
+    /// exactly what they compute alone (SPEC §8, batches). Returns the plan and where each
+    /// part starts in it.
+    ///
+    /// Errors: no parts, a plan with another sequence count than its part, slots outside the
+    /// part's region, regions that overlap, parts that disagree on the logits branch or the
+    /// branch skipped after the joint layers, sizes past u32.
+    pub fn concat(parts: &[PlanPart]) -> Result<(StepPlan, Vec<PartOffsets>)> {
+        let bad = |m: String| Err(Error::Input(format!("batch plan: {m}")));
+        if parts.is_empty() {
+            return bad("no parts".into());
+        }
+        let mut n_seqs = 0usize;
+        let mut branches: [BranchRows; 2] = Default::default();
+        for br in &mut branches {
+            br.seq_indptr.push(0);
+        }
+        let mut kv_indptr = vec![0u32];
+        let (mut kv_indices, mut kv_tags) = (Vec::new(), Vec::new());
+        let mut logits_rows = Vec::new();
+        let mut logits_branch = None;
+        let mut skip_after_joint = None;
+        let mut skip_seen = false;
+        let mut pool_slots = 0usize;
+        let mut region_end = 0usize;
+        let mut offsets = Vec::with_capacity(parts.len());
+        let to_u32 = |v: usize, what: &str| {
+            u32::try_from(v).map_err(|_| Error::Input(format!("batch plan: {what} {v} past u32")))
+        };
+        for (i, part) in parts.iter().enumerate() {
+            if part.slot_base < region_end {
+                return bad(format!(
+                    "part {i}'s region starts at slot {}, inside the previous region (ends at \
+                     {region_end})",
+                    part.slot_base
+                ));
+            }
+            region_end = part.slot_base.checked_add(part.slots).ok_or_else(|| {
+                Error::Input(format!("batch plan: part {i}'s region passes usize"))
+            })?;
+            to_u32(region_end, "pool slots")?;
+            let base = part.slot_base as u32;
+            let mut off = PartOffsets {
+                seq: n_seqs,
+                rows: Branch::ALL.map(|b| branches[b as usize].ids.len()),
+                keys: kv_indices.len(),
+                logits: logits_rows.len(),
+                slot_base: part.slot_base,
+                n_rows: 0,
+                n_logits: 0,
+            };
+            n_seqs += part.n_seqs;
+            let Some(plan) = part.plan else {
+                for br in &mut branches {
+                    let end = *br.seq_indptr.last().expect("starts with 0");
+                    br.seq_indptr.extend(std::iter::repeat_n(end, part.n_seqs));
+                }
+                let end = *kv_indptr.last().expect("starts with 0");
+                kv_indptr.extend(std::iter::repeat_n(end, part.n_seqs));
+                offsets.push(off);
+                continue;
+            };
+            if plan.n_seqs != part.n_seqs {
+                return bad(format!(
+                    "part {i}'s plan has {} sequences, the part {}",
+                    plan.n_seqs, part.n_seqs
+                ));
+            }
+            if plan.pool_slots > part.slots {
+                return bad(format!(
+                    "part {i}'s plan touches {} slots, its region holds {}",
+                    plan.pool_slots, part.slots
+                ));
+            }
+            if skip_seen && skip_after_joint != plan.skip_after_joint {
+                return bad(format!(
+                    "part {i} skips another branch after the joint layers"
+                ));
+            }
+            (skip_seen, skip_after_joint) = (true, plan.skip_after_joint);
+            if let Some(b) = plan.logits_branch {
+                if *logits_branch.get_or_insert(b) != b {
+                    return bad(format!("part {i} asks for logits of another branch"));
+                }
+                let first = to_u32(off.rows[b as usize], "rows")?;
+                logits_rows.extend(plan.logits_rows.iter().map(|&r| first + r));
+            }
+            for b in Branch::ALL {
+                let (src, dst) = (plan.rows(b), &mut branches[b as usize]);
+                let first = to_u32(dst.ids.len(), "rows")?;
+                dst.ids.extend_from_slice(&src.ids);
+                dst.pos.extend_from_slice(&src.pos);
+                dst.tags.extend_from_slice(&src.tags);
+                dst.slots.extend(src.slots.iter().map(|&s| base + s));
+                dst.seq_indptr
+                    .extend(src.seq_indptr[1..].iter().map(|&e| first + e));
+            }
+            let first = to_u32(kv_indices.len(), "keys")?;
+            kv_indices.extend(plan.kv_indices.iter().map(|&s| base + s));
+            kv_tags.extend_from_slice(&plan.kv_tags);
+            kv_indptr.extend(plan.kv_indptr[1..].iter().map(|&e| first + e));
+            if plan.pool_slots > 0 {
+                pool_slots = part.slot_base + plan.pool_slots;
+            }
+            off.n_rows = plan.n_rows();
+            off.n_logits = plan.logits_rows.len();
+            offsets.push(off);
+        }
+        to_u32(kv_indices.len(), "keys")?;
+        let plan = StepPlan {
+            n_seqs,
+            branches,
+            kv_indptr,
+            kv_indices,
+            kv_tags,
+            logits_branch,
+            logits_rows,
+            skip_after_joint,
+            pool_slots,
+        };
+        Ok((plan, offsets))
+    }
+}
+
 /// Collects rows, cached keys and logits requests, then checks and packs them into a [`StepPlan`].
 #[derive(Debug, Clone)]
 pub struct PlanBuilder {
@@ -283,6 +445,107 @@ mod tests {
         assert_eq!(plan.kv_indptr, vec![0, 2, 4]);
         assert_eq!(plan.kv_indices, vec![0, 3, 9, 10]);
         assert_eq!(plan.pool_slots, 11);
+    }
+
+    /// A concatenated plan equals the plan built over all the parts' rows at once, with each
+    /// part's sequences and slots moved to its place.
+    #[test]
+    fn concat_equals_one_builder_over_every_part() {
+        let t = Tag::new(Branch::Text, 0, false);
+        let im = Tag::new(Branch::Image, 2, true);
+        // Part 0: two sequences; part 1: absent; part 2: one sequence.
+        let rows0 = [(0, 5, t, 0), (0, 6, im, 1), (1, 7, im, 2), (1, 8, t, 3)];
+        let rows2 = [(0, 9, im, 1), (0, 4, t, 0)];
+        let build = |rows: &[(u32, u32, Tag, u32)], n_seqs, seq0: u32, base: u32| {
+            let mut p = PlanBuilder::new(n_seqs);
+            let mut idx = Vec::new();
+            for &(seq, id, tag, slot) in rows {
+                idx.push(p.row(Row {
+                    seq: seq0 + seq,
+                    id,
+                    pos: slot,
+                    tag,
+                    slot: base + slot,
+                }));
+            }
+            (p, idx)
+        };
+        let (mut p0, i0) = build(&rows0, 2, 0, 0);
+        p0.cached_key(0, 9, t);
+        p0.logits_for(i0[1]);
+        p0.logits_for(i0[2]);
+        let (mut p2, i2) = build(&rows2, 1, 0, 0);
+        p2.logits_for(i2[0]);
+        let (a, b) = (p0.build().unwrap(), p2.build().unwrap());
+        let parts = [
+            PlanPart {
+                plan: Some(&a),
+                n_seqs: 2,
+                slot_base: 0,
+                slots: 10,
+            },
+            PlanPart {
+                plan: None,
+                n_seqs: 2,
+                slot_base: 10,
+                slots: 5,
+            },
+            PlanPart {
+                plan: Some(&b),
+                n_seqs: 1,
+                slot_base: 20,
+                slots: 4,
+            },
+        ];
+        let (got, off) = StepPlan::concat(&parts).unwrap();
+        // The same rows in one builder over five sequences.
+        let mut all = PlanBuilder::new(5);
+        let mut idx = Vec::new();
+        for &(seq, id, tag, slot) in &rows0 {
+            idx.push(all.row(Row {
+                seq,
+                id,
+                pos: slot,
+                tag,
+                slot,
+            }));
+        }
+        for &(seq, id, tag, slot) in &rows2 {
+            idx.push(all.row(Row {
+                seq: 4 + seq,
+                id,
+                pos: slot,
+                tag,
+                slot: 20 + slot,
+            }));
+        }
+        all.cached_key(0, 9, t);
+        for i in [1, 2, 4] {
+            all.logits_for(idx[i]);
+        }
+        assert_eq!(got, all.build().unwrap());
+        assert_eq!(off[2].seq, 4);
+        assert_eq!(off[2].rows, [2, 2]);
+        assert_eq!(off[2].logits, 2);
+        assert_eq!((off[2].n_rows, off[2].n_logits), (2, 1));
+        assert_eq!((off[1].n_rows, off[1].seq), (0, 2));
+        // Overlapping regions and a plan past its region are refused.
+        let mut bad = parts;
+        bad[2].slot_base = 12;
+        assert!(
+            StepPlan::concat(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("inside")
+        );
+        let mut bad = parts;
+        bad[0].slots = 3;
+        assert!(
+            StepPlan::concat(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("touches")
+        );
     }
 
     #[test]

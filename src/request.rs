@@ -240,6 +240,34 @@ impl Workload {
         Ok(shape)
     }
 
+    /// The workloads of a batch of `n` requests (`generate --batch`): request `i` takes the
+    /// seed `seed + i` (wrapping; so its random prompt and its noise differ from the others')
+    /// and, with `prompts` (one per request), the `i`-th prompt. Errors: `prompts` of another
+    /// length than `n`, `n = 0`.
+    pub fn batch(&self, n: usize, prompts: Option<&[Vec<u32>]>) -> Result<Vec<Workload>> {
+        if n == 0 {
+            return Err(Error::Input("a batch needs at least one request".into()));
+        }
+        if let Some(p) = prompts
+            && p.len() != n
+        {
+            return Err(Error::Input(format!(
+                "{} prompts for a batch of {n}",
+                p.len()
+            )));
+        }
+        Ok((0..n)
+            .map(|i| Workload {
+                seed: self.seed.wrapping_add(i as u64),
+                prompt: match prompts {
+                    Some(p) => PromptSpec::Ids(p[i].clone()),
+                    None => self.prompt.clone(),
+                },
+                ..self.clone()
+            })
+            .collect())
+    }
+
     /// The request to run: checks as [`Workload::shape`] does, then draws the random prompt
     /// (ids uniform over the text vocabulary without \[MASK\], from ChaCha8 seeded by
     /// `seed ^ 0x5EED_9A0B`).
@@ -288,4 +316,44 @@ impl Workload {
             }),
         })
     }
+}
+
+/// Reads a batch's prompts (`generate --prompts FILE`): one prompt per line, text ids separated
+/// by commas and/or spaces, optionally in brackets (`[]` is an empty prompt); blank lines and
+/// lines starting with `#` are skipped. The ids are checked against the config later, per
+/// request. Errors name the line.
+pub fn read_prompts(path: &std::path::Path) -> Result<Vec<Vec<u32>>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut prompts = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let inner = line
+            .strip_prefix('[')
+            .and_then(|l| l.strip_suffix(']'))
+            .unwrap_or(line);
+        let ids = inner
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                t.parse::<u32>().map_err(|_| {
+                    Error::Input(format!(
+                        "{} line {}: `{t}` is not a token id (a non-negative 32-bit integer)",
+                        path.display(),
+                        n + 1
+                    ))
+                })
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        prompts.push(ids);
+    }
+    if prompts.is_empty() {
+        return Err(Error::Input(format!(
+            "{}: no prompt (one line of ids per request)",
+            path.display()
+        )));
+    }
+    Ok(prompts)
 }

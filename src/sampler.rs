@@ -25,11 +25,14 @@ use crate::plan::{MAX_BLOCK, PlanBuilder, REGISTER, Row, StepPlan, Tag};
 use crate::schedule::{self, Order, TextStep};
 use serde::{Deserialize, Serialize};
 
+pub mod batch;
 pub mod patch;
 pub mod program;
 mod upfront;
+pub use batch::{BatchSampling, Region, Request, check_batch};
 pub use program::{
-    CANONICAL_TOKEN, Program, ProgramTrace, StepProgram, program, t2i_program, text_program,
+    BatchProgram, BatchStep, CANONICAL_TOKEN, Program, ProgramTrace, RequestProgram, ResolvedPart,
+    StepPart, StepProgram, batch_program, program, t2i_program, text_program,
 };
 pub use upfront::{PLACEHOLDER, TokenFill, UpfrontPlans, t2i_upfront_plans};
 
@@ -191,6 +194,10 @@ pub struct Generation {
     pub setup_s: f64,
     /// How the generation ran.
     pub execution: Execution,
+    /// CUDA graphs launched (0 unless [`Execution::Graphs`]): one for a text-to-image batch,
+    /// one for the reset and prefill plus one per step for a text batch. Shared by every
+    /// request of the batch.
+    pub graphs: usize,
 }
 
 impl Generation {
@@ -215,7 +222,7 @@ pub struct RunOptions<'a> {
     /// of its own choice (the sampler still runs first), so that two backends see identical
     /// inputs at every step and their logits can be compared step by step. Every teacher
     /// position must be one the step computes logits for, and every token inside the
-    /// response's vocabulary.
+    /// response's vocabulary. A batch of one only.
     pub teacher: Option<&'a [StepTrace]>,
     /// Called with every plan the run executes, before its forward pass: `None` for the
     /// prefill, `Some(k)` for step `k` (tests compare them with [`t2i_upfront_plans`]).

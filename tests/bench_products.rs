@@ -97,8 +97,8 @@ impl Backend for Counting {
     fn gather_logit_rows(&self, plan: &StepPlan, x: &CpuMatrix, out: &mut CpuMatrix) -> Result<()> {
         self.0.gather_logit_rows(plan, x, out)
     }
-    fn sample(&self, logits: &CpuMatrix, p: &SampleParams) -> Result<Vec<Sampled>> {
-        self.0.sample(logits, p)
+    fn sample(&self, logits: &CpuMatrix, first: usize, p: &SampleParams) -> Result<Vec<Sampled>> {
+        self.0.sample(logits, first, p)
     }
 }
 

@@ -620,3 +620,184 @@ fn profile_on_the_cpu_asks_for_device_cuda() {
         fails_with(&args, &["--profile needs --device cuda", "cpu (f32"]);
     }
 }
+
+/// `generate --batch N`: one output, trace and picture per request (a directory or a `{i}`
+/// pattern), each request's tokens equal to its solo run (`--seed + i`), the trace naming the
+/// batch, the request and its seed; `--prompts FILE` gives each request its prompt.
+#[test]
+fn generate_batch_writes_one_output_per_request_equal_to_solo() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = [
+        "generate", "--device", "cpu", "--preset", "tiny", "--grid", "4x4", "--steps", "4",
+        "--seed", "7",
+    ];
+    let traces = d.join("trace-{i}.json");
+    let mut args = base.to_vec();
+    args.extend([
+        "--batch",
+        "3",
+        "--out",
+        d.to_str().unwrap(),
+        "--trace",
+        traces.to_str().unwrap(),
+        "--image",
+        d.to_str().unwrap(),
+    ]);
+    let o = cli(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("batch of 3, seeds 7..=9"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stdout(&o).contains("images/s"), "{}", stdout(&o));
+    for i in 0..3 {
+        let solo = d.join(format!("solo-{i}.json"));
+        let seed = (7 + i).to_string();
+        let mut args = base.to_vec();
+        let last = args.len() - 1;
+        args[last] = &seed;
+        args.extend(["--out", solo.to_str().unwrap()]);
+        assert!(cli(&args).status.success());
+        let batch = read_json(&d.join(format!("out-{i}.json")));
+        assert_eq!(batch, read_json(&solo), "request {i}");
+        let t = read_json(&d.join(format!("trace-{i}.json")));
+        assert_eq!(
+            (t["batch"].as_u64(), t["request"].as_u64()),
+            (Some(3), Some(i))
+        );
+        assert_eq!(t["seed"].as_u64(), Some(7 + i));
+        assert!(d.join(format!("image-{i}.png")).exists());
+    }
+    // One prompt per line; blank lines and comments skipped.
+    let prompts = d.join("prompts.txt");
+    std::fs::write(&prompts, "1,2,3\n# a comment\n\n[]\n4 5 6 7\n").unwrap();
+    let mut args = base.to_vec();
+    let pat = d.join("p-{i}.json");
+    args.extend([
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--trace",
+        pat.to_str().unwrap(),
+    ]);
+    let o = cli(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lens: Vec<String> = (0..3)
+        .map(|i| read_json(&d.join(format!("p-{i}.json")))["task"].to_string())
+        .collect();
+    assert!(
+        lens[0].contains("prompt 3,") && lens[1].contains("prompt 0,"),
+        "{lens:?}"
+    );
+    assert!(lens[2].contains("prompt 4,"), "{lens:?}");
+}
+
+/// A batch's bad inputs: a bad prompt names its request, a bad line of the prompts file names
+/// the line, the counts must agree, and a single output file cannot hold a batch.
+#[test]
+fn generate_batch_refuses_bad_requests_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = [
+        "generate", "--device", "cpu", "--preset", "tiny", "--grid", "4x4",
+    ];
+    let write = |name: &str, text: &str| {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let bad = write("bad.txt", "1,2\n3,299\n");
+    let word = write("word.txt", "1,2\n3,x\n");
+    let empty = write("empty.txt", "# nothing\n\n");
+    let two = write("two.txt", "1\n2\n");
+    let out = d.join("one.json");
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec!["--prompts", &bad],
+            vec!["request 1: prompt token 1 is 299"],
+        ),
+        (
+            vec!["--prompts", &word],
+            vec!["line 2", "`x` is not a token id"],
+        ),
+        (vec!["--prompts", &empty], vec!["no prompt"]),
+        (
+            vec!["--prompts", &two, "--batch", "3"],
+            vec!["--batch 3", "2 prompts"],
+        ),
+        (
+            vec!["--batch", "2", "--out", out.to_str().unwrap()],
+            vec!["names one file", "pattern with {i}"],
+        ),
+        (vec!["--batch", "0"], vec!["--batch"]),
+        // The memory bound covers the whole batch, refused before anything is allocated.
+        (
+            vec!["--batch", "5000", "--max-memory", "1G"],
+            vec![
+                "this batch of 5000 generations needs",
+                "K/V pool",
+                "--max-memory",
+            ],
+        ),
+    ];
+    for (extra, needles) in cases {
+        let mut args = base.to_vec();
+        args.extend(extra);
+        fails_with(&args, &needles);
+    }
+    assert!(!out.exists());
+}
+
+/// `bench --batch`: a row per batch size and mode, the JSON report (throughput, latency, peak
+/// memory, request 0 against batch 1, the best batch) and the plot.
+#[test]
+fn bench_batch_reports_throughput_per_batch_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let (json, plot) = (dir.path().join("b.json"), dir.path().join("b.svg"));
+    let o = cli(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--preset",
+        "tiny",
+        "--grid",
+        "4x4",
+        "--steps",
+        "3",
+        "--batch",
+        "1,3,2",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("images/s"), "{}", stdout(&o));
+    let r = read_json(&json);
+    assert_eq!(r["items"], "images");
+    let runs = r["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 6);
+    let batches: Vec<u64> = runs.iter().map(|r| r["batch"].as_u64().unwrap()).collect();
+    assert_eq!(batches, [1, 1, 3, 3, 2, 2]);
+    for run in runs {
+        let b = run["batch"].as_f64().unwrap();
+        let ips = run["items_per_s"].as_f64().unwrap();
+        assert!(
+            (ips * run["wall_s"].as_f64().unwrap() - b).abs() < 1e-6,
+            "{run}"
+        );
+        assert_eq!(run["first_matches_batch1"], true, "{run}");
+        assert_eq!(run["step_s"].as_array().unwrap().len(), 3);
+        assert!(run["peak_device_bytes"].is_null());
+    }
+    assert_eq!(r["best"].as_array().unwrap().len(), 2);
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("vs batch size"));
+    fails_with(
+        &[
+            "bench", "--preset", "tiny", "--batch", "1,2", "--image", "x.png",
+        ],
+        &["--image applies to bench without --batch"],
+    );
+}

@@ -444,9 +444,69 @@ fn realistic_requests_fit_their_bound_tightly() {
     }
 }
 
+/// Batches (`generate --batch`) on `small`: the bound of [`memory::add_batch`] holds for the
+/// whole batch, and is not so loose that it would refuse it on a machine with a few times its
+/// real need.
+fn batches_fit_their_bound() {
+    let small = Config::preset("small").unwrap();
+    let t2i = Workload {
+        grid: Some((16, 16)),
+        steps: Some(8),
+        prompt: PromptSpec::Random(24),
+        ..Workload::new(TaskKind::T2i)
+    };
+    let text = Workload {
+        answer_len: Some(64),
+        ..Workload::new(TaskKind::Text)
+    };
+    for (work, n, mode) in [
+        (&t2i, 4, Mode::Sparse(sampler::Switches::ALL_ON)),
+        (&t2i, 3, Mode::Dense),
+        (&text, 3, Mode::Sparse(sampler::Switches::ALL_ON)),
+    ] {
+        let works = work.batch(n, None).unwrap();
+        let shapes: Vec<_> = works.iter().map(|w| w.shape(&small).unwrap()).collect();
+        let mut need = Need::default();
+        memory::add_weights(&mut need, &small, Target::Cpu, WeightsFrom::Random).unwrap();
+        memory::add_batch(&mut need, &small, &shapes, Target::Cpu, 0).unwrap();
+        let total = need.host_total().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (result, peak) = measured(|| -> sparse_lavida::Result<()> {
+            let tasks = (works.iter())
+                .map(|w| w.task(&small))
+                .collect::<sparse_lavida::Result<Vec<_>>>()?;
+            let model = cpu_model(small.clone(), &WeightSource::Random(1))?;
+            let gs = exec::generate_batch_with(
+                &model,
+                &tasks,
+                mode,
+                Execution::Graphs,
+                RunOptions::default(),
+            )?;
+            for (i, g) in gs.iter().enumerate() {
+                sparse_lavida::io::write_json(&dir.path().join(format!("o{i}.json")), &g.tokens)?;
+                sparse_lavida::io::write_json(&dir.path().join(format!("t{i}.json")), &g.steps)?;
+            }
+            Ok(())
+        });
+        result.unwrap();
+        assert!(
+            peak <= total,
+            "{mode} batch of {n}: peak heap {peak} B over the bound {total} B"
+        );
+        let sized = total - memory::FIXED_OVERHEAD;
+        assert!(
+            sized < 4 * peak,
+            "{mode} batch of {n}: bound {sized} B (without the fixed overhead) is over 4x the \
+             real peak {peak} B"
+        );
+    }
+}
+
 #[test]
 fn requests_run_or_fail_cleanly_within_their_bound() {
     realistic_requests_fit_their_bound_tightly();
+    batches_fit_their_bound();
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
         cases: 256,
         ..ProptestConfig::default()

@@ -141,8 +141,15 @@ pub trait Backend {
         x: &Self::Matrix,
         out: &mut Self::Matrix,
     ) -> Result<()>;
-    /// The sampler pass over `logits` (`[n or 2n, V]`), one result per sampled row.
-    fn sample(&self, logits: &Self::Matrix, params: &SampleParams) -> Result<Vec<Sampled>>;
+    /// The sampler pass over rows `first_row..` of `logits` (`n`, or `2n` with CFG, rows of
+    /// `[rows, V]`; `n = params.positions.len()`), one result per sampled row. A batch samples
+    /// each request's rows with its own parameters.
+    fn sample(
+        &self,
+        logits: &Self::Matrix,
+        first_row: usize,
+        params: &SampleParams,
+    ) -> Result<Vec<Sampled>>;
 
     /// A clock for the sampler's per-step time: wall time by default; a GPU backend times its
     /// stream with events, so the time is the device's, not the host's view of it.

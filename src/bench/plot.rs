@@ -126,6 +126,89 @@ fn render_steps_svg(
     Ok(svg)
 }
 
+/// Writes an SVG plot of a `bench --batch` report to `path`, three panels against the batch
+/// size (log scale): images or tokens per second, the per-request latency (the batch's wall
+/// time, s) and the median step latency (ms), dense and all-on sparse, titled with the device
+/// and the workload.
+pub fn plot_batch_svg(report: &super::BatchReport, path: &Path) -> Result<()> {
+    let svg = render_batch_svg(report)
+        .map_err(|e| Error::io(path, std::io::Error::other(format!("plotting: {e}"))))?;
+    crate::io::write_atomic(path, |w| {
+        w.write_all(svg.as_bytes()).map_err(|e| Error::io(path, e))
+    })
+}
+
+fn render_batch_svg(report: &super::BatchReport) -> std::result::Result<String, String> {
+    use plotters::prelude::*;
+    type Pick = fn(&super::BatchRun) -> f64;
+    let panels: [(&str, Pick); 3] = [
+        ("throughput", |r| r.items_per_s),
+        ("latency per request (s)", |r| r.wall_s),
+        ("median step (ms)", |r| r.step_median_s * 1e3),
+    ];
+    let series = [
+        ("dense", RGBColor(214, 39, 40)),
+        ("sparse (all on)", RGBColor(31, 119, 180)),
+    ];
+    let runs = [report.series("dense"), report.series("sparse")];
+    let batches: Vec<f64> = (runs.iter().flatten()).map(|r| r.batch as f64).collect();
+    let bmax = batches.iter().copied().fold(1.0, f64::max);
+    let title = format!(
+        "{}: {} per second, latency and step time vs batch size",
+        report.device, report.items
+    );
+    let caption = format!("{} ({})", report.workload, report.step_clock);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (1500, 560)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let root = root
+            .titled(&title, ("sans-serif", 22))
+            .map_err(|e| e.to_string())?;
+        let root = root
+            .titled(&caption, ("sans-serif", 13))
+            .map_err(|e| e.to_string())?;
+        for (area, (name, pick)) in root.split_evenly((1, 3)).iter().zip(panels) {
+            let values = (runs.iter().flatten()).map(|r| pick(r));
+            let hi = values.fold(0.0, f64::max).max(1e-9);
+            let y_desc = if name == "throughput" {
+                format!("{} per second", report.items)
+            } else {
+                name.to_string()
+            };
+            let mut c = ChartBuilder::on(area)
+                .margin(14)
+                .x_label_area_size(40)
+                .y_label_area_size(70)
+                .build_cartesian_2d((1.0..bmax * 1.2).log_scale(), 0.0..hi * 1.25)
+                .map_err(|e| e.to_string())?;
+            c.configure_mesh()
+                .x_desc("batch size (log scale)")
+                .y_desc(y_desc)
+                .draw()
+                .map_err(|e| e.to_string())?;
+            for ((label, color), rs) in series.iter().zip(&runs) {
+                let color = *color;
+                let pts: Vec<(f64, f64)> = rs.iter().map(|r| (r.batch as f64, pick(r))).collect();
+                c.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                    .map_err(|e| e.to_string())?
+                    .label(*label)
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
+                c.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                    .map_err(|e| e.to_string())?;
+            }
+            c.configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| e.to_string())?;
+        }
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(svg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,8 @@ pub struct SampleParams {
     pub seed: u64,
     /// Step index (Philox counter word 2).
     pub step: u32,
-    /// Request index in the batch (Philox counter word 3).
+    /// Philox counter word 3. The samplers of this crate pass 0: a request's noise depends on
+    /// its own seed, positions and steps alone, never on its place in a batch (SPEC §4.1).
     pub request: u32,
     /// Sequence position of each sampled row (Philox counter word 1), `n` entries.
     pub positions: Vec<u32>,

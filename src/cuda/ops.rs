@@ -859,7 +859,7 @@ pub struct DeviceSampleArgs<'a> {
     pub seed: u64,
     /// Step index (Philox counter word 2).
     pub step: u32,
-    /// Request index (Philox counter word 3).
+    /// Philox counter word 3 (0 for every request of this crate, SPEC §4.1).
     pub request: u32,
 }
 
@@ -881,7 +881,7 @@ pub struct SampleOut<'a> {
 /// ([`check_sample_shape`], the lengths of [`sample_to_device`]).
 fn launch_sample(
     dev: &CudaDevice,
-    logits: &CudaSlice<f32>,
+    logits: &impl DevicePtr<f32>,
     vocab: usize,
     stride: usize,
     args: &DeviceSampleArgs,
@@ -924,7 +924,7 @@ fn launch_sample(
 /// an error.
 pub fn sample_to_device(
     dev: &CudaDevice,
-    logits: &CudaSlice<f32>,
+    logits: &impl DevicePtr<f32>,
     vocab: usize,
     stride: usize,
     args: DeviceSampleArgs,
@@ -970,7 +970,7 @@ pub fn sample_to_device(
 /// and temperature) is [`Error::Input`] naming "non-finite logit". Waits for the result.
 pub fn sample(
     dev: &CudaDevice,
-    logits: &CudaSlice<f32>,
+    logits: &impl DevicePtr<f32>,
     vocab: usize,
     stride: usize,
     p: &SampleParams,

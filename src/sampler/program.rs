@@ -29,6 +29,7 @@
 //! interpreter (`exec::run_program`), which runs the device-resident algorithm through any
 //! backend, op for op, and which tests hold equal to the host loop.
 
+use super::batch::Region;
 use super::patch::{self, CommitRule, DeviceState, Field, Lists, Patch, PlanArrays, Source};
 use super::{
     DecodeState, Decoder, Layout, Mode, T2iRequest, Task, TextRequest, prefill_plan, prefills,
@@ -37,7 +38,7 @@ use super::{
 use crate::backend::SampleParams;
 use crate::config::{Branch, Config};
 use crate::error::{Error, Result};
-use crate::plan::{StepPlan, Tag};
+use crate::plan::{PartOffsets, PlanPart, StepPlan, Tag};
 use patch::UNDECODED;
 
 /// The token a template holds where the real one is only known at run time (patched before
@@ -142,51 +143,11 @@ impl Program {
     /// (`order[rank_base .. rank_base + n_commit]`) and their tokens. Fails when the state does
     /// not have the program's length or does not record every commit of every step.
     pub fn traces(&self, final_state: &DeviceState) -> Result<Vec<ProgramTrace>> {
-        let st = final_state;
-        let n = self.n;
-        if st.tokens.len() != n || st.order.len() != n || st.decoded_step.len() != n {
-            return Err(Error::Input(format!(
-                "program traces: the state has {} tokens, {} ranks and {} decode steps for a \
-                 response of {n}",
-                st.tokens.len(),
-                st.order.len(),
-                st.decoded_step.len()
-            )));
-        }
-        let mut out = Vec::with_capacity(self.steps.len());
-        for (k, s) in self.steps.iter().enumerate() {
-            let query = match &s.query {
-                Some(q) => q.clone(),
-                None => {
-                    let before = DeviceState {
-                        tokens: st.tokens.clone(),
-                        order: st.order.clone(),
-                        decoded_step: (st.decoded_step.iter())
-                            .map(|&d| if d < k as u32 { d } else { UNDECODED })
-                            .collect(),
-                    };
-                    patch::lists(&before, s.block).q
-                }
-            };
-            let ranks = s.commit.ranks();
-            let Some(decoded) = st.order.get(ranks.clone()) else {
-                return Err(Error::Input(format!(
-                    "program traces: step {k} commits ranks {ranks:?}, past the response ({n})"
-                )));
-            };
-            let mut tokens = Vec::with_capacity(decoded.len());
-            for (r, &i) in ranks.zip(decoded) {
-                if st.decoded_step.get(i as usize) != Some(&(k as u32)) {
-                    return Err(Error::Input(format!(
-                        "program traces: rank {r} of step {k} is response index {i}, which the \
-                         state does not record as decoded at step {k}"
-                    )));
-                }
-                tokens.push(st.tokens[i as usize]);
-            }
-            out.push((query, decoded.to_vec(), tokens));
-        }
-        Ok(out)
+        let steps = self
+            .steps
+            .iter()
+            .map(|s| (s.query.as_deref(), s.block, s.commit));
+        traces(self.n, steps, final_state)
     }
 
     /// The most rows per branch (indexed by `Branch as usize`) any plan of the program feeds,
@@ -208,6 +169,58 @@ impl Program {
             .max()
             .unwrap_or(0)
     }
+}
+
+/// [`Program::traces`] over the steps' (fixed query, block, commit rule) of one request.
+fn traces<'a>(
+    n: usize,
+    steps: impl Iterator<Item = (Option<&'a [u32]>, (u32, u32), CommitRule)>,
+    final_state: &DeviceState,
+) -> Result<Vec<ProgramTrace>> {
+    let st = final_state;
+    if st.tokens.len() != n || st.order.len() != n || st.decoded_step.len() != n {
+        return Err(Error::Input(format!(
+            "program traces: the state has {} tokens, {} ranks and {} decode steps for a \
+             response of {n}",
+            st.tokens.len(),
+            st.order.len(),
+            st.decoded_step.len()
+        )));
+    }
+    let mut out = Vec::new();
+    for (k, (query, block, commit)) in steps.enumerate() {
+        let query = match query {
+            Some(q) => q.to_vec(),
+            None => {
+                let before = DeviceState {
+                    tokens: st.tokens.clone(),
+                    order: st.order.clone(),
+                    decoded_step: (st.decoded_step.iter())
+                        .map(|&d| if d < k as u32 { d } else { UNDECODED })
+                        .collect(),
+                };
+                patch::lists(&before, block).q
+            }
+        };
+        let ranks = commit.ranks();
+        let Some(decoded) = st.order.get(ranks.clone()) else {
+            return Err(Error::Input(format!(
+                "program traces: step {k} commits ranks {ranks:?}, past the response ({n})"
+            )));
+        };
+        let mut tokens = Vec::with_capacity(decoded.len());
+        for (r, &i) in ranks.zip(decoded) {
+            if st.decoded_step.get(i as usize) != Some(&(k as u32)) {
+                return Err(Error::Input(format!(
+                    "program traces: rank {r} of step {k} is response index {i}, which the \
+                     state does not record as decoded at step {k}"
+                )));
+            }
+            tokens.push(st.tokens[i as usize]);
+        }
+        out.push((query, decoded.to_vec(), tokens));
+    }
+    Ok(out)
 }
 
 /// The program of `task` in `mode` on a model configured by `cfg`.
@@ -450,6 +463,241 @@ fn text_patches(
         push(Field::SamplePos, s, Source::Query, s as u32, pos - i);
     }
     Ok(out)
+}
+
+/// A part of a resolved [`BatchStep`]: its sampler positions and its query (response indices
+/// of its logits rows), as [`StepProgram::resolve`] gives them.
+pub type ResolvedPart = (Vec<u32>, Vec<u32>);
+
+/// One request's share of a [`BatchStep`]: what [`StepProgram`] holds, re-pointed into the
+/// step's batch plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepPart {
+    /// The request (index into [`BatchProgram::requests`]).
+    pub request: usize,
+    /// Where its rows, keys and logits rows start in the step's plan, and its slot base.
+    pub offsets: PartOffsets,
+    /// Its [`StepProgram::patches`], moved to the batch plan: row, key and logits-row entries
+    /// by the part's offsets, slot values by its region's base and logits-row values by its
+    /// first row; [`Field::SamplePos`] entries index the part's own `sample_positions`.
+    pub patches: Vec<Patch>,
+    /// See [`StepProgram::block`].
+    pub block: (u32, u32),
+    /// See [`StepProgram::query`].
+    pub query: Option<Vec<u32>>,
+    /// See [`StepProgram::sample_positions`].
+    pub sample_positions: Vec<u32>,
+    /// See [`StepProgram::commit`].
+    pub commit: CommitRule,
+}
+
+/// One step of a [`BatchProgram`]: the batch's template plan and each active request's part,
+/// in request order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchStep {
+    /// The requests' templates side by side ([`StepPlan::concat`]).
+    pub plan: StepPlan,
+    /// The requests with this step, in request order.
+    pub parts: Vec<StepPart>,
+}
+
+/// What a [`BatchProgram`] keeps of one request besides its steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestProgram {
+    /// Response length `N`.
+    pub n: usize,
+    /// The response's `[MASK]` id (its state starts as `DeviceState::new(n, mask_id)`).
+    pub mask_id: u32,
+    /// Its sampler parameters ([`Program::params`]).
+    pub params: SampleParams,
+    /// Its sequences and pool region.
+    pub region: Region,
+    /// Its steps: it takes part in batch steps `0..steps`.
+    pub steps: usize,
+    /// Rows it feeds in the batch's prefill (0: it has none).
+    pub prefill_rows: usize,
+}
+
+/// A batch's device-resident generation: the requests' [`Program`]s side by side (see
+/// [`super::batch`]). Step `k`'s plan is the concatenation of the templates of the requests
+/// with a step `k`; each request's patches are re-pointed into it, so that resolving every
+/// part against its own request's state gives the plan the host loop builds for the batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchProgram {
+    /// The prefill of every request that prefills, as one plan (no patches).
+    pub prefill: Option<StepPlan>,
+    /// The steps: as many as the longest request's.
+    pub steps: Vec<BatchStep>,
+    /// The requests, in batch order.
+    pub requests: Vec<RequestProgram>,
+    /// The responses' branch (one task per batch).
+    pub branch: Branch,
+    /// K/V pool slots of the whole batch.
+    pub pool_slots: usize,
+}
+
+impl StepPart {
+    /// Moves a request's patch into the batch plan (see [`StepPart::patches`]).
+    fn shift(p: Patch, off: &PartOffsets, branch: Branch) -> Patch {
+        let base = off.slot_base as u32;
+        let rows = off.rows[branch as usize] as u32;
+        let (index, add) = match p.field {
+            Field::RowId | Field::RowPos => (p.index + rows, p.add),
+            Field::RowSlot => (p.index + rows, p.add.wrapping_add(base)),
+            Field::KvIndex => (p.index + off.keys as u32, p.add.wrapping_add(base)),
+            Field::KvTag => (p.index + off.keys as u32, p.add),
+            Field::LogitsRow => (p.index + off.logits as u32, p.add.wrapping_add(rows)),
+            Field::SamplePos => (p.index, p.add),
+        };
+        Patch { index, add, ..p }
+    }
+}
+
+impl BatchStep {
+    /// The host twin of the device's work before this step: resolves every part against its
+    /// request's state (`states[request]`) into one copy of the template. Returns the plan and,
+    /// per part, its sampler positions and query (as [`StepProgram::resolve`]).
+    pub fn resolve(&self, branch: Branch, states: &[DeviceState]) -> (StepPlan, Vec<ResolvedPart>) {
+        let mut plan = self.plan.clone();
+        let mut tags: Vec<u32> = plan.kv_tags.iter().map(|t| t.0).collect();
+        let mut out = Vec::with_capacity(self.parts.len());
+        for part in &self.parts {
+            let state = &states[part.request];
+            let lists = patch::lists(state, part.block);
+            let mut positions = part.sample_positions.clone();
+            let rows = &mut plan.branches[branch as usize];
+            let mut arrays = PlanArrays {
+                row_ids: &mut rows.ids,
+                row_pos: &mut rows.pos,
+                row_slots: &mut rows.slots,
+                kv_indices: &mut plan.kv_indices,
+                kv_tags: &mut tags,
+                logits_rows: &mut plan.logits_rows,
+                sample_pos: &mut positions,
+            };
+            patch::apply(&part.patches, state, &lists, &mut arrays);
+            let query = part.query.clone().unwrap_or(lists.q);
+            out.push((positions, query));
+        }
+        plan.kv_tags = tags.into_iter().map(Tag).collect();
+        (plan, out)
+    }
+}
+
+impl BatchProgram {
+    /// Places `programs` (each compiled alone, e.g. by [`program()`]) side by side. Errors:
+    /// no programs, programs of different branches, a program without steps, a pool past
+    /// 2^31 slots.
+    pub fn new(programs: Vec<Program>) -> Result<BatchProgram> {
+        let Some(branch) = programs.first().map(|p| p.branch) else {
+            return Err(Error::Input(
+                "a batch program needs at least one request".into(),
+            ));
+        };
+        let mut sizes = Vec::with_capacity(programs.len());
+        for (i, p) in programs.iter().enumerate() {
+            if p.branch != branch {
+                return Err(Error::Input(format!(
+                    "batch program: request {i} answers in another branch than request 0"
+                )));
+            }
+            let Some(first) = p.steps.first() else {
+                return Err(Error::Input(format!(
+                    "batch program: request {i} has no step"
+                )));
+            };
+            sizes.push((first.plan.n_seqs, p.pool_slots));
+        }
+        let regions = super::batch::regions(sizes)?;
+        let concat = |plans: &[Option<&StepPlan>]| {
+            let parts: Vec<PlanPart> = (regions.iter().zip(plans))
+                .map(|(r, &p)| r.part(p))
+                .collect();
+            StepPlan::concat(&parts)
+        };
+        let prefills: Vec<Option<&StepPlan>> =
+            programs.iter().map(|p| p.prefill.as_ref()).collect();
+        let prefill = match prefills.iter().any(Option::is_some) {
+            true => Some(concat(&prefills)?.0),
+            false => None,
+        };
+        let n_steps = programs.iter().map(|p| p.steps.len()).max().unwrap_or(0);
+        let mut steps = Vec::with_capacity(n_steps);
+        for k in 0..n_steps {
+            let plans: Vec<Option<&StepPlan>> = programs
+                .iter()
+                .map(|p| p.steps.get(k).map(|s| &s.plan))
+                .collect();
+            let (plan, offsets) = concat(&plans)?;
+            let parts = (programs.iter().enumerate())
+                .filter_map(|(i, p)| p.steps.get(k).map(|s| (i, s)))
+                .map(|(i, s)| StepPart {
+                    request: i,
+                    offsets: offsets[i],
+                    patches: (s.patches.iter())
+                        .map(|&p| StepPart::shift(p, &offsets[i], branch))
+                        .collect(),
+                    block: s.block,
+                    query: s.query.clone(),
+                    sample_positions: s.sample_positions.clone(),
+                    commit: s.commit,
+                })
+                .collect();
+            steps.push(BatchStep { plan, parts });
+        }
+        let requests = (programs.into_iter().zip(&regions))
+            .map(|(p, &region)| RequestProgram {
+                n: p.n,
+                mask_id: p.mask_id,
+                params: p.params,
+                region,
+                steps: p.steps.len(),
+                prefill_rows: p.prefill.as_ref().map_or(0, StepPlan::n_rows),
+            })
+            .collect();
+        Ok(BatchProgram {
+            prefill,
+            steps,
+            requests,
+            branch,
+            pool_slots: regions.last().map_or(0, |r| r.slot_base + r.slots),
+        })
+    }
+
+    /// Request `i`'s per-step traces from its final state, as [`Program::traces`].
+    pub fn traces(&self, i: usize, final_state: &DeviceState) -> Result<Vec<ProgramTrace>> {
+        let steps = (self.steps.iter())
+            .filter_map(|s| s.parts.iter().find(|p| p.request == i))
+            .map(|p| (p.query.as_deref(), p.block, p.commit));
+        traces(self.requests[i].n, steps, final_state)
+    }
+
+    /// The most rows per branch any plan of the batch feeds, prefill included.
+    pub fn max_rows(&self) -> [usize; 2] {
+        let plans = (self.prefill.iter()).chain(self.steps.iter().map(|s| &s.plan));
+        plans.fold([0, 0], |m, p| {
+            Branch::ALL.map(|b| m[b as usize].max(p.rows(b).len()))
+        })
+    }
+
+    /// The most logits rows any step computes.
+    pub fn max_logits(&self) -> usize {
+        (self.steps.iter())
+            .map(|s| s.plan.logits_rows.len())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// The program of a batch of `requests` in `mode` (checked as [`super::BatchSampling::new`]
+/// checks it, naming the request at fault).
+pub fn batch_program(cfg: &Config, requests: &[Task], mode: Mode) -> Result<BatchProgram> {
+    super::check_batch(requests)?;
+    let len = requests.len();
+    let programs = (requests.iter().enumerate())
+        .map(|(i, r)| program(cfg, r, mode).map_err(|e| super::batch::in_request(len, i, e)))
+        .collect::<Result<Vec<_>>>()?;
+    BatchProgram::new(programs)
 }
 
 #[cfg(test)]

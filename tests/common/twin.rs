@@ -219,7 +219,12 @@ impl Backend for Bf16Twin {
     ) -> sparse_lavida::Result<()> {
         self.0.gather_logit_rows(plan, &x.0, &mut out.0)
     }
-    fn sample(&self, logits: &TwinMatrix, p: &SampleParams) -> sparse_lavida::Result<Vec<Sampled>> {
-        self.0.sample(&logits.0, p)
+    fn sample(
+        &self,
+        logits: &TwinMatrix,
+        first: usize,
+        p: &SampleParams,
+    ) -> sparse_lavida::Result<Vec<Sampled>> {
+        self.0.sample(&logits.0, first, p)
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! Every function validates its slice lengths against the shape it is given and returns
 //! [`Error::Input`] naming the argument and both sizes, so a glue-layer bug is a message, not a
-//! panic or a silent out-of-bounds read. Work is split over rayon by rows; results do not depend
-//! on the thread count except for `matmul_t`, whose summation order inside `sgemm` may differ
-//! between blocks by float rounding only.
+//! panic or a silent out-of-bounds read. Work is split over rayon by rows, and every output row
+//! is computed from its own inputs in a fixed order: results depend neither on the thread count
+//! nor on the other rows of the call (which is what lets a request of a batch compute the same
+//! bits as alone, SPEC §8; `matmul_t` below says why that holds for `sgemm`).
 
 use rayon::prelude::*;
 
@@ -27,6 +28,14 @@ const MIN_TASK_ELEMS: usize = 1 << 14;
 /// over rayon and each chunk is one `matrixmultiply::sgemm` call; `w` is read transposed through
 /// its strides, never copied. With `accumulate == false` the old contents of `out` are never read
 /// (NaN there is harmless).
+///
+/// Every output element is the same bits whatever the rows around it and however the call is
+/// split: `sgemm` (matrixmultiply 0.3) cuts `k` into fixed blocks of 256, sums each block in one
+/// accumulator per element in `k` order with the same micro-kernel whether the element sits in
+/// a full tile or an edge tile (which the masked path only copies out), and adds the blocks to
+/// the output in order. So a row computes alone exactly what it computes in a batch
+/// (`tests/batch.rs` checks it against 1 to 8 threads and single rows); batches cost nothing
+/// here.
 pub fn matmul_t(
     x: &[f32],
     rows: usize,

@@ -887,25 +887,33 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn sample(&self, logits: &CudaMatrix, params: &SampleParams) -> Result<Vec<Sampled>> {
+    fn sample(
+        &self,
+        logits: &CudaMatrix,
+        first_row: usize,
+        params: &SampleParams,
+    ) -> Result<Vec<Sampled>> {
         let _r = profile::range("sample");
         let n = params.positions.len();
         let rows = if params.guidance.is_some() { 2 * n } else { n };
-        if logits.rows != rows {
+        let Some(end) = first_row.checked_add(rows).filter(|&e| e <= logits.rows) else {
             return Err(Error::Input(format!(
-                "sample: logits has {} rows, expected {rows} ({n} positions{})",
-                logits.rows,
+                "sample: rows {first_row}.. ({rows} rows for {n} positions{}) of logits with {} \
+                 rows",
                 if params.guidance.is_some() {
                     " × 2 for CFG"
                 } else {
                     ""
-                }
+                },
+                logits.rows
             )));
-        }
+        };
+        let cols = logits.cols;
         let buf = logits.f32("sample logits")?;
+        let view = buf.slice(first_row * cols..end * cols);
         // No embedding-flag read here: `embed` checked the host plan's ids, so only an id
         // patched in on the device (a resident run, which reads the flag itself) can set it.
-        ops::sample(&self.dev, buf, logits.cols, logits.cols, params)
+        ops::sample(&self.dev, &view, cols, cols, params)
     }
 
     /// CUDA events on the backend's stream (every op runs there).
