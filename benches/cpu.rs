@@ -126,14 +126,32 @@ fn sampler(c: &mut Criterion) {
 
 fn matmul(c: &mut Criterion) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-    let (rows, k, n) = (96, 128, 256);
-    let (x, w) = (random(rows * k, &mut rng), random(n * k, &mut rng));
-    let mut out = vec![0.0; rows * n];
     let mut g = c.benchmark_group("matmul");
-    g.throughput(Throughput::Elements((2 * rows * k * n) as u64));
-    g.bench_function("sparse_step_q_proj", |b| {
-        b.iter(|| ops::matmul_t(black_box(&x), rows, k, &w, n, &mut out, false).unwrap())
-    });
+    // `small` shapes: a sparse t2i step (2 × 48 image rows: q|k|v, gate|up, down, logits), a
+    // sparse text step's q|k|v, a dense step's q|k|v (2 × 1088 rows), and a square product for
+    // the machine's sgemm rate. Each against the previous row split, same process.
+    for (name, rows, k, n) in [
+        ("sparse_t2i_qkv", 96, 128, 768),
+        ("sparse_t2i_gate_up", 96, 128, 768),
+        ("sparse_t2i_down", 96, 384, 128),
+        ("sparse_t2i_logits", 96, 128, 512),
+        ("sparse_text_qkv", 40, 256, 768),
+        ("dense_t2i_qkv", 2176, 128, 768),
+        ("square_1024", 1024, 1024, 1024),
+    ] {
+        let (x, w) = (random(rows * k, &mut rng), random(n * k, &mut rng));
+        let mut out = vec![0.0; rows * n];
+        g.throughput(Throughput::Elements((2 * rows * k * n) as u64));
+        g.bench_function(format!("{name}/crate"), |b| {
+            b.iter(|| ops::matmul_t(black_box(&x), rows, k, &w, n, &mut out, false).unwrap())
+        });
+        g.bench_function(format!("{name}/row_split"), |b| {
+            b.iter(|| {
+                ops::matmul_t_row_split(black_box(&x), rows, k, &w, n, &mut out, false)
+                    .unwrap()
+            })
+        });
+    }
     g.finish();
 }
 
