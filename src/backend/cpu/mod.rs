@@ -1,8 +1,10 @@
 //! The f32 CPU backend: the oracle every CUDA kernel is tested against, and the fallback.
 //!
-//! Thin glue: shapes are checked here, the arithmetic lives in [`ops`] and [`attention`].
+//! Thin glue: shapes are checked here, the arithmetic lives in [`ops`], [`flash`] (the
+//! attention it runs) and [`attention`] (the CUDA kernel's twin, run when a tiling is forced).
 
 pub mod attention;
+pub mod flash;
 pub mod ops;
 
 use crate::backend::{Backend, MatrixKind, SampleParams, Sampled};
@@ -357,56 +359,9 @@ impl Backend for CpuBackend {
         if let Some(tiling) = self.tiling {
             return attention::attention_tiled(&inp, tiling, &mut out.data, None);
         }
-        inp.validate()?;
-        // A row's result depends on its sequence's split count alone (query tiles never cross
-        // sequences, the key tile is fixed, and each row's scores and sums are its own), so
-        // the split count is chosen per sequence, from that sequence's rows and keys: a
-        // sequence computes the same bits alone or beside others in a batch. Consecutive
-        // sequences with the same count run as one call.
-        let n_seqs = inp.n_seqs();
-        let splits: Vec<usize> = (0..n_seqs)
-            .map(|s| {
-                let (rows, keys) = (inp.seq_rows(s).len(), inp.seq_keys(s).len());
-                AttnTiling::heuristic(rows, keys, shape.n_heads, self.threads()).n_splits
-            })
-            .collect();
-        let q_dim = shape.q_dim();
-        let mut s0 = 0;
-        while s0 < n_seqs {
-            let mut s1 = s0 + 1;
-            while s1 < n_seqs && splits[s1] == splits[s0] {
-                s1 += 1;
-            }
-            let (r0, r1) = (rows.seq_indptr[s0], rows.seq_indptr[s1]);
-            let (k0, k1) = (plan.kv_indptr[s0], plan.kv_indptr[s1]);
-            let (r0u, r1u, k0u, k1u) = (r0 as usize, r1 as usize, k0 as usize, k1 as usize);
-            let seq_indptr: Vec<u32> = rows.seq_indptr[s0..=s1].iter().map(|&e| e - r0).collect();
-            let kv_indptr: Vec<u32> = plan.kv_indptr[s0..=s1].iter().map(|&e| e - k0).collect();
-            let group = AttnInputs {
-                q: &q.data[r0u * q_dim..r1u * q_dim],
-                row_tags: &rows.tags[r0u..r1u],
-                seq_indptr: &seq_indptr,
-                kv_indptr: &kv_indptr,
-                kv_indices: &plan.kv_indices[k0u..k1u],
-                kv_tags: &plan.kv_tags[k0u..k1u],
-                ..inp
-            };
-            let max_keys = kv_indptr.windows(2).map(|w| (w[1] - w[0]) as usize).max();
-            // The query tile does not change a row's result; only the split count does.
-            let tiling = AttnTiling {
-                n_splits: splits[s0],
-                ..AttnTiling::heuristic(
-                    r1u - r0u,
-                    max_keys.unwrap_or(0),
-                    shape.n_heads,
-                    self.threads(),
-                )
-            };
-            let out = &mut out.data[r0u * q_dim..r1u * q_dim];
-            attention::attention_tiled(&group, tiling, out, None)?;
-            s0 = s1;
-        }
-        Ok(())
+        // Every row's result depends on its own query and its sequence's keys alone (see
+        // `flash`), so a batch computes each sequence's bits as alone.
+        flash::attention_flash(&inp, &mut out.data, None)
     }
 
     fn swiglu(&self, gate_up: &CpuMatrix, out: &mut CpuMatrix) -> Result<()> {
