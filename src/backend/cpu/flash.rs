@@ -141,11 +141,12 @@ impl WithSimd for Item<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) -> Self::Output {
-        // Register blocks: Q·Kᵀ MR rows × 2 vectors, P·V MR_PV rows × up to 4 vectors.
+        // Register blocks: Sᵀ MRK keys × up to 4 vectors of query rows, P·V MR_PV rows × up to
+        // 4 vectors of columns.
         match S::F32_LANES {
-            16.. => item::<S, 12, 6>(simd, self),
-            8.. => item::<S, 6, 3>(simd, self),
-            _ => item::<S, 4, 2>(simd, self),
+            16.. => item::<S, 6, 6>(simd, self),
+            8.. => item::<S, 3, 3>(simd, self),
+            _ => item::<S, 2, 2>(simd, self),
         }
     }
 }
@@ -180,40 +181,85 @@ pub fn exp2_lanes(x: &mut [f32; LANES]) {
     }
 }
 
-/// `acc[i] = Σ_c a[c][i] · panel[c]` for the `MR` rows packed in `a` (`[d][MR]`), one FMA chain
-/// per element over `c` in order.
+/// `S^T[j][rows] = Σ_c k_j[c] · q^T[c][rows]` for the `MRK` keys `ks` (rows of the pool, in
+/// place) and `NVQ` vectors of query rows from vector `v0` of the packed `qt` (`[d][nvec]`):
+/// one FMA chain per element over `c` in order. Written to `st` rows `j0..` (stride `ld`).
 #[inline(always)]
-fn qk_micro<S: Simd, const MR: usize>(
+#[allow(clippy::too_many_arguments)]
+fn qk_micro<S: Simd, const MRK: usize, const NVQ: usize>(
     simd: S,
-    a: &[f32],
-    panel: &[S::f32s],
+    ks: &[&[f32]],
+    qt: &[S::f32s],
+    nvec: usize,
+    v0: usize,
     d: usize,
-) -> [[S::f32s; 2]; MR] {
+    st: &mut [f32],
+    ld: usize,
+    j0: usize,
+) {
     let zero = simd.splat_f32s(0.0);
-    let mut acc = [[zero; 2]; MR];
-    for (a_c, b) in a[..d * MR]
-        .chunks_exact(MR)
-        .zip(panel[..2 * d].chunks_exact(2))
-    {
-        let (b0, b1) = (b[0], b[1]);
-        for i in 0..MR {
-            let x = simd.splat_f32s(a_c[i]);
-            acc[i][0] = simd.mul_add_f32s(x, b0, acc[i][0]);
-            acc[i][1] = simd.mul_add_f32s(x, b1, acc[i][1]);
+    let mut regs = [[zero; NVQ]; MRK];
+    let ks: [&[f32]; MRK] = std::array::from_fn(|i| &ks[i][..d]);
+    for c in 0..d {
+        let q = &qt[c * nvec + v0..][..NVQ];
+        for i in 0..MRK {
+            let kb = simd.splat_f32s(ks[i][c]);
+            for u in 0..NVQ {
+                regs[i][u] = simd.mul_add_f32s(kb, q[u], regs[i][u]);
+            }
         }
     }
-    acc
+    let lanes = S::F32_LANES;
+    for (i, reg) in regs.iter().enumerate() {
+        let dst: &mut [S::f32s] =
+            bytemuck::cast_slice_mut(&mut st[(j0 + i) * ld + v0 * lanes..][..NVQ * lanes]);
+        dst.copy_from_slice(reg);
+    }
 }
 
-/// `acc[r][cols] += Σ_j p[r][j] · v_j[cols]` for `MR` rows, `NV` vectors of columns from `c0`:
-/// one FMA chain per element over the keys in order. `p` rows have stride `ld_p`, `acc` rows
-/// `d`; `vs` are the keys' value rows (`d` values each, in the pool).
+/// `S^T` for keys `ks` (all query-row vectors): key blocks of `MRK` then 1, row vectors in
+/// blocks of 4, 2, 1.
+#[inline(always)]
+fn qk<S: Simd, const MRK: usize>(
+    simd: S,
+    ks: &[&[f32]],
+    qt: &[S::f32s],
+    nvec: usize,
+    d: usize,
+    st: &mut [f32],
+    ld: usize,
+) {
+    let mut v0 = 0;
+    macro_rules! rows {
+        ($nv:literal) => {
+            while v0 + $nv <= nvec {
+                let mut j0 = 0;
+                while j0 + MRK <= ks.len() {
+                    qk_micro::<S, MRK, $nv>(simd, &ks[j0..], qt, nvec, v0, d, st, ld, j0);
+                    j0 += MRK;
+                }
+                while j0 < ks.len() {
+                    qk_micro::<S, 1, $nv>(simd, &ks[j0..], qt, nvec, v0, d, st, ld, j0);
+                    j0 += 1;
+                }
+                v0 += $nv;
+            }
+        };
+    }
+    rows!(4);
+    rows!(2);
+    rows!(1);
+}
+
+/// `acc[r][cols] += Σ_j p^T[j][r] · v_j[cols]` for the `MR` rows from `r0`, `NV` vectors of
+/// columns from `c0`: one FMA chain per element over the keys in order. `pt` is `[keys][ld]`,
+/// `acc` rows have stride `d`; `vs` are the keys' value rows (`d` values each, in the pool).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn pv_micro<S: Simd, const MR: usize, const NV: usize>(
     simd: S,
-    p: &[f32],
-    ld_p: usize,
+    pt: &[f32],
+    ld: usize,
     r0: usize,
     vs: &[&[f32]],
     acc: &mut [f32],
@@ -226,11 +272,11 @@ fn pv_micro<S: Simd, const MR: usize, const NV: usize>(
         let row: &[S::f32s] = bytemuck::cast_slice(&acc[(r0 + i) * d + c0..][..w]);
         std::array::from_fn(|v| row[v])
     });
-    let p_rows: [&[f32]; MR] = std::array::from_fn(|i| &p[(r0 + i) * ld_p..][..vs.len()]);
     for (j, v_row) in vs.iter().enumerate() {
         let v: &[S::f32s] = bytemuck::cast_slice(&v_row[c0..c0 + w]);
+        let p = &pt[j * ld + r0..][..MR];
         for i in 0..MR {
-            let pb = simd.splat_f32s(p_rows[i][j]);
+            let pb = simd.splat_f32s(p[i]);
             for u in 0..NV {
                 regs[i][u] = simd.mul_add_f32s(pb, v[u], regs[i][u]);
             }
@@ -247,8 +293,8 @@ fn pv_micro<S: Simd, const MR: usize, const NV: usize>(
 #[inline(always)]
 fn pv<S: Simd, const MR: usize>(
     simd: S,
-    p: &[f32],
-    ld_p: usize,
+    pt: &[f32],
+    ld: usize,
     n_rows: usize,
     vs: &[&[f32]],
     acc: &mut [f32],
@@ -261,11 +307,11 @@ fn pv<S: Simd, const MR: usize>(
             while c0 + $nv * lanes <= d {
                 let mut r0 = 0;
                 while r0 + MR <= n_rows {
-                    pv_micro::<S, MR, $nv>(simd, p, ld_p, r0, vs, acc, d, c0);
+                    pv_micro::<S, MR, $nv>(simd, pt, ld, r0, vs, acc, d, c0);
                     r0 += MR;
                 }
                 while r0 < n_rows {
-                    pv_micro::<S, 1, $nv>(simd, p, ld_p, r0, vs, acc, d, c0);
+                    pv_micro::<S, 1, $nv>(simd, pt, ld, r0, vs, acc, d, c0);
                     r0 += 1;
                 }
                 c0 += $nv * lanes;
@@ -277,11 +323,11 @@ fn pv<S: Simd, const MR: usize>(
     cols!(1);
     if c0 < d {
         for r in 0..n_rows {
-            let p_row = &p[r * ld_p..][..vs.len()];
             let acc_row = &mut acc[r * d..][..d];
             for (j, v_row) in vs.iter().enumerate() {
+                let p = pt[j * ld + r];
                 for c in c0..d {
-                    acc_row[c] = p_row[j].mul_add(v_row[c], acc_row[c]);
+                    acc_row[c] = p.mul_add(v_row[c], acc_row[c]);
                 }
             }
         }
@@ -289,7 +335,7 @@ fn pv<S: Simd, const MR: usize>(
 }
 
 #[inline(always)]
-fn item<S: Simd, const MR: usize, const MR_PV: usize>(simd: S, it: Item) -> (Vec<f32>, Vec<f32>) {
+fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) -> (Vec<f32>, Vec<f32>) {
     let Item {
         inp,
         tile_k,
@@ -307,26 +353,28 @@ fn item<S: Simd, const MR: usize, const MR_PV: usize>(simd: S, it: Item) -> (Vec
     let q_desc = QueryDesc::new(&TileSummary::of(q_tags), inp.joint);
     let keys = inp.seq_keys(seq);
 
-    let nr = 2 * S::F32_LANES;
-    // Scores/probabilities `[n_rows][ld_s]`, a whole number of LANES chunks per row.
-    let ld_s = tile_k.div_ceil(LANES).max(1) * LANES;
-    let ld_s = ld_s.max(tile_k.div_ceil(nr) * nr);
-    // The query rows packed `[row block][d][MR]` (zero rows past the end).
-    let blocks = n_rows.div_ceil(MR);
-    let mut qp = vec![0.0f32; blocks * d * MR];
-    for (i, r) in rows.clone().enumerate() {
-        let q = &inp.q[r * q_dim + head * d..][..d];
-        let blk = &mut qp[i / MR * d * MR..][..d * MR];
-        for (c, &v) in q.iter().enumerate() {
-            blk[c * MR + i % MR] = v;
+    let lanes = S::F32_LANES;
+    // Query rows padded to whole LANES chunks (and whole vectors); padded rows are zero queries
+    // whose lanes are computed and never read.
+    let ld = n_rows.div_ceil(LANES.max(lanes)) * LANES.max(lanes);
+    let nvec = ld / lanes;
+    // Qᵀ packed `[d][nvec]` vectors.
+    let mut qt = vec![simd.splat_f32s(0.0); d * nvec];
+    {
+        let qt: &mut [f32] = bytemuck::cast_slice_mut(&mut qt);
+        for (i, r) in rows.clone().enumerate() {
+            let q = &inp.q[r * q_dim + head * d..][..d];
+            for (c, &v) in q.iter().enumerate() {
+                qt[c * ld + i] = v;
+            }
         }
     }
-    let panels_max = tile_k.div_ceil(nr);
-    let mut kt = vec![simd.splat_f32s(0.0); panels_max * d * 2];
-    let mut s = vec![0.0f32; n_rows * ld_s];
-    let mut m = vec![f32::NEG_INFINITY; n_rows];
-    let mut l = vec![0.0f32; n_rows];
+    // Sᵀ, then Pᵀ: `[tile_k][ld]`.
+    let mut st = vec![0.0f32; tile_k * ld];
+    let mut m = vec![f32::NEG_INFINITY; ld];
+    let mut l = vec![0.0f32; ld];
     let mut acc = vec![0.0f32; n_rows * d];
+    let mut ks: Vec<&[f32]> = Vec::with_capacity(tile_k);
     let mut vs: Vec<&[f32]> = Vec::with_capacity(tile_k);
 
     for (t, k0) in keys.clone().step_by(tile_k).enumerate() {
@@ -339,96 +387,80 @@ fn item<S: Simd, const MR: usize, const MR_PV: usize>(simd: S, it: Item) -> (Vec
         let unmasked = class == TileClass::Visible && n_keys == tile_k;
         let k_tags = &inp.kv_tags[tile.clone()];
         let slots = &inp.kv_indices[tile];
-        // Gather and pack the key tile: panel `t` holds keys t·NR.. as `[d][NR]`.
-        let panels = n_keys.div_ceil(nr);
-        {
-            let kt: &mut [f32] = bytemuck::cast_slice_mut(&mut kt[..panels * d * 2]);
-            for (j, &slot) in slots.iter().enumerate() {
-                let k_row = &inp.k_pool[slot as usize * kv_dim + kv_col..][..d];
-                let panel = &mut kt[j / nr * d * nr..][..d * nr];
-                for (c, &v) in k_row.iter().enumerate() {
-                    panel[c * nr + j % nr] = v;
-                }
-            }
-            for j in n_keys..panels * nr {
-                let panel = &mut kt[j / nr * d * nr..][..d * nr];
-                for c in 0..d {
-                    panel[c * nr + j % nr] = 0.0;
-                }
-            }
+        ks.clear();
+        vs.clear();
+        for &slot in slots {
+            let base = slot as usize * kv_dim + kv_col;
+            ks.push(&inp.k_pool[base..][..d]);
+            vs.push(&inp.v_pool[base..][..d]);
         }
-        // S = Q·Kᵀ.
-        for b in 0..blocks {
-            let a = &qp[b * d * MR..][..d * MR];
-            let mr = MR.min(n_rows - b * MR);
-            for pn in 0..panels {
-                let sc = qk_micro::<S, MR>(simd, a, &kt[pn * d * 2..][..d * 2], d);
-                for (i, sc_i) in sc.iter().enumerate().take(mr) {
-                    let dst = &mut s[(b * MR + i) * ld_s + pn * nr..][..nr];
-                    dst.copy_from_slice(bytemuck::cast_slice(sc_i.as_slice()));
-                }
-            }
-        }
-        // Mask, scale, online softmax; S becomes P.
-        for r in 0..n_rows {
-            let row = &mut s[r * ld_s..][..ld_s];
-            if unmasked {
-                row[..n_keys].iter_mut().for_each(|x| *x *= scale_log2);
-            } else {
-                for (x, &kt) in row[..n_keys].iter_mut().zip(k_tags) {
-                    *x = if visible(q_tags[r], kt, inp.joint) {
+        // Sᵀ = K·Qᵀ, K read in place.
+        let st = &mut st[..n_keys * ld];
+        qk::<S, MRK>(simd, &ks, &qt, nvec, d, st, ld);
+        // Scale to base 2; hidden pairs −inf.
+        if unmasked {
+            st.iter_mut().for_each(|x| *x *= scale_log2);
+        } else {
+            for (st_j, &kt) in st.chunks_exact_mut(ld).zip(k_tags) {
+                for (x, &qt) in st_j.iter_mut().zip(q_tags) {
+                    *x = if visible(qt, kt, inp.joint) {
                         *x * scale_log2
                     } else {
                         f32::NEG_INFINITY
                     };
                 }
+                st_j[n_rows..].iter_mut().for_each(|x| *x *= scale_log2);
             }
-            row[n_keys..].fill(f32::NEG_INFINITY);
-            let mut mx = [f32::NEG_INFINITY; LANES];
-            for ch in row.chunks_exact(LANES) {
-                for (a, &b) in mx.iter_mut().zip(ch) {
+        }
+        // Online softmax, LANES rows at a time, each lane its own row; Sᵀ becomes Pᵀ.
+        for ch in 0..ld / LANES {
+            let lane0 = ch * LANES;
+            let mut mt = [f32::NEG_INFINITY; LANES];
+            for st_j in st.chunks_exact(ld) {
+                for (a, &b) in mt.iter_mut().zip(&st_j[lane0..lane0 + LANES]) {
                     *a = a.max(b);
                 }
             }
-            let m_tile = mx.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            if m_tile == f32::NEG_INFINITY {
-                // Nothing visible to this row here: p = 0 throughout, its state untouched.
-                row.fill(0.0);
-                continue;
+            let m_old: [f32; LANES] = m[lane0..lane0 + LANES].try_into().expect("LANES");
+            let mut m_new = [0.0f32; LANES];
+            let mut m_use = [0.0f32; LANES];
+            let mut alpha = [0.0f32; LANES];
+            for i in 0..LANES {
+                m_new[i] = m_old[i].max(mt[i]);
+                // A row that has seen nothing yet: p = 2^(−inf − 0) = 0, never NaN.
+                m_use[i] = if m_new[i] == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    m_new[i]
+                };
+                alpha[i] = m_old[i] - m_use[i];
             }
-            let m_new = m[r].max(m_tile);
-            let alpha = (m[r] - m_new).exp2();
+            // 2^0 is exactly 1: a row with nothing visible here keeps its state bit for bit.
+            exp2_lanes(&mut alpha);
             let mut sum = [0.0f32; LANES];
-            for ch in row.chunks_exact_mut(LANES) {
-                let ch: &mut [f32; LANES] = ch.try_into().expect("LANES chunk");
-                for x in ch.iter_mut() {
-                    *x -= m_new;
+            for st_j in st.chunks_exact_mut(ld) {
+                let p: &mut [f32; LANES] =
+                    (&mut st_j[lane0..lane0 + LANES]).try_into().expect("LANES");
+                for (x, &mu) in p.iter_mut().zip(&m_use) {
+                    *x -= mu;
                 }
-                exp2_lanes(ch);
-                for (a, &b) in sum.iter_mut().zip(ch.iter()) {
+                exp2_lanes(p);
+                for (a, &b) in sum.iter_mut().zip(p.iter()) {
                     *a += b;
                 }
             }
-            // The 16 partial sums in a fixed tree.
-            let mut width = LANES;
-            while width > 1 {
-                width /= 2;
-                for i in 0..width {
-                    sum[i] += sum[i + width];
+            for i in 0..LANES {
+                l[lane0 + i] = l[lane0 + i] * alpha[i] + sum[i];
+                m[lane0 + i] = m_new[i];
+                if lane0 + i < n_rows {
+                    acc[(lane0 + i) * d..][..d]
+                        .iter_mut()
+                        .for_each(|a| *a *= alpha[i]);
                 }
             }
-            l[r] = l[r] * alpha + sum[0];
-            acc[r * d..][..d].iter_mut().for_each(|a| *a *= alpha);
-            m[r] = m_new;
         }
         // acc += P·V, V read in place.
-        vs.clear();
-        vs.extend(
-            slots
-                .iter()
-                .map(|&slot| &inp.v_pool[slot as usize * kv_dim + kv_col..][..d]),
-        );
-        pv::<S, MR_PV>(simd, &s, ld_s, n_rows, &vs, &mut acc, d);
+        pv::<S, MR_PV>(simd, st, ld, n_rows, &vs, &mut acc, d);
     }
 
     // Normalise. `l ≥ 1` whenever a key was visible (its own term is 2^0).

@@ -262,7 +262,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let AttnShape {
             n_heads,
-            n_kv_heads,
+            n_kv_heads: _,
             head_dim,
         } = cache.shape;
         let theta = cache.rope_theta;
@@ -276,29 +276,57 @@ impl Backend for CpuBackend {
                 cache.k.len()
             )));
         }
-        // The same arithmetic as on separate matrices: column blocks copied out and back.
-        let mut q = columns(qkv, 0, q_dim);
-        ops::rope(&mut q, n_heads, head_dim, &rows.pos, theta)?;
-        for (row, q_row) in qkv
-            .data
-            .chunks_exact_mut(q_dim + 2 * d)
-            .zip(q.chunks_exact(q_dim))
-        {
-            row[..q_dim].copy_from_slice(q_row);
+        // The arithmetic of `ops::rope` on q and k, in place in each row (q) and in the pool
+        // (k), without copying the column blocks out.
+        if !(theta.is_finite() && theta > 0.0) || head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(Error::Input(format!(
+                "rope: theta {theta} and head_dim {head_dim} (even, > 0) needed"
+            )));
         }
-        let mut k_rot = columns(qkv, q_dim, q_dim + d);
-        let v = columns(qkv, q_dim + d, q_dim + 2 * d);
-        ops::rope(&mut k_rot, n_kv_heads, head_dim, &rows.pos, theta)?;
-        for (i, &slot) in rows.slots.iter().enumerate() {
+        if let Some((i, &slot)) = rows
+            .slots
+            .iter()
+            .enumerate()
+            .find(|&(_, &slot)| slot as usize >= cache.slots)
+        {
+            return Err(Error::Input(format!(
+                "row {i}: slot {slot} beyond the pool's {}",
+                cache.slots
+            )));
+        }
+        if rows.pos.len() != n {
+            return Err(Error::Input(format!(
+                "rope: {} positions for {n} rows",
+                rows.pos.len()
+            )));
+        }
+        let inv_freq = crate::contract::rope::inv_freq(head_dim, theta);
+        let angles: Vec<Vec<(f32, f32)>> = {
+            use rayon::prelude::*;
+            let width = q_dim + 2 * d;
+            let angles: Vec<Vec<(f32, f32)>> = rows
+                .pos
+                .par_iter()
+                .map(|&pos| ops::rope_angles(&inv_freq, pos))
+                .collect();
+            qkv.data
+                .par_chunks_mut(width)
+                .zip(angles.par_iter())
+                .for_each(|(row, cs)| ops::rope_heads(&mut row[..q_dim], head_dim, cs));
+            angles
+        };
+        let (k_pool, v_pool) = (&mut cache.k[layer], &mut cache.v[layer]);
+        for ((row, &slot), cs) in qkv
+            .data
+            .chunks_exact(q_dim + 2 * d)
+            .zip(&rows.slots)
+            .zip(&angles)
+        {
             let slot = slot as usize;
-            if slot >= cache.slots {
-                return Err(Error::Input(format!(
-                    "row {i}: slot {slot} beyond the pool's {}",
-                    cache.slots
-                )));
-            }
-            cache.k[layer][slot * d..(slot + 1) * d].copy_from_slice(&k_rot[i * d..(i + 1) * d]);
-            cache.v[layer][slot * d..(slot + 1) * d].copy_from_slice(&v[i * d..(i + 1) * d]);
+            let k = &mut k_pool[slot * d..(slot + 1) * d];
+            k.copy_from_slice(&row[q_dim..q_dim + d]);
+            ops::rope_heads(k, head_dim, cs);
+            v_pool[slot * d..(slot + 1) * d].copy_from_slice(&row[q_dim + d..]);
         }
         Ok(())
     }
@@ -368,8 +396,7 @@ impl Backend for CpuBackend {
         let f = out.cols;
         check_shape("swiglu gate|up", gate_up, out.rows, 2 * f)?;
         check_shape("swiglu output", out, gate_up.rows, f)?;
-        let (gate, up) = (columns(gate_up, 0, f), columns(gate_up, f, 2 * f));
-        ops::swiglu(&gate, &up, &mut out.data)
+        ops::swiglu_fused(&gate_up.data, f, &mut out.data)
     }
 
     fn gather_logit_rows(&self, plan: &StepPlan, x: &CpuMatrix, out: &mut CpuMatrix) -> Result<()> {

@@ -281,26 +281,36 @@ pub fn rope(
     if width == 0 {
         return Ok(());
     }
-    let half = head_dim / 2;
     let inv_freq = crate::contract::rope::inv_freq(head_dim, theta);
     x.par_chunks_mut(width)
         .zip(positions.par_iter())
         .with_min_len(rows_per_task(width))
         .for_each(|(row, &pos)| {
-            let cos_sin: Vec<(f32, f32)> = inv_freq
-                .iter()
-                .map(|&f| crate::contract::rope::cos_sin(pos, f))
-                .collect();
-            for head in row.chunks_exact_mut(head_dim) {
-                let (lo, hi) = head.split_at_mut(half);
-                for ((a, b), &(c, s)) in lo.iter_mut().zip(hi).zip(&cos_sin) {
-                    let (va, vb) = (*a, *b);
-                    *a = va * c - vb * s;
-                    *b = va * s + vb * c;
-                }
-            }
+            let cos_sin = rope_angles(&inv_freq, pos);
+            rope_heads(row, head_dim, &cos_sin);
         });
     Ok(())
+}
+
+/// `(cos θ_i, sin θ_i)` at `pos` for the frequencies of [`crate::contract::rope::inv_freq`].
+pub(crate) fn rope_angles(inv_freq: &[f64], pos: u32) -> Vec<(f32, f32)> {
+    inv_freq
+        .iter()
+        .map(|&f| crate::contract::rope::cos_sin(pos, f))
+        .collect()
+}
+
+/// RoPE of one row's heads (`row` is whole heads of `head_dim`), the arithmetic of [`rope`].
+pub(crate) fn rope_heads(row: &mut [f32], head_dim: usize, cos_sin: &[(f32, f32)]) {
+    let half = head_dim / 2;
+    for head in row.chunks_exact_mut(head_dim) {
+        let (lo, hi) = head.split_at_mut(half);
+        for ((a, b), &(c, s)) in lo.iter_mut().zip(hi).zip(cos_sin) {
+            let (va, vb) = (*a, *b);
+            *a = va * c - vb * s;
+            *b = va * s + vb * c;
+        }
+    }
 }
 
 /// `out = silu(gate) ⊙ up`, `silu(g) = g / (1 + exp(-g))`, in f32 (for very negative `g`,
@@ -323,7 +333,35 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<()> {
     out.par_iter_mut()
         .zip(gate.par_iter().zip(up.par_iter()))
         .with_min_len(MIN_TASK_ELEMS)
-        .for_each(|(o, (&g, &u))| *o = g / (1.0 + (-g).exp()) * u);
+        .for_each(|(o, (&g, &u))| *o = silu_mul(g, u));
+    Ok(())
+}
+
+/// `silu(g) · u`, the arithmetic of [`swiglu`].
+#[inline]
+pub(crate) fn silu_mul(g: f32, u: f32) -> f32 {
+    g / (1.0 + (-g).exp()) * u
+}
+
+/// [`swiglu`] on a fused `[rows, 2f]` gate|up matrix (gate columns first) into `out [rows, f]`,
+/// row by row without copying the halves out.
+pub fn swiglu_fused(gate_up: &[f32], f: usize, out: &mut [f32]) -> Result<()> {
+    if f == 0 || gate_up.len() != 2 * out.len() || !out.len().is_multiple_of(f) {
+        bail_input!(
+            "swiglu: gate|up has {} elements, out {} (width {f})",
+            gate_up.len(),
+            out.len()
+        );
+    }
+    out.par_chunks_mut(f)
+        .zip(gate_up.par_chunks(2 * f))
+        .with_min_len(rows_per_task(2 * f))
+        .for_each(|(o, gu)| {
+            let (gate, up) = gu.split_at(f);
+            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                *o = silu_mul(g, u);
+            }
+        });
     Ok(())
 }
 
