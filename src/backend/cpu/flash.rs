@@ -217,8 +217,8 @@ fn qk_micro<S: Simd, const MRK: usize, const NVQ: usize>(
     }
 }
 
-/// `S^T` for keys `ks` (all query-row vectors): key blocks of `MRK` then 1, row vectors in
-/// blocks of 4, 2, 1.
+/// `S^T` for keys `ks` (all query-row vectors): key blocks of `MRK` then 4, 2, 1, row vectors
+/// in blocks of 4, 2, 1.
 #[inline(always)]
 fn qk<S: Simd, const MRK: usize>(
     simd: S,
@@ -237,6 +237,15 @@ fn qk<S: Simd, const MRK: usize>(
                 while j0 + MRK <= ks.len() {
                     qk_micro::<S, MRK, $nv>(simd, &ks[j0..], qt, nvec, v0, d, st, ld, j0);
                     j0 += MRK;
+                }
+                // The last keys in blocks of 4, 2, 1 (each element is the same chain in any).
+                if MRK > 4 && j0 + 4 <= ks.len() {
+                    qk_micro::<S, 4, $nv>(simd, &ks[j0..], qt, nvec, v0, d, st, ld, j0);
+                    j0 += 4;
+                }
+                if MRK > 2 && j0 + 2 <= ks.len() {
+                    qk_micro::<S, 2, $nv>(simd, &ks[j0..], qt, nvec, v0, d, st, ld, j0);
+                    j0 += 2;
                 }
                 while j0 < ks.len() {
                     qk_micro::<S, 1, $nv>(simd, &ks[j0..], qt, nvec, v0, d, st, ld, j0);
@@ -289,7 +298,8 @@ fn pv_micro<S: Simd, const MR: usize, const NV: usize>(
 }
 
 /// `acc += P·V` for rows `0..n_rows`: vector columns in blocks of 4, 2, 1 vectors, rows in
-/// blocks of `MR` then 1, the columns past the last whole vector by scalar FMAs (the same chain).
+/// blocks of `MR` then 4, 2, 1, the columns past the last whole vector by scalar FMAs (the same
+/// chain).
 #[inline(always)]
 fn pv<S: Simd, const MR: usize>(
     simd: S,
@@ -309,6 +319,15 @@ fn pv<S: Simd, const MR: usize>(
                 while r0 + MR <= n_rows {
                     pv_micro::<S, MR, $nv>(simd, pt, ld, r0, vs, acc, d, c0);
                     r0 += MR;
+                }
+                // The last rows in blocks of 4, 2, 1 (each element is the same chain in any).
+                if MR > 4 && r0 + 4 <= n_rows {
+                    pv_micro::<S, 4, $nv>(simd, pt, ld, r0, vs, acc, d, c0);
+                    r0 += 4;
+                }
+                if MR > 2 && r0 + 2 <= n_rows {
+                    pv_micro::<S, 2, $nv>(simd, pt, ld, r0, vs, acc, d, c0);
+                    r0 += 2;
                 }
                 while r0 < n_rows {
                     pv_micro::<S, 1, $nv>(simd, pt, ld, r0, vs, acc, d, c0);
