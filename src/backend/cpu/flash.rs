@@ -45,6 +45,9 @@ pub const TILE_Q: usize = 64;
 /// Keys per key tile ([`attention_flash`] uses it; tests pass others).
 pub const TILE_K: usize = 128;
 
+/// Keys per chunk of the P·V product (their V rows, 32 × head_dim values, stay in L1).
+const PV_KEYS: usize = 32;
+
 /// Lanes of the softmax's vector code (chunks of keys; 16 = one AVX-512 register, two AVX2).
 const LANES: usize = 16;
 
@@ -302,6 +305,25 @@ fn pv_micro<S: Simd, const MR: usize, const NV: usize>(
 /// chain).
 #[inline(always)]
 fn pv<S: Simd, const MR: usize>(
+    simd: S,
+    pt: &[f32],
+    ld: usize,
+    n_rows: usize,
+    vs: &[&[f32]],
+    acc: &mut [f32],
+    d: usize,
+) {
+    // Keys in chunks whose V rows (and Pᵀ rows) stay in L1 while every row block reads them;
+    // each element's chain still runs over the keys in order, chunk after chunk.
+    for k0 in (0..vs.len()).step_by(PV_KEYS) {
+        let vs = &vs[k0..(k0 + PV_KEYS).min(vs.len())];
+        pv_chunk::<S, MR>(simd, &pt[k0 * ld..], ld, n_rows, vs, acc, d);
+    }
+}
+
+/// [`pv`] for one chunk of keys (`pt` starts at the chunk's first key).
+#[inline(always)]
+fn pv_chunk<S: Simd, const MR: usize>(
     simd: S,
     pt: &[f32],
     ld: usize,
