@@ -235,7 +235,7 @@ fn qk<S: Simd, const MRK: usize>(
     let mut v0 = 0;
     macro_rules! rows {
         ($nv:literal) => {
-            while v0 + $nv <= nvec {
+            while nvec - v0 >= $nv {
                 let mut j0 = 0;
                 while j0 + MRK <= ks.len() {
                     qk_micro::<S, MRK, $nv>(simd, &ks[j0..], qt, nvec, v0, d, st, ld, j0);
