@@ -2,14 +2,17 @@
 //! at `small`-preset shapes. `cargo bench --bench cpu`.
 //!
 //! - attention at a sparse-step shape (2 × (16 registers + C_k + C_{k-1}) query rows against up
-//!   to 1088 keys) and at the dense shape (2 × 1088 rows, all visible), 4 heads × 64;
+//!   to 1088 keys, and 4160 keys as at 64×64) and at the dense shape (2 × 1088 rows, all
+//!   visible), 4 heads × 64: the kernel twin (`tiled`) and the backend's attention (`flash`);
 //! - the sampler pass at V = 512 and 2048 (rows × V logits, CFG pairs);
-//! - the matrix product of a sparse step's QKV projection.
+//! - the matrix products of a sparse and a dense step (and a 1024³ square for the sgemm rate),
+//!   column split (`crate`) against the previous row split.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rand::{Rng, SeedableRng};
 use sparse_lavida::backend::SampleParams;
 use sparse_lavida::backend::cpu::attention::{AttnInputs, AttnShape, AttnTiling, attention_tiled};
+use sparse_lavida::backend::cpu::flash::attention_flash;
 use sparse_lavida::backend::cpu::ops;
 use sparse_lavida::config::Branch;
 use sparse_lavida::plan::Tag;
@@ -86,6 +89,7 @@ fn attention(c: &mut Criterion) {
     let mut g = c.benchmark_group("attention");
     for (name, rows, keys, sparse) in [
         ("sparse_step", 48, 1088, true),
+        ("sparse_step_64x64", 48, 4160, true),
         ("dense_step", 1088, 1088, false),
     ] {
         let p = Problem::new(rows, keys, sparse, &mut rng);
@@ -94,8 +98,11 @@ fn attention(c: &mut Criterion) {
         let mut out = vec![0.0; 2 * rows * 256];
         // QKᵀ and P·V: 2 · 2 · rows · keys · head_dim · heads multiply-adds per sequence pair.
         g.throughput(Throughput::Elements((2 * 2 * 2 * rows * keys * 256) as u64));
-        g.bench_function(name, |b| {
+        g.bench_function(format!("{name}/tiled"), |b| {
             b.iter(|| attention_tiled(black_box(&inp), tiling, &mut out, None).unwrap())
+        });
+        g.bench_function(format!("{name}/flash"), |b| {
+            b.iter(|| attention_flash(black_box(&inp), &mut out, None).unwrap())
         });
     }
     g.finish();
@@ -126,14 +133,31 @@ fn sampler(c: &mut Criterion) {
 
 fn matmul(c: &mut Criterion) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-    let (rows, k, n) = (96, 128, 256);
-    let (x, w) = (random(rows * k, &mut rng), random(n * k, &mut rng));
-    let mut out = vec![0.0; rows * n];
     let mut g = c.benchmark_group("matmul");
-    g.throughput(Throughput::Elements((2 * rows * k * n) as u64));
-    g.bench_function("sparse_step_q_proj", |b| {
-        b.iter(|| ops::matmul_t(black_box(&x), rows, k, &w, n, &mut out, false).unwrap())
-    });
+    // `small` shapes: a sparse t2i step (2 × 48 image rows: q|k|v, gate|up, down, logits), a
+    // sparse text step's q|k|v, a dense step's q|k|v (2 × 1088 rows), and a square product for
+    // the machine's sgemm rate. Each against the previous row split, same process.
+    for (name, rows, k, n) in [
+        ("sparse_t2i_qkv", 96, 128, 768),
+        ("sparse_t2i_gate_up", 96, 128, 768),
+        ("sparse_t2i_down", 96, 384, 128),
+        ("sparse_t2i_logits", 96, 128, 512),
+        ("sparse_text_qkv", 40, 256, 768),
+        ("dense_t2i_qkv", 2176, 128, 768),
+        ("square_1024", 1024, 1024, 1024),
+    ] {
+        let (x, w) = (random(rows * k, &mut rng), random(n * k, &mut rng));
+        let mut out = vec![0.0; rows * n];
+        g.throughput(Throughput::Elements((2 * rows * k * n) as u64));
+        g.bench_function(format!("{name}/crate"), |b| {
+            b.iter(|| ops::matmul_t(black_box(&x), rows, k, &w, n, &mut out, false).unwrap())
+        });
+        g.bench_function(format!("{name}/row_split"), |b| {
+            b.iter(|| {
+                ops::matmul_t_row_split(black_box(&x), rows, k, &w, n, &mut out, false).unwrap()
+            })
+        });
+    }
     g.finish();
 }
 

@@ -217,6 +217,9 @@ pub struct BenchReport {
     pub dense_gemm_fraction_of_peak: Option<f64>,
     /// The PyTorch peer's report (`--peer-json`), embedded as is; null without one.
     pub peer: Option<serde_json::Value>,
+    /// With a peer report: this run against the peer's run of the same task and mode (dense,
+    /// and the all-on sparse run against the peer's sparse), see [`PeerComparison`].
+    pub vs_peer: Vec<PeerComparison>,
 }
 
 impl BenchReport {
@@ -470,7 +473,64 @@ pub fn run_bench<B: Resident>(
         dense_gemm_flops_per_s: gemms.map(|g| g.1),
         dense_gemm_fraction_of_peak: gemms.map(|(peak, dense)| dense / peak),
         peer: None,
+        vs_peer: Vec::new(),
     })
+}
+
+/// One mode of the crate against the same task and mode of the PyTorch peer (`--peer-json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerComparison {
+    /// `t2i` or `text`.
+    pub task: String,
+    /// `dense` or `sparse` (the crate's all-on sparse run).
+    pub mode: String,
+    /// The crate's best wall time, seconds.
+    pub crate_wall_s: f64,
+    /// The peer's wall time (its report's `wall_s`: the median of its timed runs), seconds.
+    pub peer_wall_s: f64,
+    /// The peer's best timed run, seconds (its `walls_s`), when it reports them.
+    pub peer_best_wall_s: Option<f64>,
+    /// `peer_best_wall_s` (or `peer_wall_s`) over `crate_wall_s`: above 1, the crate is faster.
+    pub crate_speedup: f64,
+}
+
+/// Matches the crate's dense and all-on sparse runs of `task` (`t2i` / `text`) with the peer
+/// report's runs (`runs[].task`, `.mode`, `.wall_s`, `.walls_s`); modes the peer did not run
+/// are left out. Best against best: the crate keeps its best repeat, so the peer's best timed
+/// run is used when it lists them.
+pub fn compare_with_peer(
+    runs: &[BenchRun],
+    task: &str,
+    peer: &serde_json::Value,
+) -> Vec<PeerComparison> {
+    let peer_runs = peer["runs"].as_array().cloned().unwrap_or_default();
+    let mut out = Vec::new();
+    for mode in ["dense", "sparse"] {
+        let ours = runs
+            .iter()
+            .find(|r| r.mode == mode && (mode == "dense" || r.is_sparse_all_on()));
+        let theirs = peer_runs
+            .iter()
+            .find(|r| r["task"].as_str() == Some(task) && r["mode"].as_str() == Some(mode));
+        let (Some(ours), Some(theirs)) = (ours, theirs) else {
+            continue;
+        };
+        let Some(peer_wall_s) = theirs["wall_s"].as_f64() else {
+            continue;
+        };
+        let peer_best_wall_s = theirs["walls_s"]
+            .as_array()
+            .and_then(|w| w.iter().filter_map(|x| x.as_f64()).reduce(f64::min));
+        out.push(PeerComparison {
+            task: task.into(),
+            mode: mode.into(),
+            crate_wall_s: ours.wall_s,
+            peer_wall_s,
+            peer_best_wall_s,
+            crate_speedup: peer_best_wall_s.unwrap_or(peer_wall_s) / ours.wall_s,
+        });
+    }
+    out
 }
 
 /// Formats one run as a table row (see [`table_header`]).

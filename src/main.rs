@@ -1034,11 +1034,33 @@ fn bench_on<B: Resident>(
         },
     )?;
     progress.into_inner().finish();
-    report.peer = peer;
     say!(
         "speedup sparse vs dense: {:.2}x",
         report.speedup_sparse_vs_dense
     );
+    if let Some(peer) = &peer {
+        let kind = match task {
+            Task::T2i(_) => "t2i",
+            Task::Text(_) => "text",
+        };
+        report.vs_peer = bench::compare_with_peer(&report.runs, kind, peer);
+        let who = peer["torch"].as_str().unwrap_or("?");
+        for c in &report.vs_peer {
+            say!(
+                "vs peer   {} {:<6}  crate {:.3} s, PyTorch {who} {:.3} s (best; median {:.3} s): crate {:.2}x",
+                c.task,
+                c.mode,
+                c.crate_wall_s,
+                c.peer_best_wall_s.unwrap_or(c.peer_wall_s),
+                c.peer_wall_s,
+                c.crate_speedup
+            );
+        }
+        if report.vs_peer.is_empty() {
+            say!("vs peer   the peer report has no {kind} run to compare with");
+        }
+    }
+    report.peer = peer;
     if report.runs.iter().any(|r| r.setup_s > 0.0) {
         say!(
             "speedup sparse vs dense without setup (graph capture): {:.2}x",

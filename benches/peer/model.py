@@ -1242,6 +1242,19 @@ def cmd_generate(torch, args):
     return 0
 
 
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown"
+
+
 def cmd_bench(torch, args):
     if args.device == "auto" and not torch.cuda.is_available():
         msg = (f"model peer: nothing timed, torch {torch.__version__} sees no CUDA device "
@@ -1252,12 +1265,17 @@ def cmd_bench(torch, args):
         return 0
     device = pick_device(torch, args.device)
     dtype = pick_dtype(torch, args.dtype, device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     card = torch.cuda.get_device_name() if device != "cpu" else "cpu"
     model = build_model(torch, args, device, dtype)
     if device != "cpu":
         torch.cuda.synchronize()
     preset = args.config or args.preset
+    if device == "cpu":
+        print(f"machine {cpu_model()}, {torch.get_num_threads()} torch threads, "
+              f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"model peer on {card}, torch {torch.__version__}, {preset}, "
           f"{'f32' if dtype == torch.float32 else 'bf16'}; weights ready in "
           f"{time.perf_counter() - t_start:.1f} s")
@@ -1302,6 +1320,8 @@ def cmd_bench(torch, args):
     write_json(args.json, {
         "card": card, "torch": torch.__version__,
         "cuda": torch.version.cuda if device != "cpu" else None,
+        "machine": cpu_model(), "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "preset": preset, "dtype": "f32" if dtype == torch.float32 else "bf16",
         "weights": weights_label(args),
         "timing": ("CUDA events around each whole generation (host sync per step included), "
@@ -1379,6 +1399,8 @@ def main(argv=None):
                       help="the crate's CUDA random weights for seed S, bit for bit "
                            "(`--device cuda --weights-seed S` there)")
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    ap.add_argument("--threads", type=int,
+                    help="CPU threads of torch (torch.set_num_threads; default: torch's own)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "f32"],
                     help="compute dtype (auto: bf16 on CUDA, f32 on CPU)")
     ap.add_argument("--task", default="both", choices=["t2i", "text", "both"])

@@ -264,6 +264,7 @@ mod tests {
             dense_gemm_flops_per_s: None,
             dense_gemm_fraction_of_peak: None,
             peer: None,
+            vs_peer: Vec::new(),
         }
     }
 

@@ -1,8 +1,10 @@
 //! The f32 CPU backend: the oracle every CUDA kernel is tested against, and the fallback.
 //!
-//! Thin glue: shapes are checked here, the arithmetic lives in [`ops`] and [`attention`].
+//! Thin glue: shapes are checked here, the arithmetic lives in [`ops`], [`flash`] (the
+//! attention it runs) and [`attention`] (the CUDA kernel's twin, run when a tiling is forced).
 
 pub mod attention;
+pub mod flash;
 pub mod ops;
 
 use crate::backend::{Backend, MatrixKind, SampleParams, Sampled};
@@ -260,7 +262,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let AttnShape {
             n_heads,
-            n_kv_heads,
+            n_kv_heads: _,
             head_dim,
         } = cache.shape;
         let theta = cache.rope_theta;
@@ -274,29 +276,57 @@ impl Backend for CpuBackend {
                 cache.k.len()
             )));
         }
-        // The same arithmetic as on separate matrices: column blocks copied out and back.
-        let mut q = columns(qkv, 0, q_dim);
-        ops::rope(&mut q, n_heads, head_dim, &rows.pos, theta)?;
-        for (row, q_row) in qkv
-            .data
-            .chunks_exact_mut(q_dim + 2 * d)
-            .zip(q.chunks_exact(q_dim))
-        {
-            row[..q_dim].copy_from_slice(q_row);
+        // The arithmetic of `ops::rope` on q and k, in place in each row (q) and in the pool
+        // (k), without copying the column blocks out.
+        if !(theta.is_finite() && theta > 0.0) || head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(Error::Input(format!(
+                "rope: theta {theta} and head_dim {head_dim} (even, > 0) needed"
+            )));
         }
-        let mut k_rot = columns(qkv, q_dim, q_dim + d);
-        let v = columns(qkv, q_dim + d, q_dim + 2 * d);
-        ops::rope(&mut k_rot, n_kv_heads, head_dim, &rows.pos, theta)?;
-        for (i, &slot) in rows.slots.iter().enumerate() {
+        if let Some((i, &slot)) = rows
+            .slots
+            .iter()
+            .enumerate()
+            .find(|&(_, &slot)| slot as usize >= cache.slots)
+        {
+            return Err(Error::Input(format!(
+                "row {i}: slot {slot} beyond the pool's {}",
+                cache.slots
+            )));
+        }
+        if rows.pos.len() != n {
+            return Err(Error::Input(format!(
+                "rope: {} positions for {n} rows",
+                rows.pos.len()
+            )));
+        }
+        let inv_freq = crate::contract::rope::inv_freq(head_dim, theta);
+        let angles: Vec<Vec<(f32, f32)>> = {
+            use rayon::prelude::*;
+            let width = q_dim + 2 * d;
+            let angles: Vec<Vec<(f32, f32)>> = rows
+                .pos
+                .par_iter()
+                .map(|&pos| ops::rope_angles(&inv_freq, pos))
+                .collect();
+            qkv.data
+                .par_chunks_mut(width)
+                .zip(angles.par_iter())
+                .for_each(|(row, cs)| ops::rope_heads(&mut row[..q_dim], head_dim, cs));
+            angles
+        };
+        let (k_pool, v_pool) = (&mut cache.k[layer], &mut cache.v[layer]);
+        for ((row, &slot), cs) in qkv
+            .data
+            .chunks_exact(q_dim + 2 * d)
+            .zip(&rows.slots)
+            .zip(&angles)
+        {
             let slot = slot as usize;
-            if slot >= cache.slots {
-                return Err(Error::Input(format!(
-                    "row {i}: slot {slot} beyond the pool's {}",
-                    cache.slots
-                )));
-            }
-            cache.k[layer][slot * d..(slot + 1) * d].copy_from_slice(&k_rot[i * d..(i + 1) * d]);
-            cache.v[layer][slot * d..(slot + 1) * d].copy_from_slice(&v[i * d..(i + 1) * d]);
+            let k = &mut k_pool[slot * d..(slot + 1) * d];
+            k.copy_from_slice(&row[q_dim..q_dim + d]);
+            ops::rope_heads(k, head_dim, cs);
+            v_pool[slot * d..(slot + 1) * d].copy_from_slice(&row[q_dim + d..]);
         }
         Ok(())
     }
@@ -357,63 +387,16 @@ impl Backend for CpuBackend {
         if let Some(tiling) = self.tiling {
             return attention::attention_tiled(&inp, tiling, &mut out.data, None);
         }
-        inp.validate()?;
-        // A row's result depends on its sequence's split count alone (query tiles never cross
-        // sequences, the key tile is fixed, and each row's scores and sums are its own), so
-        // the split count is chosen per sequence, from that sequence's rows and keys: a
-        // sequence computes the same bits alone or beside others in a batch. Consecutive
-        // sequences with the same count run as one call.
-        let n_seqs = inp.n_seqs();
-        let splits: Vec<usize> = (0..n_seqs)
-            .map(|s| {
-                let (rows, keys) = (inp.seq_rows(s).len(), inp.seq_keys(s).len());
-                AttnTiling::heuristic(rows, keys, shape.n_heads, self.threads()).n_splits
-            })
-            .collect();
-        let mut s0 = 0;
-        while s0 < n_seqs {
-            let mut s1 = s0 + 1;
-            while s1 < n_seqs && splits[s1] == splits[s0] {
-                s1 += 1;
-            }
-            let (r0, r1) = (rows.seq_indptr[s0], rows.seq_indptr[s1]);
-            let (k0, k1) = (plan.kv_indptr[s0], plan.kv_indptr[s1]);
-            let (r0u, r1u, k0u, k1u) = (r0 as usize, r1 as usize, k0 as usize, k1 as usize);
-            let seq_indptr: Vec<u32> = rows.seq_indptr[s0..=s1].iter().map(|&e| e - r0).collect();
-            let kv_indptr: Vec<u32> = plan.kv_indptr[s0..=s1].iter().map(|&e| e - k0).collect();
-            let group = AttnInputs {
-                q: &q_data[r0u * q_dim..r1u * q_dim],
-                row_tags: &rows.tags[r0u..r1u],
-                seq_indptr: &seq_indptr,
-                kv_indptr: &kv_indptr,
-                kv_indices: &plan.kv_indices[k0u..k1u],
-                kv_tags: &plan.kv_tags[k0u..k1u],
-                ..inp
-            };
-            let max_keys = kv_indptr.windows(2).map(|w| (w[1] - w[0]) as usize).max();
-            // The query tile does not change a row's result; only the split count does.
-            let tiling = AttnTiling {
-                n_splits: splits[s0],
-                ..AttnTiling::heuristic(
-                    r1u - r0u,
-                    max_keys.unwrap_or(0),
-                    shape.n_heads,
-                    self.threads(),
-                )
-            };
-            let out = &mut out.data[r0u * q_dim..r1u * q_dim];
-            attention::attention_tiled(&group, tiling, out, None)?;
-            s0 = s1;
-        }
-        Ok(())
+        // Every row's result depends on its own query and its sequence's keys alone (see
+        // `flash`), so a batch computes each sequence's bits as alone.
+        flash::attention_flash(&inp, &mut out.data, None)
     }
 
     fn swiglu(&self, gate_up: &CpuMatrix, out: &mut CpuMatrix) -> Result<()> {
         let f = out.cols;
         check_shape("swiglu gate|up", gate_up, out.rows, 2 * f)?;
         check_shape("swiglu output", out, gate_up.rows, f)?;
-        let (gate, up) = (columns(gate_up, 0, f), columns(gate_up, f, 2 * f));
-        ops::swiglu(&gate, &up, &mut out.data)
+        ops::swiglu_fused(&gate_up.data, f, &mut out.data)
     }
 
     fn gather_logit_rows(&self, plan: &StepPlan, x: &CpuMatrix, out: &mut CpuMatrix) -> Result<()> {

@@ -14,20 +14,23 @@ use crate::contract::rng::{gumbel_of_word, seed_key};
 use crate::contract::{REGISTER, SampleParams, Sampled, Tag, visible};
 use crate::error::{Error, Result};
 
-/// The random numbers of the kernels ([`crate::contract::rng`]), here beside their users.
-pub use crate::contract::rng::{INIT_COUNTER_TAG, gumbel, init_uniform, philox4x32_10};
-
 /// Multiply-adds below which one chunk of `matmul_t` is not worth a rayon task.
 const MATMUL_MIN_CHUNK_MACS: usize = 1 << 16;
+
+/// The random numbers of the kernels ([`crate::contract::rng`]), here beside their users.
+pub use crate::contract::rng::{INIT_COUNTER_TAG, gumbel, init_uniform, philox4x32_10};
 
 /// Elements per rayon task for the row-wise elementwise kernels (amortises task overhead).
 const MIN_TASK_ELEMS: usize = 1 << 14;
 
-/// `out[rows, n] = x[rows, k] · w[n, k]ᵀ` (or `+=` when `accumulate`). Multithreaded: the rows
-/// (or, when there are fewer rows than threads, the columns of each row) are split into chunks
-/// over rayon and each chunk is one `matrixmultiply::sgemm` call; `w` is read transposed through
-/// its strides, never copied. With `accumulate == false` the old contents of `out` are never read
-/// (NaN there is harmless).
+/// `out[rows, n] = x[rows, k] · w[n, k]ᵀ` (or `+=` when `accumulate`). Multithreaded: the
+/// output columns, i.e. the rows of `w` (contiguous), are cut into one block per thread, and the
+/// rows of `x` too when there are more threads than column blocks; each task is one
+/// `matrixmultiply::sgemm` call on its block. So each thread packs only the part of `w` it
+/// multiplies, and a weight is packed once per call whatever the thread count (a row split had
+/// every thread pack all of `w`, which dominated the few-row products of sparse steps). `w` is
+/// read transposed through its strides, never copied. With `accumulate == false` the old
+/// contents of `out` are never read (NaN there is harmless).
 ///
 /// Every output element is the same bits whatever the rows around it and however the call is
 /// split: `sgemm` (matrixmultiply 0.3) cuts `k` into fixed blocks of 256, sums each block in one
@@ -60,20 +63,107 @@ pub fn matmul_t(
     }
 
     let macs = rows.saturating_mul(n).saturating_mul(k);
+    let tasks = rayon::current_num_threads()
+        .min(macs.div_ceil(MATMUL_MIN_CHUNK_MACS))
+        .max(1);
+    if tasks == 1 {
+        gemm_block(x, rows, k, w, n, out, accumulate);
+        return Ok(());
+    }
+    // Column blocks of whole 16-column groups (matrixmultiply's widest micro-tile), then row
+    // blocks when more threads than column blocks remain.
+    let col_groups = tasks.min(n.div_ceil(16));
+    let cols_per = n.div_ceil(16).div_ceil(col_groups) * 16;
+    let row_groups = tasks.div_ceil(col_groups).min(rows);
+    let rows_per = rows.div_ceil(row_groups);
+    let blocks: Vec<(usize, usize)> = (0..rows)
+        .step_by(rows_per)
+        .flat_map(|r0| (0..n).step_by(cols_per).map(move |c0| (r0, c0)))
+        .collect();
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    blocks.par_iter().for_each(|&(r0, c0)| {
+        let (m, nc) = (rows_per.min(rows - r0), cols_per.min(n - c0));
+        let x_b = &x[r0 * k..(r0 + m) * k];
+        let w_b = &w[c0 * k..(c0 + nc) * k];
+        // SAFETY: the blocks `(r0..r0+m) × (c0..c0+nc)` tile the `rows × n` output without
+        // overlap, so the tasks write disjoint elements of `out`, which `out_ptr` points to and
+        // which outlives the `for_each` (a unique borrow held across it). The view below covers
+        // exactly the block: element (i, j) of it is out[(r0 + i)·n + c0 + j], all < rows·n.
+        unsafe {
+            let c = out_ptr.get().add(r0 * n + c0);
+            matrixmultiply::sgemm(
+                m,
+                k,
+                nc,
+                1.0,
+                x_b.as_ptr(),
+                k as isize,
+                1,
+                w_b.as_ptr(),
+                1,
+                k as isize,
+                if accumulate { 1.0 } else { 0.0 },
+                c,
+                n as isize,
+                1,
+            );
+        }
+    });
+    Ok(())
+}
+
+/// A raw pointer the tasks of one call share to write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: only used inside `matmul_t`, whose tasks write disjoint elements through it while the
+// buffer is uniquely borrowed by the call.
+unsafe impl Send for SyncPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// The previous `matmul_t`, kept as the reference the column split is measured against
+/// (`benches/cpu.rs`, `docs/CPU.md`): `matrixmultiply::sgemm` per chunk, rows split over the
+/// threads (each thread packs all of `w`), or the columns of each row when there are fewer rows
+/// than threads. Same contract as [`matmul_t`].
+#[doc(hidden)]
+pub fn matmul_t_row_split(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    out: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
+    check_len("matmul_t", "x", x.len(), &[("rows", rows), ("k", k)])?;
+    check_len("matmul_t", "w", w.len(), &[("n", n), ("k", k)])?;
+    check_len("matmul_t", "out", out.len(), &[("rows", rows), ("n", n)])?;
+    if rows == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        return Ok(());
+    }
+    let macs = rows.saturating_mul(n).saturating_mul(k);
     let chunks = rayon::current_num_threads()
         .min(macs.div_ceil(MATMUL_MIN_CHUNK_MACS))
         .max(1);
     if chunks == 1 {
         gemm_block(x, rows, k, w, n, out, accumulate);
     } else if rows >= chunks {
-        // Row blocks: each task owns whole rows of `out` and reads all of `w`.
         let rows_per = rows.div_ceil(chunks);
         out.par_chunks_mut(rows_per * n)
             .zip(x.par_chunks(rows_per * k))
             .for_each(|(out_b, x_b)| gemm_block(x_b, x_b.len() / k, k, w, n, out_b, accumulate));
     } else {
-        // Few rows (decode-like GEMV): split each row's columns, i.e. the rows of `w`, so every
-        // thread streams a disjoint slice of the weight.
         let cols_per = n.div_ceil(chunks.div_ceil(rows));
         out.par_chunks_mut(n)
             .zip(x.par_chunks(k))
@@ -89,8 +179,9 @@ pub fn matmul_t(
     Ok(())
 }
 
-/// One contiguous block on the calling thread: `out[m, nc] (+)= x[m, k] · w[nc, k]ᵀ` (the
-/// attention kernel calls it inside its own parallel work items).
+/// One contiguous block on the calling thread through `matrixmultiply::sgemm`: `out[m, nc] (+)=
+/// x[m, k] · w[nc, k]ᵀ` (the tiled attention, the CUDA kernel's twin, calls it inside its own
+/// parallel work items).
 pub(crate) fn gemm_block(
     x: &[f32],
     m: usize,
@@ -190,26 +281,36 @@ pub fn rope(
     if width == 0 {
         return Ok(());
     }
-    let half = head_dim / 2;
     let inv_freq = crate::contract::rope::inv_freq(head_dim, theta);
     x.par_chunks_mut(width)
         .zip(positions.par_iter())
         .with_min_len(rows_per_task(width))
         .for_each(|(row, &pos)| {
-            let cos_sin: Vec<(f32, f32)> = inv_freq
-                .iter()
-                .map(|&f| crate::contract::rope::cos_sin(pos, f))
-                .collect();
-            for head in row.chunks_exact_mut(head_dim) {
-                let (lo, hi) = head.split_at_mut(half);
-                for ((a, b), &(c, s)) in lo.iter_mut().zip(hi).zip(&cos_sin) {
-                    let (va, vb) = (*a, *b);
-                    *a = va * c - vb * s;
-                    *b = va * s + vb * c;
-                }
-            }
+            let cos_sin = rope_angles(&inv_freq, pos);
+            rope_heads(row, head_dim, &cos_sin);
         });
     Ok(())
+}
+
+/// `(cos θ_i, sin θ_i)` at `pos` for the frequencies of [`crate::contract::rope::inv_freq`].
+pub(crate) fn rope_angles(inv_freq: &[f64], pos: u32) -> Vec<(f32, f32)> {
+    inv_freq
+        .iter()
+        .map(|&f| crate::contract::rope::cos_sin(pos, f))
+        .collect()
+}
+
+/// RoPE of one row's heads (`row` is whole heads of `head_dim`), the arithmetic of [`rope`].
+pub(crate) fn rope_heads(row: &mut [f32], head_dim: usize, cos_sin: &[(f32, f32)]) {
+    let half = head_dim / 2;
+    for head in row.chunks_exact_mut(head_dim) {
+        let (lo, hi) = head.split_at_mut(half);
+        for ((a, b), &(c, s)) in lo.iter_mut().zip(hi).zip(cos_sin) {
+            let (va, vb) = (*a, *b);
+            *a = va * c - vb * s;
+            *b = va * s + vb * c;
+        }
+    }
 }
 
 /// `out = silu(gate) ⊙ up`, `silu(g) = g / (1 + exp(-g))`, in f32 (for very negative `g`,
@@ -232,7 +333,35 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<()> {
     out.par_iter_mut()
         .zip(gate.par_iter().zip(up.par_iter()))
         .with_min_len(MIN_TASK_ELEMS)
-        .for_each(|(o, (&g, &u))| *o = g / (1.0 + (-g).exp()) * u);
+        .for_each(|(o, (&g, &u))| *o = silu_mul(g, u));
+    Ok(())
+}
+
+/// `silu(g) · u`, the arithmetic of [`swiglu`].
+#[inline]
+pub(crate) fn silu_mul(g: f32, u: f32) -> f32 {
+    g / (1.0 + (-g).exp()) * u
+}
+
+/// [`swiglu`] on a fused `[rows, 2f]` gate|up matrix (gate columns first) into `out [rows, f]`,
+/// row by row without copying the halves out.
+pub fn swiglu_fused(gate_up: &[f32], f: usize, out: &mut [f32]) -> Result<()> {
+    if f == 0 || gate_up.len() != 2 * out.len() || !out.len().is_multiple_of(f) {
+        bail_input!(
+            "swiglu: gate|up has {} elements, out {} (width {f})",
+            gate_up.len(),
+            out.len()
+        );
+    }
+    out.par_chunks_mut(f)
+        .zip(gate_up.par_chunks(2 * f))
+        .with_min_len(rows_per_task(2 * f))
+        .for_each(|(o, gu)| {
+            let (gate, up) = gu.split_at(f);
+            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                *o = silu_mul(g, u);
+            }
+        });
     Ok(())
 }
 

@@ -1,0 +1,519 @@
+//! The CPU backend's attention: the same gathered-token attention as [`super::attention`] (same
+//! inputs, same visibility rule, same results within SPEC §6), computed for speed on the CPU.
+//! [`super::attention::attention_tiled`] stays the CUDA kernel's twin for the kernel tests;
+//! this is what [`super::CpuBackend`] runs.
+//!
+//! # Work
+//! One work item is `(sequence, query head, query tile of up to [`TILE_Q`] rows)`; items run in
+//! parallel (rayon) and each walks its sequence's whole key list in key tiles of `tile_k` keys
+//! (no split of the keys, so there is no merge). Per key tile:
+//! 1. The tile's class for the query tile (the plan's key-tile summaries, as the kernel):
+//!    Hidden tiles are skipped without reading K/V; full Visible tiles need no per-pair check;
+//!    others get `visible` per pair.
+//! 2. `S = Q·Kᵀ` through a register-blocked SIMD micro-kernel ([`pulp`]: AVX-512, AVX2+FMA or
+//!    scalar, detected at run time): the query rows packed `[head_dim][MR]` once per item, the
+//!    key tile gathered through the index list and packed `[head_dim][NR]` per panel of `NR` keys.
+//! 3. Online softmax in base 2, vectorised over keys: scores scaled by
+//!    `log2(e)/sqrt(head_dim)`, hidden pairs −inf, tile max, `p = 2^(s − m)` by a polynomial
+//!    [`exp2_lanes`] 16 keys at a time with 16 partial sums, `acc` and `l` rescaled by
+//!    `2^(m_old − m_new)`.
+//! 4. `acc += P·V` with `V` read in place from the pool (one row of `head_dim` values per key,
+//!    no copy), again a register-blocked SIMD micro-kernel.
+//!
+//! # Every row on its own
+//! A row's result depends on its query, its sequence's keys (their order and tags) and `tile_k`
+//! alone: each score is one FMA chain over `head_dim` in order, each `acc` element one FMA chain
+//! over the keys in order, a row's max, sum and rescales read only its own scores, and a
+//! skipped (Hidden) tile changes nothing a computed one would not (its `p` would all be exact
+//! zeros: `acc · 1 + 0`). Neither the rows around it (the query tile, other sequences of the
+//! batch), nor the thread count changes a bit (SPEC §8; `tests/batch.rs`).
+
+use std::ops::Range;
+
+use pulp::{Arch, Simd, WithSimd};
+use rayon::prelude::*;
+
+use super::attention::{AttnInputs, AttnShape};
+use crate::bail_input;
+use crate::contract::attn::{QueryDesc, TileClass, TileSummary, key_tile_summaries};
+use crate::contract::{Tag, visible};
+use crate::error::Result;
+
+/// Query rows per work item.
+pub const TILE_Q: usize = 64;
+
+/// Keys per key tile ([`attention_flash`] uses it; tests pass others).
+pub const TILE_K: usize = 128;
+
+/// Keys per chunk of the P·V product (their V rows, 32 × head_dim values, stay in L1).
+const PV_KEYS: usize = 32;
+
+/// Lanes of the softmax's vector code (chunks of keys; 16 = one AVX-512 register, two AVX2).
+const LANES: usize = 16;
+
+/// Attention as [`super::attention::attention_tiled`] computes it: `out` `[rows, n_heads ·
+/// head_dim]`, `lse` (optional) `[rows, n_heads]` natural-log, −inf (and a zero output) for a row
+/// that sees no key. Key tiles of [`TILE_K`].
+pub fn attention_flash(inp: &AttnInputs, out: &mut [f32], lse: Option<&mut [f32]>) -> Result<()> {
+    attention_flash_with(inp, TILE_K, out, lse)
+}
+
+/// [`attention_flash`] with key tiles of `tile_k` keys (≥ 1).
+pub fn attention_flash_with(
+    inp: &AttnInputs,
+    tile_k: usize,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+) -> Result<()> {
+    inp.validate()?;
+    if tile_k == 0 {
+        bail_input!("attention: tile_k must be at least 1");
+    }
+    let AttnShape {
+        n_heads, head_dim, ..
+    } = inp.shape;
+    let (rows, q_dim) = (inp.rows(), inp.shape.q_dim());
+    if out.len() != rows * q_dim {
+        bail_input!(
+            "attention: out has {} values, expected rows {rows} × {q_dim}",
+            out.len()
+        );
+    }
+    if let Some(lse) = &lse
+        && lse.len() != rows * n_heads
+    {
+        bail_input!(
+            "attention: lse has {} values, expected rows {rows} × n_heads {n_heads}",
+            lse.len()
+        );
+    }
+    let (indptr, summaries) = key_tile_summaries(inp.kv_indptr, inp.kv_tags, tile_k);
+    let mut items = Vec::new();
+    for seq in 0..inp.n_seqs() {
+        let rows = inp.seq_rows(seq);
+        for start in rows.clone().step_by(TILE_Q) {
+            for head in 0..n_heads {
+                items.push((seq, head, start..(start + TILE_Q).min(rows.end)));
+            }
+        }
+    }
+    let arch = Arch::new();
+    let results: Vec<(Vec<f32>, Vec<f32>)> = items
+        .par_iter()
+        .map(|(seq, head, rows)| {
+            let key_tiles = &summaries[indptr[*seq] as usize..indptr[*seq + 1] as usize];
+            arch.dispatch(Item {
+                inp,
+                tile_k,
+                key_tiles,
+                seq: *seq,
+                head: *head,
+                rows: rows.clone(),
+            })
+        })
+        .collect();
+    let mut lse2 = vec![f32::NEG_INFINITY; rows * n_heads];
+    for ((_, head, rows), (o, l2)) in items.iter().zip(&results) {
+        for (i, r) in rows.clone().enumerate() {
+            out[r * q_dim + head * head_dim..][..head_dim]
+                .copy_from_slice(&o[i * head_dim..][..head_dim]);
+            lse2[r * n_heads + head] = l2[i];
+        }
+    }
+    if let Some(lse) = lse {
+        for (dst, &l2) in lse.iter_mut().zip(&lse2) {
+            *dst = l2 * std::f32::consts::LN_2;
+        }
+    }
+    Ok(())
+}
+
+/// One work item; its output is `(o [rows, head_dim], lse2 [rows])`.
+struct Item<'a> {
+    inp: &'a AttnInputs<'a>,
+    tile_k: usize,
+    /// The summaries of the sequence's key tiles.
+    key_tiles: &'a [TileSummary],
+    seq: usize,
+    head: usize,
+    rows: Range<usize>,
+}
+
+impl WithSimd for Item<'_> {
+    type Output = (Vec<f32>, Vec<f32>);
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> Self::Output {
+        // Register blocks: Sᵀ MRK keys × up to 4 vectors of query rows, P·V MR_PV rows × up to
+        // 4 vectors of columns.
+        match S::F32_LANES {
+            16.. => item::<S, 6, 6>(simd, self),
+            8.. => item::<S, 3, 3>(simd, self),
+            _ => item::<S, 2, 2>(simd, self),
+        }
+    }
+}
+
+/// `2^x` for each lane with `x ≤ 0` (or −inf): exactly 0 below −125, else `2^n · p(f)` with
+/// `x = n + f`, `n` the nearest integer, `|f| ≤ 1/2` and `p` the degree-6 Taylor polynomial of
+/// `2^f` (relative error below 2e-7).
+#[inline(always)]
+pub fn exp2_lanes(x: &mut [f32; LANES]) {
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: x + ROUND rounds x to an integer
+    const C: [f32; 7] = [
+        1.0,
+        std::f32::consts::LN_2,
+        0.240_226_5,
+        0.055_504_11,
+        0.009_618_129,
+        0.001_333_355_8,
+        0.000_154_035_3,
+    ];
+    for v in x.iter_mut() {
+        let xc = v.max(-125.0);
+        let t = xc + ROUND;
+        let f = xc - (t - ROUND);
+        let mut p = C[6];
+        for &c in C[..6].iter().rev() {
+            p = p.mul_add(f, c);
+        }
+        // t's low mantissa bits hold n + 2^22; n << 23 added to p's exponent scales it by 2^n.
+        let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits()) << 23;
+        let y = f32::from_bits(p.to_bits().wrapping_add(n_bits));
+        *v = if *v < -125.0 { 0.0 } else { y };
+    }
+}
+
+/// `S^T[j][rows] = Σ_c k_j[c] · q^T[c][rows]` for the `MRK` keys `ks` (rows of the pool, in
+/// place) and `NVQ` vectors of query rows from vector `v0` of the packed `qt` (`[d][nvec]`):
+/// one FMA chain per element over `c` in order. Written to `st` rows `j0..` (stride `ld`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn qk_micro<S: Simd, const MRK: usize, const NVQ: usize>(
+    simd: S,
+    ks: &[&[f32]],
+    qt: &[S::f32s],
+    nvec: usize,
+    v0: usize,
+    d: usize,
+    st: &mut [f32],
+    ld: usize,
+    j0: usize,
+) {
+    let zero = simd.splat_f32s(0.0);
+    let mut regs = [[zero; NVQ]; MRK];
+    let ks: [&[f32]; MRK] = std::array::from_fn(|i| &ks[i][..d]);
+    for c in 0..d {
+        let q = &qt[c * nvec + v0..][..NVQ];
+        for i in 0..MRK {
+            let kb = simd.splat_f32s(ks[i][c]);
+            for u in 0..NVQ {
+                regs[i][u] = simd.mul_add_f32s(kb, q[u], regs[i][u]);
+            }
+        }
+    }
+    let lanes = S::F32_LANES;
+    for (i, reg) in regs.iter().enumerate() {
+        let dst: &mut [S::f32s] =
+            bytemuck::cast_slice_mut(&mut st[(j0 + i) * ld + v0 * lanes..][..NVQ * lanes]);
+        dst.copy_from_slice(reg);
+    }
+}
+
+/// `S^T` for keys `ks` (all query-row vectors): key blocks of `MRK` then 4, 2, 1, row vectors
+/// in blocks of 4, 2, 1.
+#[inline(always)]
+fn qk<S: Simd, const MRK: usize>(
+    simd: S,
+    ks: &[&[f32]],
+    qt: &[S::f32s],
+    nvec: usize,
+    d: usize,
+    st: &mut [f32],
+    ld: usize,
+) {
+    let mut v0 = 0;
+    macro_rules! rows {
+        ($nv:literal) => {
+            while nvec - v0 >= $nv {
+                let mut j0 = 0;
+                while j0 + MRK <= ks.len() {
+                    qk_micro::<S, MRK, $nv>(simd, &ks[j0..], qt, nvec, v0, d, st, ld, j0);
+                    j0 += MRK;
+                }
+                // The last keys in blocks of 4, 2, 1 (each element is the same chain in any).
+                if MRK > 4 && j0 + 4 <= ks.len() {
+                    qk_micro::<S, 4, $nv>(simd, &ks[j0..], qt, nvec, v0, d, st, ld, j0);
+                    j0 += 4;
+                }
+                if MRK > 2 && j0 + 2 <= ks.len() {
+                    qk_micro::<S, 2, $nv>(simd, &ks[j0..], qt, nvec, v0, d, st, ld, j0);
+                    j0 += 2;
+                }
+                while j0 < ks.len() {
+                    qk_micro::<S, 1, $nv>(simd, &ks[j0..], qt, nvec, v0, d, st, ld, j0);
+                    j0 += 1;
+                }
+                v0 += $nv;
+            }
+        };
+    }
+    rows!(4);
+    rows!(2);
+    rows!(1);
+}
+
+/// `acc[r][cols] += Σ_j p^T[j][r] · v_j[cols]` for the `MR` rows from `r0`, `NV` vectors of
+/// columns from `c0`: one FMA chain per element over the keys in order. `pt` is `[keys][ld]`,
+/// `acc` rows have stride `d`; `vs` are the keys' value rows (`d` values each, in the pool).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pv_micro<S: Simd, const MR: usize, const NV: usize>(
+    simd: S,
+    pt: &[f32],
+    ld: usize,
+    r0: usize,
+    vs: &[&[f32]],
+    acc: &mut [f32],
+    d: usize,
+    c0: usize,
+) {
+    let lanes = S::F32_LANES;
+    let w = NV * lanes;
+    let mut regs: [[S::f32s; NV]; MR] = std::array::from_fn(|i| {
+        let row: &[S::f32s] = bytemuck::cast_slice(&acc[(r0 + i) * d + c0..][..w]);
+        std::array::from_fn(|v| row[v])
+    });
+    for (j, v_row) in vs.iter().enumerate() {
+        let v: &[S::f32s] = bytemuck::cast_slice(&v_row[c0..c0 + w]);
+        let p = &pt[j * ld + r0..][..MR];
+        for i in 0..MR {
+            let pb = simd.splat_f32s(p[i]);
+            for u in 0..NV {
+                regs[i][u] = simd.mul_add_f32s(pb, v[u], regs[i][u]);
+            }
+        }
+    }
+    for (i, reg) in regs.iter().enumerate() {
+        let row: &mut [S::f32s] = bytemuck::cast_slice_mut(&mut acc[(r0 + i) * d + c0..][..w]);
+        row.copy_from_slice(reg);
+    }
+}
+
+/// `acc += P·V` for rows `0..n_rows`: vector columns in blocks of 4, 2, 1 vectors, rows in
+/// blocks of `MR` then 4, 2, 1, the columns past the last whole vector by scalar FMAs (the same
+/// chain).
+#[inline(always)]
+fn pv<S: Simd, const MR: usize>(
+    simd: S,
+    pt: &[f32],
+    ld: usize,
+    n_rows: usize,
+    vs: &[&[f32]],
+    acc: &mut [f32],
+    d: usize,
+) {
+    // Keys in chunks whose V rows (and Pᵀ rows) stay in L1 while every row block reads them;
+    // each element's chain still runs over the keys in order, chunk after chunk.
+    for k0 in (0..vs.len()).step_by(PV_KEYS) {
+        let vs = &vs[k0..(k0 + PV_KEYS).min(vs.len())];
+        pv_chunk::<S, MR>(simd, &pt[k0 * ld..], ld, n_rows, vs, acc, d);
+    }
+}
+
+/// [`pv`] for one chunk of keys (`pt` starts at the chunk's first key).
+#[inline(always)]
+fn pv_chunk<S: Simd, const MR: usize>(
+    simd: S,
+    pt: &[f32],
+    ld: usize,
+    n_rows: usize,
+    vs: &[&[f32]],
+    acc: &mut [f32],
+    d: usize,
+) {
+    let lanes = S::F32_LANES;
+    let mut c0 = 0;
+    macro_rules! cols {
+        ($nv:literal) => {
+            while c0 + $nv * lanes <= d {
+                let mut r0 = 0;
+                while r0 + MR <= n_rows {
+                    pv_micro::<S, MR, $nv>(simd, pt, ld, r0, vs, acc, d, c0);
+                    r0 += MR;
+                }
+                // The last rows in blocks of 4, 2, 1 (each element is the same chain in any).
+                if MR > 4 && r0 + 4 <= n_rows {
+                    pv_micro::<S, 4, $nv>(simd, pt, ld, r0, vs, acc, d, c0);
+                    r0 += 4;
+                }
+                if MR > 2 && r0 + 2 <= n_rows {
+                    pv_micro::<S, 2, $nv>(simd, pt, ld, r0, vs, acc, d, c0);
+                    r0 += 2;
+                }
+                while r0 < n_rows {
+                    pv_micro::<S, 1, $nv>(simd, pt, ld, r0, vs, acc, d, c0);
+                    r0 += 1;
+                }
+                c0 += $nv * lanes;
+            }
+        };
+    }
+    cols!(4);
+    cols!(2);
+    cols!(1);
+    if c0 < d {
+        for r in 0..n_rows {
+            let acc_row = &mut acc[r * d..][..d];
+            for (j, v_row) in vs.iter().enumerate() {
+                let p = pt[j * ld + r];
+                for c in c0..d {
+                    acc_row[c] = p.mul_add(v_row[c], acc_row[c]);
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) -> (Vec<f32>, Vec<f32>) {
+    let Item {
+        inp,
+        tile_k,
+        key_tiles,
+        seq,
+        head,
+        rows,
+    } = it;
+    let d = inp.shape.head_dim;
+    let (q_dim, kv_dim) = (inp.shape.q_dim(), inp.shape.kv_dim());
+    let kv_col = head / inp.shape.group() * d;
+    let scale_log2 = (d as f32).sqrt().recip() * std::f32::consts::LOG2_E;
+    let n_rows = rows.len();
+    let q_tags: &[Tag] = &inp.row_tags[rows.clone()];
+    let q_desc = QueryDesc::new(&TileSummary::of(q_tags), inp.joint);
+    let keys = inp.seq_keys(seq);
+
+    let lanes = S::F32_LANES;
+    // Query rows padded to whole LANES chunks (and whole vectors); padded rows are zero queries
+    // whose lanes are computed and never read.
+    let ld = n_rows.div_ceil(LANES.max(lanes)) * LANES.max(lanes);
+    let nvec = ld / lanes;
+    // Qᵀ packed `[d][nvec]` vectors.
+    let mut qt = vec![simd.splat_f32s(0.0); d * nvec];
+    {
+        let qt: &mut [f32] = bytemuck::cast_slice_mut(&mut qt);
+        for (i, r) in rows.clone().enumerate() {
+            let q = &inp.q[r * q_dim + head * d..][..d];
+            for (c, &v) in q.iter().enumerate() {
+                qt[c * ld + i] = v;
+            }
+        }
+    }
+    // Sᵀ, then Pᵀ: `[tile_k][ld]`.
+    let mut st = vec![0.0f32; tile_k * ld];
+    let mut m = vec![f32::NEG_INFINITY; ld];
+    let mut l = vec![0.0f32; ld];
+    let mut acc = vec![0.0f32; n_rows * d];
+    let mut ks: Vec<&[f32]> = Vec::with_capacity(tile_k);
+    let mut vs: Vec<&[f32]> = Vec::with_capacity(tile_k);
+
+    for (t, k0) in keys.clone().step_by(tile_k).enumerate() {
+        let tile = k0..(k0 + tile_k).min(keys.end);
+        let n_keys = tile.len();
+        let class = q_desc.classify(&key_tiles[t]);
+        if class == TileClass::Hidden {
+            continue;
+        }
+        let unmasked = class == TileClass::Visible && n_keys == tile_k;
+        let k_tags = &inp.kv_tags[tile.clone()];
+        let slots = &inp.kv_indices[tile];
+        ks.clear();
+        vs.clear();
+        for &slot in slots {
+            let base = slot as usize * kv_dim + kv_col;
+            ks.push(&inp.k_pool[base..][..d]);
+            vs.push(&inp.v_pool[base..][..d]);
+        }
+        // Sᵀ = K·Qᵀ, K read in place.
+        let st = &mut st[..n_keys * ld];
+        qk::<S, MRK>(simd, &ks, &qt, nvec, d, st, ld);
+        // Scale to base 2; hidden pairs −inf.
+        if unmasked {
+            st.iter_mut().for_each(|x| *x *= scale_log2);
+        } else {
+            for (st_j, &kt) in st.chunks_exact_mut(ld).zip(k_tags) {
+                for (x, &qt) in st_j.iter_mut().zip(q_tags) {
+                    *x = if visible(qt, kt, inp.joint) {
+                        *x * scale_log2
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                }
+                st_j[n_rows..].iter_mut().for_each(|x| *x *= scale_log2);
+            }
+        }
+        // Online softmax, LANES rows at a time, each lane its own row; Sᵀ becomes Pᵀ.
+        for ch in 0..ld / LANES {
+            let lane0 = ch * LANES;
+            let mut mt = [f32::NEG_INFINITY; LANES];
+            for st_j in st.chunks_exact(ld) {
+                for (a, &b) in mt.iter_mut().zip(&st_j[lane0..lane0 + LANES]) {
+                    *a = a.max(b);
+                }
+            }
+            let m_old: [f32; LANES] = m[lane0..lane0 + LANES].try_into().expect("LANES");
+            let mut m_new = [0.0f32; LANES];
+            let mut m_use = [0.0f32; LANES];
+            let mut alpha = [0.0f32; LANES];
+            for i in 0..LANES {
+                m_new[i] = m_old[i].max(mt[i]);
+                // A row that has seen nothing yet: p = 2^(−inf − 0) = 0, never NaN.
+                m_use[i] = if m_new[i] == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    m_new[i]
+                };
+                alpha[i] = m_old[i] - m_use[i];
+            }
+            // 2^0 is exactly 1: a row with nothing visible here keeps its state bit for bit.
+            exp2_lanes(&mut alpha);
+            let mut sum = [0.0f32; LANES];
+            for st_j in st.chunks_exact_mut(ld) {
+                let p: &mut [f32; LANES] =
+                    (&mut st_j[lane0..lane0 + LANES]).try_into().expect("LANES");
+                for (x, &mu) in p.iter_mut().zip(&m_use) {
+                    *x -= mu;
+                }
+                exp2_lanes(p);
+                for (a, &b) in sum.iter_mut().zip(p.iter()) {
+                    *a += b;
+                }
+            }
+            for i in 0..LANES {
+                l[lane0 + i] = l[lane0 + i] * alpha[i] + sum[i];
+                m[lane0 + i] = m_new[i];
+                if lane0 + i < n_rows {
+                    acc[(lane0 + i) * d..][..d]
+                        .iter_mut()
+                        .for_each(|a| *a *= alpha[i]);
+                }
+            }
+        }
+        // acc += P·V, V read in place.
+        pv::<S, MR_PV>(simd, st, ld, n_rows, &vs, &mut acc, d);
+    }
+
+    // Normalise. `l ≥ 1` whenever a key was visible (its own term is 2^0).
+    let mut lse2 = vec![f32::NEG_INFINITY; n_rows];
+    for r in 0..n_rows {
+        if m[r] == f32::NEG_INFINITY {
+            acc[r * d..][..d].fill(0.0);
+            continue;
+        }
+        let inv_l = l[r].recip();
+        acc[r * d..][..d].iter_mut().for_each(|a| *a *= inv_l);
+        lse2[r] = m[r] + l[r].log2();
+    }
+    (acc, lse2)
+}
