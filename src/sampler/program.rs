@@ -96,26 +96,56 @@ impl StepProgram {
     /// resolved plan, the sampler positions and the query (response indices of the logits
     /// rows, conditional sequence).
     pub fn resolve(&self, branch: Branch, state: &DeviceState) -> (StepPlan, Vec<u32>, Vec<u32>) {
-        let lists = patch::lists(state, self.block);
         let mut plan = self.plan.clone();
-        let mut positions = self.sample_positions.clone();
-        // The device stores tags as plain u32; patch them in that form.
-        let mut tags: Vec<u32> = plan.kv_tags.iter().map(|t| t.0).collect();
-        let rows = &mut plan.branches[branch as usize];
-        let mut arrays = PlanArrays {
-            row_ids: &mut rows.ids,
-            row_pos: &mut rows.pos,
-            row_slots: &mut rows.slots,
-            kv_indices: &mut plan.kv_indices,
-            kv_tags: &mut tags,
-            logits_rows: &mut plan.logits_rows,
-            sample_pos: &mut positions,
-        };
-        patch::apply(&self.patches, state, &lists, &mut arrays);
+        let mut tags = plain_tags(&plan);
+        let (positions, query) = apply_patches(
+            &mut plan,
+            &mut tags,
+            branch,
+            state,
+            (
+                &self.patches,
+                self.block,
+                &self.sample_positions,
+                &self.query,
+            ),
+        );
         plan.kv_tags = tags.into_iter().map(Tag).collect();
-        let query = self.query.clone().unwrap_or(lists.q);
         (plan, positions, query)
     }
+}
+
+/// The device stores tags as plain u32; patches write them in that form.
+fn plain_tags(plan: &StepPlan) -> Vec<u32> {
+    plan.kv_tags.iter().map(|t| t.0).collect()
+}
+
+/// A step's `(patches, block, sample positions, query)`, of a [`StepProgram`] or a [`StepPart`].
+type ProgramPart<'a> = (&'a [Patch], (u32, u32), &'a [u32], &'a Option<Vec<u32>>);
+
+/// Applies one program's `(patches, block, sample positions, query)` for `state` to `plan`
+/// (its tags in `tags`, as [`plain_tags`]); returns the sampler positions and the query.
+fn apply_patches(
+    plan: &mut StepPlan,
+    tags: &mut [u32],
+    branch: Branch,
+    state: &DeviceState,
+    (patches, block, sample_positions, query): ProgramPart,
+) -> ResolvedPart {
+    let lists = patch::lists(state, block);
+    let mut positions = sample_positions.to_vec();
+    let rows = &mut plan.branches[branch as usize];
+    let mut arrays = PlanArrays {
+        row_ids: &mut rows.ids,
+        row_pos: &mut rows.pos,
+        row_slots: &mut rows.slots,
+        kv_indices: &mut plan.kv_indices,
+        kv_tags: tags,
+        logits_rows: &mut plan.logits_rows,
+        sample_pos: &mut positions,
+    };
+    patch::apply(patches, state, &lists, &mut arrays);
+    (positions, query.clone().unwrap_or(lists.q))
 }
 
 impl Program {
@@ -559,26 +589,23 @@ impl BatchStep {
     /// per part, its sampler positions and query (as [`StepProgram::resolve`]).
     pub fn resolve(&self, branch: Branch, states: &[DeviceState]) -> (StepPlan, Vec<ResolvedPart>) {
         let mut plan = self.plan.clone();
-        let mut tags: Vec<u32> = plan.kv_tags.iter().map(|t| t.0).collect();
-        let mut out = Vec::with_capacity(self.parts.len());
-        for part in &self.parts {
-            let state = &states[part.request];
-            let lists = patch::lists(state, part.block);
-            let mut positions = part.sample_positions.clone();
-            let rows = &mut plan.branches[branch as usize];
-            let mut arrays = PlanArrays {
-                row_ids: &mut rows.ids,
-                row_pos: &mut rows.pos,
-                row_slots: &mut rows.slots,
-                kv_indices: &mut plan.kv_indices,
-                kv_tags: &mut tags,
-                logits_rows: &mut plan.logits_rows,
-                sample_pos: &mut positions,
-            };
-            patch::apply(&part.patches, state, &lists, &mut arrays);
-            let query = part.query.clone().unwrap_or(lists.q);
-            out.push((positions, query));
-        }
+        let mut tags = plain_tags(&plan);
+        let out = (self.parts.iter())
+            .map(|part| {
+                apply_patches(
+                    &mut plan,
+                    &mut tags,
+                    branch,
+                    &states[part.request],
+                    (
+                        &part.patches,
+                        part.block,
+                        &part.sample_positions,
+                        &part.query,
+                    ),
+                )
+            })
+            .collect();
         plan.kv_tags = tags.into_iter().map(Tag).collect();
         (plan, out)
     }

@@ -48,17 +48,7 @@ pub fn matmul_t(
     out: &mut [f32],
     accumulate: bool,
 ) -> Result<()> {
-    check_len("matmul_t", "x", x.len(), &[("rows", rows), ("k", k)])?;
-    check_len("matmul_t", "w", w.len(), &[("n", n), ("k", k)])?;
-    check_len("matmul_t", "out", out.len(), &[("rows", rows), ("n", n)])?;
-    if rows == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        // An empty sum; also keeps chunk sizes of `x` non-zero below.
-        if !accumulate {
-            out.fill(0.0);
-        }
+    if matmul_trivial(x, rows, k, w, n, out, accumulate)? {
         return Ok(());
     }
 
@@ -112,6 +102,33 @@ pub fn matmul_t(
     Ok(())
 }
 
+/// The checks and the empty cases both matmul variants share: errors on sizes that do not
+/// match; `Ok(true)` when nothing is left to compute (no rows or columns, or `k == 0`, an empty
+/// sum: `out` zeroed unless accumulating), which also keeps the variants' chunk sizes non-zero.
+fn matmul_trivial(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    out: &mut [f32],
+    accumulate: bool,
+) -> Result<bool> {
+    check_len("matmul_t", "x", x.len(), &[("rows", rows), ("k", k)])?;
+    check_len("matmul_t", "w", w.len(), &[("n", n), ("k", k)])?;
+    check_len("matmul_t", "out", out.len(), &[("rows", rows), ("n", n)])?;
+    if rows == 0 || n == 0 {
+        return Ok(true);
+    }
+    if k == 0 {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        return Ok(true);
+    }
+    Ok(false)
+}
+
 /// A raw pointer the tasks of one call share to write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 struct SyncPtr(*mut f32);
@@ -140,16 +157,7 @@ pub fn matmul_t_row_split(
     out: &mut [f32],
     accumulate: bool,
 ) -> Result<()> {
-    check_len("matmul_t", "x", x.len(), &[("rows", rows), ("k", k)])?;
-    check_len("matmul_t", "w", w.len(), &[("n", n), ("k", k)])?;
-    check_len("matmul_t", "out", out.len(), &[("rows", rows), ("n", n)])?;
-    if rows == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        if !accumulate {
-            out.fill(0.0);
-        }
+    if matmul_trivial(x, rows, k, w, n, out, accumulate)? {
         return Ok(());
     }
     let macs = rows.saturating_mul(n).saturating_mul(k);
