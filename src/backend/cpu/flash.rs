@@ -13,8 +13,9 @@
 //! 2. `S = Q·Kᵀ` through a register-blocked SIMD micro-kernel ([`pulp`]: AVX-512, AVX2+FMA or
 //!    scalar, detected at run time): the query rows packed `[head_dim][MR]` once per item, the
 //!    key tile gathered through the index list and packed `[head_dim][NR]` per panel of `NR` keys.
-//! 3. Online softmax in base 2, vectorised over keys: scores scaled by
-//!    `log2(e)/sqrt(head_dim)`, hidden pairs −inf, tile max, `p = 2^(s − m)` by a polynomial
+//! 3. Online softmax in base 2, vectorised over keys: scores come out scaled by
+//!    `log2(e)/sqrt(head_dim)` (the packed queries carry the scale), hidden pairs −inf, tile
+//!    max (four running maxima over interleaved keys), `p = 2^(s − m)` by a polynomial
 //!    [`exp2_lanes`] 16 keys at a time with 16 partial sums, `acc` and `l` rescaled by
 //!    `2^(m_old − m_new)`.
 //! 4. `acc += P·V` with `V` read in place from the pool (one row of `head_dim` values per key,
@@ -221,7 +222,7 @@ fn qk_micro<S: Simd, const MRK: usize, const NVQ: usize>(
 }
 
 /// `S^T` for keys `ks` (all query-row vectors): key blocks of `MRK` then 4, 2, 1, row vectors
-/// in blocks of 4, 2, 1.
+/// in blocks of 4, 3, 2, 1.
 #[inline(always)]
 fn qk<S: Simd, const MRK: usize>(
     simd: S,
@@ -259,6 +260,7 @@ fn qk<S: Simd, const MRK: usize>(
         };
     }
     rows!(4);
+    rows!(3);
     rows!(2);
     rows!(1);
 }
@@ -280,10 +282,12 @@ fn pv_micro<S: Simd, const MR: usize, const NV: usize>(
 ) {
     let lanes = S::F32_LANES;
     let w = NV * lanes;
-    let mut regs: [[S::f32s; NV]; MR] = std::array::from_fn(|i| {
+    // Loaded in a plain loop: `array::from_fn` built the block on the stack and `memmove`d it.
+    let mut regs = [[simd.splat_f32s(0.0); NV]; MR];
+    for (i, reg) in regs.iter_mut().enumerate() {
         let row: &[S::f32s] = bytemuck::cast_slice(&acc[(r0 + i) * d + c0..][..w]);
-        std::array::from_fn(|v| row[v])
-    });
+        reg.copy_from_slice(row);
+    }
     for (j, v_row) in vs.iter().enumerate() {
         let v: &[S::f32s] = bytemuck::cast_slice(&v_row[c0..c0 + w]);
         let p = &pt[j * ld + r0..][..MR];
@@ -375,6 +379,34 @@ fn pv_chunk<S: Simd, const MR: usize>(
     }
 }
 
+/// The maximum over a tile's keys (the rows of `st`, stride `ld`) of lanes `lane0..+LANES`: four
+/// running maxima over interleaved keys, so consecutive keys do not wait on one another (a
+/// maximum is exact, so the order does not change it).
+#[inline(always)]
+fn tile_max(st: &[f32], ld: usize, lane0: usize) -> [f32; LANES] {
+    #[inline(always)]
+    fn fold(m: &mut [f32; LANES], row: &[f32]) {
+        for (a, &b) in m.iter_mut().zip(&row[..LANES]) {
+            *a = if b > *a { b } else { *a };
+        }
+    }
+    let mut m = [[f32::NEG_INFINITY; LANES]; 4];
+    let mut quads = st.chunks_exact(4 * ld);
+    for quad in &mut quads {
+        for (q, m) in m.iter_mut().enumerate() {
+            fold(m, &quad[q * ld + lane0..]);
+        }
+    }
+    for row in quads.remainder().chunks_exact(ld) {
+        fold(&mut m[0], &row[lane0..]);
+    }
+    let [mut a, b, c, e] = m;
+    for other in [b, c, e] {
+        fold(&mut a, &other);
+    }
+    a
+}
+
 #[inline(always)]
 fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) -> (Vec<f32>, Vec<f32>) {
     let Item {
@@ -399,14 +431,14 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) -> (Ve
     // whose lanes are computed and never read.
     let ld = n_rows.div_ceil(LANES.max(lanes)) * LANES.max(lanes);
     let nvec = ld / lanes;
-    // Qᵀ packed `[d][nvec]` vectors.
+    // Qᵀ packed `[d][nvec]` vectors, scaled by `log2(e)/sqrt(d)` so scores come out in base 2.
     let mut qt = vec![simd.splat_f32s(0.0); d * nvec];
     {
         let qt: &mut [f32] = bytemuck::cast_slice_mut(&mut qt);
         for (i, r) in rows.clone().enumerate() {
             let q = &inp.q[r * q_dim + head * d..][..d];
             for (c, &v) in q.iter().enumerate() {
-                qt[c * ld + i] = v;
+                qt[c * ld + i] = v * scale_log2;
             }
         }
     }
@@ -425,7 +457,6 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) -> (Ve
         if class == TileClass::Hidden {
             continue;
         }
-        let unmasked = class == TileClass::Visible && n_keys == tile_k;
         let k_tags = &inp.kv_tags[tile.clone()];
         let slots = &inp.kv_indices[tile];
         ks.clear();
@@ -438,30 +469,20 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) -> (Ve
         // Sᵀ = K·Qᵀ, K read in place.
         let st = &mut st[..n_keys * ld];
         qk::<S, MRK>(simd, &ks, &qt, nvec, d, st, ld);
-        // Scale to base 2; hidden pairs −inf.
-        if unmasked {
-            st.iter_mut().for_each(|x| *x *= scale_log2);
-        } else {
+        // Hidden pairs −inf (a Visible tile has none).
+        if class != TileClass::Visible {
             for (st_j, &kt) in st.chunks_exact_mut(ld).zip(k_tags) {
                 for (x, &qt) in st_j.iter_mut().zip(q_tags) {
-                    *x = if visible(qt, kt, inp.joint) {
-                        *x * scale_log2
-                    } else {
-                        f32::NEG_INFINITY
-                    };
+                    if !visible(qt, kt, inp.joint) {
+                        *x = f32::NEG_INFINITY;
+                    }
                 }
-                st_j[n_rows..].iter_mut().for_each(|x| *x *= scale_log2);
             }
         }
         // Online softmax, LANES rows at a time, each lane its own row; Sᵀ becomes Pᵀ.
         for ch in 0..ld / LANES {
             let lane0 = ch * LANES;
-            let mut mt = [f32::NEG_INFINITY; LANES];
-            for st_j in st.chunks_exact(ld) {
-                for (a, &b) in mt.iter_mut().zip(&st_j[lane0..lane0 + LANES]) {
-                    *a = a.max(b);
-                }
-            }
+            let mt = tile_max(st, ld, lane0);
             let m_old: [f32; LANES] = m[lane0..lane0 + LANES].try_into().expect("LANES");
             let mut m_new = [0.0f32; LANES];
             let mut m_use = [0.0f32; LANES];
