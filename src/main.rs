@@ -1384,6 +1384,13 @@ fn cmd_info() -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The main thread is worker 0 of rayon's global pool: the CPU backend's many small parallel
+    // operations per step then run from inside the pool, instead of each one queueing its work
+    // from outside and putting the main thread to sleep on a futex until a worker finishes it.
+    // Only fails when the global pool already exists, and then that pool serves as it is.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .use_current_thread()
+        .build_global();
     memory::set_max_memory(cli.max_memory);
     let result = match cli.command {
         Command::Generate(a) => cmd_generate(a),

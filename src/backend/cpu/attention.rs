@@ -106,6 +106,12 @@ impl AttnInputs<'_> {
     /// Checks every length, that every index is < slots, head divisibility; Error::Input naming
     /// what is wrong.
     pub fn validate(&self) -> Result<()> {
+        self.validate_q_stride(self.shape.q_dim())
+    }
+
+    /// [`Self::validate`] for queries that are the first `n_heads·head_dim` values of rows of
+    /// `q_stride` values (`q` may be the fused q|k|v matrix).
+    pub fn validate_q_stride(&self, q_stride: usize) -> Result<()> {
         let AttnShape {
             n_heads,
             n_kv_heads,
@@ -120,9 +126,9 @@ impl AttnInputs<'_> {
             );
         }
         let rows = self.rows();
-        if self.q.len() != rows * self.shape.q_dim() {
+        if q_stride < self.shape.q_dim() || Some(self.q.len()) != rows.checked_mul(q_stride) {
             bail_input!(
-                "attention: q has {} values, expected rows {rows} × n_heads·head_dim {}",
+                "attention: q has {} values, expected rows {rows} × {q_stride} (n_heads·head_dim {} first)",
                 self.q.len(),
                 self.shape.q_dim()
             );

@@ -66,7 +66,19 @@ pub fn attention_flash_with(
     out: &mut [f32],
     lse: Option<&mut [f32]>,
 ) -> Result<()> {
-    inp.validate()?;
+    attention_flash_strided(inp, inp.shape.q_dim(), tile_k, out, lse)
+}
+
+/// [`attention_flash_with`] on queries that are the first `n_heads·head_dim` values of rows of
+/// `q_stride` values (the fused q|k|v matrix, read in place).
+pub fn attention_flash_strided(
+    inp: &AttnInputs,
+    q_stride: usize,
+    tile_k: usize,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+) -> Result<()> {
+    inp.validate_q_stride(q_stride)?;
     if tile_k == 0 {
         bail_input!("attention: tile_k must be at least 1");
     }
@@ -105,6 +117,7 @@ pub fn attention_flash_with(
             let key_tiles = &summaries[indptr[*seq] as usize..indptr[*seq + 1] as usize];
             arch.dispatch(Item {
                 inp,
+                q_stride,
                 tile_k,
                 key_tiles,
                 seq: *seq,
@@ -132,6 +145,8 @@ pub fn attention_flash_with(
 /// One work item; its output is `(o [rows, head_dim], lse2 [rows])`.
 struct Item<'a> {
     inp: &'a AttnInputs<'a>,
+    /// Values per row of `inp.q`.
+    q_stride: usize,
     tile_k: usize,
     /// The summaries of the sequence's key tiles.
     key_tiles: &'a [TileSummary],
@@ -411,6 +426,7 @@ fn tile_max(st: &[f32], ld: usize, lane0: usize) -> [f32; LANES] {
 fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) -> (Vec<f32>, Vec<f32>) {
     let Item {
         inp,
+        q_stride,
         tile_k,
         key_tiles,
         seq,
@@ -418,7 +434,7 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) -> (Ve
         rows,
     } = it;
     let d = inp.shape.head_dim;
-    let (q_dim, kv_dim) = (inp.shape.q_dim(), inp.shape.kv_dim());
+    let kv_dim = inp.shape.kv_dim();
     let kv_col = head / inp.shape.group() * d;
     let scale_log2 = (d as f32).sqrt().recip() * std::f32::consts::LOG2_E;
     let n_rows = rows.len();
@@ -436,7 +452,7 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) -> (Ve
     {
         let qt: &mut [f32] = bytemuck::cast_slice_mut(&mut qt);
         for (i, r) in rows.clone().enumerate() {
-            let q = &inp.q[r * q_dim + head * d..][..d];
+            let q = &inp.q[r * q_stride + head * d..][..d];
             for (c, &v) in q.iter().enumerate() {
                 qt[c * ld + i] = v * scale_log2;
             }

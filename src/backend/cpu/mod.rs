@@ -365,15 +365,8 @@ impl Backend for CpuBackend {
                 q.cols
             )));
         }
-        let dense;
-        let q_data = if q.cols == q_dim {
-            &q.data
-        } else {
-            dense = columns(q, 0, q_dim);
-            &dense
-        };
         let inp = AttnInputs {
-            q: q_data,
+            q: &q.data,
             row_tags: &rows.tags,
             seq_indptr: &rows.seq_indptr,
             k_pool: &cache.k[layer],
@@ -385,11 +378,14 @@ impl Backend for CpuBackend {
             shape,
         };
         if let Some(tiling) = self.tiling {
+            // The kernel's twin takes dense queries.
+            let dense = columns(q, 0, q_dim);
+            let inp = AttnInputs { q: &dense, ..inp };
             return attention::attention_tiled(&inp, tiling, &mut out.data, None);
         }
         // Every row's result depends on its own query and its sequence's keys alone (see
-        // `flash`), so a batch computes each sequence's bits as alone.
-        flash::attention_flash(&inp, &mut out.data, None)
+        // `flash`), so a batch computes each sequence's bits as alone. q is read in place.
+        flash::attention_flash_strided(&inp, q.cols, flash::TILE_K, &mut out.data, None)
     }
 
     fn swiglu(&self, gate_up: &CpuMatrix, out: &mut CpuMatrix) -> Result<()> {
