@@ -14,6 +14,7 @@ use sparse_lavida::backend::SampleParams;
 use sparse_lavida::backend::cpu::attention::{AttnInputs, AttnShape, AttnTiling, attention_tiled};
 use sparse_lavida::backend::cpu::flash::attention_flash;
 use sparse_lavida::backend::cpu::ops;
+use sparse_lavida::backend::cpu::packed::{PackedWeight, matmul_packed};
 use sparse_lavida::config::Branch;
 use sparse_lavida::plan::Tag;
 use std::hint::black_box;
@@ -151,6 +152,10 @@ fn matmul(c: &mut Criterion) {
         g.throughput(Throughput::Elements((2 * rows * k * n) as u64));
         g.bench_function(format!("{name}/crate"), |b| {
             b.iter(|| ops::matmul_t(black_box(&x), rows, k, &w, n, &mut out, false).unwrap())
+        });
+        let packed = PackedWeight::pack(&w, n, k).unwrap();
+        g.bench_function(format!("{name}/packed"), |b| {
+            b.iter(|| matmul_packed(black_box(&x), rows, &packed, &mut out, false).unwrap())
         });
         g.bench_function(format!("{name}/row_split"), |b| {
             b.iter(|| {

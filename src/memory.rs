@@ -410,8 +410,39 @@ fn add(a: u64, b: u64) -> Result<u64> {
     a.checked_add(b).ok_or_else(overflow)
 }
 
+/// Output columns per panel of the CPU backend's packed projection weights (its `packed::PANEL`
+/// is this constant): a packed `[n, k]` matrix holds `ceil(n / 64) · 64 · k` values.
+pub const CPU_PACK_PANEL: usize = 64;
+
+/// Bytes of the CPU backend's packed copies of the projection weights (q|k|v, o, gate|up and
+/// down of every layer and branch, and each branch's logits head), made on their first use.
+pub fn cpu_packed_weight_bytes(cfg: &Config) -> Result<u64> {
+    let panel = CPU_PACK_PANEL as u64;
+    let matrix =
+        |n: usize, k: usize| mul(mul((n as u64).div_ceil(panel), panel)?, mul(k as u64, 4)?);
+    let q_dim = cfg.n_heads as u64 * cfg.head_dim as u64;
+    let mut total = 0u64;
+    for b in [Branch::Text, Branch::Image] {
+        let (d, f) = (cfg.d_model(b), cfg.d_mlp(b));
+        let qkv =
+            usize::try_from(add(q_dim, mul(cfg.kv_dim() as u64, 2)?)?).map_err(|_| overflow())?;
+        let layer = [
+            matrix(qkv, d)?,
+            matrix(d, q_dim as usize)?,
+            matrix(2 * f, d)?,
+            matrix(d, f)?,
+        ]
+        .into_iter()
+        .try_fold(0u64, add)?;
+        total = add(total, mul(layer, cfg.n_layers as u64)?)?;
+        total = add(total, matrix(cfg.vocab(b), d)?)?;
+    }
+    Ok(total)
+}
+
 /// Adds the weights of `cfg` to `need`: on the CPU f32 values (and a weight file read whole
-/// first), on CUDA bf16 on the device (a file also passes through an f32 host copy).
+/// first) and the packed copies of the projections, on CUDA bf16 on the device (a file also
+/// passes through an f32 host copy).
 pub fn add_weights(need: &mut Need, cfg: &Config, target: Target, from: WeightsFrom) -> Result<()> {
     let params = cfg.try_param_count()?;
     let book = mul(cfg.tensor_count(), TENSOR_OVERHEAD)?;
@@ -425,10 +456,15 @@ pub fn add_weights(need: &mut Need, cfg: &Config, target: Target, from: WeightsF
         book,
     );
     match (target, from) {
-        (Target::Cpu, WeightsFrom::Random) => need.host(label("f32"), f32_bytes),
-        (Target::Cpu, WeightsFrom::File(len)) => {
+        (Target::Cpu, from) => {
             need.host(label("f32"), f32_bytes);
-            need.host("the weight file, read whole", len);
+            need.host(
+                "packed copies of the projection weights",
+                cpu_packed_weight_bytes(cfg)?,
+            );
+            if let WeightsFrom::File(len) = from {
+                need.host("the weight file, read whole", len);
+            }
         }
         (Target::Cuda, from) => {
             need.device(label("bf16"), mul(params, 2)?);

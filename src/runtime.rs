@@ -157,19 +157,32 @@ fn host_weights(cfg: &Config, source: &WeightSource) -> Result<HostWeights> {
     }
 }
 
-/// Builds a CPU model, refusing up front a model whose f32 weights would not fit in memory.
+/// Builds a CPU model, refusing up front a model whose f32 weights and their packed copies
+/// would not fit in memory, and packs its projection weights (once, here, not in the first
+/// step).
 pub fn cpu_model(cfg: Config, source: &WeightSource) -> Result<Model<CpuBackend>> {
     cfg.validate()?;
-    let bytes = crate::weights::f32_bytes(&cfg);
+    let bytes = crate::weights::f32_bytes(&cfg)
+        .checked_add(crate::memory::cpu_packed_weight_bytes(&cfg)?)
+        .ok_or_else(|| crate::Error::OutOfMemory("the model's size overflows 64 bits".into()))?;
     ensure_fits(
         &format!(
-            "the model's {} parameters in f32 on the CPU backend",
+            "the model's {} parameters in f32 on the CPU backend, with the packed projections",
             human_count(cfg.param_count())
         ),
         bytes,
     )?;
     let weights = host_weights(&cfg, source)?;
-    Model::new(CpuBackend::new(), cfg, weights)
+    let model = Model::new(CpuBackend::new(), cfg, weights)?;
+    for lw in model.layer_weights().iter().flatten() {
+        for w in [&lw.qkv, &lw.o, &lw.gate_up, &lw.down] {
+            w.packed()?;
+        }
+    }
+    for bw in model.branch_weights() {
+        bw.head.packed()?;
+    }
+    Ok(model)
 }
 
 /// Builds a model on `backend`. Weights from a file are read on the host in f32, then uploaded

@@ -7,7 +7,7 @@ mod common;
 
 use common::tiny_model;
 use sparse_lavida::Result;
-use sparse_lavida::backend::cpu::{CpuBackend, CpuCache, CpuMatrix};
+use sparse_lavida::backend::cpu::{CpuBackend, CpuCache, CpuMatrix, CpuWeight};
 use sparse_lavida::backend::{Backend, MatrixKind, SampleParams, Sampled};
 use sparse_lavida::bench::{distinct_products, products_flops};
 use sparse_lavida::config::{Branch, Config};
@@ -24,17 +24,17 @@ struct Counting(CpuBackend, RefCell<Vec<(usize, usize, usize, bool)>>);
 
 impl Backend for Counting {
     type Matrix = CpuMatrix;
-    type Weight = HostTensor;
+    type Weight = CpuWeight;
     type Plan = StepPlan;
     type Cache = CpuCache;
 
     fn name(&self) -> String {
         "counting".into()
     }
-    fn upload_weight(&self, t: HostTensor) -> Result<HostTensor> {
+    fn upload_weight(&self, t: HostTensor) -> Result<CpuWeight> {
         self.0.upload_weight(t)
     }
-    fn concat_weights(&self, parts: Vec<HostTensor>) -> Result<HostTensor> {
+    fn concat_weights(&self, parts: Vec<CpuWeight>) -> Result<CpuWeight> {
         self.0.concat_weights(parts)
     }
     fn upload_plan(&self, plan: &StepPlan) -> Result<StepPlan> {
@@ -56,16 +56,16 @@ impl Backend for Counting {
         &self,
         plan: &StepPlan,
         b: Branch,
-        table: &HostTensor,
-        register: &HostTensor,
+        table: &CpuWeight,
+        register: &CpuWeight,
         out: &mut CpuMatrix,
     ) -> Result<()> {
         self.0.embed(plan, b, table, register, out)
     }
-    fn rmsnorm(&self, x: &CpuMatrix, w: &HostTensor, eps: f32, out: &mut CpuMatrix) -> Result<()> {
+    fn rmsnorm(&self, x: &CpuMatrix, w: &CpuWeight, eps: f32, out: &mut CpuMatrix) -> Result<()> {
         self.0.rmsnorm(x, w, eps, out)
     }
-    fn matmul(&self, x: &CpuMatrix, w: &HostTensor, out: &mut CpuMatrix, acc: bool) -> Result<()> {
+    fn matmul(&self, x: &CpuMatrix, w: &CpuWeight, out: &mut CpuMatrix, acc: bool) -> Result<()> {
         self.1.borrow_mut().push((x.rows, w.shape[0], x.cols, acc));
         self.0.matmul(x, w, out, acc)
     }

@@ -6,7 +6,7 @@
 use half::bf16;
 use sparse_lavida::backend::cpu::attention::{self, AttnInputs, AttnShape, AttnTiling};
 use sparse_lavida::backend::cpu::ops as cpu;
-use sparse_lavida::backend::cpu::{CpuBackend, CpuMatrix};
+use sparse_lavida::backend::cpu::{CpuBackend, CpuMatrix, CpuWeight};
 use sparse_lavida::backend::{Backend, MatrixKind, SampleParams, Sampled};
 use sparse_lavida::config::{Branch, Config};
 use sparse_lavida::plan::StepPlan;
@@ -55,19 +55,19 @@ fn stored(m: &mut TwinMatrix) {
 
 impl Backend for Bf16Twin {
     type Matrix = TwinMatrix;
-    type Weight = HostTensor;
+    type Weight = CpuWeight;
     type Plan = StepPlan;
     type Cache = TwinCache;
 
     fn name(&self) -> String {
         "naive bf16 twin".into()
     }
-    fn upload_weight(&self, mut t: HostTensor) -> sparse_lavida::Result<HostTensor> {
+    fn upload_weight(&self, mut t: HostTensor) -> sparse_lavida::Result<CpuWeight> {
         round_bf16(&mut t.data);
-        Ok(t)
+        Ok(CpuWeight::new(t))
     }
-    fn concat_weights(&self, parts: Vec<HostTensor>) -> sparse_lavida::Result<HostTensor> {
-        sparse_lavida::backend::cpu::concat_rows(parts)
+    fn concat_weights(&self, parts: Vec<CpuWeight>) -> sparse_lavida::Result<CpuWeight> {
+        self.0.concat_weights(parts)
     }
     fn upload_plan(&self, plan: &StepPlan) -> sparse_lavida::Result<StepPlan> {
         Ok(plan.clone())
@@ -103,8 +103,8 @@ impl Backend for Bf16Twin {
         &self,
         plan: &StepPlan,
         b: Branch,
-        table: &HostTensor,
-        register: &HostTensor,
+        table: &CpuWeight,
+        register: &CpuWeight,
         out: &mut TwinMatrix,
     ) -> sparse_lavida::Result<()> {
         self.0.embed(plan, b, table, register, &mut out.0)
@@ -112,7 +112,7 @@ impl Backend for Bf16Twin {
     fn rmsnorm(
         &self,
         x: &TwinMatrix,
-        w: &HostTensor,
+        w: &CpuWeight,
         eps: f32,
         out: &mut TwinMatrix,
     ) -> sparse_lavida::Result<()> {
@@ -123,7 +123,7 @@ impl Backend for Bf16Twin {
     fn matmul(
         &self,
         x: &TwinMatrix,
-        w: &HostTensor,
+        w: &CpuWeight,
         out: &mut TwinMatrix,
         accumulate: bool,
     ) -> sparse_lavida::Result<()> {

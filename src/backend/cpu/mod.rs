@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod flash;
 pub mod ops;
+pub mod packed;
 
 use crate::backend::{Backend, MatrixKind, SampleParams, Sampled};
 use crate::config::{Branch, Config};
@@ -23,6 +24,64 @@ pub struct CpuMatrix {
     pub cols: usize,
     /// `rows * cols` values.
     pub data: Vec<f32>,
+}
+
+/// A weight on the CPU backend: the host tensor, and the first time a product reads it, its
+/// [`packed::PackedWeight`] copy (kept for every later product: a weight is packed once per
+/// model, never per call). Reads as the [`HostTensor`] it holds.
+#[derive(Debug)]
+pub struct CpuWeight {
+    tensor: HostTensor,
+    packed: std::sync::OnceLock<packed::PackedWeight>,
+}
+
+impl CpuWeight {
+    /// A weight holding `tensor`, not packed yet.
+    pub fn new(tensor: HostTensor) -> Self {
+        CpuWeight {
+            tensor,
+            packed: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The host tensor.
+    pub fn tensor(&self) -> &HostTensor {
+        &self.tensor
+    }
+
+    /// The packed copy of the matrix `[n, k]`, made on the first call.
+    pub fn packed(&self) -> Result<&packed::PackedWeight> {
+        if let Some(p) = self.packed.get() {
+            return Ok(p);
+        }
+        let (n, k) = match self.tensor.shape[..] {
+            [n, k] => (n, k),
+            _ => {
+                return Err(Error::Input(format!(
+                    "matmul weight: shape {:?} is not a matrix",
+                    self.tensor.shape
+                )));
+            }
+        };
+        let p = packed::PackedWeight::pack(&self.tensor.data, n, k)?;
+        Ok(self.packed.get_or_init(|| p))
+    }
+}
+
+impl std::ops::Deref for CpuWeight {
+    type Target = HostTensor;
+    fn deref(&self) -> &HostTensor {
+        &self.tensor
+    }
+}
+
+impl Clone for CpuWeight {
+    fn clone(&self) -> Self {
+        CpuWeight {
+            tensor: self.tensor.clone(),
+            packed: self.packed.clone(),
+        }
+    }
 }
 
 /// The K/V pool: per layer, `[slots, kv_dim]` keys and values, plus the head geometry and RoPE
@@ -140,7 +199,7 @@ fn check_weight(what: &str, w: &HostTensor, shape: &[usize]) -> Result<()> {
 
 impl Backend for CpuBackend {
     type Matrix = CpuMatrix;
-    type Weight = HostTensor;
+    type Weight = CpuWeight;
     type Plan = StepPlan;
     type Cache = CpuCache;
 
@@ -148,12 +207,12 @@ impl Backend for CpuBackend {
         format!("cpu (f32, {} threads)", self.threads())
     }
 
-    fn upload_weight(&self, t: HostTensor) -> Result<HostTensor> {
-        Ok(t)
+    fn upload_weight(&self, t: HostTensor) -> Result<CpuWeight> {
+        Ok(CpuWeight::new(t))
     }
 
-    fn concat_weights(&self, parts: Vec<HostTensor>) -> Result<HostTensor> {
-        concat_rows(parts)
+    fn concat_weights(&self, parts: Vec<CpuWeight>) -> Result<CpuWeight> {
+        concat_rows(parts.into_iter().map(|w| w.tensor).collect()).map(CpuWeight::new)
     }
 
     fn upload_plan(&self, plan: &StepPlan) -> Result<StepPlan> {
@@ -216,8 +275,8 @@ impl Backend for CpuBackend {
         &self,
         plan: &StepPlan,
         b: Branch,
-        table: &HostTensor,
-        register: &HostTensor,
+        table: &CpuWeight,
+        register: &CpuWeight,
         out: &mut CpuMatrix,
     ) -> Result<()> {
         let ids = &plan.rows(b).ids;
@@ -225,7 +284,7 @@ impl Backend for CpuBackend {
         ops::embed(&table.data, out.cols, &register.data, ids, &mut out.data)
     }
 
-    fn rmsnorm(&self, x: &CpuMatrix, w: &HostTensor, eps: f32, out: &mut CpuMatrix) -> Result<()> {
+    fn rmsnorm(&self, x: &CpuMatrix, w: &CpuWeight, eps: f32, out: &mut CpuMatrix) -> Result<()> {
         check_weight("rmsnorm gain", w, &[x.cols])?;
         check_shape("rmsnorm output", out, x.rows, x.cols)?;
         ops::rmsnorm(&x.data, &w.data, eps, &mut out.data)
@@ -234,22 +293,14 @@ impl Backend for CpuBackend {
     fn matmul(
         &self,
         x: &CpuMatrix,
-        w: &HostTensor,
+        w: &CpuWeight,
         out: &mut CpuMatrix,
         accumulate: bool,
     ) -> Result<()> {
         let n = w.shape.first().copied().unwrap_or(0);
         check_weight("matmul weight", w, &[n, x.cols])?;
         check_shape("matmul output", out, x.rows, n)?;
-        ops::matmul_t(
-            &x.data,
-            x.rows,
-            x.cols,
-            &w.data,
-            n,
-            &mut out.data,
-            accumulate,
-        )
+        packed::matmul_packed(&x.data, x.rows, w.packed()?, &mut out.data, accumulate)
     }
 
     fn rope_store_kv(
