@@ -157,6 +157,50 @@ fn matmul(c: &mut Criterion) {
         g.bench_function(format!("{name}/packed"), |b| {
             b.iter(|| matmul_packed(black_box(&x), rows, &packed, &mut out, false).unwrap())
         });
+        let threads = rayon::current_num_threads();
+        let gemm_crate = |out: &mut [f32]| {
+            // SAFETY: out is rows×n with strides (n, 1), x is rows×k with strides (k, 1),
+            // and wᵀ is k×n with element (p, j) at w[j·k + p] (strides: rows 1, columns k);
+            // all three are live, in bounds for those strides, and out aliases neither
+            // input. read_dst = false: out is written without being read.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    n,
+                    k,
+                    out.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    black_box(&x).as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(threads),
+                )
+            }
+        };
+        // The call is checked once against the crate's product before it is timed.
+        let (mut want, mut got) = (vec![0.0; rows * n], vec![0.0; rows * n]);
+        ops::matmul_t(&x, rows, k, &w, n, &mut want, false).unwrap();
+        gemm_crate(&mut got);
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(
+            want.iter()
+                .zip(&got)
+                .all(|(a, b)| (a - b).abs() <= 1e-4 * scale),
+            "{name}: the gemm crate's product differs"
+        );
+        g.bench_function(format!("{name}/gemm_crate"), |b| {
+            b.iter(|| gemm_crate(black_box(&mut out)))
+        });
         g.bench_function(format!("{name}/row_split"), |b| {
             b.iter(|| {
                 ops::matmul_t_row_split(black_box(&x), rows, k, &w, n, &mut out, false).unwrap()
