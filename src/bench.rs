@@ -21,6 +21,7 @@ use crate::model::{Model, Product};
 use crate::plan::StepPlan;
 use crate::sampler::{self, Execution, Generation, Mode, RunOptions, Switches, Task};
 use serde::Serialize;
+use std::time::Instant;
 
 pub mod batch;
 #[cfg(feature = "cli")]
@@ -153,6 +154,10 @@ pub struct BenchRun {
     /// The generated response ids, in position order (as `generate --out` writes them): two
     /// runs of one workload on different executions or machines can be compared exactly.
     pub tokens: Vec<u32>,
+    /// The rate of the run's matrix products inside its steps, FLOP/s: their FLOPs over the
+    /// time spent in them ([`crate::backend::Backend::product_time`]); null on a backend
+    /// without that count (CUDA, whose products are asynchronous).
+    pub product_flops_per_s: Option<f64>,
 }
 
 impl BenchRun {
@@ -215,6 +220,10 @@ pub struct BenchReport {
     pub dense_gemm_flops_per_s: Option<f64>,
     /// `dense_gemm_flops_per_s ÷ bf16_peak_flops_per_s`: how strong the dense baseline is.
     pub dense_gemm_fraction_of_peak: Option<f64>,
+    /// On the CPU backend, the machine's f32 sgemm rate: a 1024³ product through
+    /// `matrixmultiply` (`ops::matmul_t`), best of 3, FLOP/s; the runs'
+    /// `product_flops_per_s` compare with it. Null elsewhere.
+    pub cpu_sgemm_flops_per_s: Option<f64>,
     /// The PyTorch peer's report (`--peer-json`), embedded as is; null without one.
     pub peer: Option<serde_json::Value>,
     /// With a peer report: this run against the peer's run of the same task and mode (dense,
@@ -306,6 +315,8 @@ struct Measured {
     g: Generation,
     wall_s: f64,
     peak: Option<u64>,
+    /// The best run's product rate ([`BenchRun::product_flops_per_s`]).
+    products: Option<f64>,
 }
 
 fn measure<B: Resident>(
@@ -319,19 +330,22 @@ fn measure<B: Resident>(
     if let Some(s) = stats {
         s.reset_peak_memory()?;
     }
-    let mut best: Option<Generation> = None;
+    let mut best: Option<(Generation, Option<f64>)> = None;
     for _ in 0..spec.repeat.max(1) {
         let mut tick = |done, total| progress(mode, done, total);
         let opts = RunOptions {
             progress: Some(&mut tick),
             ..RunOptions::default()
         };
+        let before = model.backend().product_time();
         let g = exec::generate_with(model, task, mode, spec.execution, opts)?;
-        if best.as_ref().is_none_or(|b| g.wall_s < b.wall_s) {
-            best = Some(g);
+        let after = model.backend().product_time();
+        let products = after.zip(before).and_then(|(a, b)| a.rate_since(&b));
+        if best.as_ref().is_none_or(|(b, _)| g.wall_s < b.wall_s) {
+            best = Some((g, products));
         }
     }
-    let g = best.expect("at least one repeat");
+    let (g, products) = best.expect("at least one repeat");
     let peak = match stats {
         Some(s) => s.peak_memory()?,
         None => None,
@@ -340,6 +354,7 @@ fn measure<B: Resident>(
         wall_s: g.wall_s,
         g,
         peak,
+        products,
     })
 }
 
@@ -431,6 +446,7 @@ pub fn run_bench<B: Resident>(
             peak_device_bytes: m.peak,
             tokens_match_sparse: matches,
             tokens: m.g.tokens.clone(),
+            product_flops_per_s: m.products,
         };
         on_run(&run, &m.g);
         runs.push(run);
@@ -472,9 +488,25 @@ pub fn run_bench<B: Resident>(
         bf16_peak_flops_per_s: gemms.map(|g| g.0),
         dense_gemm_flops_per_s: gemms.map(|g| g.1),
         dense_gemm_fraction_of_peak: gemms.map(|(peak, dense)| dense / peak),
+        cpu_sgemm_flops_per_s: be.product_time().map(|_| cpu_sgemm_rate()).transpose()?,
         peer: None,
         vs_peer: Vec::new(),
     })
+}
+
+/// The host's f32 sgemm rate: a 1024³ product through `matrixmultiply` on the rayon pool, best
+/// of 3, FLOP/s.
+fn cpu_sgemm_rate() -> Result<f64> {
+    const N: usize = 1024;
+    let a: Vec<f32> = (0..N * N).map(|i| (i % 7) as f32 * 0.25 - 0.75).collect();
+    let mut c = vec![0.0f32; N * N];
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let start = Instant::now();
+        crate::backend::cpu::ops::matmul_t(&a, N, N, &a, N, &mut c, false)?;
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (N * N * N) as f64 / best)
 }
 
 /// One mode of the crate against the same task and mode of the PyTorch peer (`--peer-json`).

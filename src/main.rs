@@ -1038,6 +1038,18 @@ fn bench_on<B: Resident>(
         "speedup sparse vs dense: {:.2}x",
         report.speedup_sparse_vs_dense
     );
+    if let Some(sgemm) = report.cpu_sgemm_flops_per_s {
+        let rate = |r: Option<&bench::BenchRun>| match r.and_then(|r| r.product_flops_per_s) {
+            Some(f) => format!("{:.0} GFLOP/s ({:.0}%)", f * 1e-9, 100.0 * f / sgemm),
+            None => "-".into(),
+        };
+        say!(
+            "products  inside the steps: dense {}, sparse {}; of the machine's sgemm rate {:.0} GFLOP/s (1024^3, matrixmultiply)",
+            rate(report.runs.first()),
+            rate(report.runs.iter().find(|r| r.is_sparse_all_on())),
+            sgemm * 1e-9
+        );
+    }
     if let Some(peer) = &peer {
         let kind = match task {
             Task::T2i(_) => "t2i",

@@ -1104,22 +1104,27 @@ def load_case(cfg, path):
 def random_case(cfg, seed, n_rows=None):
     """A random `forward` case over cfg's vocabularies (python's random.Random(seed)): clean
     blocks 0..3, masked blocks 5..6 with registers, both branches, positions drawn from
-    [0, 3n); logits for a random half of one branch's non-register rows. `n_rows` rows, or
-    12..40 drawn from the stream."""
+    [0, 3n), no row twice; logits for a random half of one branch's non-register rows. `n_rows`
+    rows, or 12..40 drawn from the stream."""
     import random
     rng = random.Random(seed)
     n = rng.randint(12, 40) if n_rows is None else n_rows
     if n < 1:
         raise PeerError(f"--case-rows {n}: a case needs at least one row")
-    rows = []
-    for _ in range(n):
+    rows, seen = [], set()
+    while len(rows) < n:
         branch = rng.choice(BRANCH_NAMES)
         masked = rng.random() < 0.4
         reg = masked and rng.random() < 0.3
         rows_b = cfg["text_vocab"] if branch == "text" else cfg["image_vocab"] + 1
-        rows.append({"branch": branch, "id": "reg" if reg else rng.randrange(rows_b),
-                     "pos": rng.randrange(0, 3 * n), "masked": masked,
-                     "block": rng.randint(5, 6) if masked else rng.randint(0, 3)})
+        row = {"branch": branch, "id": "reg" if reg else rng.randrange(rows_b),
+               "pos": rng.randrange(0, 3 * n), "masked": masked,
+               "block": rng.randint(5, 6) if masked else rng.randint(0, 3)}
+        # The crate refuses a token fed twice (the same branch, id, position, block and mask).
+        key = tuple(row.values())
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
     lb = rng.choice(BRANCH_NAMES)
     cands = [i for i, r in enumerate(rows) if r["branch"] == lb and r["id"] != "reg"]
     rng.shuffle(cands)

@@ -162,6 +162,31 @@ pub trait Backend {
     fn device_stats(&self) -> Option<&dyn DeviceStats> {
         None
     }
+
+    /// The time spent in [`Backend::matmul`] and the FLOPs it did (`2·m·n·k` per product), summed
+    /// since the backend was made, for a backend that keeps that count (the CPU backend, whose
+    /// products finish inside the call; `None` where they run asynchronously). A benchmark
+    /// reads it before and after a run for the rate of the products inside real steps.
+    fn product_time(&self) -> Option<ProductTime> {
+        None
+    }
+}
+
+/// Seconds spent in products and the FLOPs they did ([`Backend::product_time`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProductTime {
+    /// Seconds inside `matmul` calls.
+    pub seconds: f64,
+    /// `2·m·n·k` summed over the calls.
+    pub flops: f64,
+}
+
+impl ProductTime {
+    /// The FLOP rate between `earlier` and `self` (`None` when no product ran in between).
+    pub fn rate_since(&self, earlier: &ProductTime) -> Option<f64> {
+        let s = self.seconds - earlier.seconds;
+        (s > 0.0).then(|| (self.flops - earlier.flops) / s)
+    }
 }
 
 /// Times one step at a time: [`StepClock::start`] before the step's work is queued,

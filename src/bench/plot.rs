@@ -234,6 +234,7 @@ mod tests {
             peak_device_bytes: None,
             tokens_match_sparse: None,
             tokens: Vec::new(),
+            product_flops_per_s: None,
         }
     }
 
@@ -263,6 +264,7 @@ mod tests {
             bf16_peak_flops_per_s: None,
             dense_gemm_flops_per_s: None,
             dense_gemm_fraction_of_peak: None,
+            cpu_sgemm_flops_per_s: None,
             peer: None,
             vs_peer: Vec::new(),
         }

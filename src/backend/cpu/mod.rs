@@ -8,12 +8,14 @@ pub mod flash;
 pub mod ops;
 pub mod packed;
 
-use crate::backend::{Backend, MatrixKind, SampleParams, Sampled};
+use crate::backend::{Backend, MatrixKind, ProductTime, SampleParams, Sampled};
 use crate::config::{Branch, Config};
 use crate::error::{Error, Result};
 use crate::plan::StepPlan;
 use crate::weights::HostTensor;
 use attention::{AttnInputs, AttnShape, AttnTiling};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 /// A row-major f32 matrix.
 #[derive(Debug, Clone, PartialEq)]
@@ -107,12 +109,17 @@ impl CpuCache {
 #[derive(Debug, Clone)]
 pub struct CpuBackend {
     tiling: Option<AttnTiling>,
+    /// Nanoseconds inside `matmul` and the FLOPs done there ([`Backend::product_time`]).
+    products: std::sync::Arc<[AtomicU64; 2]>,
 }
 
 impl CpuBackend {
     /// A CPU backend on the global rayon pool, attention tiling chosen per call.
     pub fn new() -> Self {
-        CpuBackend { tiling: None }
+        CpuBackend {
+            tiling: None,
+            products: Default::default(),
+        }
     }
 
     /// Forces one attention tiling (tests sweep tile sizes and split counts with it).
@@ -300,7 +307,21 @@ impl Backend for CpuBackend {
         let n = w.shape.first().copied().unwrap_or(0);
         check_weight("matmul weight", w, &[n, x.cols])?;
         check_shape("matmul output", out, x.rows, n)?;
-        packed::matmul_packed(&x.data, x.rows, w.packed()?, &mut out.data, accumulate)
+        let w = w.packed()?;
+        let start = Instant::now();
+        packed::matmul_packed(&x.data, x.rows, w, &mut out.data, accumulate)?;
+        let [nanos, flops] = &*self.products;
+        nanos.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        flops.fetch_add(2 * (x.rows * n * x.cols) as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn product_time(&self) -> Option<ProductTime> {
+        let [nanos, flops] = &*self.products;
+        Some(ProductTime {
+            seconds: nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+            flops: flops.load(Ordering::Relaxed) as f64,
+        })
     }
 
     fn rope_store_kv(
@@ -478,5 +499,51 @@ impl Backend for CpuBackend {
         };
         let cols = logits.cols;
         ops::sample_rows(&logits.data[first_row * cols..end * cols], cols, params)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `product_time` counts `2·m·n·k` per product and time spent in them, and the packed copy
+    /// is made once and reused.
+    #[test]
+    fn products_are_counted_and_packed_once() {
+        let be = CpuBackend::new();
+        let w = be
+            .upload_weight(HostTensor {
+                shape: vec![5, 3],
+                data: (0..15).map(|i| i as f32).collect(),
+            })
+            .unwrap();
+        let x = CpuMatrix {
+            rows: 2,
+            cols: 3,
+            data: vec![1.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+        };
+        let mut out = be.matrix(2, 5, MatrixKind::Activation).unwrap();
+        let t0 = be.product_time().unwrap();
+        be.matmul(&x, &w, &mut out, false).unwrap();
+        let first = w.packed().unwrap() as *const _;
+        be.matmul(&x, &w, &mut out, true).unwrap();
+        assert_eq!(w.packed().unwrap() as *const _, first, "packed once");
+        let t1 = be.product_time().unwrap();
+        assert_eq!(t1.flops - t0.flops, 2.0 * 2.0 * (2 * 5 * 3) as f64);
+        assert!(t1.seconds > t0.seconds);
+        // Rows 0 and 2 of w, twice (the second product accumulated).
+        let want: Vec<f32> = [0.0, 3.0, 6.0, 9.0, 12.0, 2.0, 5.0, 8.0, 11.0, 14.0]
+            .iter()
+            .map(|v| 2.0 * v)
+            .collect();
+        assert_eq!(out.data, want);
+        // A vector is not a matrix.
+        let v = be
+            .upload_weight(HostTensor {
+                shape: vec![3],
+                data: vec![1.0; 3],
+            })
+            .unwrap();
+        assert!(v.packed().is_err());
     }
 }
