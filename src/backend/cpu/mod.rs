@@ -31,7 +31,7 @@ pub struct CpuMatrix {
 /// A weight on the CPU backend: the host tensor, and the first time a product reads it, its
 /// [`packed::PackedWeight`] copy (kept for every later product: a weight is packed once per
 /// model, never per call). Reads as the [`HostTensor`] it holds.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct CpuWeight {
     tensor: HostTensor,
     packed: std::sync::OnceLock<packed::PackedWeight>,
@@ -74,15 +74,6 @@ impl std::ops::Deref for CpuWeight {
     type Target = HostTensor;
     fn deref(&self) -> &HostTensor {
         &self.tensor
-    }
-}
-
-impl Clone for CpuWeight {
-    fn clone(&self) -> Self {
-        CpuWeight {
-            tensor: self.tensor.clone(),
-            packed: self.packed.clone(),
-        }
     }
 }
 
