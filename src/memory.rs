@@ -415,7 +415,8 @@ fn add(a: u64, b: u64) -> Result<u64> {
 pub const CPU_PACK_PANEL: usize = 64;
 
 /// Bytes of the CPU backend's packed copies of the projection weights (q|k|v, o, gate|up and
-/// down of every layer and branch, and each branch's logits head), made on their first use.
+/// down of every layer and branch, and each branch's logits head): the runtime's CPU model packs
+/// them all at load, beside the f32 tensors they copy.
 pub fn cpu_packed_weight_bytes(cfg: &Config) -> Result<u64> {
     let panel = CPU_PACK_PANEL as u64;
     let matrix =

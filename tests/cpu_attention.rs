@@ -9,7 +9,9 @@ use rand_chacha::ChaCha8Rng;
 use sparse_lavida::backend::cpu::attention::{
     AttnInputs, AttnShape, AttnTiling, attention_naive, attention_tiled,
 };
-use sparse_lavida::backend::cpu::flash::{TILE_K, attention_flash, attention_flash_with};
+use sparse_lavida::backend::cpu::flash::{
+    TILE_K, attention_flash, attention_flash_strided, attention_flash_with,
+};
 use sparse_lavida::config::Branch;
 use sparse_lavida::plan::Tag;
 
@@ -484,6 +486,50 @@ fn run_flash(case: &Case, tile_k: usize) -> (Vec<f32>, Vec<f32>) {
     let mut lse = vec![f32::NAN; inp.rows() * case.shape.n_heads];
     attention_flash_with(&inp, tile_k, &mut out, Some(&mut lse)).unwrap();
     (out, lse)
+}
+
+/// Queries read in place from wider rows (the fused q|k|v matrix): the first `q_dim` values of
+/// each row of `q_stride`, the rest never read (NaN there would show), the same bits as dense
+/// queries; a stride below `q_dim` or a length that is not `rows × q_stride` is refused.
+#[test]
+fn flash_reads_strided_queries_in_place() {
+    let case = build_case(&CaseParams {
+        seqs: vec![(7, 9), (5, 30)],
+        extra_slots: 3,
+        shape: AttnShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 16,
+        },
+        joint: false,
+        query_branch: None,
+        seed: 11,
+    });
+    let (want, want_lse) = run_flash(&case, TILE_K);
+    let q_dim = case.shape.q_dim();
+    let stride = q_dim + 2 * case.shape.kv_dim();
+    let wide: Vec<f32> = case
+        .q
+        .chunks_exact(q_dim)
+        .flat_map(|row| {
+            row.iter()
+                .copied()
+                .chain(std::iter::repeat_n(f32::NAN, stride - q_dim))
+        })
+        .collect();
+    let inp = AttnInputs {
+        q: &wide,
+        ..case.inputs()
+    };
+    let mut out = vec![f32::NAN; want.len()];
+    let mut lse = vec![f32::NAN; want_lse.len()];
+    attention_flash_strided(&inp, stride, TILE_K, &mut out, Some(&mut lse)).unwrap();
+    assert_eq!(bits(&out), bits(&want));
+    assert_eq!(bits(&lse), bits(&want_lse));
+    for bad in [q_dim - 1, stride + 1] {
+        let err = attention_flash_strided(&inp, bad, TILE_K, &mut out, None).unwrap_err();
+        assert!(err.to_string().contains("q has"), "stride {bad}: {err}");
+    }
 }
 
 /// Sequence `s` of `case` as a case of its own (its rows, its keys, the same pool).

@@ -28,9 +28,10 @@ pub struct CpuMatrix {
     pub data: Vec<f32>,
 }
 
-/// A weight on the CPU backend: the host tensor, and the first time a product reads it, its
-/// [`packed::PackedWeight`] copy (kept for every later product: a weight is packed once per
-/// model, never per call). Reads as the [`HostTensor`] it holds.
+/// A weight on the CPU backend: the host tensor and, from the first [`CpuWeight::packed`] call
+/// on (`runtime::cpu_model` makes it for every projection at load; otherwise the first product
+/// does), its [`packed::PackedWeight`] copy, kept for every later product: a weight is packed
+/// once per model, never per call. Reads as the [`HostTensor`] it holds; a clone copies both.
 #[derive(Debug, Clone)]
 pub struct CpuWeight {
     tensor: HostTensor,

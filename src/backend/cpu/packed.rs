@@ -4,14 +4,18 @@
 //! [`PackedWeight::pack`] lays `w [n, k]` out as panels of [`PANEL`] output columns, each
 //! `[k][PANEL]` (the `PANEL` values of one `k` index side by side, the columns past `n` zero), so
 //! the micro-kernel reads a panel front to back. [`matmul_packed`] splits the rows of `x` over
-//! the threads (every thread reads the whole packed weight, which nothing re-packs) and, per
-//! thread, walks panel by panel, blocks of up to [`MR`] rows reusing the panel from L1: one FMA
-//! per (row, column vector) per `k` index, the `x` value broadcast from its row in place.
+//! the threads in whole blocks of [`MR`] rows (every thread reads the whole packed weight, which
+//! nothing re-packs), and the panels too when there are fewer rows than that leaves threads a
+//! block each. Per thread it walks panel by panel, each block of rows running the panel front to
+//! back (`k·64` values: in L1 at the `small` preset's `k`, from L2 beyond): one FMA per (row,
+//! column vector) per `k` index, the `x` value broadcast from its row in place.
 //!
 //! # Every element on its own
 //! Each output element is one FMA chain over `k` in order from zero (then added to `out` when
 //! accumulating), whatever the rows around it, the row block it falls in and the thread count,
 //! so a request computes the same bits alone and in a batch (SPEC §8).
+
+use std::ops::Range;
 
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
@@ -111,29 +115,78 @@ pub fn matmul_packed(
     let macs = rows.saturating_mul(n).saturating_mul(k);
     let tasks = rayon::current_num_threads()
         .min(macs.div_ceil(MIN_TASK_MACS))
-        .min(rows.div_ceil(MR))
         .max(1);
-    // Whole register blocks per task (the last may be short).
-    let rows_per = rows.div_ceil(tasks).div_ceil(MR) * MR;
+    // Rows in whole register blocks per task (the last may be short); when that leaves threads
+    // idle (few rows), the panels are split too.
+    let row_tasks = tasks.min(rows.div_ceil(MR));
+    let rows_per = rows.div_ceil(row_tasks).div_ceil(MR) * MR;
+    let n_panels = n.div_ceil(PANEL);
+    let panel_tasks = (tasks / row_tasks).min(n_panels).max(1);
     let arch = Arch::new();
-    out.par_chunks_mut(rows_per * n)
-        .zip(x.par_chunks(rows_per * k))
-        .for_each(|(out, x)| {
+    if panel_tasks == 1 {
+        out.par_chunks_mut(rows_per * n)
+            .zip(x.par_chunks(rows_per * k))
+            .for_each(|(out, x)| {
+                arch.dispatch(Block {
+                    x,
+                    w,
+                    panels: 0..n_panels,
+                    out,
+                    out_cols: n,
+                    accumulate,
+                })
+            });
+        return Ok(());
+    }
+    // Each (rows, panels) task fills a block of its own, copied into `out` after: `out` is
+    // row-major, so column blocks are not slices of it. Only few rows get here (fewer than
+    // `MR` per thread), so the blocks are small.
+    let per = n_panels.div_ceil(panel_tasks);
+    let blocks: Vec<(Range<usize>, Range<usize>)> = (0..rows)
+        .step_by(rows_per)
+        .flat_map(|r0| {
+            (0..n_panels)
+                .step_by(per)
+                .map(move |p0| (r0..(r0 + rows_per).min(rows), p0..(p0 + per).min(n_panels)))
+        })
+        .collect();
+    let filled: Vec<Vec<f32>> = blocks
+        .par_iter()
+        .map(|(rs, ps)| {
+            let cols = n.min(ps.end * PANEL) - ps.start * PANEL;
+            let mut block = vec![0.0f32; rs.len() * cols];
             arch.dispatch(Block {
-                x,
+                x: &x[rs.start * k..rs.end * k],
                 w,
-                out,
-                accumulate,
-            })
-        });
+                panels: ps.clone(),
+                out: &mut block,
+                out_cols: cols,
+                accumulate: false,
+            });
+            block
+        })
+        .collect();
+    for ((rs, ps), block) in blocks.iter().zip(&filled) {
+        let cols = block.len() / rs.len();
+        for (src, r) in block.chunks_exact(cols).zip(rs.clone()) {
+            let dst = &mut out[r * n + ps.start * PANEL..][..cols];
+            // The same one addition to `out` as the direct path's write-back.
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = if accumulate { *d + v } else { v };
+            }
+        }
+    }
     Ok(())
 }
 
-/// One task's rows: `out [m, n] (+)= x [m, k] · wᵀ`.
+/// One task: `out [m, out_cols] (+)= x [m, k] · wᵀ` over the columns of `panels` (`out`'s
+/// column 0 is the first panel's first column; `out_cols` are the valid ones, below `n`).
 struct Block<'a> {
     x: &'a [f32],
     w: &'a PackedWeight,
+    panels: Range<usize>,
     out: &'a mut [f32],
+    out_cols: usize,
     accumulate: bool,
 }
 
@@ -145,21 +198,24 @@ impl WithSimd for Block<'_> {
         let Block {
             x,
             w,
+            panels,
             out,
+            out_cols,
             accumulate,
         } = self;
-        let (n, k) = (w.n, w.k);
+        let k = w.k;
+        let col_base = panels.start * PANEL;
         let lanes = S::F32_LANES;
         // Column chunks of NV vectors within a panel (one chunk on AVX-512).
         const NV: usize = 4;
         let chunk = NV * lanes;
         let m = x.len() / k.max(1);
-        for (p, panel) in w.data.chunks_exact(k * PANEL).enumerate() {
-            let panel: &[S::f32s] = bytemuck::cast_slice(panel);
+        for p in panels {
+            let panel: &[S::f32s] = bytemuck::cast_slice(&w.data[p * k * PANEL..][..k * PANEL]);
             let vecs_per_k = PANEL / lanes;
             for c in (0..PANEL).step_by(chunk) {
-                let col0 = p * PANEL + c;
-                if col0 >= n {
+                let col0 = p * PANEL + c - col_base;
+                if col0 >= out_cols {
                     break;
                 }
                 let v0 = c / lanes;
@@ -174,8 +230,8 @@ impl WithSimd for Block<'_> {
                                 panel,
                                 vecs_per_k,
                                 v0,
-                                &mut out[r0 * n..],
-                                n,
+                                &mut out[r0 * out_cols..],
+                                out_cols,
                                 col0,
                                 accumulate,
                             );
@@ -335,6 +391,70 @@ mod tests {
             let mut out = vec![0.0; rows * n];
             pool.install(|| matmul_packed(&x, rows, &p, &mut out, false).unwrap());
             assert_eq!(out, all, "{threads} threads");
+        }
+    }
+
+    #[test]
+    fn few_rows_split_the_panels_with_the_same_bits() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        // 5 rows over 3 panels (the last partial) on 4 threads: one row block, panels split.
+        let (rows, k, n) = (5, 512, 150);
+        let (x, w) = (random(rows * k, &mut rng), random(n * k, &mut rng));
+        let p = PackedWeight::pack(&w, n, k).unwrap();
+        let base = random(rows * n, &mut rng);
+        let run = |threads: usize, accumulate: bool| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut out = if accumulate {
+                base.clone()
+            } else {
+                vec![f32::NAN; rows * n]
+            };
+            pool.install(|| matmul_packed(&x, rows, &p, &mut out, accumulate).unwrap());
+            out
+        };
+        for accumulate in [false, true] {
+            let one = run(1, accumulate);
+            assert_eq!(run(4, accumulate), one, "accumulate {accumulate}");
+            assert_eq!(run(16, accumulate), one, "accumulate {accumulate}");
+        }
+        let want = naive(&x, rows, k, &w, n);
+        for (i, (&g, &e)) in run(4, false).iter().zip(&want).enumerate() {
+            assert!((f64::from(g) - e).abs() <= 1e-5 * (k as f64).sqrt(), "{i}");
+        }
+    }
+
+    /// Every instruction set pulp may pick computes the same bits (one FMA chain per element),
+    /// the scalar and AVX2 paths included, which an AVX-512 host never dispatches to.
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
+        for &(rows, k, n) in &[(7, 33, 63), (13, 64, 65), (6, 40, 100), (9, 17, 130)] {
+            let (x, w) = (random(rows * k, &mut rng), random(n * k, &mut rng));
+            let p = PackedWeight::pack(&w, n, k).unwrap();
+            let mut want = vec![0.0; rows * n];
+            matmul_packed(&x, rows, &p, &mut want, false).unwrap();
+            fn block<'a>(x: &'a [f32], w: &'a PackedWeight, out: &'a mut [f32]) -> Block<'a> {
+                Block {
+                    x,
+                    w,
+                    panels: 0..w.n.div_ceil(PANEL),
+                    out_cols: w.n,
+                    out,
+                    accumulate: false,
+                }
+            }
+            let mut got = vec![f32::NAN; rows * n];
+            block(&x, &p, &mut got).with_simd(pulp::Scalar::new());
+            assert_eq!(got, want, "scalar {rows}x{k}x{n}");
+            #[cfg(target_arch = "x86_64")]
+            if let Some(v3) = pulp::x86::V3::try_new() {
+                let mut got = vec![f32::NAN; rows * n];
+                block(&x, &p, &mut got).with_simd(v3);
+                assert_eq!(got, want, "AVX2 {rows}x{k}x{n}");
+            }
         }
     }
 
