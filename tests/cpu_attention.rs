@@ -190,20 +190,7 @@ proptest! {
     fn tiled_matches_naive(p in params_strategy(), tiling in tiling_strategy()) {
         let case = build_case(&p);
         let (out, lse) = run_tiled(&case, tiling);
-        let (want, want_lse) = attention_naive(&case.inputs()).unwrap();
-        prop_assert!(out.iter().chain(&lse).all(|x| !x.is_nan()), "NaN in output");
-        let err = max_rel_diff(&out, &want);
-        prop_assert!(err <= 1e-5, "relative error {err}");
-        let d = case.shape.head_dim;
-        for (i, (&got, &expect)) in lse.iter().zip(&want_lse).enumerate() {
-            if expect == f64::NEG_INFINITY {
-                prop_assert_eq!(got, f32::NEG_INFINITY, "lse of hidden row·head {}", i);
-                prop_assert!(out[i * d..][..d].iter().all(|&x| x == 0.0), "hidden row·head {}", i);
-            } else {
-                let tol = 1e-5 * expect.abs().max(1.0);
-                prop_assert!((got as f64 - expect).abs() <= tol, "lse {}: {} vs {}", i, got, expect);
-            }
-        }
+        check_against_naive(&case, &out, &lse)?;
 
         let unsplit = AttnTiling { n_splits: 1, ..tiling };
         let split = AttnTiling { n_splits: tiling.n_splits.max(2), ..tiling };
@@ -479,6 +466,37 @@ fn heuristic_splits_only_when_query_work_is_scarce() {
     }
 }
 
+/// An attention's `out` and `lse` for `case` against the naive f64 oracle: no NaN, outputs
+/// within 1e-5 of max |naive|, LSE within 1e-5 relative to max(1, |lse|), a hidden row·head
+/// exactly zero with LSE −inf.
+fn check_against_naive(case: &Case, out: &[f32], lse: &[f32]) -> Result<(), TestCaseError> {
+    let (want, want_lse) = attention_naive(&case.inputs()).unwrap();
+    prop_assert!(out.iter().chain(lse).all(|x| !x.is_nan()), "NaN in output");
+    let err = max_rel_diff(out, &want);
+    prop_assert!(err <= 1e-5, "relative error {err}");
+    let d = case.shape.head_dim;
+    for (i, (&got, &expect)) in lse.iter().zip(&want_lse).enumerate() {
+        if expect == f64::NEG_INFINITY {
+            prop_assert_eq!(got, f32::NEG_INFINITY, "lse of hidden row·head {}", i);
+            prop_assert!(
+                out[i * d..][..d].iter().all(|&x| x == 0.0),
+                "hidden row·head {}",
+                i
+            );
+        } else {
+            let tol = 1e-5 * expect.abs().max(1.0);
+            prop_assert!(
+                (got as f64 - expect).abs() <= tol,
+                "lse {}: {} vs {}",
+                i,
+                got,
+                expect
+            );
+        }
+    }
+    Ok(())
+}
+
 fn run_flash(case: &Case, tile_k: usize) -> (Vec<f32>, Vec<f32>) {
     let inp = case.inputs();
     // Poisoned so an unwritten element shows.
@@ -565,20 +583,7 @@ proptest! {
     fn flash_matches_naive(p in params_strategy(), tile_k in prop::sample::select(vec![1usize, 2, 3, 5, 8, 16, 17, TILE_K])) {
         let case = build_case(&p);
         let (out, lse) = run_flash(&case, tile_k);
-        let (want, want_lse) = attention_naive(&case.inputs()).unwrap();
-        prop_assert!(out.iter().chain(&lse).all(|x| !x.is_nan()), "NaN in output");
-        let err = max_rel_diff(&out, &want);
-        prop_assert!(err <= 1e-5, "relative error {err}");
-        let d = case.shape.head_dim;
-        for (i, (&got, &expect)) in lse.iter().zip(&want_lse).enumerate() {
-            if expect == f64::NEG_INFINITY {
-                prop_assert_eq!(got, f32::NEG_INFINITY, "lse of hidden row·head {}", i);
-                prop_assert!(out[i * d..][..d].iter().all(|&x| x == 0.0), "hidden row·head {}", i);
-            } else {
-                let tol = 1e-5 * expect.abs().max(1.0);
-                prop_assert!((got as f64 - expect).abs() <= tol, "lse {}: {} vs {}", i, got, expect);
-            }
-        }
+        check_against_naive(&case, &out, &lse)?;
         let q_dim = case.shape.q_dim();
         let n_heads = case.shape.n_heads;
         for s in 0..case.seq_indptr.len() - 1 {

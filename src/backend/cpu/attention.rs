@@ -109,6 +109,23 @@ impl AttnInputs<'_> {
         self.validate_q_stride(self.shape.q_dim())
     }
 
+    /// Refuses an `out` of other than `rows × n_heads·head_dim` values, or an `lse` of other
+    /// than `rows × n_heads` (the outputs of every attention over these inputs).
+    pub fn check_outputs(&self, out: usize, lse: Option<usize>) -> Result<()> {
+        let (rows, n_heads, q_dim) = (self.rows(), self.shape.n_heads, self.shape.q_dim());
+        if out != rows * q_dim {
+            bail_input!("attention: out has {out} values, expected rows {rows} × {q_dim}");
+        }
+        if let Some(lse) = lse
+            && lse != rows * n_heads
+        {
+            bail_input!(
+                "attention: lse has {lse} values, expected rows {rows} × n_heads {n_heads}"
+            );
+        }
+        Ok(())
+    }
+
     /// [`Self::validate`] for queries that are the first `n_heads·head_dim` values of rows of
     /// `q_stride` values (`q` may be the fused q|k|v matrix).
     pub fn validate_q_stride(&self, q_stride: usize) -> Result<()> {
@@ -346,20 +363,7 @@ pub fn attention_tiled(
     tiling.validate()?;
     let (rows, n_heads, n_splits) = (inp.rows(), inp.shape.n_heads, tiling.n_splits);
     let (d, q_dim) = (inp.shape.head_dim, inp.shape.q_dim());
-    if out.len() != rows * q_dim {
-        bail_input!(
-            "attention: out has {} values, expected rows {rows} × {q_dim}",
-            out.len()
-        );
-    }
-    if let Some(lse) = &lse
-        && lse.len() != rows * n_heads
-    {
-        bail_input!(
-            "attention: lse has {} values, expected rows {rows} × n_heads {n_heads}",
-            lse.len()
-        );
-    }
+    inp.check_outputs(out.len(), lse.as_ref().map(|l| l.len()))?;
 
     // Work item `(t, h, sp)` has index `(t·n_heads + h)·n_splits + sp`.
     let tiles = query_tiles(inp, tiling.tile_q);

@@ -86,20 +86,7 @@ pub fn attention_flash_strided(
         n_heads, head_dim, ..
     } = inp.shape;
     let (rows, q_dim) = (inp.rows(), inp.shape.q_dim());
-    if out.len() != rows * q_dim {
-        bail_input!(
-            "attention: out has {} values, expected rows {rows} × {q_dim}",
-            out.len()
-        );
-    }
-    if let Some(lse) = &lse
-        && lse.len() != rows * n_heads
-    {
-        bail_input!(
-            "attention: lse has {} values, expected rows {rows} × n_heads {n_heads}",
-            lse.len()
-        );
-    }
+    inp.check_outputs(out.len(), lse.as_ref().map(|l| l.len()))?;
     let (indptr, summaries) = key_tile_summaries(inp.kv_indptr, inp.kv_tags, tile_k);
     let mut items = Vec::new();
     for seq in 0..inp.n_seqs() {
@@ -249,27 +236,16 @@ fn qk<S: Simd, const MRK: usize>(
     ld: usize,
 ) {
     let mut v0 = 0;
+    macro_rules! keys {
+        ($b:expr, $j0:ident, $nv:literal) => {
+            qk_micro::<S, { $b }, $nv>(simd, &ks[$j0..], qt, nvec, v0, d, st, ld, $j0)
+        };
+    }
     macro_rules! rows {
         ($nv:literal) => {
             while nvec - v0 >= $nv {
                 let mut j0 = 0;
-                while j0 + MRK <= ks.len() {
-                    qk_micro::<S, MRK, $nv>(simd, &ks[j0..], qt, nvec, v0, d, st, ld, j0);
-                    j0 += MRK;
-                }
-                // The last keys in blocks of 4, 2, 1 (each element is the same chain in any).
-                if MRK > 4 && j0 + 4 <= ks.len() {
-                    qk_micro::<S, 4, $nv>(simd, &ks[j0..], qt, nvec, v0, d, st, ld, j0);
-                    j0 += 4;
-                }
-                if MRK > 2 && j0 + 2 <= ks.len() {
-                    qk_micro::<S, 2, $nv>(simd, &ks[j0..], qt, nvec, v0, d, st, ld, j0);
-                    j0 += 2;
-                }
-                while j0 < ks.len() {
-                    qk_micro::<S, 1, $nv>(simd, &ks[j0..], qt, nvec, v0, d, st, ld, j0);
-                    j0 += 1;
-                }
+                in_blocks!(j0 < ks.len(), MRK, keys!($nv));
                 v0 += $nv;
             }
         };
@@ -353,27 +329,16 @@ fn pv_chunk<S: Simd, const MR: usize>(
 ) {
     let lanes = S::F32_LANES;
     let mut c0 = 0;
+    macro_rules! block {
+        ($b:expr, $r0:ident, $nv:literal) => {
+            pv_micro::<S, { $b }, $nv>(simd, pt, ld, $r0, vs, acc, d, c0)
+        };
+    }
     macro_rules! cols {
         ($nv:literal) => {
             while c0 + $nv * lanes <= d {
                 let mut r0 = 0;
-                while r0 + MR <= n_rows {
-                    pv_micro::<S, MR, $nv>(simd, pt, ld, r0, vs, acc, d, c0);
-                    r0 += MR;
-                }
-                // The last rows in blocks of 4, 2, 1 (each element is the same chain in any).
-                if MR > 4 && r0 + 4 <= n_rows {
-                    pv_micro::<S, 4, $nv>(simd, pt, ld, r0, vs, acc, d, c0);
-                    r0 += 4;
-                }
-                if MR > 2 && r0 + 2 <= n_rows {
-                    pv_micro::<S, 2, $nv>(simd, pt, ld, r0, vs, acc, d, c0);
-                    r0 += 2;
-                }
-                while r0 < n_rows {
-                    pv_micro::<S, 1, $nv>(simd, pt, ld, r0, vs, acc, d, c0);
-                    r0 += 1;
-                }
+                in_blocks!(r0 < n_rows, MR, block!($nv));
                 c0 += $nv * lanes;
             }
         };

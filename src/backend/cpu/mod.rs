@@ -3,6 +3,31 @@
 //! Thin glue: shapes are checked here, the arithmetic lives in [`ops`], [`flash`] (the
 //! attention it runs) and [`attention`] (the CUDA kernel's twin, run when a tiling is forced).
 
+/// Walks `$pos` up to `$len` in register blocks: `$mr` at a time, then one block of 4 and one
+/// of 2 where they fit (when `$mr` is larger), then single steps, invoking `$step!(B, $pos, ARGS)`
+/// for a block of `B` starting at `$pos`. The micro-kernels of [`flash`] and [`packed`] cover
+/// rows and keys this way; every element is the same chain whichever block it falls in.
+macro_rules! in_blocks {
+    ($pos:ident < $len:expr, $mr:expr, $step:ident!($($arg:tt)*)) => {
+        while $pos + $mr <= $len {
+            $step!($mr, $pos, $($arg)*);
+            $pos += $mr;
+        }
+        if $mr > 4 && $pos + 4 <= $len {
+            $step!(4, $pos, $($arg)*);
+            $pos += 4;
+        }
+        if $mr > 2 && $pos + 2 <= $len {
+            $step!(2, $pos, $($arg)*);
+            $pos += 2;
+        }
+        while $pos < $len {
+            $step!(1, $pos, $($arg)*);
+            $pos += 1;
+        }
+    };
+}
+
 pub mod attention;
 pub mod flash;
 pub mod ops;

@@ -52,10 +52,7 @@ pub fn matmul_t(
         return Ok(());
     }
 
-    let macs = rows.saturating_mul(n).saturating_mul(k);
-    let tasks = rayon::current_num_threads()
-        .min(macs.div_ceil(MATMUL_MIN_CHUNK_MACS))
-        .max(1);
+    let tasks = product_tasks(rows, n, k);
     if tasks == 1 {
         gemm_block(x, rows, k, w, n, out, accumulate);
         return Ok(());
@@ -100,6 +97,15 @@ pub fn matmul_t(
         }
     });
     Ok(())
+}
+
+/// Rayon tasks for a product of `rows × n × k` multiply-adds: one per thread, none of fewer
+/// than [`MATMUL_MIN_CHUNK_MACS`] (every CPU product splits by this rule).
+pub(crate) fn product_tasks(rows: usize, n: usize, k: usize) -> usize {
+    let macs = rows.saturating_mul(n).saturating_mul(k);
+    rayon::current_num_threads()
+        .min(macs.div_ceil(MATMUL_MIN_CHUNK_MACS))
+        .max(1)
 }
 
 /// The checks and the empty cases both matmul variants share: errors on sizes that do not
@@ -160,10 +166,7 @@ pub fn matmul_t_row_split(
     if matmul_trivial(x, rows, k, w, n, out, accumulate)? {
         return Ok(());
     }
-    let macs = rows.saturating_mul(n).saturating_mul(k);
-    let chunks = rayon::current_num_threads()
-        .min(macs.div_ceil(MATMUL_MIN_CHUNK_MACS))
-        .max(1);
+    let chunks = product_tasks(rows, n, k);
     if chunks == 1 {
         gemm_block(x, rows, k, w, n, out, accumulate);
     } else if rows >= chunks {

@@ -20,6 +20,7 @@ use std::ops::Range;
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
+use super::ops::product_tasks;
 use crate::bail_input;
 use crate::error::Result;
 
@@ -28,9 +29,6 @@ pub const PANEL: usize = crate::memory::CPU_PACK_PANEL;
 
 /// Rows per register block (six rows × four vectors of accumulators on AVX-512).
 pub const MR: usize = 6;
-
-/// Multiply-adds below which a product runs on the calling thread alone.
-const MIN_TASK_MACS: usize = 1 << 16;
 
 /// A weight `w [n, k]` packed for [`matmul_packed`].
 #[derive(Debug, Clone, PartialEq)]
@@ -112,10 +110,7 @@ pub fn matmul_packed(
         }
         return Ok(());
     }
-    let macs = rows.saturating_mul(n).saturating_mul(k);
-    let tasks = rayon::current_num_threads()
-        .min(macs.div_ceil(MIN_TASK_MACS))
-        .max(1);
+    let tasks = product_tasks(rows, n, k);
     // Rows in whole register blocks per task (the last may be short); when that leaves threads
     // idle (few rows), the panels are split too.
     let row_tasks = tasks.min(rows.div_ceil(MR));
@@ -220,29 +215,23 @@ impl WithSimd for Block<'_> {
                 }
                 let v0 = c / lanes;
                 let mut r0 = 0;
-                macro_rules! rows {
-                    ($mr:literal) => {
-                        while m - r0 >= $mr {
-                            micro::<S, $mr, NV>(
-                                simd,
-                                &x[r0 * k..],
-                                k,
-                                panel,
-                                vecs_per_k,
-                                v0,
-                                &mut out[r0 * out_cols..],
-                                out_cols,
-                                col0,
-                                accumulate,
-                            );
-                            r0 += $mr;
-                        }
+                macro_rules! block {
+                    ($b:expr, $r0:ident,) => {
+                        micro::<S, { $b }, NV>(
+                            simd,
+                            &x[$r0 * k..],
+                            k,
+                            panel,
+                            vecs_per_k,
+                            v0,
+                            &mut out[$r0 * out_cols..],
+                            out_cols,
+                            col0,
+                            accumulate,
+                        )
                     };
                 }
-                rows!(6);
-                rows!(4);
-                rows!(2);
-                rows!(1);
+                in_blocks!(r0 < m, MR, block!());
             }
         }
     }
@@ -324,6 +313,15 @@ mod tests {
         (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect()
     }
 
+    /// Runs `f` on a rayon pool of `threads` threads.
+    fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(f)
+    }
+
     /// The f64 product, the oracle.
     fn naive(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize) -> Vec<f64> {
         let mut out = vec![0.0; rows * n];
@@ -384,12 +382,10 @@ mod tests {
             assert_eq!(one, all[r * n..][..n], "row {r} alone");
         }
         for threads in [1, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
             let mut out = vec![0.0; rows * n];
-            pool.install(|| matmul_packed(&x, rows, &p, &mut out, false).unwrap());
+            on_threads(threads, || {
+                matmul_packed(&x, rows, &p, &mut out, false).unwrap()
+            });
             assert_eq!(out, all, "{threads} threads");
         }
     }
@@ -403,16 +399,14 @@ mod tests {
         let p = PackedWeight::pack(&w, n, k).unwrap();
         let base = random(rows * n, &mut rng);
         let run = |threads: usize, accumulate: bool| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
             let mut out = if accumulate {
                 base.clone()
             } else {
                 vec![f32::NAN; rows * n]
             };
-            pool.install(|| matmul_packed(&x, rows, &p, &mut out, accumulate).unwrap());
+            on_threads(threads, || {
+                matmul_packed(&x, rows, &p, &mut out, accumulate).unwrap()
+            });
             out
         };
         for accumulate in [false, true] {
