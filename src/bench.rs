@@ -62,9 +62,9 @@ const PEAK_GEMM: usize = 8192;
 /// The distinct matrix products of one forward pass over `plan` (those of
 /// [`crate::model::products`] with rows: shape, output kind and residual add), each with how
 /// many times the pass runs it, in order of first use.
-pub fn distinct_products(cfg: &Config, plan: &StepPlan) -> Vec<(Product, usize)> {
+pub fn distinct_products(cfg: &Config, plan: &StepPlan, prune: bool) -> Vec<(Product, usize)> {
     let mut distinct: Vec<(Product, usize)> = Vec::new();
-    for p in crate::model::products(cfg, plan) {
+    for p in crate::model::products(cfg, plan, prune) {
         if p.m == 0 {
             continue;
         }
@@ -103,7 +103,8 @@ fn measure_gemms(stats: &dyn DeviceStats, cfg: &Config, task: &Task) -> Result<(
         .ok_or_else(|| Error::Input("the dense run has no step".into()))?
         .plan;
     // Each distinct product timed once, counted as often as the step runs it.
-    let distinct = distinct_products(cfg, plan);
+    // The CUDA backend takes every row through every layer.
+    let distinct = distinct_products(cfg, plan, false);
     let mut seconds = 0.0;
     for (prod, c) in &distinct {
         seconds += *c as f64 * stats.gemm_seconds(prod, 20)?;

@@ -519,6 +519,21 @@ fn activation_bytes(cfg: &Config, b: Branch, rows: u64, splits: u64) -> Result<u
     mul(mul(rows, per_row)?, 4)
 }
 
+/// The CPU backend's last layer past the K/V for `logits_rows` rows on their own (the model's
+/// tail pass, `Backend::prunes_last_layer`): their activations (shaped for the wider branch) and the tail plan
+/// (those rows and the pass's `keys` keys again).
+fn tail_bytes(cfg: &Config, logits_rows: u64, keys: u64, splits: u64) -> Result<u64> {
+    let act = Branch::ALL
+        .into_iter()
+        .map(|b| activation_bytes(cfg, b, logits_rows, splits))
+        .collect::<Result<Vec<u64>>>()?;
+    let plan = sum_of_products(&[
+        &[logits_rows, PLAN_BYTES_PER_ROW],
+        &[keys, PLAN_BYTES_PER_KEY],
+    ])?;
+    add(act.into_iter().max().unwrap_or(0), plan)
+}
+
 /// Adds the run of `shape` (everything but the weights) to `need`. `resident`: the target keeps
 /// every step's plan (a device-resident CUDA run) rather than one at a time; `image_px`: the
 /// pixels of a `--image` picture, if one is drawn. A batch of one ([`add_batch`]).
@@ -653,8 +668,14 @@ pub fn add_batch(
                 format!("K/V pool ({} slots)", human_count(slots)),
                 sum_of_products(&[&[2, layers, slots, kv, 4]])?,
             );
+            // The pool's RoPE (cos, sin) table: a pair of f32 per slot and head pair.
+            need.host("RoPE table", mul(slots, mul(cfg.head_dim as u64, 4)?)?);
             need.host("activations", add(activations, head)?);
             need.host("plans", plan_pass);
+            need.host(
+                "the last layer's logits rows",
+                tail_bytes(cfg, t.logits_rows, t.keys, splits)?,
+            );
             need.host("per-thread scratch", mul(threads, THREAD_SCRATCH)?);
         }
         Target::Cuda => {
@@ -707,7 +728,12 @@ pub fn add_forward(
     match target {
         Target::Cpu => {
             need.host(format!("K/V pool ({} slots)", human_count(all)), pool(4)?);
+            need.host("RoPE table", mul(all, mul(cfg.head_dim as u64, 4)?)?);
             need.host("activations", activations);
+            need.host(
+                "the last layer's logits rows",
+                tail_bytes(cfg, logits_rows, all, splits)?,
+            );
             need.host("per-thread scratch", mul(threads, THREAD_SCRATCH)?);
         }
         Target::Cuda => {

@@ -3,7 +3,9 @@
 //! Elastic Mixture-of-Transformers: each branch has its own weights and residual stream; both
 //! share one attention space. Layers `< n_joint_layers` attend across branches, later layers
 //! within a branch, and rows of a branch that nothing needing logits can see there are skipped
-//! (text rows during text-to-image).
+//! (text rows during text-to-image). Where the backend allows it
+//! ([`Backend::prunes_last_layer`]), the last layer goes past the K/V only for the rows that
+//! need logits: no other row's output is read after it.
 
 use crate::backend::Backend;
 use crate::backend::MatrixKind::{Activation, Logits, Residual};
@@ -17,8 +19,9 @@ use std::collections::HashMap;
 
 /// Every matrix product [`Model::forward_in`] runs for `plan`, in its order (so a backend can
 /// prepare each distinct one — cuBLASLt algorithm choice, kernel loading — before the pass is
-/// captured in a graph).
-pub fn products(cfg: &Config, plan: &StepPlan) -> Vec<Product> {
+/// captured in a graph). `prune` says whether the pass has the plan's tail
+/// ([`Prepared::tail`], [`Backend::prunes_last_layer`]).
+pub fn products(cfg: &Config, plan: &StepPlan, prune: bool) -> Vec<Product> {
     let mut out = Vec::new();
     let mut push = |m: usize, n: usize, k: usize, kind, accumulate| {
         out.push(Product {
@@ -28,6 +31,10 @@ pub fn products(cfg: &Config, plan: &StepPlan) -> Vec<Product> {
             out: kind,
             accumulate,
         })
+    };
+    let tail = match prune {
+        true => plan.logits_tail(),
+        false => None,
     };
     for layer in 0..cfg.n_layers {
         let active: Vec<Branch> = Branch::ALL
@@ -40,6 +47,11 @@ pub fn products(cfg: &Config, plan: &StepPlan) -> Vec<Product> {
             let (m, d) = (plan.rows(b).len(), cfg.d_model(b));
             push(m, a + 2 * kv, d, Activation, false);
         }
+        // The last layer of a pruned pass goes on with the tail's rows alone.
+        let (plan, active) = match (&tail, plan.logits_branch) {
+            (Some(t), Some(lb)) if layer + 1 == cfg.n_layers => (t, vec![lb]),
+            _ => (plan, active),
+        };
         for &b in &active {
             let (m, d, f) = (plan.rows(b).len(), cfg.d_model(b), cfg.d_mlp(b));
             push(m, d, a, Residual, true);
@@ -95,6 +107,10 @@ pub struct Prepared<B: Backend> {
     pub plan: StepPlan,
     /// The backend's copy.
     pub dev: B::Plan,
+    /// The plan's [`StepPlan::logits_tail`], uploaded, where the backend
+    /// [prunes](Backend::prunes_last_layer) the last layer: that layer then goes past the K/V
+    /// only for the rows that need logits.
+    pub tail: Option<Box<Prepared<B>>>,
 }
 
 /// The model: config, backend and the weights resident on it.
@@ -118,6 +134,7 @@ struct Scratch<M> {
 }
 
 /// The matrices after the last layer: the gathered logits rows, their final norm, the logits.
+/// (With a [`Prepared::tail`], the tail's `x` holds the logits rows and `rows` is unused.)
 struct Head<M> {
     rows: M,
     normed: M,
@@ -132,8 +149,11 @@ struct Head<M> {
 /// allocates.
 pub struct Workspace<B: Backend> {
     scratch: [Option<Scratch<B::Matrix>>; 2],
+    /// The last layer's logits rows ([`Prepared::tail`]), sized for the wider branch.
+    tail: Option<Scratch<B::Matrix>>,
     head: Option<Head<B::Matrix>>,
     rows: [usize; 2],
+    tail_rows: usize,
     logits_rows: usize,
     frozen: bool,
 }
@@ -143,8 +163,10 @@ impl<B: Backend> Workspace<B> {
     pub fn new() -> Self {
         Workspace {
             scratch: [None, None],
+            tail: None,
             head: None,
             rows: [0, 0],
+            tail_rows: 0,
             logits_rows: 0,
             frozen: false,
         }
@@ -164,12 +186,12 @@ impl<B: Backend> Workspace<B> {
     pub fn logits(&self) -> Option<&B::Matrix> {
         self.head.as_ref().map(|h| &h.logits)
     }
+}
 
-    fn grow_error(&self, what: &str, need: usize, have: usize) -> crate::Error {
-        crate::Error::Input(format!(
-            "forward pass: {need} {what} but the frozen workspace holds {have}"
-        ))
-    }
+fn grow_error(what: &str, need: usize, have: usize) -> crate::Error {
+    crate::Error::Input(format!(
+        "forward pass: {need} {what} but the frozen workspace holds {have}"
+    ))
 }
 
 impl<B: Backend> Default for Workspace<B> {
@@ -301,10 +323,29 @@ impl<B: Backend> Model<B> {
         out
     }
 
-    /// Uploads a plan for [`Model::forward`].
+    /// Uploads a plan for [`Model::forward`], with its [`StepPlan::logits_tail`] where the
+    /// backend [prunes](Backend::prunes_last_layer) the last layer.
     pub fn prepare(&self, plan: StepPlan) -> Result<Prepared<B>> {
+        let tail = match self.backend.prunes_last_layer() {
+            true => plan.logits_tail(),
+            false => None,
+        };
+        let tail = tail
+            .map(|t| self.prepare_whole(t).map(Box::new))
+            .transpose()?;
+        let mut p = self.prepare_whole(plan)?;
+        p.tail = tail;
+        Ok(p)
+    }
+
+    /// Uploads a plan whose passes take every row through every layer (no tail).
+    pub fn prepare_whole(&self, plan: StepPlan) -> Result<Prepared<B>> {
         let dev = self.backend.upload_plan(&plan)?;
-        Ok(Prepared { plan, dev })
+        Ok(Prepared {
+            plan,
+            dev,
+            tail: None,
+        })
     }
 
     /// A zeroed K/V pool with `slots` slots.
@@ -319,30 +360,62 @@ impl<B: Backend> Model<B> {
         for b in Branch::ALL {
             self.fit_branch(&mut ws, b, rows[b as usize])?;
         }
+        if self.backend.prunes_last_layer() {
+            self.fit_tail(&mut ws, Branch::Text, logits_rows)?;
+        }
         self.fit_head(&mut ws, logits_rows)?;
         Ok(ws)
     }
 
     fn fit_branch(&self, ws: &mut Workspace<B>, b: Branch, n: usize) -> Result<()> {
-        let (cfg, be) = (&self.cfg, &self.backend);
         let i = b as usize;
-        if n > ws.rows[i] {
-            if ws.frozen {
-                return Err(ws.grow_error(&format!("{} rows", b.name()), n, ws.rows[i]));
+        let what = format!("{} rows", b.name());
+        let (slot, cap) = (&mut ws.scratch[i], &mut ws.rows[i]);
+        self.fit_scratch(slot, cap, ws.frozen, &what, [b], b, n)
+    }
+
+    /// The tail's scratch ([`Prepared::tail`]): sized for the wider of the two branches, shaped
+    /// for `b`.
+    fn fit_tail(&self, ws: &mut Workspace<B>, b: Branch, n: usize) -> Result<()> {
+        let (slot, cap) = (&mut ws.tail, &mut ws.tail_rows);
+        self.fit_scratch(slot, cap, ws.frozen, "logits rows", Branch::ALL, b, n)
+    }
+
+    /// Makes `slot` hold `n` rows shaped for branch `b`, reallocating (for the widest of
+    /// `sized_for`) when its capacity `cap` is short and the workspace is not frozen.
+    #[allow(clippy::too_many_arguments)]
+    fn fit_scratch<const N: usize>(
+        &self,
+        slot: &mut Option<Scratch<B::Matrix>>,
+        cap: &mut usize,
+        frozen: bool,
+        what: &str,
+        sized_for: [Branch; N],
+        b: Branch,
+        n: usize,
+    ) -> Result<()> {
+        let (cfg, be) = (&self.cfg, &self.backend);
+        let (a, kv) = (cfg.attn_dim(), cfg.kv_dim());
+        if n > *cap || slot.is_none() && n > 0 {
+            if frozen {
+                return Err(grow_error(what, n, *cap));
             }
-            let (d, f) = (cfg.d_model(b), cfg.d_mlp(b));
-            ws.scratch[i] = Some(Scratch {
+            let widest = |f: fn(&Config, Branch) -> usize| {
+                sized_for.iter().map(|&b| f(cfg, b)).max().unwrap_or(0)
+            };
+            let (d, f) = (widest(Config::d_model), widest(Config::d_mlp));
+            *slot = Some(Scratch {
                 x: be.matrix(n, d, Residual)?,
                 h: be.matrix(n, d, Activation)?,
-                qkv: be.matrix(n, cfg.attn_dim() + 2 * cfg.kv_dim(), Activation)?,
-                att: be.matrix(n, cfg.attn_dim(), Activation)?,
+                qkv: be.matrix(n, a + 2 * kv, Activation)?,
+                att: be.matrix(n, a, Activation)?,
                 gate_up: be.matrix(n, 2 * f, Activation)?,
                 act: be.matrix(n, f, Activation)?,
             });
-            ws.rows[i] = n;
+            *cap = n;
         }
-        if let Some(s) = ws.scratch[i].as_mut() {
-            let (d, f, a, kv) = (cfg.d_model(b), cfg.d_mlp(b), cfg.attn_dim(), cfg.kv_dim());
+        if let Some(s) = slot.as_mut() {
+            let (d, f) = (cfg.d_model(b), cfg.d_mlp(b));
             be.reshape(&mut s.x, n, d)?;
             be.reshape(&mut s.h, n, d)?;
             be.reshape(&mut s.qkv, n, a + 2 * kv)?;
@@ -368,7 +441,7 @@ impl<B: Backend> Model<B> {
             .unwrap_or(0);
         if n > ws.logits_rows || ws.head.is_none() && n > 0 {
             if ws.frozen {
-                return Err(ws.grow_error("logits rows", n, ws.logits_rows));
+                return Err(grow_error("logits rows", n, ws.logits_rows));
             }
             ws.head = Some(Head {
                 rows: be.matrix(n, d, Residual)?,
@@ -412,7 +485,16 @@ impl<B: Backend> Model<B> {
             let bw = &self.branches[b as usize];
             be.embed(&p.dev, b, &bw.embed, &bw.register, &mut s.x)?;
         }
-        let scratch = &mut ws.scratch;
+        // The last layer past the K/V for the logits rows alone, in the tail's scratch.
+        let tail = match (&p.tail, plan.logits_branch) {
+            (Some(t), Some(lb)) => {
+                self.fit_tail(ws, lb, t.plan.rows(lb).len())?;
+                Some((t.as_ref(), lb))
+            }
+            _ => None,
+        };
+        let (scratch, tail_s) = (&mut ws.scratch, &mut ws.tail);
+        let mut tail_done = false;
         for (layer, weights) in self.layers.iter().enumerate() {
             let _r = profile::range(format_args!("layer {layer}"));
             let joint = layer < cfg.n_joint_layers;
@@ -430,6 +512,22 @@ impl<B: Backend> Model<B> {
                 be.rmsnorm(&s.x, &w.attn_norm, eps, &mut s.h)?;
                 be.matmul(&s.h, &w.qkv, &mut s.qkv, false)?;
                 be.rope_store_kv(&p.dev, b, layer, &mut s.qkv, cache)?;
+            }
+            if let Some((t, lb)) = tail.filter(|_| layer + 1 == self.layers.len()) {
+                // Nothing reads another row's output past here: its K/V is stored. The logits
+                // rows' q|k|v and x are gathered (rows as in the tail plan) and go on alone.
+                let (w, s) = (&weights[lb as usize], scratch[lb as usize].as_ref());
+                let (s, ts) = (s.expect("rows"), tail_s.as_mut().expect("fitted"));
+                be.gather_logit_rows(&p.dev, &s.qkv, &mut ts.qkv)?;
+                be.gather_logit_rows(&p.dev, &s.x, &mut ts.x)?;
+                be.attention(&t.dev, lb, layer, joint, &ts.qkv, cache, &mut ts.att)?;
+                be.matmul(&ts.att, &w.o, &mut ts.x, true)?;
+                be.rmsnorm(&ts.x, &w.ffn_norm, eps, &mut ts.h)?;
+                be.matmul(&ts.h, &w.gate_up, &mut ts.gate_up, false)?;
+                be.swiglu(&ts.gate_up, &mut ts.act)?;
+                be.matmul(&ts.act, &w.down, &mut ts.x, true)?;
+                tail_done = true;
+                break;
             }
             for &b in &active {
                 let (w, s) = (
@@ -454,10 +552,15 @@ impl<B: Backend> Model<B> {
         be.reshape(&mut h.rows, n, d)?;
         be.reshape(&mut h.normed, n, d)?;
         be.reshape(&mut h.logits, n, v)?;
-        let s = ws.scratch[lb as usize].as_ref().expect("logits rows exist");
-        be.gather_logit_rows(&p.dev, &s.x, &mut h.rows)?;
         let bw = &self.branches[lb as usize];
-        be.rmsnorm(&h.rows, &bw.final_norm, eps, &mut h.normed)?;
+        if tail_done {
+            let ts = ws.tail.as_ref().expect("fitted");
+            be.rmsnorm(&ts.x, &bw.final_norm, eps, &mut h.normed)?;
+        } else {
+            let s = ws.scratch[lb as usize].as_ref().expect("logits rows exist");
+            be.gather_logit_rows(&p.dev, &s.x, &mut h.rows)?;
+            be.rmsnorm(&h.rows, &bw.final_norm, eps, &mut h.normed)?;
+        }
         be.matmul(&h.normed, &bw.head, &mut h.logits, false)?;
         Ok(true)
     }

@@ -94,6 +94,62 @@ impl StepPlan {
     pub fn computes(&self, b: Branch, layer: usize, n_joint_layers: usize) -> bool {
         !self.rows(b).is_empty() && (layer < n_joint_layers || self.skip_after_joint != Some(b))
     }
+
+    /// The plan of what is left of the last layer once every row's K/V is stored, when only the
+    /// rows needing logits go further (nothing reads any other row's output there): those rows
+    /// of the logits branch, in logits order, as its only rows, attending over the same keys,
+    /// with `logits_rows` `0..n`. `None` when nothing would be saved (no logits, or every fed
+    /// row needs them) or the logits rows do not come sequence by sequence in order (a plan the
+    /// builders never make).
+    pub fn logits_tail(&self) -> Option<StepPlan> {
+        let lb = self.logits_branch?;
+        if self.logits_rows.len() >= self.n_rows() {
+            return None;
+        }
+        let src = self.rows(lb);
+        let mut rows = BranchRows {
+            seq_indptr: vec![0; self.n_seqs + 1],
+            ..BranchRows::default()
+        };
+        let mut last_seq = 0;
+        for &r in &self.logits_rows {
+            let r = r as usize;
+            if r >= src.len() {
+                return None;
+            }
+            // The sequence whose range `seq_indptr[s]..seq_indptr[s + 1]` holds r.
+            let seq = src.seq_indptr.partition_point(|&e| e as usize <= r) - 1;
+            if seq < last_seq {
+                return None;
+            }
+            last_seq = seq;
+            rows.ids.push(src.ids[r]);
+            rows.pos.push(src.pos[r]);
+            rows.tags.push(src.tags[r]);
+            rows.slots.push(src.slots[r]);
+            rows.seq_indptr[seq + 1] += 1;
+        }
+        for s in 0..self.n_seqs {
+            rows.seq_indptr[s + 1] += rows.seq_indptr[s];
+        }
+        let n = rows.len() as u32;
+        let mut branches: [BranchRows; 2] = Default::default();
+        for br in &mut branches {
+            br.seq_indptr = vec![0; self.n_seqs + 1];
+        }
+        branches[lb as usize] = rows;
+        Some(StepPlan {
+            n_seqs: self.n_seqs,
+            branches,
+            kv_indptr: self.kv_indptr.clone(),
+            kv_indices: self.kv_indices.clone(),
+            kv_tags: self.kv_tags.clone(),
+            logits_branch: Some(lb),
+            logits_rows: (0..n).collect(),
+            skip_after_joint: None,
+            pool_slots: self.pool_slots,
+        })
+    }
 }
 
 /// One request's plan in a batch ([`StepPlan::concat`]): a plan over the request's own
@@ -445,6 +501,67 @@ mod tests {
         assert_eq!(plan.kv_indptr, vec![0, 2, 4]);
         assert_eq!(plan.kv_indices, vec![0, 3, 9, 10]);
         assert_eq!(plan.pool_slots, 11);
+    }
+
+    /// The tail keeps the logits rows (every field, in logits order, per sequence) and the keys;
+    /// it is refused where nothing is saved or the rows go back to an earlier sequence.
+    #[test]
+    fn logits_tail_keeps_the_logits_rows_and_every_key() {
+        let im = |block, masked| Tag::new(Branch::Image, block, masked);
+        let t = Tag::new(Branch::Text, 0, false);
+        // (seq, id, tag, slot), pushed in this order; sorted, seq 0's image rows come first.
+        let rows = [
+            (1, 11, im(1, false), 20),
+            (0, 1, im(1, false), 2),
+            (0, 2, im(2, true), 3),
+            (0, 3, im(2, true), 4),
+            (1, 12, im(2, true), 21),
+            (1, 13, im(2, true), 22),
+            (0, 9, t, 0),
+        ];
+        let plan_with = |logits: &[usize]| {
+            let mut p = PlanBuilder::new(2);
+            let idx: Vec<usize> = rows
+                .iter()
+                .enumerate()
+                .map(|(i, &(seq, id, tag, slot))| {
+                    p.row(Row {
+                        seq,
+                        id,
+                        pos: i as u32,
+                        tag,
+                        slot,
+                    })
+                })
+                .collect();
+            p.cached_key(1, 7, t);
+            for &i in logits {
+                p.logits_for(idx[i]);
+            }
+            p.build().unwrap()
+        };
+        // Seq 0's rows 3 then 2, seq 1's row 5: sorted image rows are [1, 2, 3 | 11, 12, 13].
+        let plan = plan_with(&[3, 2, 5]);
+        let tail = plan.logits_tail().expect("a tail");
+        let img = tail.rows(Branch::Image);
+        assert_eq!(img.ids, vec![3, 2, 13]);
+        assert_eq!(img.pos, vec![3, 2, 5]);
+        assert_eq!(img.slots, vec![4, 3, 22]);
+        assert_eq!(img.tags, vec![im(2, true), im(2, true), im(2, true)]);
+        assert_eq!(img.seq_indptr, vec![0, 2, 3]);
+        assert!(tail.rows(Branch::Text).is_empty());
+        assert_eq!(tail.rows(Branch::Text).seq_indptr, vec![0, 0, 0]);
+        assert_eq!(tail.logits_rows, vec![0, 1, 2]);
+        assert_eq!(tail.logits_branch, Some(Branch::Image));
+        assert_eq!(
+            (&tail.kv_indptr, &tail.kv_indices, &tail.kv_tags),
+            (&plan.kv_indptr, &plan.kv_indices, &plan.kv_tags)
+        );
+        assert_eq!(tail.pool_slots, plan.pool_slots);
+        // Back to sequence 0 after sequence 1: no tail.
+        assert!(plan_with(&[5, 2]).logits_tail().is_none());
+        // No logits: no tail.
+        assert!(plan_with(&[]).logits_tail().is_none());
     }
 
     /// A concatenated plan equals the plan built over all the parts' rows at once, with each

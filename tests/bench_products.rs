@@ -19,8 +19,9 @@ use sparse_lavida::weights::{HostTensor, HostWeights};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
-/// The CPU backend, recording the `(m, n, k, accumulate)` of every product.
-struct Counting(CpuBackend, RefCell<Vec<(usize, usize, usize, bool)>>);
+/// The CPU backend, recording the `(m, n, k, accumulate)` of every product, pruning the last
+/// layer or not as its third field says.
+struct Counting(CpuBackend, RefCell<Vec<(usize, usize, usize, bool)>>, bool);
 
 impl Backend for Counting {
     type Matrix = CpuMatrix;
@@ -100,13 +101,25 @@ impl Backend for Counting {
     fn sample(&self, logits: &CpuMatrix, first: usize, p: &SampleParams) -> Result<Vec<Sampled>> {
         self.0.sample(logits, first, p)
     }
+    fn prunes_last_layer(&self) -> bool {
+        self.2
+    }
 }
 
 #[test]
 fn listed_products_are_the_products_a_pass_runs() {
+    for prune in [false, true] {
+        check_listed_products(prune);
+    }
+}
+
+/// The products of every pass of dense and sparse t2i (with and without CFG) and text, with
+/// the last layer pruned or not.
+fn check_listed_products(prune: bool) {
     let cfg = tiny_model(1).config().clone();
-    let counting = Counting(CpuBackend::new(), RefCell::new(Vec::new()));
+    let counting = Counting(CpuBackend::new(), RefCell::new(Vec::new()), prune);
     let model = Model::new(counting, cfg.clone(), HostWeights::random(&cfg, 1)).unwrap();
+    let mut pruned_passes = 0;
     let t2i = |guidance| {
         Task::T2i(T2iRequest {
             prompt: vec![3, 4, 5, 6],
@@ -138,12 +151,16 @@ fn listed_products_are_the_products_a_pass_runs() {
             for plan in plans {
                 model.backend().1.borrow_mut().clear();
                 let mut cache = model.new_cache(program.pool_slots).unwrap();
-                model
-                    .forward(&model.prepare(plan.clone()).unwrap(), &mut cache)
-                    .unwrap();
+                let prepared = model.prepare(plan.clone()).unwrap();
+                assert_eq!(
+                    prepared.tail.is_some(),
+                    prune && plan.logits_tail().is_some()
+                );
+                pruned_passes += usize::from(prepared.tail.is_some());
+                model.forward(&prepared, &mut cache).unwrap();
                 // model::products lists them in the pass's order, with the residual adds marked.
                 let seen = model.backend().1.borrow().clone();
-                let listed_in_order: Vec<_> = products(&cfg, plan)
+                let listed_in_order: Vec<_> = products(&cfg, plan, prune)
                     .iter()
                     .map(|p| (p.m, p.n, p.k, p.accumulate))
                     .collect();
@@ -152,7 +169,7 @@ fn listed_products_are_the_products_a_pass_runs() {
                 for &s in &seen {
                     *counted.entry(s).or_default() += 1;
                 }
-                let listed = distinct_products(&cfg, plan);
+                let listed = distinct_products(&cfg, plan, prune);
                 let mut distinct: BTreeMap<(usize, usize, usize, bool), usize> = BTreeMap::new();
                 for &(p, c) in &listed {
                     *distinct.entry((p.m, p.n, p.k, p.accumulate)).or_default() += c;
@@ -168,5 +185,9 @@ fn listed_products_are_the_products_a_pass_runs() {
                 assert_eq!(products_flops(&listed), flops);
             }
         }
+    }
+    // Every step of these tasks leaves rows without logits, so a pruning backend prunes.
+    if prune {
+        assert!(pruned_passes > 0);
     }
 }

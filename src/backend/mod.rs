@@ -163,6 +163,14 @@ pub trait Backend {
         None
     }
 
+    /// Whether a pass computes its last layer past the K/V only for the rows that need logits
+    /// (the model then uploads the plan's [`StepPlan::logits_tail`] too): the backend's [`Backend::gather_logit_rows`] must take a
+    /// matrix of any kind and width (the fused q|k|v), and its row results must not depend on
+    /// the rows around them, so the logits stay bit for bit what the whole layer gives.
+    fn prunes_last_layer(&self) -> bool {
+        false
+    }
+
     /// The time spent in [`Backend::matmul`] and the FLOPs it did (`2·m·n·k` per product), summed
     /// since the backend was made, for a backend that keeps that count (the CPU backend, whose
     /// products finish inside the call; `None` where they run asynchronously). A benchmark

@@ -143,7 +143,8 @@ impl<'m> Resident<'m> {
         let n_req = prog.requests.len();
         let cache = model.new_cache(prog.pool_slots)?;
         let prepare = |plan: &crate::plan::StepPlan| -> Result<Prepared<CudaBackend>> {
-            let p = model.prepare(plan.clone())?;
+            // The device patches the plan in place, so no tail derived from it on the host.
+            let p = model.prepare_whole(plan.clone())?;
             be.prepare_attention(&p.dev, &cache)?;
             Ok(p)
         };
@@ -307,7 +308,7 @@ impl<'m> Resident<'m> {
         let cfg = self.model.config();
         let products: Vec<_> = (self.prog.prefill.iter())
             .chain(self.prog.steps.iter().map(|s| &s.plan))
-            .flat_map(|plan| crate::model::products(cfg, plan))
+            .flat_map(|plan| crate::model::products(cfg, plan, false))
             .collect();
         // The model's own weights serve as the products' weight operands.
         let m = self.model;

@@ -111,6 +111,9 @@ pub struct CpuCache {
     kv_dim: usize,
     shape: AttnShape,
     rope_theta: f64,
+    /// RoPE's `(cos, sin)` for positions `0..slots`, `[slots][head_dim / 2]`, computed once for
+    /// every layer and step (a position past it is computed where it is used, the same way).
+    rope: Vec<(f32, f32)>,
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
 }
@@ -251,8 +254,18 @@ impl Backend for CpuBackend {
         let bytes = [cfg.n_layers as u64, per_layer as u64, 8]
             .into_iter()
             .try_fold(1u64, u64::checked_mul)
+            .and_then(|b| b.checked_add((slots as u64).checked_mul(cfg.head_dim as u64 * 4)?))
             .unwrap_or(u64::MAX);
         crate::memory::ensure_fits(&what, bytes)?;
+        // An invalid RoPE base gets no table: `rope_store_kv` refuses it.
+        let theta_ok = cfg.rope_theta.is_finite() && cfg.rope_theta > 0.0;
+        let rope = match theta_ok && cfg.head_dim > 0 && cfg.head_dim.is_multiple_of(2) {
+            true => crate::contract::rope::table(cfg.head_dim, cfg.rope_theta, slots)
+                .chunks_exact(2)
+                .map(|cs| (cs[0], cs[1]))
+                .collect(),
+            false => Vec::new(),
+        };
         Ok(CpuCache {
             slots,
             kv_dim,
@@ -262,6 +275,7 @@ impl Backend for CpuBackend {
                 head_dim: cfg.head_dim,
             },
             rope_theta: cfg.rope_theta,
+            rope,
             k: vec![vec![0.0; per_layer]; cfg.n_layers],
             v: vec![vec![0.0; per_layer]; cfg.n_layers],
         })
@@ -390,31 +404,36 @@ impl Backend for CpuBackend {
             )));
         }
         let inv_freq = crate::contract::rope::inv_freq(head_dim, theta);
-        let angles: Vec<Vec<(f32, f32)>> = {
+        let half = head_dim / 2;
+        let CpuCache { rope, k, v, .. } = cache;
+        // The pool's table where it holds the position, else the same angles computed here.
+        let angles = |pos: u32| -> std::borrow::Cow<'_, [(f32, f32)]> {
+            let at = pos as usize * half;
+            match rope.get(at..at + half) {
+                Some(cs) => cs.into(),
+                None => ops::rope_angles(&inv_freq, pos).into(),
+            }
+        };
+        {
             use rayon::prelude::*;
             let width = q_dim + 2 * d;
-            let angles: Vec<Vec<(f32, f32)>> = rows
-                .pos
-                .par_iter()
-                .map(|&pos| ops::rope_angles(&inv_freq, pos))
-                .collect();
             qkv.data
                 .par_chunks_mut(width)
-                .zip(angles.par_iter())
-                .for_each(|(row, cs)| ops::rope_heads(&mut row[..q_dim], head_dim, cs));
-            angles
-        };
-        let (k_pool, v_pool) = (&mut cache.k[layer], &mut cache.v[layer]);
-        for ((row, &slot), cs) in qkv
+                .zip(rows.pos.par_iter())
+                .with_min_len(ops::rows_per_task(width))
+                .for_each(|(row, &pos)| ops::rope_heads(&mut row[..q_dim], head_dim, &angles(pos)));
+        }
+        let (k_pool, v_pool) = (&mut k[layer], &mut v[layer]);
+        for ((row, &slot), &pos) in qkv
             .data
             .chunks_exact(q_dim + 2 * d)
             .zip(&rows.slots)
-            .zip(&angles)
+            .zip(&rows.pos)
         {
             let slot = slot as usize;
             let k = &mut k_pool[slot * d..(slot + 1) * d];
             k.copy_from_slice(&row[q_dim..q_dim + d]);
-            ops::rope_heads(k, head_dim, cs);
+            ops::rope_heads(k, head_dim, &angles(pos));
             v_pool[slot * d..(slot + 1) * d].copy_from_slice(&row[q_dim + d..]);
         }
         Ok(())
@@ -484,6 +503,12 @@ impl Backend for CpuBackend {
         ops::swiglu_fused(&gate_up.data, f, &mut out.data)
     }
 
+    /// Every op here computes a row from that row alone (SPEC §8), and the gather copies any
+    /// matrix.
+    fn prunes_last_layer(&self) -> bool {
+        true
+    }
+
     fn gather_logit_rows(&self, plan: &StepPlan, x: &CpuMatrix, out: &mut CpuMatrix) -> Result<()> {
         check_shape("logit rows", out, plan.logits_rows.len(), x.cols)?;
         let d = x.cols;
@@ -522,6 +547,72 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `rope_store_kv` rotates q in place and stores the rotated k and the v at each row's slot
+    /// as `ops::rope` (angles computed on the spot) does: positions inside the pool's RoPE table
+    /// and past it alike.
+    #[test]
+    fn rope_store_kv_is_ops_rope_inside_and_past_the_table() {
+        let cfg = Config::preset("tiny").unwrap();
+        let be = CpuBackend::new();
+        let slots = 6;
+        let mut cache = be.new_cache(&cfg, slots).unwrap();
+        // Positions inside the table (< slots) and past it; slots in another order.
+        let positions = [0u32, 5, 3, 6, 1000];
+        let mut pb = crate::plan::PlanBuilder::new(1);
+        for (i, &pos) in positions.iter().enumerate() {
+            pb.row(crate::plan::Row {
+                seq: 0,
+                id: i as u32,
+                pos,
+                tag: crate::plan::Tag::new(Branch::Image, 0, false),
+                slot: (slots - 1 - i) as u32,
+            });
+        }
+        let plan = pb.build().unwrap();
+        let (q_dim, kv) = (cfg.attn_dim(), cfg.kv_dim());
+        let width = q_dim + 2 * kv;
+        let n = positions.len();
+        let data: Vec<f32> = (0..n * width)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let mut qkv = CpuMatrix {
+            rows: n,
+            cols: width,
+            data: data.clone(),
+        };
+        let layer = 1;
+        be.rope_store_kv(&plan, Branch::Image, layer, &mut qkv, &mut cache)
+            .unwrap();
+        let column = |from: usize, w: usize| -> Vec<f32> {
+            data.chunks_exact(width)
+                .flat_map(|r| r[from..from + w].to_vec())
+                .collect()
+        };
+        let (mut q, mut k) = (column(0, q_dim), column(q_dim, kv));
+        let (heads, kv_heads, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        ops::rope(&mut q, heads, hd, &positions, cfg.rope_theta).unwrap();
+        ops::rope(&mut k, kv_heads, hd, &positions, cfg.rope_theta).unwrap();
+        let v = column(q_dim + kv, kv);
+        for i in 0..n {
+            let slot = slots - 1 - i;
+            assert_eq!(
+                qkv.data[i * width..][..q_dim],
+                q[i * q_dim..][..q_dim],
+                "q row {i}"
+            );
+            assert_eq!(
+                cache.k[layer][slot * kv..][..kv],
+                k[i * kv..][..kv],
+                "k row {i}"
+            );
+            assert_eq!(
+                cache.v[layer][slot * kv..][..kv],
+                v[i * kv..][..kv],
+                "v row {i}"
+            );
+        }
+    }
 
     /// `product_time` counts `2·m·n·k` per product and time spent in them, and the packed copy
     /// is made once and reused.

@@ -7,6 +7,7 @@
 //! nor on the other rows of the call (which is what lets a request of a batch compute the same
 //! bits as alone, SPEC §8; `matmul_t` below says why that holds for `sgemm`).
 
+use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
 use crate::bail_input;
@@ -341,17 +342,107 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<()> {
             gate.len()
         );
     }
-    out.par_iter_mut()
-        .zip(gate.par_iter().zip(up.par_iter()))
-        .with_min_len(MIN_TASK_ELEMS)
-        .for_each(|(o, (&g, &u))| *o = silu_mul(g, u));
+    let arch = Arch::new();
+    out.par_chunks_mut(MIN_TASK_ELEMS)
+        .zip(
+            gate.par_chunks(MIN_TASK_ELEMS)
+                .zip(up.par_chunks(MIN_TASK_ELEMS)),
+        )
+        .for_each(|(o, (g, u))| arch.dispatch(Silu { g, u, o }));
     Ok(())
 }
 
-/// `silu(g) · u`, the arithmetic of [`swiglu`].
-#[inline]
-pub(crate) fn silu_mul(g: f32, u: f32) -> f32 {
-    g / (1.0 + (-g).exp()) * u
+/// Lanes of [`silu_mul_lanes`] (one AVX-512 register, two AVX2).
+const SILU_LANES: usize = 16;
+
+/// `o = silu(g) · u` over slices of one length, [`SILU_LANES`] at a time (the last chunk
+/// padded), vectorised for the CPU's widest instructions.
+struct Silu<'a> {
+    g: &'a [f32],
+    u: &'a [f32],
+    o: &'a mut [f32],
+}
+
+impl WithSimd for Silu<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _simd: S) {
+        let mut g = self.g.chunks_exact(SILU_LANES);
+        let mut u = self.u.chunks_exact(SILU_LANES);
+        let mut o = self.o.chunks_exact_mut(SILU_LANES);
+        for ((g, u), o) in (&mut g).zip(&mut u).zip(&mut o) {
+            let o: &mut [f32; SILU_LANES] = o.try_into().expect("lanes");
+            silu_mul_lanes(
+                g.try_into().expect("lanes"),
+                u.try_into().expect("lanes"),
+                o,
+            );
+        }
+        let (g, u, o) = (g.remainder(), u.remainder(), o.into_remainder());
+        if !o.is_empty() {
+            let (mut gl, mut ul, mut ol) =
+                ([0.0; SILU_LANES], [0.0; SILU_LANES], [0.0; SILU_LANES]);
+            gl[..g.len()].copy_from_slice(g);
+            ul[..u.len()].copy_from_slice(u);
+            silu_mul_lanes(&gl, &ul, &mut ol);
+            o.copy_from_slice(&ol[..o.len()]);
+        }
+    }
+}
+
+/// `silu(g) · u = g / (1 + exp(−g)) · u` per lane, the arithmetic of [`swiglu`]: `exp` by
+/// [`exp_lanes`], then one add, one division, one product in f32.
+#[inline(always)]
+fn silu_mul_lanes(g: &[f32; SILU_LANES], u: &[f32; SILU_LANES], o: &mut [f32; SILU_LANES]) {
+    let mut e = g.map(|g| -g);
+    exp_lanes(&mut e);
+    for i in 0..SILU_LANES {
+        o[i] = g[i] / (1.0 + e[i]) * u[i];
+    }
+}
+
+/// `exp(x)` per lane, within 1 ulp: `x = n·ln 2 + r` (`n` the nearest integer to
+/// `x·log2 e`, `r` by two FMAs with ln 2 split in a high and a low part, `|r| ≤ ln 2 / 2`), then
+/// `2^n · p(r)` with `p` the degree-7 Taylor polynomial of `exp` (truncation below 6e-9). Past
+/// 88 it is +inf, below −86 zero (the true value is below 2^−124), NaN stays NaN.
+#[inline(always)]
+pub(crate) fn exp_lanes(x: &mut [f32; SILU_LANES]) {
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    const LN2_HI: f32 = 0.693_145_75; // ln 2 to 16 significant bits: n · LN2_HI is exact
+    const LN2_LO: f32 = 1.428_606_8e-6; // ln 2 − LN2_HI
+    const C: [f32; 8] = [
+        1.0,
+        1.0,
+        1.0 / 2.0,
+        1.0 / 6.0,
+        1.0 / 24.0,
+        1.0 / 120.0,
+        1.0 / 720.0,
+        1.0 / 5040.0,
+    ];
+    for v in x.iter_mut() {
+        let xc = v.clamp(-86.0, 88.0);
+        let t = xc.mul_add(std::f32::consts::LOG2_E, ROUND);
+        let n = t - ROUND;
+        let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
+        let mut p = C[7];
+        for &c in C[..7].iter().rev() {
+            p = p.mul_add(r, c);
+        }
+        // t's low mantissa bits hold n + 2^22; n << 23 added to p's exponent scales it by 2^n.
+        let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits()) << 23;
+        let y = f32::from_bits(p.to_bits().wrapping_add(n_bits));
+        *v = if *v > 88.0 {
+            f32::INFINITY
+        } else if *v < -86.0 {
+            0.0
+        } else if v.is_nan() {
+            *v
+        } else {
+            y
+        };
+    }
 }
 
 /// [`swiglu`] on a fused `[rows, 2f]` gate|up matrix (gate columns first) into `out [rows, f]`,
@@ -364,14 +455,13 @@ pub fn swiglu_fused(gate_up: &[f32], f: usize, out: &mut [f32]) -> Result<()> {
             out.len()
         );
     }
+    let arch = Arch::new();
     out.par_chunks_mut(f)
         .zip(gate_up.par_chunks(2 * f))
         .with_min_len(rows_per_task(2 * f))
         .for_each(|(o, gu)| {
-            let (gate, up) = gu.split_at(f);
-            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-                *o = silu_mul(g, u);
-            }
+            let (g, u) = gu.split_at(f);
+            arch.dispatch(Silu { g, u, o });
         });
     Ok(())
 }
@@ -704,7 +794,7 @@ fn check_len(op: &str, arg: &str, got: usize, dims: &[(&str, usize)]) -> Result<
 }
 
 /// Rows per rayon task so that a task covers at least [`MIN_TASK_ELEMS`] elements.
-fn rows_per_task(width: usize) -> usize {
+pub(crate) fn rows_per_task(width: usize) -> usize {
     (MIN_TASK_ELEMS / width.max(1)).max(1)
 }
 
@@ -718,5 +808,62 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("x has 5") && msg.contains("rows=2, k=3") && msg.contains("= 6"));
         assert!(check_len("op", "x", 0, &[("a", usize::MAX), ("b", 2)]).is_err());
+    }
+
+    /// `exp_lanes` against f64 `exp` on a dense sweep of its range (every lane position), within
+    /// 1 ulp of the true value (0.64 at worst when written); its edges and special values as
+    /// documented.
+    #[test]
+    fn exp_lanes_is_within_1_ulp_of_f64_exp() {
+        let mut worst = 0.0f64;
+        let mut x = -86.0f32;
+        while x <= 88.0 {
+            let mut lanes = [0.0f32; SILU_LANES];
+            for (i, l) in lanes.iter_mut().enumerate() {
+                *l = x + i as f32 * 1e-3;
+            }
+            let xs = lanes;
+            exp_lanes(&mut lanes);
+            for (&xi, &got) in xs.iter().zip(&lanes) {
+                if xi > 88.0 {
+                    continue;
+                }
+                let want = f64::from(xi).exp();
+                let ulp = f64::from(f32::EPSILON) * (want as f32) as f64;
+                worst = worst.max((f64::from(got) - want).abs() / ulp);
+            }
+            x += 0.0371;
+        }
+        assert!(worst <= 1.0, "worst error {worst} ulp");
+        let mut special = [0.0f32; SILU_LANES];
+        let cases = [
+            f32::NEG_INFINITY,
+            -87.0,
+            88.5,
+            f32::INFINITY,
+            f32::NAN,
+            0.0,
+            -0.0,
+        ];
+        special[..cases.len()].copy_from_slice(&cases);
+        exp_lanes(&mut special);
+        assert_eq!(special[..4], [0.0, 0.0, f32::INFINITY, f32::INFINITY]);
+        assert!(special[4].is_nan());
+        assert_eq!(special[5..7], [1.0, 1.0]);
+    }
+
+    /// The padded last chunk computes what a whole chunk does: `swiglu` of one slice equals
+    /// `swiglu` of each of its elements alone, bit for bit.
+    #[test]
+    fn swiglu_values_do_not_depend_on_their_place() {
+        let gate: Vec<f32> = (0..37).map(|i| (i as f32 - 18.0) * 0.77).collect();
+        let up: Vec<f32> = (0..37).map(|i| 1.0 + i as f32 * 0.01).collect();
+        let mut all = vec![0.0; 37];
+        swiglu(&gate, &up, &mut all).unwrap();
+        for i in 0..37 {
+            let mut one = [0.0];
+            swiglu(&gate[i..=i], &up[i..=i], &mut one).unwrap();
+            assert_eq!(one[0].to_bits(), all[i].to_bits(), "element {i}");
+        }
     }
 }
