@@ -437,7 +437,7 @@ impl Gemm {
             let (x_ptr, _xg) = x.device_ptr(stream);
             let (out_ptr, _og) = out.device_ptr_mut(stream);
             let (ws_ptr, _wg) = self.workspace.device_ptr(stream);
-            let (alpha, beta) = (1.0f32, if key.accumulate { 1.0f32 } else { 0.0 });
+            let beta = if key.accumulate { 1.0f32 } else { 0.0 };
             for algo in &plan.candidates {
                 let launch = || {
                     // SAFETY: as in `matmul`: the descriptors describe this problem; the scratch
@@ -445,27 +445,8 @@ impl Gemm {
                     // context, 256-byte aligned (any promised alignment holds), w is the
                     // problem's weight (read only); the workspace is large enough for every
                     // candidate (filtered by the heuristic's workspace size).
-                    unsafe {
-                        lt::matmul(
-                            self.handle,
-                            plan.desc,
-                            (&alpha as *const f32).cast(),
-                            (&beta as *const f32).cast(),
-                            w_ptr as usize as *const c_void,
-                            plan.a,
-                            x_ptr as usize as *const c_void,
-                            plan.b,
-                            out_ptr as usize as *const c_void,
-                            plan.d,
-                            out_ptr as usize as *mut c_void,
-                            plan.d,
-                            algo,
-                            ws_ptr as usize as *mut c_void,
-                            self.workspace.len(),
-                            stream.cu_stream() as sys::cudaStream_t,
-                        )
-                    }
-                    .map_err(blas_err("timing a matmul algorithm"))
+                    unsafe { self.launch(plan, algo, [w_ptr, x_ptr, out_ptr, ws_ptr], beta) }
+                        .map_err(blas_err("timing a matmul algorithm"))
                 };
                 launch()?;
                 start
@@ -584,38 +565,60 @@ impl Gemm {
                 e.insert(plan)
             }
         };
-        let alpha = 1.0f32;
         let beta = if accumulate { 1.0f32 } else { 0.0 };
         // SAFETY: the plan's descriptors describe exactly this problem (the key holds the shape,
         // output type and the alignments of these very pointers); x holds ≥ m·k, w ≥ n·k and
         // out ≥ m·n values (checked above) of the types the layouts name; all buffers live in
         // this stream's context and stay borrowed (the guards) until the product is queued; out
-        // is borrowed mutably, so it aliases neither input, and C = D is allowed in place;
-        // alpha and beta are host f32 scalars read during the call; the workspace holds
-        // `workspace.len()` bytes, at least what the algorithm asked for.
+        // is borrowed mutably, so it aliases neither input, and C = D is allowed in place; the
+        // workspace holds `workspace.len()` bytes, at least what the algorithm asked for.
+        unsafe { self.launch(plan, &plan.algo, [w_ptr, x_ptr, out_ptr, ws_ptr], beta) }.map_err(
+            blas_err(format_args!(
+                "matmul [{m}, {k}] · [{n}, {k}]ᵀ → {out_type:?}"
+            )),
+        )
+    }
+
+    /// Queues `out = w·x + beta·out` (cuBLASLt's `D = αAB + βC` with α = 1, A the weight, C = D
+    /// in place) for `plan`'s layouts with `algo`, on the stream with the handle's workspace;
+    /// `ptrs` are the device addresses `[w, x, out, workspace]`.
+    ///
+    /// # Safety
+    /// `plan`'s descriptors describe the buffers at `ptrs` (shape, types, alignment), which
+    /// live in this stream's context and stay alive until the product has run; `out` aliases
+    /// neither input; `algo` is one of `plan`'s candidates; the workspace at `ptrs[3]` holds
+    /// `self.workspace.len()` bytes.
+    unsafe fn launch(
+        &self,
+        plan: &GemmPlan,
+        algo: &sys::cublasLtMatmulAlgo_t,
+        ptrs: [u64; 4],
+        beta: f32,
+    ) -> std::result::Result<(), CublasError> {
+        let [w, x, out, ws] = ptrs.map(|p| p as usize as *mut c_void);
+        let alpha = 1.0f32;
+        // SAFETY: the caller's contract above; alpha and beta are host f32 scalars that live
+        // through the call, which reads them before it returns.
         unsafe {
             lt::matmul(
                 self.handle,
                 plan.desc,
                 (&alpha as *const f32).cast(),
                 (&beta as *const f32).cast(),
-                w_ptr as usize as *const c_void,
+                w,
                 plan.a,
-                x_ptr as usize as *const c_void,
+                x,
                 plan.b,
-                out_ptr as usize as *const c_void,
+                out,
                 plan.d,
-                out_ptr as usize as *mut c_void,
+                out,
                 plan.d,
-                &plan.algo,
-                ws_ptr as usize as *mut c_void,
+                algo,
+                ws,
                 self.workspace.len(),
-                stream.cu_stream() as sys::cudaStream_t,
+                self.stream.cu_stream() as sys::cudaStream_t,
             )
         }
-        .map_err(blas_err(format_args!(
-            "matmul [{m}, {k}] · [{n}, {k}]ᵀ → {out_type:?}"
-        )))
     }
 }
 
