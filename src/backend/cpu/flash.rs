@@ -113,14 +113,35 @@ pub fn attention_flash_strided(
             })
         })
         .collect();
+    // Scatter the items' outputs in parallel, one query tile (its rows of `out` and `lse2`,
+    // every head) per task: the items come tile by tile, heads inside, the tiles in row order.
     let mut lse2 = vec![f32::NEG_INFINITY; rows * n_heads];
-    for ((_, head, rows), (o, l2)) in items.iter().zip(&results) {
-        for (i, r) in rows.clone().enumerate() {
-            out[r * q_dim + head * head_dim..][..head_dim]
-                .copy_from_slice(&o[i * head_dim..][..head_dim]);
-            lse2[r * n_heads + head] = l2[i];
-        }
+    let mut tiles = Vec::with_capacity(items.len() / n_heads.max(1));
+    let (mut out_rest, mut lse_rest) = (&mut out[..], &mut lse2[..]);
+    for (tile_items, tile_results) in items
+        .chunks(n_heads.max(1))
+        .zip(results.chunks(n_heads.max(1)))
+    {
+        let n = tile_items[0].2.len();
+        let (o, o_after) = std::mem::take(&mut out_rest).split_at_mut(n * q_dim);
+        let (l, l_after) = std::mem::take(&mut lse_rest).split_at_mut(n * n_heads);
+        (out_rest, lse_rest) = (o_after, l_after);
+        tiles.push((o, l, tile_results));
     }
+    tiles
+        .into_par_iter()
+        .for_each(|(o_tile, l_tile, tile_results)| {
+            for (head, (o, l2)) in tile_results.iter().enumerate() {
+                let rows = o_tile
+                    .chunks_exact_mut(q_dim)
+                    .zip(l_tile.chunks_exact_mut(n_heads));
+                for (i, (o_row, l_row)) in rows.enumerate() {
+                    o_row[head * head_dim..][..head_dim]
+                        .copy_from_slice(&o[i * head_dim..][..head_dim]);
+                    l_row[head] = l2[i];
+                }
+            }
+        });
     if let Some(lse) = lse {
         for (dst, &l2) in lse.iter_mut().zip(&lse2) {
             *dst = l2 * std::f32::consts::LN_2;

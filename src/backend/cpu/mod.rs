@@ -414,28 +414,40 @@ impl Backend for CpuBackend {
                 None => ops::rope_angles(&inv_freq, pos).into(),
             }
         };
-        {
-            use rayon::prelude::*;
-            let width = q_dim + 2 * d;
-            qkv.data
-                .par_chunks_mut(width)
-                .zip(rows.pos.par_iter())
-                .with_min_len(ops::rows_per_task(width))
-                .for_each(|(row, &pos)| ops::rope_heads(&mut row[..q_dim], head_dim, &angles(pos)));
+        // Each row's k and v slots of the pool, carved out in slot order (a plan's slots are
+        // distinct), so that every row is rotated and stored in parallel.
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_unstable_by_key(|&i| rows.slots[i]);
+        let mut dst: Vec<Option<(&mut [f32], &mut [f32])>> = (0..n).map(|_| None).collect();
+        let (mut k_rest, mut v_rest) = (&mut k[layer][..], &mut v[layer][..]);
+        let mut next = 0;
+        for &i in &order {
+            let slot = rows.slots[i] as usize;
+            if slot < next {
+                return Err(Error::Input(format!("row {i}: slot {slot} written twice")));
+            }
+            let skip = (slot - next) * d;
+            let (k_row, k_after) = std::mem::take(&mut k_rest)[skip..].split_at_mut(d);
+            let (v_row, v_after) = std::mem::take(&mut v_rest)[skip..].split_at_mut(d);
+            (k_rest, v_rest, next) = (k_after, v_after, slot + 1);
+            dst[i] = Some((k_row, v_row));
         }
-        let (k_pool, v_pool) = (&mut k[layer], &mut v[layer]);
-        for ((row, &slot), &pos) in qkv
-            .data
-            .chunks_exact(q_dim + 2 * d)
-            .zip(&rows.slots)
-            .zip(&rows.pos)
-        {
-            let slot = slot as usize;
-            let k = &mut k_pool[slot * d..(slot + 1) * d];
-            k.copy_from_slice(&row[q_dim..q_dim + d]);
-            ops::rope_heads(k, head_dim, &angles(pos));
-            v_pool[slot * d..(slot + 1) * d].copy_from_slice(&row[q_dim + d..]);
-        }
+        use rayon::prelude::*;
+        let width = q_dim + 2 * d;
+        qkv.data
+            .par_chunks_mut(width)
+            .zip(rows.pos.par_iter())
+            .zip(dst.par_iter_mut())
+            .with_min_len(ops::rows_per_task(width))
+            .for_each(|((row, &pos), dst)| {
+                let cs = angles(pos);
+                let (q, kv) = row.split_at_mut(q_dim);
+                ops::rope_heads(q, head_dim, &cs);
+                let (k_row, v_row) = dst.take().expect("every row has its slots");
+                k_row.copy_from_slice(&kv[..d]);
+                ops::rope_heads(k_row, head_dim, &cs);
+                v_row.copy_from_slice(&kv[d..]);
+            });
         Ok(())
     }
 
@@ -612,6 +624,15 @@ mod tests {
                 "v row {i}"
             );
         }
+        // Two rows for one slot: an error naming the row, not a race.
+        let mut twice = plan.clone();
+        let img = &mut twice.branches[Branch::Image as usize].slots;
+        img[3] = img[1];
+        let e = be
+            .rope_store_kv(&twice, Branch::Image, layer, &mut qkv, &mut cache)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("written twice"), "{e}");
     }
 
     /// `product_time` counts `2·m·n·k` per product and time spent in them, and the packed copy
