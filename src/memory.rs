@@ -505,6 +505,11 @@ pub struct GenShape {
 /// RoPE's rotated keys and the attention's split partials (`splits` per query tile and head).
 fn activation_bytes(cfg: &Config, b: Branch, rows: u64, splits: u64) -> Result<u64> {
     let (d, f) = (cfg.d_model(b) as u64, cfg.d_mlp(b) as u64);
+    activation_bytes_of(cfg, d, f, rows, splits)
+}
+
+/// [`activation_bytes`] for a model width `d` and MLP width `f`.
+fn activation_bytes_of(cfg: &Config, d: u64, f: u64, rows: u64, splits: u64) -> Result<u64> {
     let (a, kv) = (cfg.attn_dim() as u64, cfg.kv_dim() as u64);
     let heads = cfg.n_heads as u64;
     let per_row = sum_of_products(&[
@@ -523,15 +528,16 @@ fn activation_bytes(cfg: &Config, b: Branch, rows: u64, splits: u64) -> Result<u
 /// tail pass, `Backend::prunes_last_layer`): their activations (shaped for the wider branch) and the tail plan
 /// (those rows and the pass's `keys` keys again).
 fn tail_bytes(cfg: &Config, logits_rows: u64, keys: u64, splits: u64) -> Result<u64> {
-    let act = Branch::ALL
-        .into_iter()
-        .map(|b| activation_bytes(cfg, b, logits_rows, splits))
-        .collect::<Result<Vec<u64>>>()?;
+    // The scratch takes the wider model width and the wider MLP width, whichever branch each
+    // comes from.
+    let d = cfg.d_text.max(cfg.d_image) as u64;
+    let f = cfg.mlp_text.max(cfg.mlp_image) as u64;
+    let act = activation_bytes_of(cfg, d, f, logits_rows, splits)?;
     let plan = sum_of_products(&[
         &[logits_rows, PLAN_BYTES_PER_ROW],
         &[keys, PLAN_BYTES_PER_KEY],
     ])?;
-    add(act.into_iter().max().unwrap_or(0), plan)
+    add(act, plan)
 }
 
 /// Adds the run of `shape` (everything but the weights) to `need`. `resident`: the target keeps

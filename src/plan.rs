@@ -99,14 +99,26 @@ impl StepPlan {
     /// rows needing logits go further (nothing reads any other row's output there): those rows
     /// of the logits branch, in logits order, as its only rows, attending over the same keys,
     /// with `logits_rows` `0..n`. `None` when nothing would be saved (no logits, or every fed
-    /// row needs them) or the logits rows do not come sequence by sequence in order (a plan the
-    /// builders never make).
+    /// row needs them), or the logits rows do not come sequence by sequence in order, or the
+    /// plan is malformed (its rows' fields or sequence offsets inconsistent: plans the builders
+    /// never make, left to the ops' own checks on the whole pass).
     pub fn logits_tail(&self) -> Option<StepPlan> {
         let lb = self.logits_branch?;
-        if self.logits_rows.len() >= self.n_rows() {
+        if self.logits_rows.is_empty() || self.logits_rows.len() >= self.n_rows() {
             return None;
         }
         let src = self.rows(lb);
+        let n = src.len();
+        let fields = [src.pos.len(), src.tags.len(), src.slots.len()];
+        let offsets = &src.seq_indptr;
+        if fields.iter().any(|&l| l != n)
+            || offsets.len() != self.n_seqs + 1
+            || offsets.first() != Some(&0)
+            || offsets.last().map(|&e| e as usize) != Some(n)
+            || offsets.windows(2).any(|w| w[0] > w[1])
+        {
+            return None;
+        }
         let mut rows = BranchRows {
             seq_indptr: vec![0; self.n_seqs + 1],
             ..BranchRows::default()
@@ -562,6 +574,20 @@ mod tests {
         assert!(plan_with(&[5, 2]).logits_tail().is_none());
         // No logits: no tail.
         assert!(plan_with(&[]).logits_tail().is_none());
+        // A logits branch without logits rows, and malformed rows: no tail (not a panic).
+        let mut empty = plan.clone();
+        empty.logits_rows.clear();
+        assert!(empty.logits_tail().is_none());
+        let image = Branch::Image as usize;
+        let mut bad_offsets = plan.clone();
+        bad_offsets.branches[image].seq_indptr = vec![1, 2, 6];
+        assert!(bad_offsets.logits_tail().is_none());
+        let mut extra_seq = plan.clone();
+        extra_seq.branches[image].seq_indptr = vec![0, 2, 3, 6];
+        assert!(extra_seq.logits_tail().is_none());
+        let mut short = plan.clone();
+        short.branches[image].slots.pop();
+        assert!(short.logits_tail().is_none());
     }
 
     /// A concatenated plan equals the plan built over all the parts' rows at once, with each

@@ -585,7 +585,8 @@ impl Gemm {
     ///
     /// # Safety
     /// `plan`'s descriptors describe the buffers at `ptrs` (shape, types, alignment), which
-    /// live in this stream's context and stay alive until the product has run; `out` aliases
+    /// live in this stream's context and are not freed before the product runs (the callers keep
+    /// them borrowed until it is queued, as every launch in this crate does); `out` aliases
     /// neither input; `algo` is one of `plan`'s candidates; the workspace at `ptrs[3]` holds
     /// `self.workspace.len()` bytes.
     unsafe fn launch(

@@ -397,10 +397,11 @@ impl Backend for CpuBackend {
                 cache.slots
             )));
         }
-        if rows.pos.len() != n {
+        if rows.pos.len() != n || rows.slots.len() != n {
             return Err(Error::Input(format!(
-                "rope: {} positions for {n} rows",
-                rows.pos.len()
+                "rope: {} positions and {} slots for {n} rows",
+                rows.pos.len(),
+                rows.slots.len()
             )));
         }
         let inv_freq = crate::contract::rope::inv_freq(head_dim, theta);
