@@ -453,6 +453,29 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    /// The rest of a layer for branch `b` once every K/V is stored: attention of `s.qkv`'s
+    /// queries (the rows of `dev`), the output projection and the MLP, added into `s.x`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_and_mlp(
+        &self,
+        dev: &B::Plan,
+        b: Branch,
+        layer: usize,
+        joint: bool,
+        w: &LayerWeights<B::Weight>,
+        s: &mut Scratch<B::Matrix>,
+        cache: &B::Cache,
+    ) -> Result<()> {
+        let be = &self.backend;
+        let eps = self.cfg.norm_eps as f32;
+        be.attention(dev, b, layer, joint, &s.qkv, cache, &mut s.att)?;
+        be.matmul(&s.att, &w.o, &mut s.x, true)?;
+        be.rmsnorm(&s.x, &w.ffn_norm, eps, &mut s.h)?;
+        be.matmul(&s.h, &w.gate_up, &mut s.gate_up, false)?;
+        be.swiglu(&s.gate_up, &mut s.act)?;
+        be.matmul(&s.act, &w.down, &mut s.x, true)
+    }
+
     /// One forward pass with fresh buffers: writes the K/V of every fed row into `cache` and
     /// returns the logits `[plan.logits_rows.len(), V]` of the logits branch (`None` when no
     /// logits are asked for). A loop over passes should reuse a [`Workspace`] with
@@ -520,12 +543,7 @@ impl<B: Backend> Model<B> {
                 let (s, ts) = (s.expect("rows"), tail_s.as_mut().expect("fitted"));
                 be.gather_logit_rows(&p.dev, &s.qkv, &mut ts.qkv)?;
                 be.gather_logit_rows(&p.dev, &s.x, &mut ts.x)?;
-                be.attention(&t.dev, lb, layer, joint, &ts.qkv, cache, &mut ts.att)?;
-                be.matmul(&ts.att, &w.o, &mut ts.x, true)?;
-                be.rmsnorm(&ts.x, &w.ffn_norm, eps, &mut ts.h)?;
-                be.matmul(&ts.h, &w.gate_up, &mut ts.gate_up, false)?;
-                be.swiglu(&ts.gate_up, &mut ts.act)?;
-                be.matmul(&ts.act, &w.down, &mut ts.x, true)?;
+                self.attend_and_mlp(&t.dev, lb, layer, joint, w, ts, cache)?;
                 tail_done = true;
                 break;
             }
@@ -534,12 +552,7 @@ impl<B: Backend> Model<B> {
                     &weights[b as usize],
                     scratch[b as usize].as_mut().expect("rows"),
                 );
-                be.attention(&p.dev, b, layer, joint, &s.qkv, cache, &mut s.att)?;
-                be.matmul(&s.att, &w.o, &mut s.x, true)?;
-                be.rmsnorm(&s.x, &w.ffn_norm, eps, &mut s.h)?;
-                be.matmul(&s.h, &w.gate_up, &mut s.gate_up, false)?;
-                be.swiglu(&s.gate_up, &mut s.act)?;
-                be.matmul(&s.act, &w.down, &mut s.x, true)?;
+                self.attend_and_mlp(&p.dev, b, layer, joint, w, s, cache)?;
             }
         }
         let Some(lb) = plan.logits_branch else {

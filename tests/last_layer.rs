@@ -9,14 +9,13 @@
 
 mod common;
 
+use common::{plans_of, small_t2i, small_text};
 use sparse_lavida::backend::cpu::CpuBackend;
 use sparse_lavida::backend::cpu::attention::AttnTiling;
 use sparse_lavida::config::{Branch, Config};
-use sparse_lavida::exec;
 use sparse_lavida::model::{Model, Workspace};
 use sparse_lavida::plan::{PlanBuilder, Row, StepPlan, Tag};
-use sparse_lavida::sampler::{Mode, RunOptions, T2iRequest, Task, TextRequest};
-use sparse_lavida::schedule::Order;
+use sparse_lavida::sampler::Mode;
 use sparse_lavida::weights::HostWeights;
 
 /// `tiny` with seeded random weights, every layer joint or not, on the CPU backend (with a
@@ -32,22 +31,6 @@ fn model(all_joint: bool, tiled: bool) -> Model<CpuBackend> {
     }
     let w = HostWeights::random(&cfg, 7);
     Model::new(be, cfg, w).unwrap()
-}
-
-fn plans_of(model: &Model<CpuBackend>, task: &Task, mode: Mode) -> Vec<StepPlan> {
-    let mut plans = Vec::new();
-    let mut on_plan = |_: Option<usize>, p: &StepPlan| plans.push(p.clone());
-    exec::generate(
-        model,
-        task,
-        mode,
-        RunOptions {
-            on_plan: Some(&mut on_plan),
-            ..RunOptions::default()
-        },
-    )
-    .unwrap();
-    plans
 }
 
 /// Runs `plans` in order, pruned (one reused workspace) and whole (fresh buffers over a copy of
@@ -91,30 +74,9 @@ fn check(model: &Model<CpuBackend>, plans: Vec<StepPlan>, what: &str) -> usize {
 
 #[test]
 fn pruned_last_layer_gives_the_whole_layers_logits() {
-    let t2i = |guidance| {
-        Task::T2i(T2iRequest {
-            prompt: vec![3, 4, 5],
-            height: 4,
-            width: 4,
-            steps: 5,
-            guidance,
-            temperature: 1.0,
-            order: Order::Random,
-            seed: 5,
-        })
-    };
-    let text = Task::Text(TextRequest {
-        prompt: vec![1, 2, 3, 4],
-        answer_len: 8,
-        block_len: 4,
-        steps: 6,
-        temperature: 0.5,
-        banned: Vec::new(),
-        seed: 2,
-    });
     for (all_joint, tiled) in [(false, false), (true, false), (false, true)] {
         let model = model(all_joint, tiled);
-        for task in [t2i(0.0), t2i(2.0), text.clone()] {
+        for task in [small_t2i(0.0), small_t2i(2.0), small_text()] {
             let mut pruned = 0;
             for mode in Mode::all() {
                 let what = format!("{mode} (all joint {all_joint}, tiled {tiled})");

@@ -5,33 +5,13 @@
 
 mod common;
 
-use common::tiny_model;
-use sparse_lavida::exec;
+use common::{plans_of, small_t2i, small_text, tiny_model};
 use sparse_lavida::model::Workspace;
-use sparse_lavida::plan::StepPlan;
-use sparse_lavida::sampler::{Mode, RunOptions, Switches, T2iRequest, Task, TextRequest};
-use sparse_lavida::schedule::Order;
-
-fn plans_of(task: &Task, mode: Mode) -> Vec<StepPlan> {
-    let model = tiny_model(3);
-    let mut plans = Vec::new();
-    let mut on_plan = |_: Option<usize>, p: &StepPlan| plans.push(p.clone());
-    exec::generate(
-        &model,
-        task,
-        mode,
-        RunOptions {
-            on_plan: Some(&mut on_plan),
-            ..RunOptions::default()
-        },
-    )
-    .unwrap();
-    plans
-}
+use sparse_lavida::sampler::{Mode, Switches, Task, TextRequest};
 
 fn check(task: &Task, mode: Mode) {
     let model = tiny_model(3);
-    let plans = plans_of(task, mode);
+    let plans = plans_of(&model, task, mode);
     let slots = plans.iter().map(|p| p.pool_slots).max().unwrap();
     let mut cache = model.new_cache(slots).unwrap();
     let mut ws = Workspace::new();
@@ -57,25 +37,7 @@ fn check(task: &Task, mode: Mode) {
 
 #[test]
 fn reused_workspace_equals_fresh_buffers() {
-    let t2i = Task::T2i(T2iRequest {
-        prompt: vec![3, 4, 5],
-        height: 3,
-        width: 4,
-        steps: 5,
-        guidance: 2.0,
-        temperature: 1.0,
-        order: Order::Random,
-        seed: 5,
-    });
-    let text = Task::Text(TextRequest {
-        prompt: vec![1, 2, 3, 4],
-        answer_len: 8,
-        block_len: 4,
-        steps: 6,
-        temperature: 0.5,
-        banned: Vec::new(),
-        seed: 2,
-    });
+    let (t2i, text) = (small_t2i(2.0), small_text());
     for task in [&t2i, &text] {
         check(task, Mode::Dense);
         check(task, Mode::Sparse(Switches::ALL_ON));
@@ -102,7 +64,7 @@ fn frozen_workspace_refuses_to_grow() {
         banned: Vec::new(),
         seed: 1,
     });
-    let plans = plans_of(&text, Mode::Dense);
+    let plans = plans_of(&model, &text, Mode::Dense);
     let rows = plans[0].n_rows();
     let mut ws = model.workspace([rows - 1, 0], 8).unwrap();
     ws.freeze();

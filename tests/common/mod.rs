@@ -3,7 +3,11 @@
 
 use sparse_lavida::backend::cpu::CpuBackend;
 use sparse_lavida::config::Config;
+use sparse_lavida::exec;
 use sparse_lavida::model::Model;
+use sparse_lavida::plan::StepPlan;
+use sparse_lavida::sampler::{Mode, RunOptions, T2iRequest, Task, TextRequest};
+use sparse_lavida::schedule::Order;
 use sparse_lavida::weights::HostWeights;
 
 /// A `tiny` model with seeded random weights on the CPU backend.
@@ -56,3 +60,47 @@ pub const NEED_DEVICE: &str = "this test needs a CUDA device: a GPU, or the emul
     LD_LIBRARY_PATH)";
 
 pub mod twin;
+
+/// Every plan `model`'s generation of `task` in `mode` runs, in order (prefill included).
+pub fn plans_of(model: &Model<CpuBackend>, task: &Task, mode: Mode) -> Vec<StepPlan> {
+    let mut plans = Vec::new();
+    let mut on_plan = |_: Option<usize>, p: &StepPlan| plans.push(p.clone());
+    exec::generate(
+        model,
+        task,
+        mode,
+        RunOptions {
+            on_plan: Some(&mut on_plan),
+            ..RunOptions::default()
+        },
+    )
+    .unwrap();
+    plans
+}
+
+/// A small `tiny` t2i request: prompt 3, a 3×4 grid in 5 steps, random order, guidance as given.
+pub fn small_t2i(guidance: f32) -> Task {
+    Task::T2i(T2iRequest {
+        prompt: vec![3, 4, 5],
+        height: 3,
+        width: 4,
+        steps: 5,
+        guidance,
+        temperature: 1.0,
+        order: Order::Random,
+        seed: 5,
+    })
+}
+
+/// A small `tiny` text request: prompt 4, answer 8 in blocks of 4, 6 steps, τ = 0.5.
+pub fn small_text() -> Task {
+    Task::Text(TextRequest {
+        prompt: vec![1, 2, 3, 4],
+        answer_len: 8,
+        block_len: 4,
+        steps: 6,
+        temperature: 0.5,
+        banned: Vec::new(),
+        seed: 2,
+    })
+}
