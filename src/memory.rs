@@ -524,6 +524,12 @@ fn activation_bytes_of(cfg: &Config, d: u64, f: u64, rows: u64, splits: u64) -> 
     mul(mul(rows, per_row)?, 4)
 }
 
+/// Bytes of a RoPE (cos, sin) table over `slots` positions, the CPU pool's and a CUDA
+/// generation's alike: a pair of f32 per position and head pair.
+pub fn rope_table_bytes(cfg: &Config, slots: u64) -> Result<u64> {
+    mul(slots, mul(cfg.head_dim as u64, 4)?)
+}
+
 /// The CPU backend's last layer past the K/V for `logits_rows` rows on their own (the model's
 /// tail pass, `Backend::prunes_last_layer`): their activations (shaped for the wider branch) and the tail plan
 /// (those rows and the pass's `keys` keys again).
@@ -674,8 +680,7 @@ pub fn add_batch(
                 format!("K/V pool ({} slots)", human_count(slots)),
                 sum_of_products(&[&[2, layers, slots, kv, 4]])?,
             );
-            // The pool's RoPE (cos, sin) table: a pair of f32 per slot and head pair.
-            need.host("RoPE table", mul(slots, mul(cfg.head_dim as u64, 4)?)?);
+            need.host("RoPE table", rope_table_bytes(cfg, slots)?);
             need.host("activations", add(activations, head)?);
             need.host("plans", plan_pass);
             need.host(
@@ -689,8 +694,7 @@ pub fn add_batch(
                 format!("K/V pool ({} slots)", human_count(slots)),
                 sum_of_products(&[&[2, layers, slots, kv, 2]])?,
             );
-            // The generation's RoPE (cos, sin) table: a pair of f32 per slot and head pair.
-            need.device("RoPE table", mul(slots, mul(cfg.head_dim as u64, 4)?)?);
+            need.device("RoPE table", rope_table_bytes(cfg, slots)?);
             need.device("activations", add(activations, head)?);
             // A device-resident run uploads every step's plan up front, and keeps their host
             // copies (its program) while it runs; while the batch's program is built from the
@@ -734,7 +738,7 @@ pub fn add_forward(
     match target {
         Target::Cpu => {
             need.host(format!("K/V pool ({} slots)", human_count(all)), pool(4)?);
-            need.host("RoPE table", mul(all, mul(cfg.head_dim as u64, 4)?)?);
+            need.host("RoPE table", rope_table_bytes(cfg, all)?);
             need.host("activations", activations);
             need.host(
                 "the last layer's logits rows",
@@ -744,7 +748,7 @@ pub fn add_forward(
         }
         Target::Cuda => {
             need.device(format!("K/V pool ({} slots)", human_count(all)), pool(2)?);
-            need.device("RoPE table", mul(all, mul(cfg.head_dim as u64, 4)?)?);
+            need.device("RoPE table", rope_table_bytes(cfg, all)?);
             need.device("activations", add(activations, head)?);
             need.device("device overhead", DEVICE_OVERHEAD);
         }

@@ -35,6 +35,7 @@ use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
 use super::attention::{AttnInputs, AttnShape};
+use super::ops::{ROUND_TO_INT, times_pow2};
 use crate::bail_input;
 use crate::contract::attn::{QueryDesc, TileClass, TileSummary, key_tile_summaries};
 use crate::contract::{Tag, visible};
@@ -183,7 +184,6 @@ impl WithSimd for Item<'_> {
 /// `2^f` (relative error below 2e-7).
 #[inline(always)]
 pub fn exp2_lanes(x: &mut [f32; LANES]) {
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: x + ROUND rounds x to an integer
     const C: [f32; 7] = [
         1.0,
         std::f32::consts::LN_2,
@@ -195,15 +195,13 @@ pub fn exp2_lanes(x: &mut [f32; LANES]) {
     ];
     for v in x.iter_mut() {
         let xc = v.max(-125.0);
-        let t = xc + ROUND;
-        let f = xc - (t - ROUND);
+        let t = xc + ROUND_TO_INT;
+        let f = xc - (t - ROUND_TO_INT);
         let mut p = C[6];
         for &c in C[..6].iter().rev() {
             p = p.mul_add(f, c);
         }
-        // t's low mantissa bits hold n + 2^22; n << 23 added to p's exponent scales it by 2^n.
-        let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits()) << 23;
-        let y = f32::from_bits(p.to_bits().wrapping_add(n_bits));
+        let y = times_pow2(p, t);
         *v = if *v < -125.0 { 0.0 } else { y };
     }
 }

@@ -254,7 +254,8 @@ impl Backend for CpuBackend {
         let bytes = [cfg.n_layers as u64, per_layer as u64, 8]
             .into_iter()
             .try_fold(1u64, u64::checked_mul)
-            .and_then(|b| b.checked_add((slots as u64).checked_mul(cfg.head_dim as u64 * 4)?))
+            .zip(crate::memory::rope_table_bytes(cfg, slots as u64).ok())
+            .and_then(|(pool, rope)| pool.checked_add(rope))
             .unwrap_or(u64::MAX);
         crate::memory::ensure_fits(&what, bytes)?;
         // An invalid RoPE base gets no table: `rope_store_kv` refuses it.

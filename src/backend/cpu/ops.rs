@@ -402,13 +402,24 @@ fn silu_mul_lanes(g: &[f32; SILU_LANES], u: &[f32; SILU_LANES], o: &mut [f32; SI
     }
 }
 
+/// `1.5 · 2^23`: `t = x + ROUND_TO_INT` rounds `x` (|x| < 2^22) to the nearest integer `n`,
+/// which `t`'s low mantissa bits then hold as `n + 2^22` (see [`times_pow2`]).
+pub(crate) const ROUND_TO_INT: f32 = 12_582_912.0;
+
+/// `p · 2^n` for the `n` that `t = x + ROUND_TO_INT` holds: `n << 23` added to `p`'s exponent
+/// bits (exact while the result stays a normal number; the callers clamp `x` for that).
+#[inline(always)]
+pub(crate) fn times_pow2(p: f32, t: f32) -> f32 {
+    let n_bits = t.to_bits().wrapping_sub(ROUND_TO_INT.to_bits()) << 23;
+    f32::from_bits(p.to_bits().wrapping_add(n_bits))
+}
+
 /// `exp(x)` per lane, within 1 ulp: `x = n·ln 2 + r` (`n` the nearest integer to
 /// `x·log2 e`, `r` by two FMAs with ln 2 split in a high and a low part, `|r| ≤ ln 2 / 2`), then
 /// `2^n · p(r)` with `p` the degree-7 Taylor polynomial of `exp` (truncation below 6e-9). Past
 /// 88 it is +inf, below −86 zero (the true value is below 2^−124), NaN stays NaN.
 #[inline(always)]
 pub(crate) fn exp_lanes(x: &mut [f32; SILU_LANES]) {
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
     const LN2_HI: f32 = 0.693_145_75; // ln 2 to 16 significant bits: n · LN2_HI is exact
     const LN2_LO: f32 = 1.428_606_8e-6; // ln 2 − LN2_HI
     const C: [f32; 8] = [
@@ -423,16 +434,14 @@ pub(crate) fn exp_lanes(x: &mut [f32; SILU_LANES]) {
     ];
     for v in x.iter_mut() {
         let xc = v.clamp(-86.0, 88.0);
-        let t = xc.mul_add(std::f32::consts::LOG2_E, ROUND);
-        let n = t - ROUND;
+        let t = xc.mul_add(std::f32::consts::LOG2_E, ROUND_TO_INT);
+        let n = t - ROUND_TO_INT;
         let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
         let mut p = C[7];
         for &c in C[..7].iter().rev() {
             p = p.mul_add(r, c);
         }
-        // t's low mantissa bits hold n + 2^22; n << 23 added to p's exponent scales it by 2^n.
-        let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits()) << 23;
-        let y = f32::from_bits(p.to_bits().wrapping_add(n_bits));
+        let y = times_pow2(p, t);
         *v = if *v > 88.0 {
             f32::INFINITY
         } else if *v < -86.0 {
