@@ -10,7 +10,8 @@ use sparse_lavida::backend::cpu::attention::{
     AttnInputs, AttnShape, AttnTiling, attention_naive, attention_tiled,
 };
 use sparse_lavida::backend::cpu::flash::{
-    TILE_K, attention_flash, attention_flash_strided, attention_flash_with,
+    KV_STREAM_BYTES, TILE_K, TILE_Q, TILE_Q_STREAM, attention_flash, attention_flash_strided,
+    attention_flash_with, query_tile,
 };
 use sparse_lavida::config::Branch;
 use sparse_lavida::plan::Tag;
@@ -654,6 +655,126 @@ fn flash_large_cases_match_naive_and_are_batch_and_thread_invariant() {
         attention_flash(&inp, &mut o, None).unwrap();
         assert_eq!(bits(&o), bits(&out));
     }
+}
+
+/// Sequences whose keys and values per head pass [`KV_STREAM_BYTES`] get fewer, larger query
+/// tiles (of balanced size, up to [`TILE_Q_STREAM`] rows) and the others [`TILE_Q`]; a row's
+/// result does not depend on the tile it lands in: against the oracle, each sequence alone, and
+/// rows taken alone (one row is one tile) give the same bits.
+#[test]
+fn flash_streaming_tiles_match_naive_and_rows_alone() {
+    let shape = AttnShape {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 128,
+    };
+    // One head's K/V: 1100 keys · 128 · 8 bytes > 1 MiB; 700 keys stay below.
+    let big = KV_STREAM_BYTES / (shape.head_dim * 8) + 52;
+    let p = CaseParams {
+        seqs: vec![
+            (400 - 1, big + 1 - 400),
+            (150, 700 - 150),
+            (TILE_Q_STREAM + 3, big),
+        ],
+        extra_slots: 5,
+        shape,
+        joint: true,
+        query_branch: Some(Branch::Image),
+        seed: 11,
+    };
+    let case = build_case(&p);
+    let keys = |s: usize| (case.kv_indptr[s + 1] - case.kv_indptr[s]) as usize;
+    let rows = |s: usize| (case.seq_indptr[s + 1] - case.seq_indptr[s]) as usize;
+    assert_eq!(
+        query_tile(rows(0), keys(0), 128),
+        133,
+        "399 rows: three tiles of 133"
+    );
+    assert_eq!(query_tile(rows(1), keys(1), 128), TILE_Q);
+    assert_eq!(
+        query_tile(rows(2), keys(2), 128),
+        TILE_Q_STREAM.div_ceil(2) + 2
+    );
+    let (out, lse) = run_flash(&case, TILE_K);
+    check_against_naive(&case, &out, &lse).unwrap();
+    let (q_dim, n_heads) = (shape.q_dim(), shape.n_heads);
+    for s in 0..3 {
+        let alone = one_sequence(&case, s);
+        let (o, l) = run_flash(&alone, TILE_K);
+        let r0 = case.seq_indptr[s] as usize;
+        let n = alone.row_tags.len();
+        assert_eq!(
+            bits(&o),
+            bits(&out[r0 * q_dim..(r0 + n) * q_dim]),
+            "sequence {s} alone"
+        );
+        assert_eq!(
+            bits(&l),
+            bits(&lse[r0 * n_heads..(r0 + n) * n_heads]),
+            "sequence {s} (lse)"
+        );
+        // The first and last rows of each tile, and one inside.
+        let tile = query_tile(n, keys(s), 128);
+        for i in (0..n).filter(|i| i % tile <= 1 || i % tile == tile - 1 || i % 61 == 7) {
+            let mut row = alone.clone();
+            row.q = alone.q[i * q_dim..(i + 1) * q_dim].to_vec();
+            row.row_tags = vec![alone.row_tags[i]];
+            row.seq_indptr = vec![0, 1];
+            let (o1, l1) = run_flash(&row, TILE_K);
+            assert_eq!(
+                bits(&o1),
+                bits(&o[i * q_dim..(i + 1) * q_dim]),
+                "seq {s} row {i}"
+            );
+            assert_eq!(
+                bits(&l1),
+                bits(&l[i * n_heads..(i + 1) * n_heads]),
+                "seq {s} row {i}"
+            );
+        }
+    }
+}
+
+/// The tile rule: [`TILE_Q`] while one head's K/V fit [`KV_STREAM_BYTES`]; past it, as few
+/// tiles of at most [`TILE_Q_STREAM`] rows as the rows need, balanced, covering every row.
+#[test]
+fn query_tiles_cover_the_rows_in_as_few_balanced_tiles_as_needed() {
+    let d = 64;
+    let fits = KV_STREAM_BYTES / (d * 8);
+    for rows in [0, 1, 63, 64, 65, 1000] {
+        assert_eq!(query_tile(rows, fits, d), TILE_Q, "{rows} rows, K/V fit");
+    }
+    for rows in [
+        0usize,
+        1,
+        47,
+        140,
+        TILE_Q_STREAM,
+        TILE_Q_STREAM + 1,
+        1000,
+        4161,
+    ] {
+        let tile = query_tile(rows, fits + 1, d);
+        assert!(
+            (1..=TILE_Q_STREAM).contains(&tile),
+            "{rows} rows: tile {tile}"
+        );
+        let tiles = rows.div_ceil(tile);
+        assert_eq!(
+            tiles,
+            rows.div_ceil(TILE_Q_STREAM),
+            "{rows} rows: tile {tile}"
+        );
+        // Balanced: the last tile is short of the others by fewer rows than there are tiles.
+        if tiles > 1 {
+            assert!(
+                rows - (tiles - 1) * tile + tiles > tile,
+                "{rows} rows: tile {tile}"
+            );
+        }
+    }
+    // Sizes that would overflow the byte count stream (never wrap to "fits").
+    assert!(query_tile(10, usize::MAX / 2, d) <= TILE_Q_STREAM);
 }
 
 /// As for the tiled kernel: a key tile hidden from every query of the tile is skipped without

@@ -4,26 +4,31 @@
 //! this is what [`super::CpuBackend`] runs.
 //!
 //! # Work
-//! One work item is `(sequence, query head, query tile of up to [`TILE_Q`] rows)`; items run in
-//! parallel (rayon) and each walks its sequence's whole key list in key tiles of `tile_k` keys
-//! (no split of the keys, so there is no merge). Per key tile:
+//! One work item is `(sequence, query head, query tile)`; items run in parallel (rayon) and each
+//! walks its sequence's whole key list in key tiles of `tile_k` keys (no split of the keys, so
+//! there is no merge), then writes its rows' outputs straight into `out` (each item holds its
+//! own rows' head columns: no copy afterwards). A query tile is [`TILE_Q`] rows, or, where one
+//! head's keys and values pass [`KV_STREAM_BYTES`] so that every query tile streams them from
+//! beyond the mid-level cache again, as few balanced tiles of up to [`TILE_Q_STREAM`] rows as
+//! the sequence needs ([`query_tile`]). Each worker keeps its buffers from item to item. Per
+//! key tile:
 //! 1. The tile's class for the query tile (the plan's key-tile summaries, as the kernel):
 //!    Hidden tiles are skipped without reading K/V; full Visible tiles need no per-pair check;
 //!    others get `visible` per pair.
-//! 2. `S = Q·Kᵀ` through a register-blocked SIMD micro-kernel ([`pulp`]: AVX-512, AVX2+FMA or
-//!    scalar, detected at run time): the query rows packed `[head_dim][MR]` once per item, the
-//!    key tile gathered through the index list and packed `[head_dim][NR]` per panel of `NR` keys.
+//! 2. `Sᵀ = K·Qᵀ` through a register-blocked SIMD micro-kernel ([`pulp`]: AVX-512, AVX2+FMA or
+//!    scalar, detected at run time): the query rows packed `[head_dim][rows]` once per item, K
+//!    read in place from the pool (each key's row offset computed once per call, not per item).
 //! 3. Online softmax in base 2, vectorised over keys: scores come out scaled by
 //!    `log2(e)/sqrt(head_dim)` (the packed queries carry the scale), hidden pairs −inf, tile
 //!    max (four running maxima over interleaved keys), `p = 2^(s − m)` by a polynomial
 //!    [`exp2_lanes`] 16 keys at a time with 16 partial sums, `acc` and `l` rescaled by
-//!    `2^(m_old − m_new)`.
+//!    `2^(m_old − m_new)` (`acc` only where that is not exactly 1).
 //! 4. `acc += P·V` with `V` read in place from the pool (one row of `head_dim` values per key,
 //!    no copy), again a register-blocked SIMD micro-kernel.
 //!
 //! # Every row on its own
 //! A row's result depends on its query, its sequence's keys (their order and tags) and `tile_k`
-//! alone: each score is one FMA chain over `head_dim` in order, each `acc` element one FMA chain
+//! alone, not on the query tile it lands in: each score is one FMA chain over `head_dim` in order, each `acc` element one FMA chain
 //! over the keys in order, a row's max, sum and rescales read only its own scores, and a
 //! skipped (Hidden) tile changes nothing a computed one would not (its `p` would all be exact
 //! zeros: `acc · 1 + 0`). Neither the rows around it (the query tile, other sequences of the
@@ -41,13 +46,35 @@ use crate::contract::attn::{QueryDesc, TileClass, TileSummary, key_tile_summarie
 use crate::contract::{Tag, visible};
 use crate::error::Result;
 
-/// Query rows per work item.
+/// Query rows per work item where one head's keys and values fit in the core's mid-level
+/// cache (re-reading them for every query tile is cheap, and small tiles keep `Sᵀ` in L1).
 pub const TILE_Q: usize = 64;
+
+/// Most query rows per work item where one head's keys and values do not fit (see
+/// [`query_tile`]).
+pub const TILE_Q_STREAM: usize = 192;
+
+/// One head's keys and values (`keys · head_dim · 8` bytes) past this are streamed from the
+/// last-level cache or memory for every query tile, so fewer, larger tiles read them fewer times.
+pub const KV_STREAM_BYTES: usize = 1 << 20;
+
+/// Query rows per tile for a sequence of `rows` queries over `keys` keys: [`TILE_Q`] while one
+/// head's keys and values take at most [`KV_STREAM_BYTES`]; past that, since every query tile
+/// streams them once more, as few tiles of at most [`TILE_Q_STREAM`] rows as the sequence needs,
+/// of balanced size (no thin last tile wasting the micro-kernels' lanes).
+pub fn query_tile(rows: usize, keys: usize, head_dim: usize) -> usize {
+    if keys.saturating_mul(head_dim).saturating_mul(8) <= KV_STREAM_BYTES {
+        return TILE_Q;
+    }
+    let tiles = rows.div_ceil(TILE_Q_STREAM).max(1);
+    rows.div_ceil(tiles).max(1)
+}
 
 /// Keys per key tile ([`attention_flash`] uses it; tests pass others).
 pub const TILE_K: usize = 128;
 
-/// Keys per chunk of the P·V product (their V rows, 32 × head_dim values, stay in L1).
+/// Keys per chunk of the P·V product (their V rows and Pᵀ rows, 64 × head_dim and 64 × TILE_Q
+/// values, stay in L1 while every row block reads them).
 const PV_KEYS: usize = 32;
 
 /// Lanes of the softmax's vector code (chunks of keys; 16 = one AVX-512 register, two AVX2).
@@ -86,72 +113,75 @@ pub fn attention_flash_strided(
     let AttnShape {
         n_heads, head_dim, ..
     } = inp.shape;
-    let (rows, q_dim) = (inp.rows(), inp.shape.q_dim());
+    let q_dim = inp.shape.q_dim();
     inp.check_outputs(out.len(), lse.as_ref().map(|l| l.len()))?;
     let (indptr, summaries) = key_tile_summaries(inp.kv_indptr, inp.kv_tags, tile_k);
     let mut items = Vec::new();
     for seq in 0..inp.n_seqs() {
         let rows = inp.seq_rows(seq);
-        for start in rows.clone().step_by(TILE_Q) {
+        let tile_q = query_tile(rows.len(), inp.seq_keys(seq).len(), head_dim);
+        for start in rows.clone().step_by(tile_q) {
             for head in 0..n_heads {
-                items.push((seq, head, start..(start + TILE_Q).min(rows.end)));
+                items.push((seq, head, start..(start + tile_q).min(rows.end)));
+            }
+        }
+    }
+    // Where each key's pool row starts (its slot's first value), once for every item that
+    // walks the key.
+    let kv_dim = inp.shape.kv_dim();
+    let key_offsets: Vec<usize> = inp
+        .kv_indices
+        .iter()
+        .map(|&slot| slot as usize * kv_dim)
+        .collect();
+    // Where each item writes: its head's `head_dim` columns of its rows of `out`, and its head's
+    // entry of those rows of `lse`. The items come tile by tile, heads inside, the tiles in row
+    // order (the sequences' rows are consecutive), so the rows are handed out in order.
+    let mut dests: Vec<(Vec<&mut [f32]>, Vec<&mut f32>)> = items
+        .iter()
+        .map(|(_, _, rows)| (Vec::with_capacity(rows.len()), Vec::new()))
+        .collect();
+    let mut out_rows = out.chunks_exact_mut(q_dim);
+    let mut lse_rows = lse.map(|l| l.chunks_exact_mut(n_heads));
+    for (tile_items, tile_dests) in items.chunks(n_heads).zip(dests.chunks_mut(n_heads)) {
+        for _ in tile_items[0].2.clone() {
+            let row = out_rows.next().expect("validated: rows × q_dim outputs");
+            for (dest, cols) in tile_dests.iter_mut().zip(row.chunks_exact_mut(head_dim)) {
+                dest.0.push(cols);
+            }
+            if let Some(lse_rows) = lse_rows.as_mut() {
+                let row = lse_rows.next().expect("validated: rows × n_heads LSEs");
+                for (dest, x) in tile_dests.iter_mut().zip(row) {
+                    dest.1.push(x);
+                }
             }
         }
     }
     let arch = Arch::new();
-    let results: Vec<(Vec<f32>, Vec<f32>)> = items
-        .par_iter()
-        .map(|(seq, head, rows)| {
+    items.par_iter().zip(dests).for_each_init(
+        Scratch::default,
+        |scratch, ((seq, head, rows), (out_rows, lse_rows))| {
             let key_tiles = &summaries[indptr[*seq] as usize..indptr[*seq + 1] as usize];
             arch.dispatch(Item {
                 inp,
                 q_stride,
                 tile_k,
                 key_tiles,
+                key_offsets: &key_offsets,
                 seq: *seq,
                 head: *head,
                 rows: rows.clone(),
+                scratch,
+                out_rows,
+                lse_rows,
             })
-        })
-        .collect();
-    // Scatter the items' outputs in parallel, one query tile (its rows of `out` and `lse2`,
-    // every head) per task: the items come tile by tile, heads inside, the tiles in row order.
-    let mut lse2 = vec![f32::NEG_INFINITY; rows * n_heads];
-    let mut tiles = Vec::with_capacity(items.len() / n_heads.max(1));
-    let (mut out_rest, mut lse_rest) = (&mut out[..], &mut lse2[..]);
-    for (tile_items, tile_results) in items
-        .chunks(n_heads.max(1))
-        .zip(results.chunks(n_heads.max(1)))
-    {
-        let n = tile_items[0].2.len();
-        let (o, o_after) = std::mem::take(&mut out_rest).split_at_mut(n * q_dim);
-        let (l, l_after) = std::mem::take(&mut lse_rest).split_at_mut(n * n_heads);
-        (out_rest, lse_rest) = (o_after, l_after);
-        tiles.push((o, l, tile_results));
-    }
-    tiles
-        .into_par_iter()
-        .for_each(|(o_tile, l_tile, tile_results)| {
-            for (head, (o, l2)) in tile_results.iter().enumerate() {
-                let rows = o_tile
-                    .chunks_exact_mut(q_dim)
-                    .zip(l_tile.chunks_exact_mut(n_heads));
-                for (i, (o_row, l_row)) in rows.enumerate() {
-                    o_row[head * head_dim..][..head_dim]
-                        .copy_from_slice(&o[i * head_dim..][..head_dim]);
-                    l_row[head] = l2[i];
-                }
-            }
-        });
-    if let Some(lse) = lse {
-        for (dst, &l2) in lse.iter_mut().zip(&lse2) {
-            *dst = l2 * std::f32::consts::LN_2;
-        }
-    }
+        },
+    );
     Ok(())
 }
 
-/// One work item; its output is `(o [rows, head_dim], lse2 [rows])`.
+/// One work item; it writes its rows' outputs for its head (`out_rows`, `head_dim` values each)
+/// and, when asked, their natural-log LSE (`lse_rows`, empty when not).
 struct Item<'a> {
     inp: &'a AttnInputs<'a>,
     /// Values per row of `inp.q`.
@@ -159,13 +189,33 @@ struct Item<'a> {
     tile_k: usize,
     /// The summaries of the sequence's key tiles.
     key_tiles: &'a [TileSummary],
+    /// Where each key's pool row starts: `kv_indices[j] · kv_dim` (all sequences).
+    key_offsets: &'a [usize],
     seq: usize,
     head: usize,
     rows: Range<usize>,
+    scratch: &'a mut Scratch,
+    out_rows: Vec<&'a mut [f32]>,
+    lse_rows: Vec<&'a mut f32>,
+}
+
+/// Buffers an item needs while it runs, kept by each worker for the items it runs next (every
+/// item sets what it reads before reading it).
+#[derive(Default)]
+struct Scratch {
+    /// Packed `Qᵀ` (`[head_dim][ld]`).
+    qt: Vec<f32>,
+    /// `Sᵀ`, then `Pᵀ` (`[tile_k][ld]`).
+    st: Vec<f32>,
+    /// Running maximum and sum per query row (`[ld]`).
+    m: Vec<f32>,
+    l: Vec<f32>,
+    /// The output rows' accumulators (`[rows][head_dim]`).
+    acc: Vec<f32>,
 }
 
 impl WithSimd for Item<'_> {
-    type Output = (Vec<f32>, Vec<f32>);
+    type Output = ();
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) -> Self::Output {
@@ -180,25 +230,27 @@ impl WithSimd for Item<'_> {
 }
 
 /// `2^x` for each lane with `x ≤ 0` (or −inf): exactly 0 below −125, else `2^n · p(f)` with
-/// `x = n + f`, `n` the nearest integer, `|f| ≤ 1/2` and `p` the degree-6 Taylor polynomial of
-/// `2^f` (relative error below 2e-7).
+/// `x = n + f`, `n` the nearest integer, `|f| ≤ 1/2` and `p` a degree-5 polynomial fitted to
+/// `2^f` on that interval for relative error (9.2e-8 in exact arithmetic, below 2e-7 as f32
+/// FMAs evaluate it, `tests` below) whose constant term is exactly 1, so `2^0` is exactly 1.
 #[inline(always)]
 pub fn exp2_lanes(x: &mut [f32; LANES]) {
-    const C: [f32; 7] = [
+    // Fitted (minimax), not Taylor: the linear term is near ln 2 but not ln 2.
+    #[allow(clippy::approx_constant)]
+    const C: [f32; 6] = [
         1.0,
-        std::f32::consts::LN_2,
-        0.240_226_5,
-        0.055_504_11,
-        0.009_618_129,
-        0.001_333_355_8,
-        0.000_154_035_3,
+        0.693_147,
+        0.240_222_42,
+        0.055_507_336,
+        0.009_671_513,
+        0.001_326_472_7,
     ];
     for v in x.iter_mut() {
         let xc = v.max(-125.0);
         let t = xc + ROUND_TO_INT;
         let f = xc - (t - ROUND_TO_INT);
-        let mut p = C[6];
-        for &c in C[..6].iter().rev() {
+        let mut p = C[5];
+        for &c in C[..5].iter().rev() {
             p = p.mul_add(f, c);
         }
         let y = times_pow2(p, t);
@@ -206,14 +258,45 @@ pub fn exp2_lanes(x: &mut [f32; LANES]) {
     }
 }
 
-/// `S^T[j][rows] = Σ_c k_j[c] · q^T[c][rows]` for the `MRK` keys `ks` (rows of the pool, in
-/// place) and `NVQ` vectors of query rows from vector `v0` of the packed `qt` (`[d][nvec]`):
+/// The `d` values of the keys' (or values') head columns in the pool: `pool[offset + col..][..d]`
+/// for each of `offsets`, read in place.
+#[derive(Clone, Copy)]
+struct PoolRows<'a> {
+    pool: &'a [f32],
+    offsets: &'a [usize],
+    col: usize,
+}
+
+impl<'a> PoolRows<'a> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.offsets.len()
+    }
+
+    /// The first `n` values of row `j`.
+    #[inline(always)]
+    fn row(&self, j: usize, n: usize) -> &'a [f32] {
+        &self.pool[self.offsets[j] + self.col..][..n]
+    }
+
+    /// Rows `from..`.
+    #[inline(always)]
+    fn skip(self, from: usize) -> PoolRows<'a> {
+        PoolRows {
+            offsets: &self.offsets[from..],
+            ..self
+        }
+    }
+}
+
+/// `S^T[j][rows] = Σ_c k_j[c] · q^T[c][rows]` for the first `MRK` keys of `ks` (in place in the
+/// pool) and `NVQ` vectors of query rows from vector `v0` of the packed `qt` (`[d][nvec]`):
 /// one FMA chain per element over `c` in order. Written to `st` rows `j0..` (stride `ld`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn qk_micro<S: Simd, const MRK: usize, const NVQ: usize>(
     simd: S,
-    ks: &[&[f32]],
+    ks: PoolRows,
     qt: &[S::f32s],
     nvec: usize,
     v0: usize,
@@ -224,7 +307,7 @@ fn qk_micro<S: Simd, const MRK: usize, const NVQ: usize>(
 ) {
     let zero = simd.splat_f32s(0.0);
     let mut regs = [[zero; NVQ]; MRK];
-    let ks: [&[f32]; MRK] = std::array::from_fn(|i| &ks[i][..d]);
+    let ks: [&[f32]; MRK] = std::array::from_fn(|i| ks.row(i, d));
     for c in 0..d {
         let q = &qt[c * nvec + v0..][..NVQ];
         for i in 0..MRK {
@@ -247,7 +330,7 @@ fn qk_micro<S: Simd, const MRK: usize, const NVQ: usize>(
 #[inline(always)]
 fn qk<S: Simd, const MRK: usize>(
     simd: S,
-    ks: &[&[f32]],
+    ks: PoolRows,
     qt: &[S::f32s],
     nvec: usize,
     d: usize,
@@ -257,7 +340,7 @@ fn qk<S: Simd, const MRK: usize>(
     let mut v0 = 0;
     macro_rules! keys {
         ($b:expr, $j0:ident, $nv:literal) => {
-            qk_micro::<S, { $b }, $nv>(simd, &ks[$j0..], qt, nvec, v0, d, st, ld, $j0)
+            qk_micro::<S, { $b }, $nv>(simd, ks.skip($j0), qt, nvec, v0, d, st, ld, $j0)
         };
     }
     macro_rules! rows {
@@ -277,7 +360,7 @@ fn qk<S: Simd, const MRK: usize>(
 
 /// `acc[r][cols] += Σ_j p^T[j][r] · v_j[cols]` for the `MR` rows from `r0`, `NV` vectors of
 /// columns from `c0`: one FMA chain per element over the keys in order. `pt` is `[keys][ld]`,
-/// `acc` rows have stride `d`; `vs` are the keys' value rows (`d` values each, in the pool).
+/// `acc` rows have stride `d`; `vs` are the keys' value rows (in the pool).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn pv_micro<S: Simd, const MR: usize, const NV: usize>(
@@ -370,8 +453,8 @@ fn pv_chunk<S: Simd, const MR: usize>(
             let acc_row = &mut acc[r * d..][..d];
             for (j, v_row) in vs.iter().enumerate() {
                 let p = pt[j * ld + r];
-                for c in c0..d {
-                    acc_row[c] = p.mul_add(v_row[c], acc_row[c]);
+                for (a, &v) in acc_row[c0..].iter_mut().zip(&v_row[c0..d]) {
+                    *a = p.mul_add(v, *a);
                 }
             }
         }
@@ -407,18 +490,21 @@ fn tile_max(st: &[f32], ld: usize, lane0: usize) -> [f32; LANES] {
 }
 
 #[inline(always)]
-fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) -> (Vec<f32>, Vec<f32>) {
+fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) {
     let Item {
         inp,
         q_stride,
         tile_k,
         key_tiles,
+        key_offsets,
         seq,
         head,
         rows,
+        scratch,
+        mut out_rows,
+        mut lse_rows,
     } = it;
     let d = inp.shape.head_dim;
-    let kv_dim = inp.shape.kv_dim();
     let kv_col = head / inp.shape.group() * d;
     let scale_log2 = (d as f32).sqrt().recip() * std::f32::consts::LOG2_E;
     let n_rows = rows.len();
@@ -431,24 +517,32 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) -> (Ve
     // whose lanes are computed and never read.
     let ld = n_rows.div_ceil(LANES.max(lanes)) * LANES.max(lanes);
     let nvec = ld / lanes;
-    // Qᵀ packed `[d][nvec]` vectors, scaled by `log2(e)/sqrt(d)` so scores come out in base 2.
-    let mut qt = vec![simd.splat_f32s(0.0); d * nvec];
-    {
-        let qt: &mut [f32] = bytemuck::cast_slice_mut(&mut qt);
-        for (i, r) in rows.clone().enumerate() {
-            let q = &inp.q[r * q_stride + head * d..][..d];
-            for (c, &v) in q.iter().enumerate() {
-                qt[c * ld + i] = v * scale_log2;
-            }
+    let Scratch { qt, st, m, l, acc } = scratch;
+    // Qᵀ packed `[d][ld]`, scaled by `log2(e)/sqrt(d)` so scores come out in base 2; written a
+    // column at a time (contiguous stores, the strided side is the loads).
+    qt.clear();
+    qt.resize(d * ld, 0.0);
+    let q_rows = &inp.q[rows.start * q_stride + head * d..];
+    for (c, qt_c) in qt.chunks_exact_mut(ld).enumerate() {
+        for (i, x) in qt_c[..n_rows].iter_mut().enumerate() {
+            *x = q_rows[i * q_stride + c] * scale_log2;
         }
     }
+    let qt: &[S::f32s] = bytemuck::cast_slice(qt);
     // Sᵀ, then Pᵀ: `[tile_k][ld]`.
-    let mut st = vec![0.0f32; tile_k * ld];
-    let mut m = vec![f32::NEG_INFINITY; ld];
-    let mut l = vec![0.0f32; ld];
-    let mut acc = vec![0.0f32; n_rows * d];
-    let mut ks: Vec<&[f32]> = Vec::with_capacity(tile_k);
+    st.resize(tile_k * ld, 0.0);
+    m.clear();
+    m.resize(ld, f32::NEG_INFINITY);
+    l.clear();
+    l.resize(ld, 0.0);
+    acc.clear();
+    acc.resize(n_rows * d, 0.0);
     let mut vs: Vec<&[f32]> = Vec::with_capacity(tile_k);
+    let k_rows = |tile: Range<usize>, pool| PoolRows {
+        pool,
+        offsets: &key_offsets[tile],
+        col: kv_col,
+    };
 
     for (t, k0) in keys.clone().step_by(tile_k).enumerate() {
         let tile = k0..(k0 + tile_k).min(keys.end);
@@ -458,17 +552,9 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) -> (Ve
             continue;
         }
         let k_tags = &inp.kv_tags[tile.clone()];
-        let slots = &inp.kv_indices[tile];
-        ks.clear();
-        vs.clear();
-        for &slot in slots {
-            let base = slot as usize * kv_dim + kv_col;
-            ks.push(&inp.k_pool[base..][..d]);
-            vs.push(&inp.v_pool[base..][..d]);
-        }
         // Sᵀ = K·Qᵀ, K read in place.
         let st = &mut st[..n_keys * ld];
-        qk::<S, MRK>(simd, &ks, &qt, nvec, d, st, ld);
+        qk::<S, MRK>(simd, k_rows(tile.clone(), inp.k_pool), qt, nvec, d, st, ld);
         // Hidden pairs −inf (a Visible tile has none).
         if class != TileClass::Visible {
             for (st_j, &kt) in st.chunks_exact_mut(ld).zip(k_tags) {
@@ -514,7 +600,8 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) -> (Ve
             for i in 0..LANES {
                 l[lane0 + i] = l[lane0 + i] * alpha[i] + sum[i];
                 m[lane0 + i] = m_new[i];
-                if lane0 + i < n_rows {
+                // `acc · 1` is `acc`: most tiles leave a row's maximum where it was.
+                if lane0 + i < n_rows && alpha[i] != 1.0 {
                     acc[(lane0 + i) * d..][..d]
                         .iter_mut()
                         .for_each(|a| *a *= alpha[i]);
@@ -522,19 +609,64 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) -> (Ve
             }
         }
         // acc += P·V, V read in place.
-        pv::<S, MR_PV>(simd, st, ld, n_rows, &vs, &mut acc, d);
+        vs.clear();
+        vs.extend(
+            key_offsets[tile]
+                .iter()
+                .map(|&o| &inp.v_pool[o + kv_col..][..d]),
+        );
+        pv::<S, MR_PV>(simd, st, ld, n_rows, &vs, acc, d);
     }
 
-    // Normalise. `l ≥ 1` whenever a key was visible (its own term is 2^0).
-    let mut lse2 = vec![f32::NEG_INFINITY; n_rows];
-    for r in 0..n_rows {
-        if m[r] == f32::NEG_INFINITY {
-            acc[r * d..][..d].fill(0.0);
-            continue;
+    // Normalise into the output. `l ≥ 1` whenever a key was visible (its own term is 2^0); a
+    // row that saw no key gets zeros and an LSE of −inf.
+    for (r, out_row) in out_rows.iter_mut().enumerate() {
+        let lse2 = if m[r] == f32::NEG_INFINITY {
+            out_row.fill(0.0);
+            f32::NEG_INFINITY
+        } else {
+            let inv_l = l[r].recip();
+            for (o, &a) in out_row.iter_mut().zip(&acc[r * d..][..d]) {
+                *o = a * inv_l;
+            }
+            m[r] + l[r].log2()
+        };
+        if let Some(x) = lse_rows.get_mut(r) {
+            **x = lse2 * std::f32::consts::LN_2;
         }
-        let inv_l = l[r].recip();
-        acc[r * d..][..d].iter_mut().for_each(|a| *a *= inv_l);
-        lse2[r] = m[r] + l[r].log2();
     }
-    (acc, lse2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `exp2_lanes` against f64 `exp2` over a sweep of `[−125, 0]` (and each lane of a chunk
+    /// alike): relative error below 2e-7; exactly 1 at 0, exactly 0 below −125 and at −inf.
+    #[test]
+    fn exp2_lanes_is_within_2e_7_and_exact_at_the_ends() {
+        let mut worst = 0.0f64;
+        let n = 1 << 20;
+        for chunk in (0..=n).collect::<Vec<_>>().chunks(LANES) {
+            let mut x = [0.0f32; LANES];
+            for (x, &i) in x.iter_mut().zip(chunk) {
+                *x = -125.0 * i as f32 / n as f32;
+            }
+            let want = x.map(|x| (x as f64).exp2());
+            exp2_lanes(&mut x);
+            for (&got, &want) in x.iter().zip(&want).take(chunk.len()) {
+                worst = worst.max((got as f64 - want).abs() / want);
+            }
+        }
+        assert!(worst < 2e-7, "relative error {worst}");
+        let mut x = [0.0f32; LANES];
+        x[1] = -125.5;
+        x[2] = f32::NEG_INFINITY;
+        x[3] = -1e30;
+        x[4] = -0.5;
+        exp2_lanes(&mut x);
+        assert_eq!(x[0], 1.0);
+        assert_eq!(&x[1..4], &[0.0; 3]);
+        assert!((x[4] as f64 - 0.5f64.sqrt()).abs() < 2e-7);
+    }
 }
