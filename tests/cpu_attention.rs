@@ -668,7 +668,7 @@ fn flash_streaming_tiles_match_naive_and_rows_alone() {
         n_kv_heads: 2,
         head_dim: 128,
     };
-    // One head's K/V: 1100 keys · 128 · 8 bytes > 1 MiB; 700 keys stay below.
+    // One head's K/V: 1076 keys · 128 · 8 bytes > 1 MiB; 700 keys stay below.
     let big = KV_STREAM_BYTES / (shape.head_dim * 8) + 52;
     let p = CaseParams {
         seqs: vec![
@@ -733,6 +733,110 @@ fn flash_streaming_tiles_match_naive_and_rows_alone() {
             );
         }
     }
+}
+
+/// `case` with sequence `s`'s keys removed (its rows then see nothing).
+fn drop_keys_of(case: &Case, s: usize) -> Case {
+    let (k0, k1) = (case.kv_indptr[s] as usize, case.kv_indptr[s + 1] as usize);
+    let mut c = case.clone();
+    c.kv_indices.drain(k0..k1);
+    c.kv_tags.drain(k0..k1);
+    for p in &mut c.kv_indptr[s + 1..] {
+        *p -= (k1 - k0) as u32;
+    }
+    c
+}
+
+/// Streaming tiles at the edges: one head, GQA groups of 3, head_dim 8, 24 and 40 (no whole
+/// 16-lane vector of columns, or a tail), rows of either branch in non-joint layers (rows that
+/// see no key), sequences with no rows or no keys beside streaming ones, key tiles of 17 and 128,
+/// 1 vs 3 threads: against the oracle, each sequence and sampled rows alone, the same bits.
+#[test]
+fn flash_streaming_tiles_edge_cases() {
+    let mut hidden = 0;
+    for (n_heads, n_kv_heads, head_dim, joint, seed) in [
+        (1, 1, 24, false, 5),
+        (3, 1, 40, true, 6),
+        (2, 2, 8, false, 7),
+    ] {
+        let big = KV_STREAM_BYTES / (head_dim * 8);
+        let p = CaseParams {
+            seqs: vec![
+                (250, big + 100 - 250),
+                (3, 0),
+                (0, 10),
+                (70, big + 1 - 70),
+                (5, 7),
+                (193, big),
+            ],
+            extra_slots: 3,
+            shape: AttnShape {
+                n_heads,
+                n_kv_heads,
+                head_dim,
+            },
+            joint,
+            query_branch: None,
+            seed,
+        };
+        let full = build_case(&p);
+        for case in [full.clone(), drop_keys_of(&full, 1), drop_keys_of(&full, 4)] {
+            for tile_k in [17, TILE_K] {
+                let run_on = |threads, c: &Case| {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    pool.install(|| run_flash(c, tile_k))
+                };
+                let (out, lse) = run_on(1, &case);
+                let (out3, lse3) = run_on(3, &case);
+                assert_eq!(
+                    bits(&out),
+                    bits(&out3),
+                    "d{head_dim} tile_k {tile_k}: 1 vs 3"
+                );
+                assert_eq!(
+                    bits(&lse),
+                    bits(&lse3),
+                    "d{head_dim} tile_k {tile_k}: 1 vs 3"
+                );
+                check_against_naive(&case, &out, &lse).unwrap();
+                hidden += lse.iter().filter(|x| **x == f32::NEG_INFINITY).count();
+                let (q_dim, nh) = (case.shape.q_dim(), case.shape.n_heads);
+                for s in 0..case.seq_indptr.len() - 1 {
+                    let alone = one_sequence(&case, s);
+                    let (o, l) = run_on(2, &alone);
+                    let r0 = case.seq_indptr[s] as usize;
+                    let n = alone.row_tags.len();
+                    assert_eq!(
+                        bits(&o),
+                        bits(&out[r0 * q_dim..(r0 + n) * q_dim]),
+                        "seq {s}"
+                    );
+                    assert_eq!(
+                        bits(&l),
+                        bits(&lse[r0 * nh..(r0 + n) * nh]),
+                        "seq {s} (lse)"
+                    );
+                    for i in (0..n).filter(|i| i % 37 == 0 || *i + 1 == n || i % 125 <= 1) {
+                        let mut row = alone.clone();
+                        row.q = alone.q[i * q_dim..(i + 1) * q_dim].to_vec();
+                        row.row_tags = vec![alone.row_tags[i]];
+                        row.seq_indptr = vec![0, 1];
+                        let (o1, l1) = run_flash(&row, tile_k);
+                        let at = i * q_dim..(i + 1) * q_dim;
+                        assert_eq!(bits(&o1), bits(&o[at]), "seq {s} row {i}");
+                        assert_eq!(bits(&l1), bits(&l[i * nh..(i + 1) * nh]), "seq {s} row {i}");
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        hidden > 0,
+        "no row saw nothing: the zero/−inf path went untested"
+    );
 }
 
 /// The tile rule: [`TILE_Q`] while one head's K/V fit [`KV_STREAM_BYTES`]; past it, as few
