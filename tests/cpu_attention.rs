@@ -571,6 +571,46 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
+/// Each sequence of `case` alone, and the rows `pick(sequence, its rows, row)` of it alone (one
+/// row is one query tile), give the bits `out` and `lse` have in the whole call.
+fn assert_alone_bits(
+    case: &Case,
+    (out, lse): (&[f32], &[f32]),
+    tile_k: usize,
+    pick: impl Fn(usize, usize, usize) -> bool,
+) {
+    let (q_dim, nh) = (case.shape.q_dim(), case.shape.n_heads);
+    for s in 0..case.seq_indptr.len() - 1 {
+        let alone = one_sequence(case, s);
+        let (o, l) = run_flash(&alone, tile_k);
+        let r0 = case.seq_indptr[s] as usize;
+        let n = alone.row_tags.len();
+        assert_eq!(
+            bits(&o),
+            bits(&out[r0 * q_dim..(r0 + n) * q_dim]),
+            "seq {s}"
+        );
+        assert_eq!(
+            bits(&l),
+            bits(&lse[r0 * nh..(r0 + n) * nh]),
+            "seq {s} (lse)"
+        );
+        for i in (0..n).filter(|&i| pick(s, n, i)) {
+            let mut row = alone.clone();
+            row.q = alone.q[i * q_dim..(i + 1) * q_dim].to_vec();
+            row.row_tags = vec![alone.row_tags[i]];
+            row.seq_indptr = vec![0, 1];
+            let (o1, l1) = run_flash(&row, tile_k);
+            assert_eq!(
+                bits(&o1),
+                bits(&o[i * q_dim..(i + 1) * q_dim]),
+                "seq {s} row {i}"
+            );
+            assert_eq!(bits(&l1), bits(&l[i * nh..(i + 1) * nh]), "seq {s} row {i}");
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
@@ -697,42 +737,11 @@ fn flash_streaming_tiles_match_naive_and_rows_alone() {
     );
     let (out, lse) = run_flash(&case, TILE_K);
     check_against_naive(&case, &out, &lse).unwrap();
-    let (q_dim, n_heads) = (shape.q_dim(), shape.n_heads);
-    for s in 0..3 {
-        let alone = one_sequence(&case, s);
-        let (o, l) = run_flash(&alone, TILE_K);
-        let r0 = case.seq_indptr[s] as usize;
-        let n = alone.row_tags.len();
-        assert_eq!(
-            bits(&o),
-            bits(&out[r0 * q_dim..(r0 + n) * q_dim]),
-            "sequence {s} alone"
-        );
-        assert_eq!(
-            bits(&l),
-            bits(&lse[r0 * n_heads..(r0 + n) * n_heads]),
-            "sequence {s} (lse)"
-        );
-        // The first and last rows of each tile, and one inside.
+    // The first and last rows of each tile, and some inside.
+    assert_alone_bits(&case, (&out, &lse), TILE_K, |s, n, i| {
         let tile = query_tile(n, keys(s), 128);
-        for i in (0..n).filter(|i| i % tile <= 1 || i % tile == tile - 1 || i % 61 == 7) {
-            let mut row = alone.clone();
-            row.q = alone.q[i * q_dim..(i + 1) * q_dim].to_vec();
-            row.row_tags = vec![alone.row_tags[i]];
-            row.seq_indptr = vec![0, 1];
-            let (o1, l1) = run_flash(&row, TILE_K);
-            assert_eq!(
-                bits(&o1),
-                bits(&o[i * q_dim..(i + 1) * q_dim]),
-                "seq {s} row {i}"
-            );
-            assert_eq!(
-                bits(&l1),
-                bits(&l[i * n_heads..(i + 1) * n_heads]),
-                "seq {s} row {i}"
-            );
-        }
-    }
+        i % tile <= 1 || i % tile == tile - 1 || i % 61 == 7
+    });
 }
 
 /// `case` with sequence `s`'s keys removed (its rows then see nothing).
@@ -803,33 +812,9 @@ fn flash_streaming_tiles_edge_cases() {
                 );
                 check_against_naive(&case, &out, &lse).unwrap();
                 hidden += lse.iter().filter(|x| **x == f32::NEG_INFINITY).count();
-                let (q_dim, nh) = (case.shape.q_dim(), case.shape.n_heads);
-                for s in 0..case.seq_indptr.len() - 1 {
-                    let alone = one_sequence(&case, s);
-                    let (o, l) = run_on(2, &alone);
-                    let r0 = case.seq_indptr[s] as usize;
-                    let n = alone.row_tags.len();
-                    assert_eq!(
-                        bits(&o),
-                        bits(&out[r0 * q_dim..(r0 + n) * q_dim]),
-                        "seq {s}"
-                    );
-                    assert_eq!(
-                        bits(&l),
-                        bits(&lse[r0 * nh..(r0 + n) * nh]),
-                        "seq {s} (lse)"
-                    );
-                    for i in (0..n).filter(|i| i % 37 == 0 || *i + 1 == n || i % 125 <= 1) {
-                        let mut row = alone.clone();
-                        row.q = alone.q[i * q_dim..(i + 1) * q_dim].to_vec();
-                        row.row_tags = vec![alone.row_tags[i]];
-                        row.seq_indptr = vec![0, 1];
-                        let (o1, l1) = run_flash(&row, tile_k);
-                        let at = i * q_dim..(i + 1) * q_dim;
-                        assert_eq!(bits(&o1), bits(&o[at]), "seq {s} row {i}");
-                        assert_eq!(bits(&l1), bits(&l[i * nh..(i + 1) * nh]), "seq {s} row {i}");
-                    }
-                }
+                assert_alone_bits(&case, (&out, &lse), tile_k, |_, n, i| {
+                    i % 37 == 0 || i + 1 == n || i % 125 <= 1
+                });
             }
         }
     }
