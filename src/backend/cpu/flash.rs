@@ -28,8 +28,8 @@
 //!
 //! # Every row on its own
 //! A row's result depends on its query, its sequence's keys (their order and tags) and `tile_k`
-//! alone, not on the query tile it lands in: each score is one FMA chain over `head_dim` in order, each `acc` element one FMA chain
-//! over the keys in order, a row's max, sum and rescales read only its own scores, and a
+//! alone, not on the query tile it lands in: each score is one FMA chain over `head_dim` in
+//! order, each `acc` element one FMA chain over the keys in order, a row's max, sum and rescales read only its own scores, and a
 //! skipped (Hidden) tile changes nothing a computed one would not (its `p` would all be exact
 //! zeros: `acc · 1 + 0`). Neither the rows around it (the query tile, other sequences of the
 //! batch), nor the thread count changes a bit (SPEC §8; `tests/batch.rs`).
@@ -547,7 +547,7 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) {
     acc.clear();
     acc.resize(n_rows * d, 0.0);
     let mut vs: Vec<&[f32]> = Vec::with_capacity(tile_k);
-    let k_rows = |tile: Range<usize>, pool| PoolRows {
+    let pool_rows = |tile: Range<usize>, pool| PoolRows {
         pool,
         offsets: &key_offsets[tile],
         col: kv_col,
@@ -563,7 +563,15 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) {
         let k_tags = &inp.kv_tags[tile.clone()];
         // Sᵀ = K·Qᵀ, K read in place.
         let st = &mut st[..n_keys * ld];
-        qk::<S, MRK>(simd, k_rows(tile.clone(), inp.k_pool), qt, nvec, d, st, ld);
+        qk::<S, MRK>(
+            simd,
+            pool_rows(tile.clone(), inp.k_pool),
+            qt,
+            nvec,
+            d,
+            st,
+            ld,
+        );
         // Hidden pairs −inf (a Visible tile has none).
         if class != TileClass::Visible {
             for (st_j, &kt) in st.chunks_exact_mut(ld).zip(k_tags) {
@@ -617,13 +625,11 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) {
                 }
             }
         }
-        // acc += P·V, V read in place.
+        // acc += P·V, V read in place (through a list of its rows: the micro-kernel is faster
+        // on those than on the offsets).
+        let v_rows = pool_rows(tile, inp.v_pool);
         vs.clear();
-        vs.extend(
-            key_offsets[tile]
-                .iter()
-                .map(|&o| &inp.v_pool[o + kv_col..][..d]),
-        );
+        vs.extend((0..v_rows.len()).map(|j| v_rows.row(j, d)));
         pv::<S, MR_PV>(simd, st, ld, n_rows, &vs, acc, d);
     }
 

@@ -820,8 +820,8 @@ mod tests {
     }
 
     /// `exp_lanes` against f64 `exp` on a dense sweep of its range (every lane position), within
-    /// 1 ulp of the true value (0.90 at worst on this sweep when written); its edges and special values as
-    /// documented.
+    /// 1 ulp of the true value (0.90 at worst on this sweep when written); its edges and special
+    /// values as documented.
     #[test]
     fn exp_lanes_is_within_1_ulp_of_f64_exp() {
         let mut worst = 0.0f64;
