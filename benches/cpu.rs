@@ -2,8 +2,9 @@
 //! at `small`-preset shapes. `cargo bench --bench cpu`.
 //!
 //! - attention at a sparse-step shape (2 × (16 registers + C_k + C_{k-1}) query rows against up
-//!   to 1088 keys, and 4160 keys as at 64×64) and at the dense shape (2 × 1088 rows, all
-//!   visible), 4 heads × 64: the kernel twin (`tiled`) and the backend's attention (`flash`);
+//!   to 1088 keys, and 4160 keys as at 64×64, with 48 rows or the 140 of a 64×64 run's average
+//!   step) and at the dense shape (2 × 1088 rows, all visible), 4 heads × 64: the kernel twin
+//!   (`tiled`) and the backend's attention (`flash`);
 //! - the sampler pass at V = 512 and 2048 (rows × V logits, CFG pairs);
 //! - the matrix products of a sparse and a dense step (and a 1024³ square for the sgemm rate),
 //!   column split (`crate`) against the previous row split.
@@ -91,6 +92,7 @@ fn attention(c: &mut Criterion) {
     for (name, rows, keys, sparse) in [
         ("sparse_step", 48, 1088, true),
         ("sparse_step_64x64", 48, 4160, true),
+        ("sparse_step_64x64_140", 140, 4160, true),
         ("dense_step", 1088, 1088, false),
     ] {
         let p = Problem::new(rows, keys, sparse, &mut rng);

@@ -17,7 +17,9 @@
 //!    others get `visible` per pair.
 //! 2. `Sᵀ = K·Qᵀ` through a register-blocked SIMD micro-kernel ([`pulp`]: AVX-512, AVX2+FMA or
 //!    scalar, detected at run time): the query rows packed `[head_dim][rows]` once per item, K
-//!    read in place from the pool (each key's row offset computed once per call, not per item).
+//!    read in place from the pool (each key's row offset computed once per call, not per item),
+//!    the K rows [`PREFETCH_KEYS`] ahead asked for while a block computes (software prefetch:
+//!    the pool's rows are too far apart for the hardware prefetchers).
 //! 3. Online softmax in base 2, vectorised over keys: scores come out scaled by
 //!    `log2(e)/sqrt(head_dim)` (the packed queries carry the scale), hidden pairs −inf, tile
 //!    max (four running maxima over interleaved keys), `p = 2^(s − m)` by a polynomial
@@ -334,12 +336,38 @@ fn qk_micro<S: Simd, const MRK: usize, const NVQ: usize>(
     }
 }
 
-/// `S^T` for keys `ks` (all query-row vectors): key blocks of `MRK` then 4, 2, 1, row vectors
-/// in blocks of 4, 3, 2, 1.
+/// How far ahead of the key block it computes [`qk`]'s first pass asks the cache for K rows,
+/// in keys (two blocks of 6 with AVX-512). Each key's row is one slot of the pool, so a head's
+/// rows are `kv_dim` values apart and a tile of them spans many pages: the hardware prefetchers
+/// do not follow them, and once one head's keys pass the mid-level cache every block waited on
+/// its K rows (its first loads were a sparse 64×64 run's hottest instructions).
+const PREFETCH_KEYS: usize = 12;
+
+/// Asks the cache for the lines of `row` (a hint: no effect on any value).
 #[inline(always)]
+fn prefetch_row(row: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in row.chunks(16) {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // SAFETY: PREFETCHT0 reads no value into the program and never faults, whatever the
+        // address; this one is inside `row` anyway. The intrinsic is `unsafe` only because it
+        // takes a raw pointer.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+}
+
+/// `S^T` for keys `ks` (all query-row vectors): key blocks of `MRK` then 4, 2, 1, row vectors
+/// in blocks of 4, 3, 2, 1. `ahead` is the sequence's K rows from the tile's first key to its
+/// last: the first pass over the keys prefetches those [`PREFETCH_KEYS`] ahead of each block,
+/// into the next tile too.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn qk<S: Simd, const MRK: usize>(
     simd: S,
     ks: PoolRows,
+    ahead: PoolRows,
     qt: &[S::f32s],
     nvec: usize,
     d: usize,
@@ -348,9 +376,15 @@ fn qk<S: Simd, const MRK: usize>(
 ) {
     let mut v0 = 0;
     macro_rules! keys {
-        ($b:expr, $j0:ident, $nv:literal) => {
+        ($b:expr, $j0:ident, $nv:literal) => {{
+            if v0 == 0 {
+                let next = ($j0 + PREFETCH_KEYS).min(ahead.len());
+                for j in next..(next + $b).min(ahead.len()) {
+                    prefetch_row(ahead.row(j, d));
+                }
+            }
             qk_micro::<S, { $b }, $nv>(simd, ks.skip($j0), qt, nvec, v0, d, st, ld, $j0)
-        };
+        }};
     }
     macro_rules! rows {
         ($nv:literal) => {
@@ -566,6 +600,7 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) {
         qk::<S, MRK>(
             simd,
             pool_rows(tile.clone(), inp.k_pool),
+            pool_rows(tile.start..keys.end, inp.k_pool),
             qt,
             nvec,
             d,
