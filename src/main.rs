@@ -1398,8 +1398,8 @@ fn cmd_info() -> Result<()> {
 /// to the kernel. Every step of a generation allocates and frees the same activation-sized
 /// buffers; by default glibc maps the large ones afresh and unmaps them (or trims the heap)
 /// afterwards, so each step page-faulted them in again, and unmapping a page another thread had
-/// touched cost a TLB shootdown: about 2 % of a sparse `small` 64×64 run went to `native_write_msr`
-/// alone. Allocations past 32 MiB (the weights, the K/V pool) are still mapped on their own.
+/// touched cost a TLB shootdown: about 2 % of a sparse `small` 64×64 run went to
+/// `native_write_msr` alone. Allocations past 32 MiB (the weights, the K/V pool) are still mapped on their own.
 /// A library user's process is not touched: this is the binary's choice.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

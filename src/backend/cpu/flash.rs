@@ -343,7 +343,9 @@ fn qk_micro<S: Simd, const MRK: usize, const NVQ: usize>(
 /// its K rows (its first loads were a sparse 64×64 run's hottest instructions).
 const PREFETCH_KEYS: usize = 12;
 
-/// Asks the cache for the lines of `row` (a hint: no effect on any value).
+/// Asks the cache for the lines that `row`'s chunks of 16 values start in (a hint: no effect on
+/// any value). That is every line of a row aligned to 64 bytes; of one that is not, the line
+/// holding its last values is left to the loads.
 #[inline(always)]
 fn prefetch_row(row: &[f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -359,8 +361,8 @@ fn prefetch_row(row: &[f32]) {
 }
 
 /// `S^T` for keys `ks` (all query-row vectors): key blocks of `MRK` then 4, 2, 1, row vectors
-/// in blocks of 4, 3, 2, 1. `ahead` is the sequence's K rows from the tile's first key to its
-/// last: the first pass over the keys prefetches those [`PREFETCH_KEYS`] ahead of each block,
+/// in blocks of 4, 3, 2, 1. `ahead` is the sequence's K rows from the tile's first key to the
+/// sequence's last: the first pass over the keys prefetches those [`PREFETCH_KEYS`] ahead of each block,
 /// into the next tile too.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
