@@ -144,11 +144,14 @@ struct Head<M> {
 /// The activation matrices of forward passes, allocated for up to a number of rows per branch
 /// (and of logits rows) and reused by every pass that fits: a generation allocates them once.
 ///
-/// A growable workspace reallocates when a plan needs more rows; a [`Workspace::freeze`]d one
-/// refuses instead, so that work queued for later replay (a captured CUDA graph) never
-/// allocates.
+/// A growable workspace reallocates when a plan needs more rows: for exactly those rows
+/// ([`Workspace::new`]), or for twice what it held up to known bounds
+/// ([`Workspace::growing_to`]). A [`Workspace::freeze`]d one refuses instead, so that work
+/// queued for later replay (a captured CUDA graph) never allocates.
 pub struct Workspace<B: Backend> {
     scratch: [Option<Scratch<B::Matrix>>; 2],
+    /// What a growable workspace grows towards: rows per branch, logits rows.
+    bounds: Option<([usize; 2], usize)>,
     /// The last layer's logits rows ([`Prepared::tail`]), sized for the wider branch.
     tail: Option<Scratch<B::Matrix>>,
     head: Option<Head<B::Matrix>>,
@@ -163,6 +166,7 @@ impl<B: Backend> Workspace<B> {
     pub fn new() -> Self {
         Workspace {
             scratch: [None, None],
+            bounds: None,
             tail: None,
             head: None,
             rows: [0, 0],
@@ -170,6 +174,24 @@ impl<B: Backend> Workspace<B> {
             logits_rows: 0,
             frozen: false,
         }
+    }
+
+    /// An empty, growable workspace for passes of at most `rows[b]` rows of branch `b` and
+    /// `logits_rows` logits rows (a pass past them still gets what it needs). When a pass needs
+    /// more rows than it holds, it takes at least twice what it held, up to those bounds: the
+    /// host loop's sparse passes grow by a few rows a step, and reallocating (and zeroing) at
+    /// each was 3 % of a sparse `small` 64×64 generation on the CPU.
+    pub fn growing_to(rows: [usize; 2], logits_rows: usize) -> Self {
+        Workspace {
+            bounds: Some((rows, logits_rows)),
+            ..Self::new()
+        }
+    }
+
+    /// Rows to allocate for a pass that needs `need` rows where `cap` are held and growth
+    /// stops at `bound` (if any): `need`, or up to twice `cap` where a bound allows it.
+    fn grown(need: usize, cap: usize, bound: Option<usize>) -> usize {
+        bound.map_or(need, |b| need.max(cap.saturating_mul(2).min(b)))
     }
 
     /// Refuses to grow from now on: a pass needing more rows than allocated is an error.
@@ -371,24 +393,37 @@ impl<B: Backend> Model<B> {
         let i = b as usize;
         let what = format!("{} rows", b.name());
         let (slot, cap) = (&mut ws.scratch[i], &mut ws.rows[i]);
-        self.fit_scratch(slot, cap, ws.frozen, &what, [b], b, n)
+        let bound = ws.bounds.map(|(rows, _)| rows[i]);
+        self.fit_scratch(slot, cap, ws.frozen, bound, &what, [b], b, n)
     }
 
     /// The tail's scratch ([`Prepared::tail`]): sized for the wider of the two branches, shaped
     /// for `b`.
     fn fit_tail(&self, ws: &mut Workspace<B>, b: Branch, n: usize) -> Result<()> {
         let (slot, cap) = (&mut ws.tail, &mut ws.tail_rows);
-        self.fit_scratch(slot, cap, ws.frozen, "logits rows", Branch::ALL, b, n)
+        let bound = ws.bounds.map(|(_, logits)| logits);
+        self.fit_scratch(
+            slot,
+            cap,
+            ws.frozen,
+            bound,
+            "logits rows",
+            Branch::ALL,
+            b,
+            n,
+        )
     }
 
     /// Makes `slot` hold `n` rows shaped for branch `b`, reallocating (for the widest of
-    /// `sized_for`) when its capacity `cap` is short and the workspace is not frozen.
+    /// `sized_for`, and rows as [`Workspace::grown`] says) when its capacity `cap` is short and
+    /// the workspace is not frozen.
     #[allow(clippy::too_many_arguments)]
     fn fit_scratch<const N: usize>(
         &self,
         slot: &mut Option<Scratch<B::Matrix>>,
         cap: &mut usize,
         frozen: bool,
+        bound: Option<usize>,
         what: &str,
         sized_for: [Branch; N],
         b: Branch,
@@ -404,15 +439,16 @@ impl<B: Backend> Model<B> {
                 sized_for.iter().map(|&b| f(cfg, b)).max().unwrap_or(0)
             };
             let (d, f) = (widest(Config::d_model), widest(Config::d_mlp));
+            let rows = Workspace::<B>::grown(n, *cap, bound);
             *slot = Some(Scratch {
-                x: be.matrix(n, d, Residual)?,
-                h: be.matrix(n, d, Activation)?,
-                qkv: be.matrix(n, a + 2 * kv, Activation)?,
-                att: be.matrix(n, a, Activation)?,
-                gate_up: be.matrix(n, 2 * f, Activation)?,
-                act: be.matrix(n, f, Activation)?,
+                x: be.matrix(rows, d, Residual)?,
+                h: be.matrix(rows, d, Activation)?,
+                qkv: be.matrix(rows, a + 2 * kv, Activation)?,
+                att: be.matrix(rows, a, Activation)?,
+                gate_up: be.matrix(rows, 2 * f, Activation)?,
+                act: be.matrix(rows, f, Activation)?,
             });
-            *cap = n;
+            *cap = rows;
         }
         if let Some(s) = slot.as_mut() {
             let (d, f) = (cfg.d_model(b), cfg.d_mlp(b));
@@ -443,12 +479,13 @@ impl<B: Backend> Model<B> {
             if ws.frozen {
                 return Err(grow_error("logits rows", n, ws.logits_rows));
             }
+            let rows = Workspace::<B>::grown(n, ws.logits_rows, ws.bounds.map(|(_, l)| l));
             ws.head = Some(Head {
-                rows: be.matrix(n, d, Residual)?,
-                normed: be.matrix(n, d, Activation)?,
-                logits: be.matrix(n, v, Logits)?,
+                rows: be.matrix(rows, d, Residual)?,
+                normed: be.matrix(rows, d, Activation)?,
+                logits: be.matrix(rows, v, Logits)?,
             });
-            ws.logits_rows = n;
+            ws.logits_rows = rows;
         }
         Ok(())
     }

@@ -1,21 +1,51 @@
 //! A reused workspace computes what fresh buffers compute: replaying every plan of a
 //! generation (sizes going up and down) through one workspace and one pool gives, step by step,
-//! the logits of a pass with fresh buffers over a copy of the same pool; a frozen workspace
-//! refuses a pass that needs more rows instead of growing.
+//! the logits of a pass with fresh buffers over a copy of the same pool, whether the workspace
+//! grows to exactly what a pass needs or with room to spare; a frozen workspace refuses a pass
+//! that needs more rows instead of growing. The bounds the host loop grows a workspace towards
+//! hold every pass of every mode.
 
 mod common;
 
 use common::{plans_of, small_t2i, small_text, tiny_model};
-use sparse_lavida::model::Workspace;
-use sparse_lavida::sampler::{Mode, Switches, Task, TextRequest};
+use sparse_lavida::backend::cpu::CpuBackend;
+use sparse_lavida::config::Branch;
+use sparse_lavida::model::{Model, Workspace};
+use sparse_lavida::plan::StepPlan;
+use sparse_lavida::sampler::{BatchSampling, Mode, Switches, T2iRequest, Task, TextRequest};
+use sparse_lavida::schedule::Order;
 
 fn check(task: &Task, mode: Mode) {
     let model = tiny_model(3);
     let plans = plans_of(&model, task, mode);
+    // Exact growth; doubling with bounds past every pass; doubling with bounds below some.
+    let most = |b: Branch| plans.iter().map(|p| p.rows(b).len()).max().unwrap();
+    let most_logits = plans.iter().map(|p| p.logits_rows.len()).max().unwrap();
+    let (text, image) = (most(Branch::Text), most(Branch::Image));
+    check_with(&model, &plans, mode, Workspace::new());
+    check_with(
+        &model,
+        &plans,
+        mode,
+        Workspace::growing_to([4 * text, 4 * image], 4 * most_logits),
+    );
+    check_with(
+        &model,
+        &plans,
+        mode,
+        Workspace::growing_to([text / 2, image / 2], most_logits / 2),
+    );
+}
+
+fn check_with(
+    model: &Model<CpuBackend>,
+    plans: &[StepPlan],
+    mode: Mode,
+    mut ws: Workspace<CpuBackend>,
+) {
     let slots = plans.iter().map(|p| p.pool_slots).max().unwrap();
     let mut cache = model.new_cache(slots).unwrap();
-    let mut ws = Workspace::new();
-    for (k, plan) in plans.into_iter().enumerate() {
+    for (k, plan) in plans.iter().cloned().enumerate() {
         // The oracle: fresh buffers over a copy of the pool before this pass.
         let mut fresh_cache = cache.clone();
         let prepared = model.prepare(plan).unwrap();
@@ -32,6 +62,130 @@ fn check(task: &Task, mode: Mode) {
             assert_eq!(got.data, want.data, "{mode} pass {k}: logits differ");
         }
         assert!(cache == fresh_cache, "{mode} pass {k}: the pools differ");
+    }
+}
+
+/// Doubling growth, on a sparse generation whose passes grow (a 12×12 grid in 24 steps, the
+/// schedule's groups growing): after each pass the workspace holds what it held if that was
+/// enough, else exactly `max(need, min(2 · held, bound))`, for each branch's rows and the logits
+/// rows; under the host loop's bounds and under bounds that some doubling would pass. Every
+/// pass's logits are those of fresh buffers.
+#[test]
+fn growing_workspace_doubles_up_to_its_bounds() {
+    let model = tiny_model(3);
+    let task = Task::T2i(T2iRequest {
+        prompt: vec![3, 4, 5],
+        height: 12,
+        width: 12,
+        steps: 24,
+        guidance: 2.0,
+        temperature: 1.0,
+        order: Order::Random,
+        seed: 5,
+    });
+    let text = Task::Text(TextRequest {
+        prompt: vec![1, 2, 3, 4],
+        answer_len: 48,
+        block_len: 16,
+        steps: 12,
+        temperature: 0.5,
+        banned: Vec::new(),
+        seed: 2,
+    });
+    let (mut spare, mut capped) = (0, 0);
+    for task in [task, text] {
+        let (s, c) = grows_as_it_should(&model, &task);
+        (spare, capped) = (spare + s, capped + c);
+    }
+    assert!(
+        spare > 0,
+        "no growth left room: the cases do not test doubling"
+    );
+    assert!(
+        capped > 0,
+        "no growth was capped: the cases do not test the bound"
+    );
+}
+
+/// Checks every pass of `task`'s sparse generation; returns how many growths left room to
+/// spare and how many a bound held below twice what was held.
+fn grows_as_it_should(model: &Model<CpuBackend>, task: &Task) -> (usize, usize) {
+    let mode = Mode::Sparse(Switches::ALL_ON);
+    let plans = plans_of(model, task, mode);
+    let s = BatchSampling::new(model.config(), std::slice::from_ref(task), mode).unwrap();
+    let most = |b: Branch| plans.iter().map(|p| p.rows(b).len()).max().unwrap();
+    let most_logits = plans.iter().map(|p| p.logits_rows.len()).max().unwrap();
+    let tight = ([most(Branch::Text), most(Branch::Image)], most_logits);
+    let (mut spare, mut capped) = (0, 0);
+    for (bound_rows, bound_logits) in [s.pass_bounds(), tight] {
+        let mut ws = Workspace::growing_to(bound_rows, bound_logits);
+        let slots = plans.iter().map(|p| p.pool_slots).max().unwrap();
+        let mut cache = model.new_cache(slots).unwrap();
+        let want = |held: usize, need: usize, bound: usize| match need <= held && held > 0 {
+            true => held,
+            false => need.max((2 * held).min(bound)),
+        };
+        for (k, plan) in plans.iter().cloned().enumerate() {
+            let (held, held_logits) = ws.capacity();
+            let need = Branch::ALL.map(|b| plan.rows(b).len());
+            let need_logits = plan.logits_rows.len();
+            let prepared = model.prepare(plan).unwrap();
+            let want_logits = model.forward(&prepared, &mut cache.clone()).unwrap();
+            model.forward_in(&prepared, &mut cache, &mut ws).unwrap();
+            assert_eq!(
+                ws.logits().map(|l| &l.data),
+                want_logits.as_ref().map(|l| &l.data)
+            );
+            let (rows, logits) = ws.capacity();
+            let mut check = |what: &str, got: usize, held: usize, need: usize, bound: usize| {
+                if need == 0 {
+                    return;
+                }
+                assert_eq!(got, want(held, need, bound), "pass {k}: {what}");
+                spare += usize::from(got > need && got != held);
+                capped += usize::from(got != held && got < 2 * held);
+            };
+            for b in Branch::ALL {
+                let i = b as usize;
+                check(b.name(), rows[i], held[i], need[i], bound_rows[i]);
+            }
+            check(
+                "logits rows",
+                logits,
+                held_logits,
+                need_logits,
+                bound_logits,
+            );
+        }
+    }
+    (spare, capped)
+}
+
+/// Every pass of every mode, t2i (with and without CFG) and text, feeds at most the bounds
+/// `BatchSampling::pass_bounds` gives: rows per branch and logits rows.
+#[test]
+fn pass_bounds_hold_every_pass() {
+    let model = tiny_model(3);
+    let tasks = [small_t2i(2.0), small_t2i(1.0), small_text()];
+    for task in &tasks {
+        for mode in Mode::all() {
+            let s = BatchSampling::new(model.config(), std::slice::from_ref(task), mode).unwrap();
+            let (rows, logits) = s.pass_bounds();
+            for (k, plan) in plans_of(&model, task, mode).iter().enumerate() {
+                for b in Branch::ALL {
+                    let n = plan.rows(b).len();
+                    assert!(
+                        n <= rows[b as usize],
+                        "{mode} pass {k}: {n} {} rows",
+                        b.name()
+                    );
+                }
+                assert!(
+                    plan.logits_rows.len() <= logits,
+                    "{mode} pass {k}: logits rows"
+                );
+            }
+        }
     }
 }
 

@@ -61,8 +61,10 @@ fn run<B: Backend>(
     let be = model.backend();
     let n_req = s.len();
     let mut cache = model.new_cache(s.pool_slots())?;
-    // Activations are allocated by the first pass that needs them and reused by later ones.
-    let mut ws = Workspace::new();
+    // Activations are allocated by the first pass that needs them and reused by later ones;
+    // a pass that needs more rows than they hold reallocates them with room to spare.
+    let (max_rows, max_logits) = s.pass_bounds();
+    let mut ws = Workspace::growing_to(max_rows, max_logits);
     let mut states = s.start();
     // Per request: forwards, rows fed, step traces.
     let mut forwards = vec![0usize; n_req];

@@ -19,7 +19,7 @@
 //! alone or in any batch.
 
 use super::{DecodeState, Mode, Sampling, Task};
-use crate::config::Config;
+use crate::config::{Branch, Config};
 use crate::error::{Error, Result};
 use crate::plan::{PartOffsets, PlanPart, StepPlan};
 
@@ -185,6 +185,24 @@ impl BatchSampling {
     /// Pool slots of the whole batch.
     pub fn pool_slots(&self) -> usize {
         self.regions.last().map_or(0, |r| r.slot_base + r.slots)
+    }
+
+    /// Bounds on one pass of the batch: rows per branch (indexed by `Branch as usize`) and
+    /// logits rows. A sequence feeds at most its prompt (text rows), every response position
+    /// once and the registers (rows of the response's branch), and samples at most its response
+    /// positions (as the memory check counts them: `memory::add_batch`).
+    pub fn pass_bounds(&self) -> ([usize; 2], usize) {
+        let mut rows = [0usize; 2];
+        let mut logits = 0usize;
+        for r in &self.requests {
+            let l = r.layout();
+            for prompt in &l.prompts {
+                rows[Branch::Text as usize] += prompt.len();
+                rows[l.branch as usize] += l.n + l.r;
+                logits += l.n;
+            }
+        }
+        (rows, logits)
     }
 
     /// Passes after the prefill: the most steps of any request (text requests may differ).

@@ -114,14 +114,68 @@ pub struct CpuCache {
     /// RoPE's `(cos, sin)` for positions `0..slots`, `[slots][head_dim / 2]`, computed once for
     /// every layer and step (a position past it is computed where it is used, the same way).
     rope: Vec<(f32, f32)>,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    pool: Pool,
 }
 
 impl CpuCache {
     /// Slots in the pool.
     pub fn slots(&self) -> usize {
         self.slots
+    }
+}
+
+/// The K/V pool of every layer: K of every layer, then V of every layer (`[2][layers][slots]
+/// [kv_dim]`), in one allocation.
+///
+/// One allocation because a large one is zeroed by nobody: glibc serves a zeroed allocation at
+/// or past its mmap threshold (128 KiB to 32 MiB; the CLI sets 32 MiB) with fresh pages, which
+/// the kernel zeroes as each is first written. A step writes only its own rows' slots, so a
+/// generation pays for none it leaves unused, and none at the start. (One `calloc` per layer
+/// and per K or V came from glibc's heap and was zeroed there: 80 ms of a sparse `small` 64×64
+/// generation, 5 % of it, for its 203 MB pool.)
+#[derive(Debug, Clone, PartialEq)]
+struct Pool {
+    layers: usize,
+    /// Values of one layer's K (or V): slots · kv_dim.
+    per_layer: usize,
+    kv: Vec<f32>,
+}
+
+impl Pool {
+    /// `layers` layers of `per_layer` values each for K and for V, all zero; an error naming
+    /// `what` if the size overflows.
+    fn zeroed(layers: usize, per_layer: usize, what: &str) -> Result<Pool> {
+        let len = elements(layers.saturating_mul(2), per_layer, what)?;
+        Ok(Pool {
+            layers,
+            per_layer,
+            kv: vec![0.0; len],
+        })
+    }
+
+    /// Values of one layer's K (or V), once `layer` is known to be one of the pool's.
+    fn check(&self, layer: usize) -> Result<usize> {
+        if layer >= self.layers {
+            return Err(Error::Input(format!(
+                "layer {layer} beyond the pool's {}",
+                self.layers
+            )));
+        }
+        Ok(self.per_layer)
+    }
+
+    /// Layer `layer`'s K and V (`[slots][kv_dim]` each).
+    fn layer(&self, layer: usize) -> Result<(&[f32], &[f32])> {
+        let n = self.check(layer)?;
+        let (k, v) = self.kv.split_at(self.layers * n);
+        Ok((&k[layer * n..][..n], &v[layer * n..][..n]))
+    }
+
+    /// [`Pool::layer`], writable.
+    fn layer_mut(&mut self, layer: usize) -> Result<(&mut [f32], &mut [f32])> {
+        let n = self.check(layer)?;
+        let (k, v) = self.kv.split_at_mut(self.layers * n);
+        Ok((&mut k[layer * n..][..n], &mut v[layer * n..][..n]))
     }
 }
 
@@ -277,8 +331,7 @@ impl Backend for CpuBackend {
             },
             rope_theta: cfg.rope_theta,
             rope,
-            k: vec![vec![0.0; per_layer]; cfg.n_layers],
-            v: vec![vec![0.0; per_layer]; cfg.n_layers],
+            pool: Pool::zeroed(cfg.n_layers, per_layer, &what)?,
         })
     }
 
@@ -374,12 +427,7 @@ impl Backend for CpuBackend {
         let n = rows.len();
         let (q_dim, d) = (n_heads * head_dim, cache.kv_dim);
         check_shape("rope q|k|v", qkv, n, q_dim + 2 * d)?;
-        if layer >= cache.k.len() {
-            return Err(Error::Input(format!(
-                "layer {layer} beyond the pool's {}",
-                cache.k.len()
-            )));
-        }
+        cache.pool.check(layer)?;
         // The arithmetic of `ops::rope` on q and k, in place in each row (q) and in the pool
         // (k), without copying the column blocks out.
         if !(theta.is_finite() && theta > 0.0) || head_dim == 0 || !head_dim.is_multiple_of(2) {
@@ -407,7 +455,7 @@ impl Backend for CpuBackend {
         }
         let inv_freq = crate::contract::rope::inv_freq(head_dim, theta);
         let half = head_dim / 2;
-        let CpuCache { rope, k, v, .. } = cache;
+        let CpuCache { rope, pool, .. } = cache;
         // The pool's table where it holds the position, else the same angles computed here.
         let angles = |pos: u32| -> std::borrow::Cow<'_, [(f32, f32)]> {
             let at = pos as usize * half;
@@ -421,7 +469,7 @@ impl Backend for CpuBackend {
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_unstable_by_key(|&i| rows.slots[i]);
         let mut dst: Vec<Option<(&mut [f32], &mut [f32])>> = (0..n).map(|_| None).collect();
-        let (mut k_rest, mut v_rest) = (&mut k[layer][..], &mut v[layer][..]);
+        let (mut k_rest, mut v_rest) = pool.layer_mut(layer)?;
         let mut next = 0;
         for &i in &order {
             let slot = rows.slots[i] as usize;
@@ -471,12 +519,7 @@ impl Backend for CpuBackend {
             rows.len(),
             shape.n_heads * shape.head_dim,
         )?;
-        if layer >= cache.k.len() {
-            return Err(Error::Input(format!(
-                "layer {layer} beyond the pool's {}",
-                cache.k.len()
-            )));
-        }
+        let (k_pool, v_pool) = cache.pool.layer(layer)?;
         // The queries are q's first n_heads·head_dim columns (q may be the fused q|k|v).
         let q_dim = shape.n_heads * shape.head_dim;
         if q.rows != rows.len() || q.cols < q_dim {
@@ -491,8 +534,8 @@ impl Backend for CpuBackend {
             q: &q.data,
             row_tags: &rows.tags,
             seq_indptr: &rows.seq_indptr,
-            k_pool: &cache.k[layer],
-            v_pool: &cache.v[layer],
+            k_pool,
+            v_pool,
             kv_indptr: &plan.kv_indptr,
             kv_indices: &plan.kv_indices,
             kv_tags: &plan.kv_tags,
@@ -562,6 +605,48 @@ impl Backend for CpuBackend {
 mod tests {
     use super::*;
 
+    /// The pool's layers are disjoint, each K and V of its own `per_layer` values: writing a
+    /// distinct value through every layer's K and V and reading them all back finds each where
+    /// it was written, and every value of the allocation written once. A layer past the last is
+    /// an error naming it.
+    #[test]
+    fn pool_layers_are_disjoint() {
+        let (layers, per_layer) = (3, 10);
+        let mut pool = Pool::zeroed(layers, per_layer, "test pool").unwrap();
+        assert_eq!(pool.kv.len(), 2 * layers * per_layer);
+        assert!(pool.kv.iter().all(|&x| x == 0.0));
+        let mark = |l: usize, v: bool, i: usize| (100 * l + 10 * usize::from(v) + i) as f32;
+        for l in 0..layers {
+            let (k, v) = pool.layer_mut(l).unwrap();
+            assert_eq!((k.len(), v.len()), (per_layer, per_layer));
+            for i in 0..per_layer {
+                k[i] = mark(l, false, i);
+                v[i] = mark(l, true, i);
+            }
+        }
+        for l in 0..layers {
+            let (k, v) = pool.layer(l).unwrap();
+            for i in 0..per_layer {
+                assert_eq!(
+                    (k[i], v[i]),
+                    (mark(l, false, i), mark(l, true, i)),
+                    "{l} {i}"
+                );
+            }
+        }
+        let mut all = pool.kv.clone();
+        all.sort_by(f32::total_cmp);
+        all.dedup();
+        assert_eq!(all.len(), 2 * layers * per_layer, "a value written twice");
+        for e in [
+            pool.layer(layers).unwrap_err(),
+            pool.layer_mut(7).unwrap_err(),
+        ] {
+            assert!(e.to_string().contains("beyond the pool's 3"), "{e}");
+        }
+        assert!(Pool::zeroed(usize::MAX / 2, 4, "huge pool").is_err());
+    }
+
     /// `rope_store_kv` rotates q in place and stores the rotated k and the v at each row's slot
     /// as `ops::rope` (angles computed on the spot) does: positions inside the pool's RoPE table
     /// and past it alike.
@@ -615,16 +700,9 @@ mod tests {
                 q[i * q_dim..][..q_dim],
                 "q row {i}"
             );
-            assert_eq!(
-                cache.k[layer][slot * kv..][..kv],
-                k[i * kv..][..kv],
-                "k row {i}"
-            );
-            assert_eq!(
-                cache.v[layer][slot * kv..][..kv],
-                v[i * kv..][..kv],
-                "v row {i}"
-            );
+            let (k_pool, v_pool) = cache.pool.layer(layer).unwrap();
+            assert_eq!(k_pool[slot * kv..][..kv], k[i * kv..][..kv], "k row {i}");
+            assert_eq!(v_pool[slot * kv..][..kv], v[i * kv..][..kv], "v row {i}");
         }
         // Two rows for one slot: an error naming the row, not a race.
         let mut twice = plan.clone();
