@@ -615,7 +615,7 @@ mod tests {
         let mut pool = Pool::zeroed(layers, per_layer, "test pool").unwrap();
         assert_eq!(pool.kv.len(), 2 * layers * per_layer);
         assert!(pool.kv.iter().all(|&x| x == 0.0));
-        let mark = |l: usize, v: bool, i: usize| (100 * l + 10 * usize::from(v) + i) as f32;
+        let mark = |l: usize, v: bool, i: usize| (1 + 100 * l + 50 * usize::from(v) + i) as f32;
         for l in 0..layers {
             let (k, v) = pool.layer_mut(l).unwrap();
             assert_eq!((k.len(), v.len()), (per_layer, per_layer));
