@@ -142,7 +142,7 @@ struct Head<M> {
 }
 
 /// The activation matrices of forward passes, allocated for up to a number of rows per branch
-/// (and of logits rows) and reused by every pass that fits: a generation allocates them once.
+/// (and of logits rows) and reused by every pass that fits.
 ///
 /// A growable workspace reallocates when a plan needs more rows: for exactly those rows
 /// ([`Workspace::new`]), or for twice what it held up to known bounds
@@ -202,6 +202,12 @@ impl<B: Backend> Workspace<B> {
     /// Rows allocated per branch (text, image) and logits rows.
     pub fn capacity(&self) -> ([usize; 2], usize) {
         (self.rows, self.logits_rows)
+    }
+
+    /// Rows allocated for the last layer's pass over the logits rows alone (where the backend
+    /// [prunes](Backend::prunes_last_layer) the last layer; 0 until a pass needs it).
+    pub fn tail_capacity(&self) -> usize {
+        self.tail_rows
     }
 
     /// The logits of the last pass that computed any (`[logits rows, V]`).

@@ -10,9 +10,12 @@ mod common;
 use common::{plans_of, small_t2i, small_text, tiny_model};
 use sparse_lavida::backend::cpu::CpuBackend;
 use sparse_lavida::config::Branch;
+use sparse_lavida::exec;
 use sparse_lavida::model::{Model, Workspace};
 use sparse_lavida::plan::StepPlan;
-use sparse_lavida::sampler::{BatchSampling, Mode, Switches, T2iRequest, Task, TextRequest};
+use sparse_lavida::sampler::{
+    BatchSampling, Mode, RunOptions, Switches, T2iRequest, Task, TextRequest,
+};
 use sparse_lavida::schedule::Order;
 
 fn check(task: &Task, mode: Mode) {
@@ -127,9 +130,11 @@ fn grows_as_it_should(model: &Model<CpuBackend>, task: &Task) -> (usize, usize) 
         };
         for (k, plan) in plans.iter().cloned().enumerate() {
             let (held, held_logits) = ws.capacity();
+            let held_tail = ws.tail_capacity();
             let need = Branch::ALL.map(|b| plan.rows(b).len());
             let need_logits = plan.logits_rows.len();
             let prepared = model.prepare(plan).unwrap();
+            let need_tail = prepared.tail.as_ref().map_or(0, |t| t.plan.n_rows());
             let want_logits = model.forward(&prepared, &mut cache.clone()).unwrap();
             model.forward_in(&prepared, &mut cache, &mut ws).unwrap();
             assert_eq!(
@@ -156,22 +161,65 @@ fn grows_as_it_should(model: &Model<CpuBackend>, task: &Task) -> (usize, usize) 
                 need_logits,
                 bound_logits,
             );
+            let tail = ws.tail_capacity();
+            check(
+                "the last layer's rows",
+                tail,
+                held_tail,
+                need_tail,
+                bound_logits,
+            );
         }
     }
     (spare, capped)
 }
 
-/// Every pass of every mode, t2i (with and without CFG) and text, feeds at most the bounds
-/// `BatchSampling::pass_bounds` gives: rows per branch and logits rows.
+/// Every pass of every mode, t2i (with and without CFG) and text, alone and in batches (a t2i
+/// request with CFG beside one without and a longer prompt; text requests of different answer
+/// lengths), feeds at most the bounds `BatchSampling::pass_bounds` gives: rows per branch and
+/// logits rows.
 #[test]
 fn pass_bounds_hold_every_pass() {
     let model = tiny_model(3);
-    let tasks = [small_t2i(2.0), small_t2i(1.0), small_text()];
-    for task in &tasks {
+    let t2i_no_cfg = Task::T2i(T2iRequest {
+        prompt: vec![7, 8, 9, 10, 11],
+        height: 3,
+        width: 4,
+        steps: 5,
+        guidance: 1.0,
+        temperature: 0.5,
+        order: Order::Random,
+        seed: 6,
+    });
+    let longer_text = Task::Text(TextRequest {
+        prompt: vec![5, 6],
+        answer_len: 16,
+        block_len: 4,
+        steps: 9,
+        temperature: 1.0,
+        banned: Vec::new(),
+        seed: 3,
+    });
+    let batches = [
+        vec![small_t2i(2.0)],
+        vec![small_t2i(1.0)],
+        vec![small_text()],
+        vec![small_t2i(2.0), t2i_no_cfg],
+        vec![small_text(), longer_text],
+    ];
+    for batch in &batches {
         for mode in Mode::all() {
-            let s = BatchSampling::new(model.config(), std::slice::from_ref(task), mode).unwrap();
+            let s = BatchSampling::new(model.config(), batch, mode).unwrap();
             let (rows, logits) = s.pass_bounds();
-            for (k, plan) in plans_of(&model, task, mode).iter().enumerate() {
+            let mut plans = Vec::new();
+            let mut on_plan = |_: Option<usize>, p: &StepPlan| plans.push(p.clone());
+            let opts = RunOptions {
+                on_plan: Some(&mut on_plan),
+                ..RunOptions::default()
+            };
+            exec::generate_batch(&model, batch, mode, opts).unwrap();
+            assert!(!plans.is_empty());
+            for (k, plan) in plans.iter().enumerate() {
                 for b in Branch::ALL {
                     let n = plan.rows(b).len();
                     assert!(

@@ -130,9 +130,9 @@ impl CpuCache {
 /// One allocation because a large one is zeroed by nobody: glibc serves a zeroed allocation at
 /// or past its mmap threshold (128 KiB to 32 MiB; the CLI sets 32 MiB) with fresh pages, which
 /// the kernel zeroes as each is first written. A step writes only its own rows' slots, so a
-/// generation pays for none it leaves unused, and none at the start. (One `calloc` per layer
-/// and per K or V came from glibc's heap and was zeroed there: 80 ms of a sparse `small` 64×64
-/// generation, 5 % of it, for its 203 MB pool.)
+/// generation pays for none it leaves unused, and none at the start. (One allocation per layer
+/// and per K or V, 17 MB each for a sparse `small` 64×64 generation, came from glibc's heap and
+/// was zeroed or copied there: 80–90 ms of that generation, about 5 %, for its 203 MB pool.)
 #[derive(Debug, Clone, PartialEq)]
 struct Pool {
     layers: usize,
