@@ -42,6 +42,7 @@ use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
 use super::attention::{AttnInputs, AttnShape};
+use super::lines::Lines;
 use super::ops::{ROUND_TO_INT, times_pow2};
 use crate::bail_input;
 use crate::contract::attn::{QueryDesc, TileClass, TileSummary, key_tile_summaries};
@@ -214,14 +215,14 @@ struct Item<'a> {
 #[derive(Default)]
 struct Scratch {
     /// Packed `Qᵀ` (`[head_dim][ld]`).
-    qt: Vec<f32>,
+    qt: Lines,
     /// `Sᵀ`, then `Pᵀ` (`[tile_k][ld]`).
-    st: Vec<f32>,
+    st: Lines,
     /// Running maximum and sum per query row (`[ld]`).
-    m: Vec<f32>,
-    l: Vec<f32>,
+    m: Lines,
+    l: Lines,
     /// The output rows' accumulators (`[rows][head_dim]`).
-    acc: Vec<f32>,
+    acc: Lines,
 }
 
 impl WithSimd for Item<'_> {
@@ -344,8 +345,9 @@ fn qk_micro<S: Simd, const MRK: usize, const NVQ: usize>(
 const PREFETCH_KEYS: usize = 12;
 
 /// Asks the cache for the lines that `row`'s chunks of 16 values start in (a hint: no effect on
-/// any value). That is every line of a row aligned to 64 bytes; of one that is not, the line
-/// holding its last values is left to the loads.
+/// any value). That is every line of a row aligned to 64 bytes, as the pool's rows are when
+/// `head_dim` is a multiple of 16 (the pool starts on a line: [`Lines`]); of one that is not,
+/// the line holding its last values is left to the loads.
 #[inline(always)]
 fn prefetch_row(row: &[f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -565,8 +567,7 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) {
     let Scratch { qt, st, m, l, acc } = scratch;
     // Qᵀ packed `[d][ld]`, scaled by `log2(e)/sqrt(d)` so scores come out in base 2; written a
     // column at a time (contiguous stores, the strided side is the loads).
-    qt.clear();
-    qt.resize(d * ld, 0.0);
+    let qt = qt.refill(d * ld, 0.0);
     let q_rows = &inp.q[rows.start * q_stride + head * d..];
     for (c, qt_c) in qt.chunks_exact_mut(ld).enumerate() {
         for (i, x) in qt_c[..n_rows].iter_mut().enumerate() {
@@ -575,13 +576,10 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) {
     }
     let qt: &[S::f32s] = bytemuck::cast_slice(qt);
     // Sᵀ, then Pᵀ: `[tile_k][ld]`.
-    st.resize(tile_k * ld, 0.0);
-    m.clear();
-    m.resize(ld, f32::NEG_INFINITY);
-    l.clear();
-    l.resize(ld, 0.0);
-    acc.clear();
-    acc.resize(n_rows * d, 0.0);
+    let st = st.reuse(tile_k * ld);
+    let m = m.refill(ld, f32::NEG_INFINITY);
+    let l = l.refill(ld, 0.0);
+    let acc = acc.refill(n_rows * d, 0.0);
     let mut vs: Vec<&[f32]> = Vec::with_capacity(tile_k);
     let pool_rows = |tile: Range<usize>, pool| PoolRows {
         pool,

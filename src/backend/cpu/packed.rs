@@ -20,6 +20,7 @@ use std::ops::Range;
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
+use super::lines::Lines;
 use super::ops::product_tasks;
 use crate::bail_input;
 use crate::error::Result;
@@ -35,8 +36,8 @@ pub const MR: usize = 6;
 pub struct PackedWeight {
     n: usize,
     k: usize,
-    /// `ceil(n / PANEL)` panels of `[k][PANEL]` values.
-    data: Vec<f32>,
+    /// `ceil(n / PANEL)` panels of `[k][PANEL]` values, each `k` index's on a cache line.
+    data: Lines,
 }
 
 impl PackedWeight {
@@ -46,7 +47,7 @@ impl PackedWeight {
             bail_input!("pack: w has {} values, expected n {n} × k {k}", w.len());
         }
         let panels = n.div_ceil(PANEL);
-        let mut data = vec![0.0f32; panels * k * PANEL];
+        let mut data = Lines::filled(panels * k * PANEL, 0.0);
         if data.is_empty() {
             return Ok(PackedWeight { n, k, data });
         }
