@@ -11,7 +11,9 @@
 //! head's keys and values pass [`KV_STREAM_BYTES`] so that every query tile streams them from
 //! beyond the mid-level cache again, as few balanced tiles of up to [`TILE_Q_STREAM`] rows as
 //! the sequence needs ([`query_tile`]). Each worker keeps its buffers from item to item. Per
-//! key tile:
+//! key tile, and within it per band of at most [`BAND_ROWS`] query rows (a larger tile's bands
+//! each run steps 2–4 before the next starts, so a band's `Sᵀ` and accumulators stay in L1
+//! while the tile's K and V wait in L2 for the next band):
 //! 1. The tile's class for the query tile (the plan's key-tile summaries, as the kernel):
 //!    Hidden tiles are skipped without reading K/V; full Visible tiles need no per-pair check;
 //!    others get `visible` per pair.
@@ -79,6 +81,10 @@ pub const TILE_K: usize = 128;
 /// Keys per chunk of the P·V product (their V rows and Pᵀ rows, 32 × head_dim and 32 × (query
 /// rows, padded) values, stay in L1 while every row block reads them; 64 was 5–10 % slower).
 const PV_KEYS: usize = 32;
+
+/// Query rows per band of a query tile: 4 AVX-512 vectors, so a band's `Sᵀ` (128 keys × 64 rows,
+/// 32 KiB) stays in L1 through the softmax and P·V. A multiple of [`LANES`].
+const BAND_ROWS: usize = 64;
 
 /// Lanes of the softmax's vector code (chunks of keys; 16 = one AVX-512 register, two AVX2).
 const LANES: usize = 16;
@@ -362,10 +368,11 @@ fn prefetch_row(row: &[f32]) {
     let _ = row;
 }
 
-/// `S^T` for keys `ks` (all query-row vectors): key blocks of `MRK` then 4, 2, 1, row vectors
-/// in blocks of 4, 3, 2, 1. `ahead` is the sequence's K rows from the tile's first key to the
-/// sequence's last: the first pass over the keys prefetches those [`PREFETCH_KEYS`] ahead of each block,
-/// into the next tile too.
+/// `S^T` for keys `ks` and the query-row vectors `vecs` (of `nvec` in `qt`): key blocks of
+/// `MRK` then 4, 2, 1, row vectors in blocks of 4, 3, 2, 1. `ahead` is the sequence's K rows
+/// from the tile's first key to the sequence's last: the pass over the keys with the first
+/// vector (the first band's first) prefetches those [`PREFETCH_KEYS`] ahead of each block, into
+/// the next tile too.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn qk<S: Simd, const MRK: usize>(
@@ -374,11 +381,12 @@ fn qk<S: Simd, const MRK: usize>(
     ahead: PoolRows,
     qt: &[S::f32s],
     nvec: usize,
+    vecs: Range<usize>,
     d: usize,
     st: &mut [f32],
     ld: usize,
 ) {
-    let mut v0 = 0;
+    let mut v0 = vecs.start;
     macro_rules! keys {
         ($b:expr, $j0:ident, $nv:literal) => {{
             if v0 == 0 {
@@ -392,7 +400,7 @@ fn qk<S: Simd, const MRK: usize>(
     }
     macro_rules! rows {
         ($nv:literal) => {
-            while nvec - v0 >= $nv {
+            while vecs.end - v0 >= $nv {
                 let mut j0 = 0;
                 in_blocks!(j0 < ks.len(), MRK, keys!($nv));
                 v0 += $nv;
@@ -444,7 +452,7 @@ fn pv_micro<S: Simd, const MR: usize, const NV: usize>(
     }
 }
 
-/// `acc += P·V` for rows `0..n_rows`: vector columns in blocks of 4, 2, 1 vectors, rows in
+/// `acc += P·V` for `rows`: vector columns in blocks of 4, 2, 1 vectors, rows in
 /// blocks of `MR` then 4, 2, 1, the columns past the last whole vector by scalar FMAs (the same
 /// chain).
 #[inline(always)]
@@ -452,7 +460,7 @@ fn pv<S: Simd, const MR: usize>(
     simd: S,
     pt: &[f32],
     ld: usize,
-    n_rows: usize,
+    rows: Range<usize>,
     vs: &[&[f32]],
     acc: &mut [f32],
     d: usize,
@@ -461,7 +469,7 @@ fn pv<S: Simd, const MR: usize>(
     // each element's chain still runs over the keys in order, chunk after chunk.
     for k0 in (0..vs.len()).step_by(PV_KEYS) {
         let vs = &vs[k0..(k0 + PV_KEYS).min(vs.len())];
-        pv_chunk::<S, MR>(simd, &pt[k0 * ld..], ld, n_rows, vs, acc, d);
+        pv_chunk::<S, MR>(simd, &pt[k0 * ld..], ld, rows.clone(), vs, acc, d);
     }
 }
 
@@ -471,7 +479,7 @@ fn pv_chunk<S: Simd, const MR: usize>(
     simd: S,
     pt: &[f32],
     ld: usize,
-    n_rows: usize,
+    rows: Range<usize>,
     vs: &[&[f32]],
     acc: &mut [f32],
     d: usize,
@@ -486,8 +494,8 @@ fn pv_chunk<S: Simd, const MR: usize>(
     macro_rules! cols {
         ($nv:literal) => {
             while c0 + $nv * lanes <= d {
-                let mut r0 = 0;
-                in_blocks!(r0 < n_rows, MR, block!($nv));
+                let mut r0 = rows.start;
+                in_blocks!(r0 < rows.end, MR, block!($nv));
                 c0 += $nv * lanes;
             }
         };
@@ -496,7 +504,7 @@ fn pv_chunk<S: Simd, const MR: usize>(
     cols!(2);
     cols!(1);
     if c0 < d {
-        for r in 0..n_rows {
+        for r in rows {
             let acc_row = &mut acc[r * d..][..d];
             for (j, v_row) in vs.iter().enumerate() {
                 let p = pt[j * ld + r];
@@ -595,77 +603,86 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) {
             continue;
         }
         let k_tags = &inp.kv_tags[tile.clone()];
-        // Sᵀ = K·Qᵀ, K read in place.
         let st = &mut st[..n_keys * ld];
-        qk::<S, MRK>(
-            simd,
-            pool_rows(tile.clone(), inp.k_pool),
-            pool_rows(tile.start..keys.end, inp.k_pool),
-            qt,
-            nvec,
-            d,
-            st,
-            ld,
-        );
-        // Hidden pairs −inf (a Visible tile has none).
-        if class != TileClass::Visible {
-            for (st_j, &kt) in st.chunks_exact_mut(ld).zip(k_tags) {
-                for (x, &qt) in st_j.iter_mut().zip(q_tags) {
-                    if !visible(qt, kt, inp.joint) {
-                        *x = f32::NEG_INFINITY;
+        // V read in place (through a list of its rows: the micro-kernel is faster on those than
+        // on the offsets).
+        let v_rows = pool_rows(tile.clone(), inp.v_pool);
+        vs.clear();
+        vs.extend((0..v_rows.len()).map(|j| v_rows.row(j, d)));
+        // The query rows in bands of BAND_ROWS, each taken through the whole tile before the
+        // next: its part of Sᵀ and its accumulators stay in L1, while the tile's K and V wait in
+        // L2 for the next band.
+        for band in (0..ld).step_by(BAND_ROWS) {
+            let band = band..(band + BAND_ROWS).min(ld);
+            let live = band.start.min(n_rows)..band.end.min(n_rows);
+            // Sᵀ = K·Qᵀ, K read in place.
+            qk::<S, MRK>(
+                simd,
+                pool_rows(tile.clone(), inp.k_pool),
+                pool_rows(tile.start..keys.end, inp.k_pool),
+                qt,
+                nvec,
+                band.start / lanes..band.end / lanes,
+                d,
+                st,
+                ld,
+            );
+            // Hidden pairs −inf (a Visible tile has none).
+            if class != TileClass::Visible {
+                for (st_j, &kt) in st.chunks_exact_mut(ld).zip(k_tags) {
+                    for (x, &qt) in st_j[live.clone()].iter_mut().zip(&q_tags[live.clone()]) {
+                        if !visible(qt, kt, inp.joint) {
+                            *x = f32::NEG_INFINITY;
+                        }
                     }
                 }
             }
+            // Online softmax, LANES rows at a time, each lane its own row; Sᵀ becomes Pᵀ.
+            for ch in band.start / LANES..band.end / LANES {
+                let lane0 = ch * LANES;
+                let mt = tile_max(st, ld, lane0);
+                let m_old: [f32; LANES] = m[lane0..lane0 + LANES].try_into().expect("LANES");
+                let mut m_new = [0.0f32; LANES];
+                let mut m_use = [0.0f32; LANES];
+                let mut alpha = [0.0f32; LANES];
+                for i in 0..LANES {
+                    m_new[i] = m_old[i].max(mt[i]);
+                    // A row that has seen nothing yet: p = 2^(−inf − 0) = 0, never NaN.
+                    m_use[i] = if m_new[i] == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        m_new[i]
+                    };
+                    alpha[i] = m_old[i] - m_use[i];
+                }
+                // 2^0 is exactly 1: a row with nothing visible here keeps its state bit for bit.
+                exp2_lanes(&mut alpha);
+                let mut sum = [0.0f32; LANES];
+                for st_j in st.chunks_exact_mut(ld) {
+                    let p: &mut [f32; LANES] =
+                        (&mut st_j[lane0..lane0 + LANES]).try_into().expect("LANES");
+                    for (x, &mu) in p.iter_mut().zip(&m_use) {
+                        *x -= mu;
+                    }
+                    exp2_lanes(p);
+                    for (a, &b) in sum.iter_mut().zip(p.iter()) {
+                        *a += b;
+                    }
+                }
+                for i in 0..LANES {
+                    l[lane0 + i] = l[lane0 + i] * alpha[i] + sum[i];
+                    m[lane0 + i] = m_new[i];
+                    // `acc · 1` is `acc`: most tiles leave a row's maximum where it was.
+                    if lane0 + i < n_rows && alpha[i] != 1.0 {
+                        acc[(lane0 + i) * d..][..d]
+                            .iter_mut()
+                            .for_each(|a| *a *= alpha[i]);
+                    }
+                }
+            }
+            // acc += P·V.
+            pv::<S, MR_PV>(simd, st, ld, live, &vs, acc, d);
         }
-        // Online softmax, LANES rows at a time, each lane its own row; Sᵀ becomes Pᵀ.
-        for ch in 0..ld / LANES {
-            let lane0 = ch * LANES;
-            let mt = tile_max(st, ld, lane0);
-            let m_old: [f32; LANES] = m[lane0..lane0 + LANES].try_into().expect("LANES");
-            let mut m_new = [0.0f32; LANES];
-            let mut m_use = [0.0f32; LANES];
-            let mut alpha = [0.0f32; LANES];
-            for i in 0..LANES {
-                m_new[i] = m_old[i].max(mt[i]);
-                // A row that has seen nothing yet: p = 2^(−inf − 0) = 0, never NaN.
-                m_use[i] = if m_new[i] == f32::NEG_INFINITY {
-                    0.0
-                } else {
-                    m_new[i]
-                };
-                alpha[i] = m_old[i] - m_use[i];
-            }
-            // 2^0 is exactly 1: a row with nothing visible here keeps its state bit for bit.
-            exp2_lanes(&mut alpha);
-            let mut sum = [0.0f32; LANES];
-            for st_j in st.chunks_exact_mut(ld) {
-                let p: &mut [f32; LANES] =
-                    (&mut st_j[lane0..lane0 + LANES]).try_into().expect("LANES");
-                for (x, &mu) in p.iter_mut().zip(&m_use) {
-                    *x -= mu;
-                }
-                exp2_lanes(p);
-                for (a, &b) in sum.iter_mut().zip(p.iter()) {
-                    *a += b;
-                }
-            }
-            for i in 0..LANES {
-                l[lane0 + i] = l[lane0 + i] * alpha[i] + sum[i];
-                m[lane0 + i] = m_new[i];
-                // `acc · 1` is `acc`: most tiles leave a row's maximum where it was.
-                if lane0 + i < n_rows && alpha[i] != 1.0 {
-                    acc[(lane0 + i) * d..][..d]
-                        .iter_mut()
-                        .for_each(|a| *a *= alpha[i]);
-                }
-            }
-        }
-        // acc += P·V, V read in place (through a list of its rows: the micro-kernel is faster
-        // on those than on the offsets).
-        let v_rows = pool_rows(tile, inp.v_pool);
-        vs.clear();
-        vs.extend((0..v_rows.len()).map(|j| v_rows.row(j, d)));
-        pv::<S, MR_PV>(simd, st, ld, n_rows, &vs, acc, d);
     }
 
     // Normalise into the output. `l ≥ 1` whenever a key was visible (its own term is 2^0); a
