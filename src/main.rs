@@ -3,6 +3,7 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use sparse_lavida::backend::Backend;
+use sparse_lavida::backend::cpu::workers::HotWorkers;
 use sparse_lavida::bench;
 use sparse_lavida::case::Case;
 use sparse_lavida::config::{Branch, Config};
@@ -30,12 +31,14 @@ macro_rules! say {
     ($($arg:tt)*) => { write_stdout(format_args!($($arg)*)) };
 }
 
-/// Runs `$body` with `$m` bound to the model of whichever backend `$any` holds.
+/// Runs `$body` with `$m` bound to the model of whichever backend `$any` holds; on the CPU, with
+/// the pool's other workers kept polling for work meanwhile ([`HotWorkers`]).
 macro_rules! with_model {
     ($any:expr, $m:ident => $body:expr) => {
         match $any {
             AnyModel::Cpu($m) => {
                 let $m = &**$m;
+                let _hot = HotWorkers::start();
                 $body
             }
             #[cfg(feature = "cuda")]
@@ -674,7 +677,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
              \"Profiling\")",
             m.backend().name()
         ))),
-        AnyModel::Cpu(m) => generate_on(&**m, &a, &tasks, mode, &outs, None),
+        AnyModel::Cpu(m) => {
+            let _hot = HotWorkers::start();
+            generate_on(&**m, &a, &tasks, mode, &outs, None)
+        }
     }
 }
 

@@ -33,6 +33,7 @@ pub mod flash;
 pub mod lines;
 pub mod ops;
 pub mod packed;
+pub mod workers;
 
 use crate::backend::{Backend, MatrixKind, ProductTime, SampleParams, Sampled};
 use crate::config::{Branch, Config};
