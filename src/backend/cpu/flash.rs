@@ -115,6 +115,20 @@ pub fn attention_flash_strided(
     out: &mut [f32],
     lse: Option<&mut [f32]>,
 ) -> Result<()> {
+    let arch = Arch::new();
+    flash_on(inp, q_stride, tile_k, out, lse, &|item| arch.dispatch(item))
+}
+
+/// [`attention_flash_strided`] with each work item run by `run` (the widest instruction set the
+/// CPU has, or in tests a given one).
+fn flash_on(
+    inp: &AttnInputs,
+    q_stride: usize,
+    tile_k: usize,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+    run: &(dyn Fn(Item<'_>) + Sync),
+) -> Result<()> {
     inp.validate_q_stride(q_stride)?;
     if tile_k == 0 {
         bail_input!("attention: tile_k must be at least 1");
@@ -172,12 +186,11 @@ pub fn attention_flash_strided(
             }
         }
     }
-    let arch = Arch::new();
     items.par_iter().zip(dests).for_each_init(
         Scratch::default,
         |scratch, ((seq, head, rows), (out_rows, lse_rows))| {
             let key_tiles = &summaries[indptr[*seq] as usize..indptr[*seq + 1] as usize];
-            arch.dispatch(Item {
+            run(Item {
                 inp,
                 q_stride,
                 tile_k,
@@ -236,12 +249,14 @@ impl WithSimd for Item<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) -> Self::Output {
-        // Register blocks: Sᵀ MRK keys × up to 4 vectors of query rows, P·V MR_PV rows × up to
-        // 4 vectors of columns.
+        // Register blocks: Sᵀ MRK keys × up to NV vectors of query rows, P·V MR_PV rows × up to
+        // NV vectors of columns. AVX-512 holds 6 × 4 accumulators in its 32 registers, AVX2 6 × 2
+        // in its 16 (with 3 × 4 there, the four loaded vectors, the broadcast and 12
+        // accumulators did not fit, and every FMA of a block went through the stack).
         match S::F32_LANES {
-            16.. => item::<S, 6, 6>(simd, self),
-            8.. => item::<S, 3, 3>(simd, self),
-            _ => item::<S, 2, 2>(simd, self),
+            16.. => item::<S, 6, 6, 4>(simd, self),
+            8.. => item::<S, 6, 6, 2>(simd, self),
+            _ => item::<S, 2, 2, 4>(simd, self),
         }
     }
 }
@@ -369,13 +384,13 @@ fn prefetch_row(row: &[f32]) {
 }
 
 /// `S^T` for keys `ks` and the query-row vectors `vecs` (of `nvec` in `qt`): key blocks of
-/// `MRK` then 4, 2, 1, row vectors in blocks of 4, 3, 2, 1. `ahead` is the sequence's K rows
+/// `MRK` then 4, 2, 1, row vectors in blocks of 4 (when `NV` allows), 3 (likewise), 2, 1. `ahead` is the sequence's K rows
 /// from the tile's first key to the sequence's last: the pass over the keys with the first
 /// vector (the first band's first) prefetches those [`PREFETCH_KEYS`] ahead of each block, into
 /// the next tile too.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn qk<S: Simd, const MRK: usize>(
+fn qk<S: Simd, const MRK: usize, const NV: usize>(
     simd: S,
     ks: PoolRows,
     ahead: PoolRows,
@@ -407,8 +422,12 @@ fn qk<S: Simd, const MRK: usize>(
             }
         };
     }
-    rows!(4);
-    rows!(3);
+    if NV >= 4 {
+        rows!(4);
+    }
+    if NV >= 3 {
+        rows!(3);
+    }
     rows!(2);
     rows!(1);
 }
@@ -452,11 +471,11 @@ fn pv_micro<S: Simd, const MR: usize, const NV: usize>(
     }
 }
 
-/// `acc += P·V` for `rows`: vector columns in blocks of 4, 2, 1 vectors, rows in
+/// `acc += P·V` for `rows`: vector columns in blocks of 4 (when `NV` allows), 2, 1 vectors, rows in
 /// blocks of `MR` then 4, 2, 1, the columns past the last whole vector by scalar FMAs (the same
 /// chain).
 #[inline(always)]
-fn pv<S: Simd, const MR: usize>(
+fn pv<S: Simd, const MR: usize, const NV: usize>(
     simd: S,
     pt: &[f32],
     ld: usize,
@@ -469,13 +488,13 @@ fn pv<S: Simd, const MR: usize>(
     // each element's chain still runs over the keys in order, chunk after chunk.
     for k0 in (0..vs.len()).step_by(PV_KEYS) {
         let vs = &vs[k0..(k0 + PV_KEYS).min(vs.len())];
-        pv_chunk::<S, MR>(simd, &pt[k0 * ld..], ld, rows.clone(), vs, acc, d);
+        pv_chunk::<S, MR, NV>(simd, &pt[k0 * ld..], ld, rows.clone(), vs, acc, d);
     }
 }
 
 /// [`pv`] for one chunk of keys (`pt` starts at the chunk's first key).
 #[inline(always)]
-fn pv_chunk<S: Simd, const MR: usize>(
+fn pv_chunk<S: Simd, const MR: usize, const NV: usize>(
     simd: S,
     pt: &[f32],
     ld: usize,
@@ -500,7 +519,9 @@ fn pv_chunk<S: Simd, const MR: usize>(
             }
         };
     }
-    cols!(4);
+    if NV >= 4 {
+        cols!(4);
+    }
     cols!(2);
     cols!(1);
     if c0 < d {
@@ -545,7 +566,7 @@ fn tile_max(st: &[f32], ld: usize, lane0: usize) -> [f32; LANES] {
 }
 
 #[inline(always)]
-fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) {
+fn item<S: Simd, const MRK: usize, const MR_PV: usize, const NV: usize>(simd: S, it: Item) {
     let Item {
         inp,
         q_stride,
@@ -616,7 +637,7 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) {
             let band = band..(band + BAND_ROWS).min(ld);
             let live = band.start.min(n_rows)..band.end.min(n_rows);
             // Sᵀ = K·Qᵀ, K read in place.
-            qk::<S, MRK>(
+            qk::<S, MRK, NV>(
                 simd,
                 pool_rows(tile.clone(), inp.k_pool),
                 pool_rows(tile.start..keys.end, inp.k_pool),
@@ -681,7 +702,7 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) {
                 }
             }
             // acc += P·V.
-            pv::<S, MR_PV>(simd, st, ld, live, &vs, acc, d);
+            pv::<S, MR_PV, NV>(simd, st, ld, live, &vs, acc, d);
         }
     }
 
@@ -707,6 +728,100 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize>(simd: S, it: Item) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Branch;
+    use rand::{Rng, SeedableRng};
+
+    /// Every instruction set pulp may pick computes the same bits (one FMA chain per element,
+    /// the softmax on plain arrays), the scalar and AVX2 register blocks included, which an
+    /// AVX-512 host never dispatches to: two sequences of random tags (hidden pairs, rows that
+    /// see nothing), GQA, query tiles of several bands, a head width whose last columns take
+    /// the scalar tail.
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let shape = AttnShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 72,
+        };
+        let (rows, keys) = ([150usize, 37], [300usize, 90]);
+        let tag = |rng: &mut rand_chacha::ChaCha8Rng| {
+            let branch = if rng.gen_bool(0.5) {
+                Branch::Image
+            } else {
+                Branch::Text
+            };
+            Tag::new(branch, rng.gen_range(0..4), rng.gen_bool(0.3))
+        };
+        let n_rows = rows[0] + rows[1];
+        let n_keys = keys[0] + keys[1];
+        let slots = n_keys + 7;
+        let mut values =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect() };
+        let q = values(n_rows * shape.q_dim());
+        let k_pool = values(slots * shape.kv_dim());
+        let v_pool = values(slots * shape.kv_dim());
+        let row_tags: Vec<Tag> = (0..n_rows).map(|_| tag(&mut rng)).collect();
+        // The second sequence's keys are all masked image keys of block 3: its text rows and
+        // its unmasked rows see none of them.
+        let kv_tags: Vec<Tag> = (0..n_keys)
+            .map(|j| {
+                if j < keys[0] {
+                    tag(&mut rng)
+                } else {
+                    Tag::new(Branch::Image, 3, true)
+                }
+            })
+            .collect();
+        let mut kv_indices: Vec<u32> = (0..slots as u32).collect();
+        for i in (1..kv_indices.len()).rev() {
+            kv_indices.swap(i, rng.gen_range(0..=i));
+        }
+        kv_indices.truncate(n_keys);
+        let seq_indptr = [0, rows[0] as u32, n_rows as u32];
+        let kv_indptr = [0, keys[0] as u32, n_keys as u32];
+        let inp = AttnInputs {
+            q: &q,
+            row_tags: &row_tags,
+            seq_indptr: &seq_indptr,
+            k_pool: &k_pool,
+            v_pool: &v_pool,
+            kv_indptr: &kv_indptr,
+            kv_indices: &kv_indices,
+            kv_tags: &kv_tags,
+            joint: false,
+            shape,
+        };
+        let run = |with: &(dyn Fn(Item<'_>) + Sync)| {
+            let mut out = vec![f32::NAN; n_rows * shape.q_dim()];
+            let mut lse = vec![f32::NAN; n_rows * shape.n_heads];
+            flash_on(&inp, shape.q_dim(), 64, &mut out, Some(&mut lse), with).unwrap();
+            (out, lse)
+        };
+        let want = run(&|item| Arch::new().dispatch(item));
+        assert!(
+            want.1.contains(&f32::NEG_INFINITY),
+            "no row that sees nothing"
+        );
+        assert!(
+            want.1.iter().any(|x| x.is_finite()),
+            "no row that sees a key"
+        );
+        assert_eq!(
+            run(&|item| item.with_simd(pulp::Scalar::new())),
+            want,
+            "scalar"
+        );
+        #[cfg(target_arch = "x86_64")]
+        {
+            if let Some(v3) = pulp::x86::V3::try_new() {
+                assert_eq!(run(&|item| item.with_simd(v3)), want, "AVX2");
+            }
+            if let Some(v4) = pulp::x86::V4::try_new() {
+                assert_eq!(run(&|item| item.with_simd(v4)), want, "AVX-512");
+            }
+        }
+    }
 
     /// `exp2_lanes` against f64 `exp2` over a sweep of `[−125, 0]` (and each lane of a chunk
     /// alike): relative error below 2e-7; exactly 1 at 0, exactly 0 below −125 and at −inf.

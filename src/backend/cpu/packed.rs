@@ -199,41 +199,59 @@ impl WithSimd for Block<'_> {
             out_cols,
             accumulate,
         } = self;
-        let k = w.k;
-        let col_base = panels.start * PANEL;
-        let lanes = S::F32_LANES;
-        // Column chunks of NV vectors within a panel (one chunk on AVX-512).
-        const NV: usize = 4;
-        let chunk = NV * lanes;
-        let m = x.len() / k.max(1);
-        for p in panels {
-            let panel: &[S::f32s] = bytemuck::cast_slice(&w.data[p * k * PANEL..][..k * PANEL]);
-            let vecs_per_k = PANEL / lanes;
-            for c in (0..PANEL).step_by(chunk) {
-                let col0 = p * PANEL + c - col_base;
-                if col0 >= out_cols {
-                    break;
-                }
-                let v0 = c / lanes;
-                let mut r0 = 0;
-                macro_rules! block {
-                    ($b:expr, $r0:ident,) => {
-                        micro::<S, { $b }, NV>(
-                            simd,
-                            &x[$r0 * k..],
-                            k,
-                            panel,
-                            vecs_per_k,
-                            v0,
-                            &mut out[$r0 * out_cols..],
-                            out_cols,
-                            col0,
-                            accumulate,
-                        )
-                    };
-                }
-                in_blocks!(r0 < m, MR, block!());
+        // Column chunks of NV vectors within a panel: one chunk of 4 on AVX-512 (6 × 4
+        // accumulators of its 32 registers), chunks of 2 on AVX2 (6 × 2 of its 16; 6 × 4 there
+        // spilled accumulators to the stack on every FMA), of 4 with narrower vectors.
+        match S::F32_LANES {
+            8 => block::<S, 2>(simd, x, w, panels, out, out_cols, accumulate),
+            _ => block::<S, 4>(simd, x, w, panels, out, out_cols, accumulate),
+        }
+    }
+}
+
+/// [`Block`]'s work with column chunks of `NV` vectors.
+#[inline(always)]
+fn block<S: Simd, const NV: usize>(
+    simd: S,
+    x: &[f32],
+    w: &PackedWeight,
+    panels: Range<usize>,
+    out: &mut [f32],
+    out_cols: usize,
+    accumulate: bool,
+) {
+    let k = w.k;
+    let col_base = panels.start * PANEL;
+    let lanes = S::F32_LANES;
+    let chunk = NV * lanes;
+    let m = x.len() / k.max(1);
+    for p in panels {
+        let panel: &[S::f32s] = bytemuck::cast_slice(&w.data[p * k * PANEL..][..k * PANEL]);
+        let vecs_per_k = PANEL / lanes;
+        for c in (0..PANEL).step_by(chunk) {
+            let col0 = p * PANEL + c - col_base;
+            if col0 >= out_cols {
+                break;
             }
+            let v0 = c / lanes;
+            let mut r0 = 0;
+            macro_rules! block {
+                ($b:expr, $r0:ident,) => {
+                    micro::<S, { $b }, NV>(
+                        simd,
+                        &x[$r0 * k..],
+                        k,
+                        panel,
+                        vecs_per_k,
+                        v0,
+                        &mut out[$r0 * out_cols..],
+                        out_cols,
+                        col0,
+                        accumulate,
+                    )
+                };
+            }
+            in_blocks!(r0 < m, MR, block!());
         }
     }
 }
