@@ -384,10 +384,10 @@ fn prefetch_row(row: &[f32]) {
 }
 
 /// `S^T` for keys `ks` and the query-row vectors `vecs` (of `nvec` in `qt`): key blocks of
-/// `MRK` then 4, 2, 1, row vectors in blocks of 4 (when `NV` allows), 3 (likewise), 2, 1. `ahead` is the sequence's K rows
-/// from the tile's first key to the sequence's last: the pass over the keys with the first
-/// vector (the first band's first) prefetches those [`PREFETCH_KEYS`] ahead of each block, into
-/// the next tile too.
+/// `MRK` then 4, 2, 1, row vectors in blocks of 4 and 3 (where `NV` allows), 2, 1. `ahead` is
+/// the sequence's K rows from the tile's first key to the sequence's last: the pass over the
+/// keys with the first vector (the first band's first) prefetches those [`PREFETCH_KEYS`]
+/// ahead of each block, into the next tile too.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn qk<S: Simd, const MRK: usize, const NV: usize>(
@@ -471,9 +471,9 @@ fn pv_micro<S: Simd, const MR: usize, const NV: usize>(
     }
 }
 
-/// `acc += P·V` for `rows`: vector columns in blocks of 4 (when `NV` allows), 2, 1 vectors, rows in
-/// blocks of `MR` then 4, 2, 1, the columns past the last whole vector by scalar FMAs (the same
-/// chain).
+/// `acc += P·V` for `rows`: vector columns in blocks of 4 (where `NV` allows), 2, 1 vectors,
+/// rows in blocks of `MR` then 4, 2, 1, the columns past the last whole vector by scalar FMAs
+/// (the same chain).
 #[inline(always)]
 fn pv<S: Simd, const MR: usize, const NV: usize>(
     simd: S,
@@ -733,9 +733,10 @@ mod tests {
 
     /// Every instruction set pulp may pick computes the same bits (one FMA chain per element,
     /// the softmax on plain arrays), the scalar and AVX2 register blocks included, which an
-    /// AVX-512 host never dispatches to: two sequences of random tags (hidden pairs, rows that
-    /// see nothing), GQA, query tiles of several bands, a head width whose last columns take
-    /// the scalar tail.
+    /// AVX-512 host never dispatches to: three sequences of random tags (hidden pairs, rows that
+    /// see nothing), GQA, key tiles of 61 (blocks of 6 keys, then 1), a sequence whose K/V pass
+    /// [`KV_STREAM_BYTES`] (one query tile of 150 rows: bands of 64, 64 and 32), a head width
+    /// whose last columns take the scalar tail on AVX-512.
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
@@ -744,7 +745,8 @@ mod tests {
             n_kv_heads: 2,
             head_dim: 72,
         };
-        let (rows, keys) = ([150usize, 37], [300usize, 90]);
+        let (rows, keys) = ([150usize, 37, 150], [300usize, 90, 1900]);
+        assert_eq!(query_tile(rows[2], keys[2], shape.head_dim), rows[2]);
         let tag = |rng: &mut rand_chacha::ChaCha8Rng| {
             let branch = if rng.gen_bool(0.5) {
                 Branch::Image
@@ -753,8 +755,8 @@ mod tests {
             };
             Tag::new(branch, rng.gen_range(0..4), rng.gen_bool(0.3))
         };
-        let n_rows = rows[0] + rows[1];
-        let n_keys = keys[0] + keys[1];
+        let n_rows: usize = rows.iter().sum();
+        let n_keys: usize = keys.iter().sum();
         let slots = n_keys + 7;
         let mut values =
             |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect() };
@@ -766,10 +768,10 @@ mod tests {
         // its unmasked rows see none of them.
         let kv_tags: Vec<Tag> = (0..n_keys)
             .map(|j| {
-                if j < keys[0] {
-                    tag(&mut rng)
-                } else {
+                if (keys[0]..keys[0] + keys[1]).contains(&j) {
                     Tag::new(Branch::Image, 3, true)
+                } else {
+                    tag(&mut rng)
                 }
             })
             .collect();
@@ -778,8 +780,15 @@ mod tests {
             kv_indices.swap(i, rng.gen_range(0..=i));
         }
         kv_indices.truncate(n_keys);
-        let seq_indptr = [0, rows[0] as u32, n_rows as u32];
-        let kv_indptr = [0, keys[0] as u32, n_keys as u32];
+        let indptr = |n: [usize; 3]| {
+            [
+                0,
+                n[0] as u32,
+                (n[0] + n[1]) as u32,
+                n.iter().sum::<usize>() as u32,
+            ]
+        };
+        let (seq_indptr, kv_indptr) = (indptr(rows), indptr(keys));
         let inp = AttnInputs {
             q: &q,
             row_tags: &row_tags,
@@ -795,7 +804,7 @@ mod tests {
         let run = |with: &(dyn Fn(Item<'_>) + Sync)| {
             let mut out = vec![f32::NAN; n_rows * shape.q_dim()];
             let mut lse = vec![f32::NAN; n_rows * shape.n_heads];
-            flash_on(&inp, shape.q_dim(), 64, &mut out, Some(&mut lse), with).unwrap();
+            flash_on(&inp, shape.q_dim(), 61, &mut out, Some(&mut lse), with).unwrap();
             (out, lse)
         };
         let want = run(&|item| Arch::new().dispatch(item));

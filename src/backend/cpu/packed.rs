@@ -203,7 +203,8 @@ impl WithSimd for Block<'_> {
         // accumulators of its 32 registers), chunks of 2 on AVX2 (6 × 2 of its 16; 6 × 4 there
         // spilled accumulators to the stack on every FMA), of 4 with narrower vectors.
         match S::F32_LANES {
-            8 => block::<S, 2>(simd, x, w, panels, out, out_cols, accumulate),
+            16.. => block::<S, 4>(simd, x, w, panels, out, out_cols, accumulate),
+            8.. => block::<S, 2>(simd, x, w, panels, out, out_cols, accumulate),
             _ => block::<S, 4>(simd, x, w, panels, out, out_cols, accumulate),
         }
     }
@@ -449,7 +450,11 @@ mod tests {
             let p = PackedWeight::pack(&w, n, k).unwrap();
             let mut want = vec![0.0; rows * n];
             matmul_packed(&x, rows, &p, &mut want, false).unwrap();
-            fn block<'a>(x: &'a [f32], w: &'a PackedWeight, out: &'a mut [f32]) -> Block<'a> {
+            fn whole_weight<'a>(
+                x: &'a [f32],
+                w: &'a PackedWeight,
+                out: &'a mut [f32],
+            ) -> Block<'a> {
                 Block {
                     x,
                     w,
@@ -460,13 +465,19 @@ mod tests {
                 }
             }
             let mut got = vec![f32::NAN; rows * n];
-            block(&x, &p, &mut got).with_simd(pulp::Scalar::new());
+            whole_weight(&x, &p, &mut got).with_simd(pulp::Scalar::new());
             assert_eq!(got, want, "scalar {rows}x{k}x{n}");
             #[cfg(target_arch = "x86_64")]
             if let Some(v3) = pulp::x86::V3::try_new() {
                 let mut got = vec![f32::NAN; rows * n];
-                block(&x, &p, &mut got).with_simd(v3);
+                whole_weight(&x, &p, &mut got).with_simd(v3);
                 assert_eq!(got, want, "AVX2 {rows}x{k}x{n}");
+            }
+            #[cfg(target_arch = "x86_64")]
+            if let Some(v4) = pulp::x86::V4::try_new() {
+                let mut got = vec![f32::NAN; rows * n];
+                whole_weight(&x, &p, &mut got).with_simd(v4);
+                assert_eq!(got, want, "AVX-512 {rows}x{k}x{n}");
             }
         }
     }

@@ -16,6 +16,10 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long [`HotWorkers::start`] waits for the other workers to take their polling jobs.
+const START_WAIT: Duration = Duration::from_secs(1);
 
 /// While it lives, every worker of the current rayon pool (the pool the caller runs in, else the
 /// global one) other than the caller's own thread polls for work instead of sleeping. Dropping
@@ -32,8 +36,16 @@ struct State {
 }
 
 impl HotWorkers {
-    /// Sends a polling job to every worker of the current pool but the caller's. Each starts as
-    /// soon as its worker is free, and runs the pool's jobs as they come until the guard drops.
+    /// Sends a polling job to every worker of the current pool but the caller's, and returns
+    /// once each polls (or after a second, if some worker stays busy with other work): each
+    /// runs the pool's jobs as they come until the guard drops.
+    ///
+    /// Start it while the pool is idle. A worker that takes its polling job while it waits inside
+    /// another job of the pool (a `join` waiting for its other half) polls above that job, which
+    /// then cannot finish before the guard drops; if the caller waits for that job, it hangs.
+    /// Waiting here for every poller before returning is what keeps the caller's own next
+    /// operation from being that job: none of its work is published until every worker polls
+    /// from the top of its loop.
     pub fn start() -> HotWorkers {
         let state = Arc::new(State::default());
         let me = rayon::current_thread_index();
@@ -53,6 +65,11 @@ impl HotWorkers {
             }
             shared.polling.fetch_sub(1, Ordering::SeqCst);
         });
+        let others = rayon::current_num_threads() - usize::from(me.is_some());
+        let t0 = Instant::now();
+        while state.polling.load(Ordering::SeqCst) < others && t0.elapsed() < START_WAIT {
+            std::thread::yield_now();
+        }
         HotWorkers { state }
     }
 
@@ -79,12 +96,11 @@ mod tests {
     use rayon::prelude::*;
     use std::collections::HashSet;
     use std::sync::{Mutex, mpsc};
-    use std::time::{Duration, Instant};
 
-    /// In a pool of 3 threads, started from inside it: the 2 other workers poll, parallel work
-    /// still runs on more than one thread and gives the serial result, and after the drop no
-    /// worker polls. Run on a thread of its own with a deadline, so a guard that never lets go
-    /// fails the test instead of hanging it.
+    /// In a pool of 3 threads, started from inside it: the 2 other workers poll by the time
+    /// `start` returns, parallel work still runs on more than one thread and gives the serial
+    /// result, and after the drop no worker polls. Run on a thread of its own with a deadline, so
+    /// a guard that never lets go fails the test instead of hanging it.
     #[test]
     fn other_workers_poll_until_dropped() {
         let (tx, rx) = mpsc::channel();
@@ -96,10 +112,6 @@ mod tests {
             let report = pool.install(|| {
                 let hot = HotWorkers::start();
                 let state = Arc::clone(&hot.state);
-                let t0 = Instant::now();
-                while hot.polling() < 2 && t0.elapsed() < Duration::from_secs(20) {
-                    std::thread::yield_now();
-                }
                 let polling = hot.polling();
                 let threads = Mutex::new(HashSet::new());
                 let sum: u64 = (0..200_000u32)
@@ -123,7 +135,10 @@ mod tests {
             .recv_timeout(Duration::from_secs(60))
             .expect("the pool did not finish within 60 s with HotWorkers");
         let want: u64 = (0..200_000u64).map(|i| i * i % 7919).sum();
-        assert_eq!(polling, 2, "the caller's two other workers should poll");
+        assert_eq!(
+            polling, 2,
+            "the caller's two other workers should poll once start returns"
+        );
         assert_eq!(sum, want);
         assert!(threads > 1, "the work ran on {threads} thread(s)");
         assert_eq!(after, 0, "a worker still polls after the drop");
