@@ -191,36 +191,27 @@ impl WithSimd for Block<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Block {
-            x,
-            w,
-            panels,
-            out,
-            out_cols,
-            accumulate,
-        } = self;
-        // Column chunks of NV vectors within a panel: one chunk of 4 on AVX-512 (6 × 4
-        // accumulators of its 32 registers), chunks of 2 on AVX2 (6 × 2 of its 16; 6 × 4 there
-        // spilled accumulators to the stack on every FMA), of 4 with narrower vectors.
+        // Column chunks of NV vectors within a panel: chunks of 2 on AVX2 (6 × 2 accumulators
+        // of its 16 registers; 6 × 4 there spilled accumulators to the stack on every FMA), of
+        // 4 otherwise (one chunk on AVX-512: 6 × 4 of its 32 registers).
         match S::F32_LANES {
-            16.. => block::<S, 4>(simd, x, w, panels, out, out_cols, accumulate),
-            8.. => block::<S, 2>(simd, x, w, panels, out, out_cols, accumulate),
-            _ => block::<S, 4>(simd, x, w, panels, out, out_cols, accumulate),
+            8..16 => block::<S, 2>(simd, self),
+            _ => block::<S, 4>(simd, self),
         }
     }
 }
 
 /// [`Block`]'s work with column chunks of `NV` vectors.
 #[inline(always)]
-fn block<S: Simd, const NV: usize>(
-    simd: S,
-    x: &[f32],
-    w: &PackedWeight,
-    panels: Range<usize>,
-    out: &mut [f32],
-    out_cols: usize,
-    accumulate: bool,
-) {
+fn block<S: Simd, const NV: usize>(simd: S, task: Block) {
+    let Block {
+        x,
+        w,
+        panels,
+        out,
+        out_cols,
+        accumulate,
+    } = task;
     let k = w.k;
     let col_base = panels.start * PANEL;
     let lanes = S::F32_LANES;
