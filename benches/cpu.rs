@@ -94,6 +94,8 @@ fn attention(c: &mut Criterion) {
         ("sparse_step_64x64", 48, 4160, true),
         ("sparse_step_64x64_140", 140, 4160, true),
         ("dense_step", 1088, 1088, false),
+        // One of a dense 64×64 step's 22 streaming query tiles (190 rows) per sequence.
+        ("dense_tile_64x64", 190, 4160, false),
     ] {
         let p = Problem::new(rows, keys, sparse, &mut rng);
         let inp = p.inputs();

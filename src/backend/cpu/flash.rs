@@ -27,8 +27,11 @@
 //!    max (four running maxima over interleaved keys), `p = 2^(s − m)` by a polynomial
 //!    [`exp2_lanes`] 16 keys at a time with 16 partial sums, `acc` and `l` rescaled by
 //!    `2^(m_old − m_new)` (`acc` only where that is not exactly 1).
-//! 4. `acc += P·V` with `V` read in place from the pool (one row of `head_dim` values per key,
-//!    no copy), again a register-blocked SIMD micro-kernel.
+//! 4. `acc += P·V`, again a register-blocked SIMD micro-kernel, over the tile's V rows copied
+//!    once per key tile into one contiguous `[keys][head_dim]` block that every band and row
+//!    block walks with one pointer. Read in place, one slot (`kv_dim` values) apart, the rows
+//!    kept the product well below `Sᵀ`'s rate, even where a tile's slots were consecutive
+//!    (`docs/CPU.md`).
 //!
 //! # Every row on its own
 //! A row's result depends on its query, its sequence's keys (their order and tags) and `tile_k`
@@ -242,6 +245,8 @@ struct Scratch {
     l: Lines,
     /// The output rows' accumulators (`[rows][head_dim]`).
     acc: Lines,
+    /// The key tile's V rows, copied out of the pool (`[tile_k][head_dim]`).
+    vt: Lines,
 }
 
 impl WithSimd for Item<'_> {
@@ -434,7 +439,7 @@ fn qk<S: Simd, const MRK: usize, const NV: usize>(
 
 /// `acc[r][cols] += Σ_j p^T[j][r] · v_j[cols]` for the `MR` rows from `r0`, `NV` vectors of
 /// columns from `c0`: one FMA chain per element over the keys in order. `pt` is `[keys][ld]`,
-/// `acc` rows have stride `d`; `vs` are the keys' value rows (in the pool).
+/// `acc` rows have stride `d`; `vt` is the keys' value rows, `[keys][d]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn pv_micro<S: Simd, const MR: usize, const NV: usize>(
@@ -442,22 +447,21 @@ fn pv_micro<S: Simd, const MR: usize, const NV: usize>(
     pt: &[f32],
     ld: usize,
     r0: usize,
-    vs: &[&[f32]],
+    vt: &[f32],
     acc: &mut [f32],
     d: usize,
     c0: usize,
 ) {
     let lanes = S::F32_LANES;
     let w = NV * lanes;
-    // Loaded in a plain loop: `array::from_fn` built the block on the stack and `memmove`d it.
     let mut regs = [[simd.splat_f32s(0.0); NV]; MR];
     for (i, reg) in regs.iter_mut().enumerate() {
         let row: &[S::f32s] = bytemuck::cast_slice(&acc[(r0 + i) * d + c0..][..w]);
         reg.copy_from_slice(row);
     }
-    for (j, v_row) in vs.iter().enumerate() {
+    for (v_row, p_row) in vt.chunks_exact(d).zip(pt.chunks(ld)) {
         let v: &[S::f32s] = bytemuck::cast_slice(&v_row[c0..c0 + w]);
-        let p = &pt[j * ld + r0..][..MR];
+        let p = &p_row[r0..r0 + MR];
         for i in 0..MR {
             let pb = simd.splat_f32s(p[i]);
             for u in 0..NV {
@@ -480,15 +484,16 @@ fn pv<S: Simd, const MR: usize, const NV: usize>(
     pt: &[f32],
     ld: usize,
     rows: Range<usize>,
-    vs: &[&[f32]],
+    vt: &[f32],
     acc: &mut [f32],
     d: usize,
 ) {
     // Keys in chunks whose V rows (and Pᵀ rows) stay in L1 while every row block reads them;
     // each element's chain still runs over the keys in order, chunk after chunk.
-    for k0 in (0..vs.len()).step_by(PV_KEYS) {
-        let vs = &vs[k0..(k0 + PV_KEYS).min(vs.len())];
-        pv_chunk::<S, MR, NV>(simd, &pt[k0 * ld..], ld, rows.clone(), vs, acc, d);
+    let n = vt.len() / d;
+    for k0 in (0..n).step_by(PV_KEYS) {
+        let vt = &vt[k0 * d..(k0 + PV_KEYS).min(n) * d];
+        pv_chunk::<S, MR, NV>(simd, &pt[k0 * ld..], ld, rows.clone(), vt, acc, d);
     }
 }
 
@@ -499,7 +504,7 @@ fn pv_chunk<S: Simd, const MR: usize, const NV: usize>(
     pt: &[f32],
     ld: usize,
     rows: Range<usize>,
-    vs: &[&[f32]],
+    vt: &[f32],
     acc: &mut [f32],
     d: usize,
 ) {
@@ -507,7 +512,7 @@ fn pv_chunk<S: Simd, const MR: usize, const NV: usize>(
     let mut c0 = 0;
     macro_rules! block {
         ($b:expr, $r0:ident, $nv:literal) => {
-            pv_micro::<S, { $b }, $nv>(simd, pt, ld, $r0, vs, acc, d, c0)
+            pv_micro::<S, { $b }, $nv>(simd, pt, ld, $r0, vt, acc, d, c0)
         };
     }
     macro_rules! cols {
@@ -527,7 +532,7 @@ fn pv_chunk<S: Simd, const MR: usize, const NV: usize>(
     if c0 < d {
         for r in rows {
             let acc_row = &mut acc[r * d..][..d];
-            for (j, v_row) in vs.iter().enumerate() {
+            for (j, v_row) in vt.chunks_exact(d).enumerate() {
                 let p = pt[j * ld + r];
                 for (a, &v) in acc_row[c0..].iter_mut().zip(&v_row[c0..d]) {
                     *a = p.mul_add(v, *a);
@@ -593,7 +598,14 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize, const NV: usize>(simd: S,
     // whose lanes are computed and never read.
     let ld = n_rows.div_ceil(LANES.max(lanes)) * LANES.max(lanes);
     let nvec = ld / lanes;
-    let Scratch { qt, st, m, l, acc } = scratch;
+    let Scratch {
+        qt,
+        st,
+        m,
+        l,
+        acc,
+        vt,
+    } = scratch;
     // Qᵀ packed `[d][ld]`, scaled by `log2(e)/sqrt(d)` so scores come out in base 2; written a
     // column at a time (contiguous stores, the strided side is the loads).
     let qt = qt.refill(d * ld, 0.0);
@@ -609,7 +621,6 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize, const NV: usize>(simd: S,
     let m = m.refill(ld, f32::NEG_INFINITY);
     let l = l.refill(ld, 0.0);
     let acc = acc.refill(n_rows * d, 0.0);
-    let mut vs: Vec<&[f32]> = Vec::with_capacity(tile_k);
     let pool_rows = |tile: Range<usize>, pool| PoolRows {
         pool,
         offsets: &key_offsets[tile],
@@ -625,11 +636,14 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize, const NV: usize>(simd: S,
         }
         let k_tags = &inp.kv_tags[tile.clone()];
         let st = &mut st[..n_keys * ld];
-        // V read in place (through a list of its rows: the micro-kernel is faster on those than
-        // on the offsets).
+        // The tile's V rows, copied once into one contiguous block that every band's P·V walks
+        // with a single pointer.
         let v_rows = pool_rows(tile.clone(), inp.v_pool);
-        vs.clear();
-        vs.extend((0..v_rows.len()).map(|j| v_rows.row(j, d)));
+        let vt = vt.reuse(n_keys * d);
+        for (j, dst) in vt.chunks_exact_mut(d).enumerate() {
+            dst.copy_from_slice(v_rows.row(j, d));
+        }
+        let vt = &*vt;
         // The query rows in bands of BAND_ROWS, each taken through the whole tile before the
         // next: its part of Sᵀ and its accumulators stay in L1, while the tile's K and V wait in
         // L2 for the next band.
@@ -702,7 +716,7 @@ fn item<S: Simd, const MRK: usize, const MR_PV: usize, const NV: usize>(simd: S,
                 }
             }
             // acc += P·V.
-            pv::<S, MR_PV, NV>(simd, st, ld, live, &vs, acc, d);
+            pv::<S, MR_PV, NV>(simd, st, ld, live, vt, acc, d);
         }
     }
 
