@@ -454,6 +454,7 @@ fn pv_micro<S: Simd, const MR: usize, const NV: usize>(
 ) {
     let lanes = S::F32_LANES;
     let w = NV * lanes;
+    // Loaded in a plain loop: `array::from_fn` built the block on the stack and `memmove`d it.
     let mut regs = [[simd.splat_f32s(0.0); NV]; MR];
     for (i, reg) in regs.iter_mut().enumerate() {
         let row: &[S::f32s] = bytemuck::cast_slice(&acc[(r0 + i) * d + c0..][..w]);
