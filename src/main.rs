@@ -423,10 +423,12 @@ fn resolve_within_memory(
     run: impl Fn(&mut Need, Target) -> Result<()>,
 ) -> Result<Resolved> {
     let (resolved, note) = runtime::resolve_device(args.device.into(), cfg)?;
-    let target = match resolved {
+    let target = match &resolved {
         Resolved::Cpu => Target::Cpu,
         #[cfg(feature = "cuda")]
-        Resolved::Cuda(_) => Target::Cuda,
+        Resolved::Cuda(backend) => Target::Cuda {
+            attn_workers: backend.attention_workers(cfg.head_dim)? as u64,
+        },
     };
     let from = match &args.weights {
         Some(p) => WeightsFrom::File(std::fs::metadata(p).map_err(|e| Error::io(p, e))?.len()),

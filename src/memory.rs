@@ -268,8 +268,13 @@ pub enum Target {
     /// The f32 CPU backend: everything on the host, 4 bytes per weight and cached key/value.
     Cpu,
     /// The CUDA backend: bf16 weights and K/V pool on the device (2 bytes), f32 residual and
-    /// logits; the host keeps plans, schedule and trace.
-    Cuda,
+    /// logits; the host keeps plans, schedule and trace. `attn_workers`: the concurrent
+    /// attention CTAs its split rule fills (`cuda::ops::attention_workers`), which bound each
+    /// step plan's split workspace.
+    Cuda {
+        /// Concurrent attention CTAs (at most [`crate::contract::attn::MAX_SPLIT_WORKERS`]).
+        attn_workers: u64,
+    },
 }
 
 /// Where a model's weights come from, for their memory.
@@ -467,7 +472,7 @@ pub fn add_weights(need: &mut Need, cfg: &Config, target: Target, from: WeightsF
                 need.host("the weight file, read whole", len);
             }
         }
-        (Target::Cuda, from) => {
+        (Target::Cuda { .. }, from) => {
             need.device(label("bf16"), mul(params, 2)?);
             if let WeightsFrom::File(len) = from {
                 need.host(
@@ -522,6 +527,48 @@ fn activation_bytes_of(cfg: &Config, d: u64, f: u64, rows: u64, splits: u64) -> 
         &[4],
     ])?;
     mul(mul(rows, per_row)?, 4)
+}
+
+/// Activation bytes of `rows` rows of branch `b` in one pass on the CUDA backend, as its
+/// workspace holds them (`Model::workspace`): the residual in f32; its norm, the fused q|k|v,
+/// the attention output, gate|up and the SwiGLU output in bf16.
+fn cuda_activation_bytes(cfg: &Config, b: Branch, rows: u64) -> Result<u64> {
+    let (d, f) = (cfg.d_model(b) as u64, cfg.d_mlp(b) as u64);
+    let (a, kv) = (cfg.attn_dim() as u64, cfg.kv_dim() as u64);
+    let per_row = sum_of_products(&[&[4, d], &[2, d], &[2, a], &[4, kv], &[2, a], &[6, f]])?;
+    mul(rows, per_row)
+}
+
+/// The largest transient of the CUDA backend's matrix-product warm-up for passes of `rows`
+/// rows of branch `b`: `warm_products` holds an input and an output of the product's shape
+/// while cuBLASLt's algorithm choice times candidates on another pair (on a GPU), for the
+/// widest of the layer's products (q|k|v and gate|up in bf16, the output projections' f32).
+fn cuda_warmup_bytes(cfg: &Config, b: Branch, rows: u64) -> Result<u64> {
+    let (d, f) = (cfg.d_model(b) as u64, cfg.d_mlp(b) as u64);
+    let (a, kv) = (cfg.attn_dim() as u64, cfg.kv_dim() as u64);
+    let out = sum_of_products(&[&[2, a], &[4, kv]])?
+        .max(mul(4, d)?)
+        .max(mul(4, f)?);
+    let widest_in = mul(2, d.max(f).max(a))?;
+    mul(2, mul(rows, add(widest_in, out)?)?)
+}
+
+/// The most bytes every step plan's attention split workspaces can take together on the CUDA
+/// backend ([`crate::contract::attn::max_split_values`] per branch over its most rows, for
+/// `plans` plans kept at once).
+fn cuda_split_bytes(cfg: &Config, rows: [u64; 2], plans: u64, workers: u64) -> Result<u64> {
+    let tile = crate::contract::abi::SL_ATTN_BLOCK_M.max(crate::contract::abi::SL_ATTN_V1_BLOCK_M);
+    let per_plan = rows.iter().try_fold(0u64, |acc, &r| {
+        let values = crate::contract::attn::max_split_values(
+            r,
+            tile as u64,
+            cfg.n_heads as u64,
+            cfg.head_dim as u64,
+            workers,
+        );
+        add(acc, mul(values, 4)?)
+    })?;
+    mul(plans, per_plan)
 }
 
 /// Bytes of a RoPE (cos, sin) table over `slots` positions, the CPU pool's and a CUDA
@@ -652,22 +699,27 @@ pub fn add_batch(
     for shape in shapes {
         t = t.plus(RunParts::of(cfg, shape)?)?;
     }
-    let requests = shapes.len() as u64;
     let (layers, kv) = (cfg.n_layers as u64, cfg.kv_dim() as u64);
-    let d_max = cfg.d_text.max(cfg.d_image) as u64;
-    let v_max = cfg.text_vocab.max(cfg.image_vocab) as u64;
     let threads = rayon::current_num_threads() as u64;
     let splits = threads.clamp(1, crate::contract::AttnTiling::MAX_SPLITS as u64);
     let activations = add(
         activation_bytes(cfg, Branch::Text, t.text_rows, splits)?,
         activation_bytes(cfg, Branch::Image, t.image_rows, splits)?,
     )?;
-    // Head: gathered rows, their norm, the logits; each request's ban mask and results.
-    let head = sum_of_products(&[
-        &[t.logits_rows, 2 * d_max + v_max, 4],
-        &[requests, v_max],
-        &[t.logits_rows, 16],
-    ])?;
+    // Head: gathered rows, their norm, the logits, in the response branch's width and
+    // vocabulary (the workspace's head is sized for the logits branch); each request's ban
+    // mask and results.
+    let head = shapes.iter().try_fold(0u64, |acc, shape| {
+        let (d, v) = (
+            cfg.d_model(shape.response) as u64,
+            cfg.vocab(shape.response) as u64,
+        );
+        let rows = mul(shape.n_seqs, shape.max_query)?;
+        add(
+            acc,
+            sum_of_products(&[&[rows, 2, d, 4], &[rows, v, 4], &[1, v], &[rows, 16]])?,
+        )
+    })?;
     let rows = add(t.text_rows, t.image_rows)?;
     let plan_pass = sum_of_products(&[&[rows, PLAN_BYTES_PER_ROW], &[t.keys, PLAN_BYTES_PER_KEY]])?;
     let bookkeeping = add(t.bookkeeping, mul(image_px, 8)?)?;
@@ -689,18 +741,37 @@ pub fn add_batch(
             );
             need.host("per-thread scratch", mul(threads, THREAD_SCRATCH)?);
         }
-        Target::Cuda => {
+        Target::Cuda { attn_workers } => {
             need.device(
                 format!("K/V pool ({} slots)", human_count(slots)),
                 sum_of_products(&[&[2, layers, slots, kv, 2]])?,
             );
             need.device("RoPE table", rope_table_bytes(cfg, slots)?);
-            need.device("activations", add(activations, head)?);
+            let cuda_activations = add(
+                cuda_activation_bytes(cfg, Branch::Text, t.text_rows)?,
+                cuda_activation_bytes(cfg, Branch::Image, t.image_rows)?,
+            )?;
+            need.device("activations", add(cuda_activations, head)?);
             // A device-resident run uploads every step's plan up front, and keeps their host
             // copies (its program) while it runs; while the batch's program is built from the
-            // requests' programs, both are alive.
+            // requests' programs, both are alive. Each plan keeps its attention split
+            // workspace; the batch runs as many steps as its longest request.
             need.device("step plans", t.programs);
             need.host("step plans", mul(2, t.programs)?);
+            let plans =
+                (shapes.iter()).try_fold(0u64, |most, s| add(s.steps, 1).map(|p| most.max(p)))?;
+            need.device(
+                "attention split workspaces",
+                cuda_split_bytes(cfg, [t.text_rows, t.image_rows], plans, attn_workers)?,
+            );
+            need.device(
+                "matrix-product warm-up (transient)",
+                cuda_warmup_bytes(cfg, Branch::Text, t.text_rows)?.max(cuda_warmup_bytes(
+                    cfg,
+                    Branch::Image,
+                    t.image_rows,
+                )?),
+            );
             need.device("device overhead", DEVICE_OVERHEAD);
         }
     }
@@ -746,10 +817,26 @@ pub fn add_forward(
             );
             need.host("per-thread scratch", mul(threads, THREAD_SCRATCH)?);
         }
-        Target::Cuda => {
+        Target::Cuda { attn_workers } => {
             need.device(format!("K/V pool ({} slots)", human_count(all)), pool(2)?);
             need.device("RoPE table", rope_table_bytes(cfg, all)?);
-            need.device("activations", add(activations, head)?);
+            let cuda_activations = add(
+                cuda_activation_bytes(cfg, Branch::Text, rows[0])?,
+                cuda_activation_bytes(cfg, Branch::Image, rows[1])?,
+            )?;
+            need.device("activations", add(cuda_activations, head)?);
+            need.device(
+                "attention split workspaces",
+                cuda_split_bytes(cfg, rows, 1, attn_workers)?,
+            );
+            need.device(
+                "matrix-product warm-up (transient)",
+                cuda_warmup_bytes(cfg, Branch::Text, rows[0])?.max(cuda_warmup_bytes(
+                    cfg,
+                    Branch::Image,
+                    rows[1],
+                )?),
+            );
             need.device("device overhead", DEVICE_OVERHEAD);
         }
     }
@@ -806,8 +893,58 @@ mod tests {
             max_query: u64::MAX,
             grid: Some((u64::MAX, 3)),
         };
-        let mut need = Need::default();
-        let e = add_generation(&mut need, &cfg, &shape, Target::Cpu, 0).unwrap_err();
-        assert!(matches!(e, Error::OutOfMemory(_)), "{e}");
+        for target in [Target::Cpu, Target::Cuda { attn_workers: 264 }] {
+            let mut need = Need::default();
+            let e = add_generation(&mut need, &cfg, &shape, target, 0).unwrap_err();
+            assert!(matches!(e, Error::OutOfMemory(_)), "{e}");
+        }
+    }
+
+    /// `lavida-o` text-to-image (the default 32×32 grid, 64 steps, prompt 64, CFG) on an
+    /// 80 GB H100 (264 concurrent attention CTAs at head_dim 128): `scripts/gpu-check`'s
+    /// batch sweep runs 1, 2, 4, 8 and 16 requests, which must fit beside the weights, while 32
+    /// (whose K/V pool alone is 73 GB) must not. Each part against its own arithmetic: the
+    /// pool `2 · 32 layers · 4352 slots · 4096 · 2 B` per request, bf16 activations per row,
+    /// f32 logits 8192 wide (the image vocabulary, not the text one's 127,378).
+    #[test]
+    fn lavida_o_batches_up_to_16_fit_an_h100() {
+        let cfg = Config::preset("lavida-o").unwrap();
+        let work = crate::request::Workload::new(crate::request::TaskKind::T2i);
+        let shape = work.shape(&cfg).unwrap();
+        assert_eq!(
+            (shape.response_len, shape.steps, shape.n_seqs),
+            (1024, 64, 2)
+        );
+        assert_eq!(shape.max_query, 76);
+        let h100 = 80_000_000_000u64 - 1_000_000_000;
+        let total = |b: usize| {
+            let mut need = Need::default();
+            let target = Target::Cuda { attn_workers: 264 };
+            add_weights(&mut need, &cfg, target, WeightsFrom::Random).unwrap();
+            add_batch(&mut need, &cfg, &vec![shape; b], target, 0).unwrap();
+            let part = |what: &str| {
+                (need.device.iter())
+                    .filter(|p| p.what.starts_with(what))
+                    .map(|p| p.bytes)
+                    .sum::<u64>()
+            };
+            assert_eq!(part("K/V pool"), b as u64 * 2 * 32 * 4352 * 4096 * 2);
+            let image_rows = b as u64 * 2 * (1024 + 64);
+            let text_rows = b as u64 * 2 * 64;
+            let per_image_row = 4 * 2048 + 2 * 2048 + 2 * 4096 + 4 * 4096 + 2 * 4096 + 6 * 8192;
+            let per_text_row = 4 * 4096 + 2 * 4096 + 2 * 4096 + 4 * 4096 + 2 * 4096 + 6 * 12288;
+            let logits_rows = b as u64 * 2 * 76;
+            let head = logits_rows * (2 * 2048 + 8192) * 4 + b as u64 * 8192 + logits_rows * 16;
+            assert_eq!(
+                part("activations"),
+                image_rows * per_image_row + text_rows * per_text_row + head
+            );
+            need.device_total().unwrap()
+        };
+        for b in [1, 2, 4, 8, 16] {
+            let t = total(b);
+            assert!(t <= h100, "batch {b} needs {} of 79 GB", human_bytes(t));
+        }
+        assert!(total(32) > h100);
     }
 }

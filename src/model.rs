@@ -158,6 +158,8 @@ pub struct Workspace<B: Backend> {
     rows: [usize; 2],
     tail_rows: usize,
     logits_rows: usize,
+    /// The head's model width and vocabulary as allocated (those of the logits branches seen).
+    head_cols: (usize, usize),
     frozen: bool,
 }
 
@@ -172,6 +174,7 @@ impl<B: Backend> Workspace<B> {
             rows: [0, 0],
             tail_rows: 0,
             logits_rows: 0,
+            head_cols: (0, 0),
             frozen: false,
         }
     }
@@ -202,6 +205,12 @@ impl<B: Backend> Workspace<B> {
     /// Rows allocated per branch (text, image) and logits rows.
     pub fn capacity(&self) -> ([usize; 2], usize) {
         (self.rows, self.logits_rows)
+    }
+
+    /// The vocabulary the head holds logits rows for: the widest logits branch of the passes
+    /// so far (0 before any).
+    pub fn logits_width(&self) -> usize {
+        self.head_cols.1
     }
 
     /// Rows allocated for the last layer's pass over the logits rows alone (where the backend
@@ -382,8 +391,14 @@ impl<B: Backend> Model<B> {
     }
 
     /// A workspace allocated for up to `rows[b]` rows of branch `b` and `logits_rows` logits
-    /// rows.
-    pub fn workspace(&self, rows: [usize; 2], logits_rows: usize) -> Result<Workspace<B>> {
+    /// rows of branch `logits` (its vocabulary: a text-to-image run's logits are 8192 wide
+    /// where a text answer's are 127,378 at `lavida-o`).
+    pub fn workspace(
+        &self,
+        rows: [usize; 2],
+        logits_rows: usize,
+        logits: Branch,
+    ) -> Result<Workspace<B>> {
         let mut ws = Workspace::new();
         for b in Branch::ALL {
             self.fit_branch(&mut ws, b, rows[b as usize])?;
@@ -391,7 +406,7 @@ impl<B: Backend> Model<B> {
         if self.backend.prunes_last_layer() {
             self.fit_tail(&mut ws, Branch::Text, logits_rows)?;
         }
-        self.fit_head(&mut ws, logits_rows)?;
+        self.fit_head(&mut ws, logits, logits_rows)?;
         Ok(ws)
     }
 
@@ -468,30 +483,36 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    fn fit_head(&self, ws: &mut Workspace<B>, n: usize) -> Result<()> {
+    /// Makes the head hold `n` logits rows of branch `b`: sized for that branch's width and
+    /// vocabulary (a run's logits all come from its response's branch), or for the wider of
+    /// those and what it held when passes of both branches share a workspace.
+    fn fit_head(&self, ws: &mut Workspace<B>, b: Branch, n: usize) -> Result<()> {
         let (cfg, be) = (&self.cfg, &self.backend);
-        // Logits come from one branch per pass; size for the wider of the two.
-        let d = Branch::ALL
-            .map(|b| cfg.d_model(b))
-            .into_iter()
-            .max()
-            .unwrap_or(0);
-        let v = Branch::ALL
-            .map(|b| cfg.vocab(b))
-            .into_iter()
-            .max()
-            .unwrap_or(0);
-        if n > ws.logits_rows || ws.head.is_none() && n > 0 {
+        let (d, v) = (cfg.d_model(b), cfg.vocab(b));
+        let (held_d, held_v) = ws.head_cols;
+        let fits = ws.head.is_some() && n <= ws.logits_rows && d <= held_d && v <= held_v;
+        if n > 0 && !fits {
             if ws.frozen {
-                return Err(grow_error("logits rows", n, ws.logits_rows));
+                return Err(match n > ws.logits_rows {
+                    true => grow_error("logits rows", n, ws.logits_rows),
+                    false => crate::Error::Input(format!(
+                        "forward pass: logits of the {} branch ({v} wide) but the frozen \
+                         workspace's head holds {held_v}",
+                        b.name()
+                    )),
+                });
             }
-            let rows = Workspace::<B>::grown(n, ws.logits_rows, ws.bounds.map(|(_, l)| l));
+            // Never narrower or shorter than what it held ((0, 0) and 0 when nothing).
+            let rows = Workspace::<B>::grown(n, ws.logits_rows, ws.bounds.map(|(_, l)| l))
+                .max(ws.logits_rows);
+            let (d, v) = (d.max(held_d), v.max(held_v));
             ws.head = Some(Head {
                 rows: be.matrix(rows, d, Residual)?,
                 normed: be.matrix(rows, d, Activation)?,
                 logits: be.matrix(rows, v, Logits)?,
             });
             ws.logits_rows = rows;
+            ws.head_cols = (d, v);
         }
         Ok(())
     }
@@ -602,7 +623,7 @@ impl<B: Backend> Model<B> {
             return Ok(false);
         };
         let n = plan.logits_rows.len();
-        self.fit_head(ws, n)?;
+        self.fit_head(ws, lb, n)?;
         let (d, v) = (cfg.d_model(lb), cfg.vocab(lb));
         let h = ws.head.as_mut().expect("fitted");
         be.reshape(&mut h.rows, n, d)?;

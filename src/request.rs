@@ -188,8 +188,8 @@ impl Workload {
                     response_len: n as u64,
                     n_seqs: if guidance > 0.0 { 2 } else { 1 },
                     steps: k as u64,
-                    // Every other step decodes at least one position.
-                    max_query: (n - k + 1) as u64,
+                    // The schedule's largest group (bounded without building it).
+                    max_query: schedule::max_shift_count(n, k) as u64,
                     grid: Some((h as u64, w as u64)),
                 }
             }

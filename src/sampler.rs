@@ -536,6 +536,8 @@ trait Decoder {
     fn steps(&self) -> usize;
     /// Response indices whose logits step `k` needs.
     fn query(&self, k: usize, st: &DecodeState) -> Vec<u32>;
+    /// The most indices any step's [`Decoder::query`] returns.
+    fn max_query(&self) -> usize;
     /// Sampler parameters shared by every step (step and positions are filled per step).
     fn base_params(&self) -> &SampleParams;
     /// Sampler parameters for step `k`: the Philox step and the sampled rows' positions.
@@ -559,6 +561,9 @@ struct T2iDecoder {
 impl Decoder for T2iDecoder {
     fn steps(&self) -> usize {
         self.groups.len()
+    }
+    fn max_query(&self) -> usize {
+        self.groups.iter().map(Vec::len).max().unwrap_or(0)
     }
     fn query(&self, k: usize, _: &DecodeState) -> Vec<u32> {
         self.groups[k].clone()
@@ -585,6 +590,14 @@ struct TextDecoder {
 impl Decoder for TextDecoder {
     fn steps(&self) -> usize {
         self.schedule.len()
+    }
+    /// A step queries the still-masked positions of its block.
+    fn max_query(&self) -> usize {
+        let blocks = self.schedule.iter().map(|s| s.block);
+        blocks
+            .map(|b| schedule::text_block_range(self.answer_len, self.block_len, b).len())
+            .max()
+            .unwrap_or(0)
     }
     fn query(&self, k: usize, st: &DecodeState) -> Vec<u32> {
         let range =
@@ -781,6 +794,12 @@ impl Sampling {
     /// The prompt prefill's plan (see [`Sampling::prefills`]).
     pub fn prefill_plan(&self) -> Result<StepPlan> {
         prefill_plan(&self.layout)
+    }
+
+    /// The most response indices any step computes logits for, per sequence (the largest
+    /// group of a t2i schedule, the longest block of a text answer).
+    pub fn max_query(&self) -> usize {
+        self.decoder.max_query()
     }
 
     /// The response indices step `k` computes logits for, given the state before it.

@@ -58,6 +58,25 @@ pub fn shift_counts(n: usize, k: usize) -> Result<Vec<usize>> {
     Ok(counts)
 }
 
+/// The most positions one step of [`shift_counts`]`(n, k)` decodes, bounded in O(1) (no
+/// schedule is built, so a huge `k` costs nothing): `⌊σ(1/K)·N⌋ + 1`, at most `N − K + 1`.
+///
+/// Why it holds: σ is concave, so the exact increments `σ((j+1)/K)·N − σ(j/K)·N` shrink with
+/// `j` and the first, `σ(1/K)·N`, is the largest; a difference of floors exceeds the exact
+/// increment by less than 1, raising an empty step to 1 stays within the bound, and taking the
+/// excess back only lowers counts. Every count is at most `N − K + 1` as the others are ≥ 1.
+/// The memory bound of a request uses it for its logits rows. `k` in `1..=n`, as
+/// [`shift_counts`] requires.
+pub fn max_shift_count(n: usize, k: usize) -> usize {
+    if k == 0 || k > n {
+        return n;
+    }
+    let t = 1.0 / k as f64;
+    let sigma = SHIFT * t / (1.0 + (SHIFT - 1.0) * t);
+    let first = (sigma * n as f64).floor() as usize;
+    first.saturating_add(1).min(n - k + 1)
+}
+
 /// Image decoding order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -287,6 +306,33 @@ pub fn text_block_range(answer_len: usize, block_len: usize, b: usize) -> Range<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The O(1) bound against the largest count of the schedule itself: never below it, at
+    /// most one above where `K ≤ N/8` (where the excess taken back is small) and four above
+    /// otherwise (every `K` for `N` ≤ 300, a sweep of `K` at the grid sizes people run).
+    #[test]
+    fn max_shift_count_bounds_the_schedule_tightly() {
+        let check = |n: usize, k: usize| {
+            let real = *shift_counts(n, k).unwrap().iter().max().unwrap();
+            let bound = max_shift_count(n, k);
+            let slack = if 8 * k <= n { 1 } else { 4 };
+            assert!(
+                real <= bound && bound <= real + slack,
+                "N {n} K {k}: largest count {real}, bound {bound}"
+            );
+        };
+        for n in 1..=300 {
+            for k in 1..=n {
+                check(n, k);
+            }
+        }
+        for n in [1024, 1089, 4096, 16384, 65536] {
+            for k in (1..=n).step_by(n / 97 + 1).chain([2, 3, 64, 128, n - 1, n]) {
+                check(n, k);
+            }
+        }
+        assert_eq!(max_shift_count(1024, 64), 76);
+    }
 
     #[test]
     fn shift_counts_match_spec_check() {

@@ -215,3 +215,61 @@ fn gpu_batch_with_a_bad_request_is_refused() {
     let gs = run(&gpu, &batch, Mode::Dense, Execution::Graphs);
     assert_eq!(gs.len(), 2);
 }
+
+/// The memory bound on the CUDA backend (`memory::add_weights` and `add_batch` with
+/// `Target::Cuda`, what the CLI checks before it allocates): the device pool's high watermark
+/// over uploading `small`'s weights and a device-resident batch under graphs (every step's plan
+/// and split workspace kept, the products warmed) stays within the bound's parts without the
+/// fixed device overhead, measured from the pool's use before the weights (the backend's own
+/// buffers, which that overhead covers). A t2i batch with CFG in both mode families, and a
+/// text batch.
+#[test]
+#[cfg_attr(not(feature = "emulator"), ignore = "needs a CUDA device")]
+fn gpu_device_memory_stays_within_the_bound() {
+    use sparse_lavida::backend::DeviceStats;
+    use sparse_lavida::memory::{self, Need, Target, WeightsFrom};
+    use sparse_lavida::request::{PromptSpec, TaskKind, Workload};
+    let cfg = Config::preset("small").unwrap();
+    let t2i = Workload {
+        grid: Some((12, 12)),
+        steps: Some(8),
+        prompt: PromptSpec::Random(16),
+        ..Workload::new(TaskKind::T2i)
+    };
+    let text = Workload {
+        answer_len: Some(48),
+        block: Some(16),
+        prompt: PromptSpec::Random(12),
+        ..Workload::new(TaskKind::Text)
+    };
+    let sparse = Mode::Sparse(sampler::Switches::ALL_ON);
+    for (work, n, mode) in [
+        (&t2i, 3, sparse),
+        (&t2i, 2, Mode::Dense),
+        (&text, 3, sparse),
+    ] {
+        let works = work.batch(n, None).unwrap();
+        let shapes: Vec<_> = works.iter().map(|w| w.shape(&cfg).unwrap()).collect();
+        let requests: Vec<Request> = works.iter().map(|w| w.task(&cfg).unwrap()).collect();
+        let be = CudaBackend::new().unwrap_or_else(|e| panic!("{}: {e}", common::NEED_DEVICE));
+        let target = Target::Cuda {
+            attn_workers: be.attention_workers(cfg.head_dim).unwrap() as u64,
+        };
+        let mut need = Need::default();
+        memory::add_weights(&mut need, &cfg, target, WeightsFrom::Random).unwrap();
+        memory::add_batch(&mut need, &cfg, &shapes, target, 0).unwrap();
+        let bound = need.device_total().unwrap() - memory::DEVICE_OVERHEAD;
+        let before = be
+            .reset_peak_memory()
+            .unwrap()
+            .expect("the pool's statistics");
+        let gpu = Model::new(be, cfg.clone(), HostWeights::random(&cfg, 5)).unwrap();
+        run(&gpu, &requests, mode, Execution::Graphs);
+        let peak = gpu.backend().peak_memory().unwrap().unwrap() - before;
+        assert!(
+            peak <= bound,
+            "{mode}, {n} requests of {work:?}: {peak} B at the peak, bound {bound} B ({:?})",
+            need.device
+        );
+    }
+}

@@ -16,6 +16,7 @@
 
 mod common;
 
+use cudarc::driver::DevicePtr;
 use half::bf16;
 use proptest::prelude::*;
 use rand::seq::SliceRandom;
@@ -1448,6 +1449,28 @@ fn gpu_attention_rejects_bad_shapes_before_launch() {
     };
     let e = ops::attention(&dev, &mut plan, &args, out).unwrap_err();
     assert!(e.to_string().contains("q row stride 132"), "{e}");
+    // q as an engine's view 2 bytes into an allocation: refused, not a misaligned cp.async.
+    let mut padded = c.q.clone();
+    padded.push(bf16::ZERO);
+    let whole = dev.upload(&padded).unwrap();
+    let (base, _sync) = whole.device_ptr(dev.stream());
+    // SAFETY: the view covers `c.q.len()` values inside `whole`'s allocation (one value in),
+    // which outlives it; it is leaked below, never freed through the view.
+    let view = unsafe { dev.stream().upgrade_device_ptr::<bf16>(base + 2, c.q.len()) };
+    let args = AttnArgs {
+        q: &view,
+        q_stride: 128,
+        ..args
+    };
+    let out = AttnOut {
+        o: &mut o,
+        o_stride: 128,
+        lse: None,
+    };
+    let e = ops::attention(&dev, &mut plan, &args, out).unwrap_err();
+    view.leak();
+    assert!(e.to_string().contains("q starts at"), "{e}");
+    assert!(e.to_string().contains("not on 16 bytes"), "{e}");
     assert!(
         dev.download(&o).unwrap().iter().all(|x| x.is_nan()),
         "nothing may be launched on bad input"

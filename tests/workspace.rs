@@ -25,18 +25,18 @@ fn check(task: &Task, mode: Mode) {
     let most = |b: Branch| plans.iter().map(|p| p.rows(b).len()).max().unwrap();
     let most_logits = plans.iter().map(|p| p.logits_rows.len()).max().unwrap();
     let (text, image) = (most(Branch::Text), most(Branch::Image));
-    check_with(&model, &plans, mode, Workspace::new());
+    check_with(&model, &plans, mode, &mut Workspace::new());
     check_with(
         &model,
         &plans,
         mode,
-        Workspace::growing_to([4 * text, 4 * image], 4 * most_logits),
+        &mut Workspace::growing_to([4 * text, 4 * image], 4 * most_logits),
     );
     check_with(
         &model,
         &plans,
         mode,
-        Workspace::growing_to([text / 2, image / 2], most_logits / 2),
+        &mut Workspace::growing_to([text / 2, image / 2], most_logits / 2),
     );
 }
 
@@ -44,7 +44,7 @@ fn check_with(
     model: &Model<CpuBackend>,
     plans: &[StepPlan],
     mode: Mode,
-    mut ws: Workspace<CpuBackend>,
+    ws: &mut Workspace<CpuBackend>,
 ) {
     let slots = plans.iter().map(|p| p.pool_slots).max().unwrap();
     let mut cache = model.new_cache(slots).unwrap();
@@ -53,7 +53,7 @@ fn check_with(
         let mut fresh_cache = cache.clone();
         let prepared = model.prepare(plan).unwrap();
         let want = model.forward(&prepared, &mut fresh_cache).unwrap();
-        let has = model.forward_in(&prepared, &mut cache, &mut ws).unwrap();
+        let has = model.forward_in(&prepared, &mut cache, ws).unwrap();
         assert_eq!(has, want.is_some(), "{mode} pass {k}");
         if let Some(want) = want {
             let got = ws.logits().unwrap();
@@ -254,6 +254,55 @@ fn reused_workspace_equals_fresh_buffers() {
     }
 }
 
+/// The head is sized for the logits branch, not the widest vocabulary (a `lavida-o` image's
+/// logits are 8192 wide, a text answer's 127,378): one workspace through a t2i generation holds
+/// image-vocabulary logits rows, then through a text generation widens to the text vocabulary,
+/// every pass's logits those of fresh buffers; a frozen one made for image logits refuses a
+/// text pass, naming both widths.
+#[test]
+fn the_head_is_as_wide_as_the_logits_branch() {
+    let model = tiny_model(3);
+    let cfg = model.config().clone();
+    assert!(
+        cfg.image_vocab < cfg.text_vocab,
+        "the case needs a narrower image vocabulary"
+    );
+    let t2i = plans_of(&model, &small_t2i(2.0), Mode::Sparse(Switches::ALL_ON));
+    let text = plans_of(&model, &small_text(), Mode::Dense);
+    let mut ws = Workspace::new();
+    check_with(&model, &t2i, Mode::Sparse(Switches::ALL_ON), &mut ws);
+    assert_eq!(ws.logits_width(), cfg.image_vocab);
+    check_with(&model, &text, Mode::Dense, &mut ws);
+    assert_eq!(ws.logits_width(), cfg.text_vocab);
+    let slots = (t2i.iter().chain(&text))
+        .map(|p| p.pool_slots)
+        .max()
+        .unwrap();
+
+    let rows = text.iter().map(|p| p.n_rows()).max().unwrap();
+    let logits = text.iter().map(|p| p.logits_rows.len()).max().unwrap();
+    let mut frozen = model
+        .workspace([rows, rows], logits, Branch::Image)
+        .unwrap();
+    assert_eq!(frozen.logits_width(), cfg.image_vocab);
+    frozen.freeze();
+    let pass = text
+        .iter()
+        .find(|p| !p.logits_rows.is_empty())
+        .unwrap()
+        .clone();
+    let mut cache = model.new_cache(slots).unwrap();
+    let e = model
+        .forward_in(&model.prepare(pass).unwrap(), &mut cache, &mut frozen)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("text branch ({} wide)", cfg.text_vocab))
+            && e.contains(&format!("holds {}", cfg.image_vocab)),
+        "{e}"
+    );
+}
+
 #[test]
 fn frozen_workspace_refuses_to_grow() {
     let model = tiny_model(3);
@@ -268,7 +317,7 @@ fn frozen_workspace_refuses_to_grow() {
     });
     let plans = plans_of(&model, &text, Mode::Dense);
     let rows = plans[0].n_rows();
-    let mut ws = model.workspace([rows - 1, 0], 8).unwrap();
+    let mut ws = model.workspace([rows - 1, 0], 8, Branch::Text).unwrap();
     ws.freeze();
     let mut cache = model.new_cache(plans[0].pool_slots).unwrap();
     let e = model
@@ -282,7 +331,7 @@ fn frozen_workspace_refuses_to_grow() {
     assert!(msg.contains(&format!("{rows} text rows")), "{msg}");
     assert!(msg.contains(&format!("holds {}", rows - 1)), "{msg}");
     // Unfrozen and big enough, the same pass runs.
-    let mut ws = model.workspace([rows, 0], 8).unwrap();
+    let mut ws = model.workspace([rows, 0], 8, Branch::Text).unwrap();
     ws.freeze();
     model
         .forward_in(

@@ -319,6 +319,46 @@ pub fn choose_splits(n_qtiles: usize, n_heads: usize, max_keys: usize, workers: 
     }
 }
 
+/// Most concurrent CTAs the CUDA backend's split rule counts ([`choose_splits`]'s `workers`,
+/// clamped by `cuda::ops::attention_workers`): 3 CTAs per SM on 148 SMs is 444. It bounds every
+/// attention plan's split workspace on any card ([`max_split_values`]).
+pub const MAX_SPLIT_WORKERS: usize = 512;
+
+/// The most f32 values (partial outputs and their log-sum-exps) the split workspace of an
+/// attention plan can take under [`choose_splits`], over at most `rows` query rows in tiles of
+/// at most `tile_rows` rows, `n_heads` heads of `head_dim`, on `workers` concurrent CTAs: the
+/// largest over `t` query tiles of `splits(t) · min(t · tile_rows, rows) · n_heads ·
+/// (head_dim + 1)`, where `splits(t) = min(ceil(workers / (t · n_heads)), MAX_SPLITS)` while
+/// `t · n_heads < workers` and 1 (no workspace) after. The keys' cap on splits is left out, so
+/// it holds for any key count. For the memory bound of a request
+/// (`memory::add_batch`), computed in a loop of at most `workers` steps.
+pub fn max_split_values(
+    rows: u64,
+    tile_rows: u64,
+    n_heads: u64,
+    head_dim: u64,
+    workers: u64,
+) -> u64 {
+    let (tile_rows, heads) = (tile_rows.max(1), n_heads.max(1));
+    let mut most = 0u64;
+    let mut t = 1u64;
+    while t.saturating_mul(heads) < workers && (t - 1).saturating_mul(tile_rows) < rows {
+        let splits = workers
+            .div_ceil(t * heads)
+            .min(AttnTiling::MAX_SPLITS as u64);
+        if splits > 1 {
+            let r = t.saturating_mul(tile_rows).min(rows);
+            let values = splits
+                .saturating_mul(r)
+                .saturating_mul(heads)
+                .saturating_mul(head_dim.saturating_add(1));
+            most = most.max(values);
+        }
+        t += 1;
+    }
+    most
+}
+
 /// Words of a [`TileSummary`] (`SL_ATTN_SUMMARY_WORDS` of `params.h`).
 pub const SUMMARY_WORDS: usize = 8;
 
@@ -625,6 +665,50 @@ mod tests {
                 cpu.n_splits
             );
         }
+    }
+
+    /// The split workspace's bound against the split rule on random layouts (sequences of
+    /// 0–600 rows in tiles of 64 or 128, 1–32 heads, 1–600 CTAs, any key count): never below a
+    /// plan's real workspace; and reached by one 1024-row sequence of 32 heads on 264 CTAs (2
+    /// splits), the H100's hd128 shape.
+    #[test]
+    fn max_split_values_bounds_every_plan() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for _ in 0..20_000 {
+            let n_seqs = rng.gen_range(1..=10);
+            let mut indptr = vec![0u32];
+            for _ in 0..n_seqs {
+                let len = rng.gen_range(0..=600u32);
+                indptr.push(indptr.last().unwrap() + len);
+            }
+            let rows = *indptr.last().unwrap() as u64;
+            let tile = [64u32, 128][rng.gen_range(0..2)];
+            let heads = [1usize, 2, 4, 8, 32][rng.gen_range(0..5)];
+            let (hd, workers) = (rng.gen_range(1..=256usize), rng.gen_range(1..=600usize));
+            let keys = rng.gen_range(0..=100_000usize);
+            let tiles = query_tiles(&indptr, tile).0.len();
+            let splits = choose_splits(tiles, heads, keys, workers);
+            let real = if splits > 1 {
+                (splits * rows as usize * heads * (hd + 1)) as u64
+            } else {
+                0
+            };
+            let bound =
+                max_split_values(rows, tile as u64, heads as u64, hd as u64, workers as u64);
+            assert!(
+                real <= bound,
+                "rows {indptr:?} tile {tile} heads {heads} hd {hd} workers {workers} keys \
+                 {keys}: {splits} splits, {real} values > bound {bound}"
+            );
+        }
+        assert_eq!(
+            max_split_values(1024, 128, 32, 128, 264),
+            2 * 1024 * 32 * 129
+        );
+        assert_eq!(choose_splits(8, 32, 1 << 20, 264), 2);
+        assert_eq!(max_split_values(0, 128, 32, 128, 264), 0);
+        assert_eq!(max_split_values(100_000, 128, 32, 128, 32), 0);
     }
 
     fn tag_strategy() -> impl proptest::strategy::Strategy<Value = Tag> {

@@ -308,7 +308,8 @@ pub struct Gemm {
     stream: Arc<CudaStream>,
     workspace: CudaSlice<u8>,
     plans: Mutex<HashMap<PlanKey, GemmPlan>>,
-    /// Time the candidates (a GPU) or keep the heuristic's first (the emulated device).
+    /// Time the candidates (a GPU) or keep the heuristic's first (the emulated device, or
+    /// `SL_GEMM_TUNE=0`: see [`tune_from_env`]).
     tune: bool,
     choices: Mutex<Vec<GemmChoice>>,
 }
@@ -364,11 +365,33 @@ fn elems(name: &str, a: usize, b: usize) -> Result<usize> {
         .map_or_else(|| bad(format_args!("{name} size {a} × {b} overflows")), Ok)
 }
 
+/// Whether a GPU times cuBLASLt's candidates for each new shape (`SL_GEMM_TUNE` unset, empty
+/// or `1`) or keeps the heuristic's first (`0`). Timing picks the fastest, but near-ties can go
+/// either way between processes, so logits may differ in their last bits from run to run; `0`
+/// makes a card's products the same in every run (for comparing against stored results).
+/// Any other value is an error naming it.
+pub fn tune_from_env() -> Result<bool> {
+    parse_tune(std::env::var("SL_GEMM_TUNE").ok().as_deref())
+}
+
+/// [`tune_from_env`] of the variable's value (`None`: unset).
+fn parse_tune(value: Option<&str>) -> Result<bool> {
+    match value {
+        None | Some("") | Some("1") => Ok(true),
+        Some("0") => Ok(false),
+        Some(other) => Err(Error::Input(format!(
+            "SL_GEMM_TUNE={other:?}: use 1 (time cuBLASLt's candidates, the default) or 0 (keep \
+             its heuristic's first, the same algorithm in every run)"
+        ))),
+    }
+}
+
 impl Gemm {
     /// Creates the handle and a [`WORKSPACE_BYTES`] workspace on `dev`'s stream.
     /// [`Error::Unavailable`] when the cuBLASLt library cannot be found or loaded.
     pub fn new(dev: &CudaDevice) -> Result<Gemm> {
         ensure_library()?;
+        let tune = tune_from_env()? && !dev.info().emulated;
         let stream = dev.stream().clone();
         stream
             .context()
@@ -382,7 +405,7 @@ impl Gemm {
             stream,
             workspace,
             plans: Mutex::new(HashMap::new()),
-            tune: !dev.info().emulated,
+            tune,
             choices: Mutex::new(Vec::new()),
         })
     }
@@ -766,6 +789,19 @@ fn expand(pattern: &str) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sl_gemm_tune_is_1_0_or_an_error_naming_it() {
+        assert!(parse_tune(None).unwrap());
+        assert!(parse_tune(Some("")).unwrap());
+        assert!(parse_tune(Some("1")).unwrap());
+        assert!(!parse_tune(Some("0")).unwrap());
+        let e = parse_tune(Some("off")).unwrap_err().to_string();
+        assert!(
+            e.contains("SL_GEMM_TUNE=\"off\"") && e.contains("use 1"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn alignment_is_the_largest_power_of_two_up_to_256() {

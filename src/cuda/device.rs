@@ -583,6 +583,15 @@ pub struct CudaDevice {
     info: DeviceInfo,
 }
 
+impl Drop for CudaDevice {
+    /// Waits for the stream before the kernels' modules unload (the fields drop after this):
+    /// an error path can leave launches queued, and unloading a module under a running kernel
+    /// is not something the driver defines. An error here (a context already failed) is moot.
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+    }
+}
+
 impl CudaDevice {
     /// Probes and opens device `ordinal`. [`Error::Unavailable`] (never a panic) when there is no
     /// driver library, no device, no compiled kernels, or no kernel image for this device.

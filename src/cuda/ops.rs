@@ -37,7 +37,9 @@ use crate::contract::abi::{
     SlGatherParams, SlInitParams, SlMaskedSoftmaxParams, SlPatch, SlResolveParams, SlRmsNormParams,
     SlRopeKvParams, SlSampleParams, SlSwigluParams,
 };
-use crate::contract::attn::{AttnVersion, SUMMARY_WORDS, TileSummary, key_tile_summaries};
+use crate::contract::attn::{
+    AttnVersion, MAX_SPLIT_WORKERS, SUMMARY_WORDS, TileSummary, key_tile_summaries,
+};
 use crate::contract::program::field_name;
 use crate::contract::{AttnShape, REGISTER, SampleParams, Sampled, Tag};
 use crate::cuda::device::CudaDevice;
@@ -341,6 +343,21 @@ pub struct SummaryTarget<'a> {
     pub summary: &'a mut CudaSlice<u32>,
 }
 
+/// The concurrent CTAs the split rule fills for attention `version` at `head_dim` on `dev`: the
+/// kernel's CTAs per SM times the SMs (the SM count alone for v1, as it had), at most
+/// [`MAX_SPLIT_WORKERS`], which bounds every plan's split workspace on any card
+/// (`memory::attention_split_bytes`).
+pub fn attention_workers(dev: &CudaDevice, version: AttnVersion, head_dim: usize) -> usize {
+    let sms = dev.info().sm_count as usize;
+    let ctas = match version {
+        AttnVersion::V1 => 1,
+        AttnVersion::V2 => dev
+            .kernels()
+            .attention_ctas_per_sm(version, head_dim as u32) as usize,
+    };
+    (ctas * sms).clamp(1, MAX_SPLIT_WORKERS)
+}
+
 impl AttnPlan {
     /// [`AttnPlan::with_version`] for the version the environment asks for
     /// ([`AttnVersion::from_env`]: `SL_ATTN=v1` selects the previous kernel; v2 otherwise).
@@ -380,15 +397,8 @@ impl AttnPlan {
             }
             Some(n) => n,
             None => {
-                let sms = dev.info().sm_count as usize;
-                let ctas = match version {
-                    AttnVersion::V1 => 1,
-                    AttnVersion::V2 => dev
-                        .kernels()
-                        .attention_ctas_per_sm(version, layout.shape.head_dim as u32)
-                        as usize,
-                };
-                choose_splits(qtile_seq.len(), n_heads, max_keys, ctas * sms)
+                let workers = attention_workers(dev, version, layout.shape.head_dim);
+                choose_splits(qtile_seq.len(), n_heads, max_keys, workers)
             }
         };
         let rows = layout.rows();
@@ -601,14 +611,30 @@ pub fn attention(
         scale_log2: std::f32::consts::LOG2_E / (s.head_dim as f32).sqrt(),
         _pad: 0,
     };
+    // The kernels move q, K/V and o in 16-byte pieces (`cp.async`, vector stores): a slice made
+    // at an offset (an engine's tensor view through cudarc's `upgrade_device_ptr`) is refused
+    // here rather than faulting the context with a misaligned address.
+    let pointers = [
+        ("q", p.q as usize),
+        ("k_pool", p.k_pool as usize),
+        ("v_pool", p.v_pool as usize),
+        ("o", p.o as usize),
+    ];
+    if let Some((what, at)) = pointers.into_iter().find(|&(_, at)| at % 16 != 0) {
+        return bad(
+            op,
+            format_args!("{what} starts at {at:#x}, not on 16 bytes as the kernel's copies need"),
+        );
+    }
     // SAFETY: the plan validated the CSR layout, the tiles (built by `query_tiles`) and every
     // key's slot against `n_slots`; the checks above ensure q / o / lse hold `rows` rows of their
     // strides, the pools at least `n_slots` rows, strides are 8-aligned and cover the heads, the
     // workspace was sized for this plan's splits; every pointer comes from a live buffer of this
     // context borrowed for the launch (`b` holds the borrows), and the outputs are borrowed
     // mutably, so they alias no input. The plan built the key tiles and summaries from the same
-    // layout (or resolve_plan rebuilt them after patching the tags), and every buffer is a whole
-    // allocation (256-byte aligned), as both versions' alignment rules need.
+    // layout (or resolve_plan rebuilt them after patching the tags); the caller's buffers start
+    // on 16 bytes (checked above) and the plan's own are whole allocations (256-byte aligned),
+    // as both versions' alignment rules need.
     unsafe { raw::attention_version(dev.kernels(), plan.version, &p, dev.stream().cu_stream()) }
 }
 

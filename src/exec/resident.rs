@@ -232,7 +232,7 @@ impl<'m> Resident<'m> {
             }
             steps.push(DevStep { prep, parts });
         }
-        let mut ws = model.workspace(prog.max_rows(), prog.max_logits())?;
+        let mut ws = model.workspace(prog.max_rows(), prog.max_logits(), prog.branch)?;
         ws.freeze();
         let vocab = model.config().vocab(prog.branch);
         let requests = (prog.requests.iter())

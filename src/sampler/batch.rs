@@ -189,10 +189,10 @@ impl BatchSampling {
 
     /// Bounds on one pass of the batch: rows per branch (indexed by `Branch as usize`) and
     /// logits rows. A sequence feeds at most its prompt (text rows), every response position
-    /// once and the registers (rows of the response's branch), as the memory check counts the
-    /// activations (`memory::add_batch`); it samples at most its response positions (a looser
-    /// bound than the memory check's largest query: the logits rows grow with the groups and
-    /// stay far below it).
+    /// once and the registers (rows of the response's branch), and samples at most its
+    /// request's largest query ([`Sampling::max_query`]), as the memory check counts them
+    /// (`memory::add_batch`, whose largest t2i group bounds the schedule's): a workspace
+    /// doubling up to these bounds stays within the memory checked.
     pub fn pass_bounds(&self) -> ([usize; 2], usize) {
         let mut rows = [0usize; 2];
         let mut logits = 0usize;
@@ -201,7 +201,7 @@ impl BatchSampling {
             for prompt in &l.prompts {
                 rows[Branch::Text as usize] += prompt.len();
                 rows[l.branch as usize] += l.n + l.r;
-                logits += l.n;
+                logits += r.max_query();
             }
         }
         (rows, logits)

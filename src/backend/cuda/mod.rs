@@ -311,6 +311,16 @@ impl CudaBackend {
             .map_err(cuda_err("reading the free device memory"))
     }
 
+    /// The concurrent attention CTAs its plans' split rule fills for `head_dim` (the kernel
+    /// version `SL_ATTN` selects): what bounds their split workspaces
+    /// (`memory::Target::Cuda`).
+    pub fn attention_workers(&self, head_dim: usize) -> Result<usize> {
+        let version = crate::contract::AttnVersion::from_env()?;
+        Ok(crate::cuda::ops::attention_workers(
+            &self.dev, version, head_dim,
+        ))
+    }
+
     /// Refuses an allocation of `bytes` for `what` when the device has less memory free.
     pub fn ensure_fits(&self, what: &str, bytes: u64) -> Result<()> {
         let free = self.free_memory()? as u64;
