@@ -366,14 +366,23 @@ impl<'m> Resident<'m> {
         let DevStep { prep, parts } = &mut self.steps[k];
         {
             let _r = profile::range("resolve_plan");
-            for (part, sp) in parts.iter_mut().zip(&bs.parts) {
+            // Every resolve patches its request's key tags; the key-tile summaries are rebuilt
+            // from all of them once, by the last request's resolve. Each rebuild covers the
+            // whole batch's keys (one block), so one per request was quadratic in the batch;
+            // nothing reads the summaries before the step's attention, so the last rebuild
+            // leaves what one after every resolve left.
+            let last = parts.iter().rposition(|p| p.patches.is_some());
+            for (i, (part, sp)) in parts.iter_mut().zip(&bs.parts).enumerate() {
                 let Some(patches) = &part.patches else {
                     continue;
                 };
-                let targets = prep
+                let mut targets = prep
                     .dev
                     .patch_targets(self.prog.branch, &mut part.sample_pos)
                     .map_err(|e| Error::Input(format!("program step {k}: {e}")))?;
+                if Some(i) != last {
+                    targets.kv_summary = None;
+                }
                 let state = &mut self.requests[part.request].state;
                 ops::resolve_plan(dev, patches, state, sp.block, targets)
                     .map_err(|e| in_request(n_req, part.request, e))?;
