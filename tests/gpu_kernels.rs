@@ -1422,6 +1422,17 @@ fn gpu_attention_rejects_bad_shapes_before_launch() {
     let v_short = dev.upload(&c.v_pool[..c.v_pool.len() - 64]).unwrap();
     let v = dev.upload(&c.v_pool).unwrap();
     let mut o = dev.upload(&vec![bf16::NAN; 10 * 128]).unwrap();
+    // Each call refused before launch: the error's text.
+    let mut refused = |args: &AttnArgs, o: &mut cudarc::driver::CudaSlice<bf16>| {
+        let out = AttnOut {
+            o,
+            o_stride: 128,
+            lse: None,
+        };
+        ops::attention(&dev, &mut plan, args, out)
+            .unwrap_err()
+            .to_string()
+    };
     let args = AttnArgs {
         q: &q,
         q_stride: 128,
@@ -1430,25 +1441,15 @@ fn gpu_attention_rejects_bad_shapes_before_launch() {
         kv_stride: 64,
         joint: true,
     };
-    let out = AttnOut {
-        o: &mut o,
-        o_stride: 128,
-        lse: None,
-    };
-    let e = ops::attention(&dev, &mut plan, &args, out).unwrap_err();
-    assert!(e.to_string().contains("v_pool"), "{e}");
+    let e = refused(&args, &mut o);
+    assert!(e.contains("v_pool"), "{e}");
     let args = AttnArgs {
         v_pool: &v,
         q_stride: 132,
         ..args
     };
-    let out = AttnOut {
-        o: &mut o,
-        o_stride: 128,
-        lse: None,
-    };
-    let e = ops::attention(&dev, &mut plan, &args, out).unwrap_err();
-    assert!(e.to_string().contains("q row stride 132"), "{e}");
+    let e = refused(&args, &mut o);
+    assert!(e.contains("q row stride 132"), "{e}");
     // q as an engine's view 2 bytes into an allocation: refused, not a misaligned cp.async.
     let mut padded = c.q.clone();
     padded.push(bf16::ZERO);
@@ -1462,15 +1463,12 @@ fn gpu_attention_rejects_bad_shapes_before_launch() {
         q_stride: 128,
         ..args
     };
-    let out = AttnOut {
-        o: &mut o,
-        o_stride: 128,
-        lse: None,
-    };
-    let e = ops::attention(&dev, &mut plan, &args, out).unwrap_err();
+    let e = refused(&args, &mut o);
     view.leak();
-    assert!(e.to_string().contains("q starts at"), "{e}");
-    assert!(e.to_string().contains("not on 16 bytes"), "{e}");
+    assert!(
+        e.contains("q starts at") && e.contains("not on 16 bytes"),
+        "{e}"
+    );
     assert!(
         dev.download(&o).unwrap().iter().all(|x| x.is_nan()),
         "nothing may be launched on bad input"
