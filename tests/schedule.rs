@@ -218,3 +218,30 @@ fn text_schedule_errors() {
     let got: Vec<(usize, usize)> = s.iter().map(|t| (t.block, t.commit)).collect();
     assert_eq!(got, vec![(0, 11), (0, 11), (0, 10), (1, 1)]);
 }
+
+/// The default t2i request's shape at `lavida-o` (32×32, 64 steps, prompt 64, CFG): its logits
+/// rows are bounded by the schedule's largest group (76 by the O(1) bound, 75 in the schedule),
+/// not by N − K + 1 = 961. `memory`'s H100 batch test and `scripts/gpu-check`'s sweep assume
+/// this shape.
+#[test]
+fn default_t2i_shape_bounds_logits_by_the_largest_group() {
+    use sparse_lavida::config::{Branch, Config};
+    use sparse_lavida::memory::GenShape;
+    use sparse_lavida::request::{TaskKind, Workload};
+    let cfg = Config::preset("lavida-o").unwrap();
+    let shape = Workload::new(TaskKind::T2i).shape(&cfg).unwrap();
+    let largest = *shift_counts(1024, 64).unwrap().iter().max().unwrap();
+    assert_eq!(largest, 75);
+    assert_eq!(
+        shape,
+        GenShape {
+            response: Branch::Image,
+            prompt: 64,
+            response_len: 1024,
+            n_seqs: 2,
+            steps: 64,
+            max_query: 76,
+            grid: Some((32, 32)),
+        }
+    );
+}
