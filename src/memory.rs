@@ -553,6 +553,15 @@ fn cuda_warmup_bytes(cfg: &Config, b: Branch, rows: u64) -> Result<u64> {
     mul(2, mul(rows, add(widest_in, out)?)?)
 }
 
+/// [`cuda_warmup_bytes`] of the head's product: `logits_rows` rows of width `d` in bf16 into
+/// f32 logits `vocab` wide (at `lavida-o`'s text vocabulary the widest product per row).
+fn cuda_head_warmup_bytes(logits_rows: u64, d: u64, vocab: u64) -> Result<u64> {
+    mul(
+        2,
+        sum_of_products(&[&[logits_rows, d, 2], &[logits_rows, vocab, 4]])?,
+    )
+}
+
 /// The most bytes every step plan's attention split workspaces can take together on the CUDA
 /// backend ([`crate::contract::attn::max_split_values`] per branch over its most rows, for
 /// `plans` plans kept at once).
@@ -764,13 +773,21 @@ pub fn add_batch(
                 "attention split workspaces",
                 cuda_split_bytes(cfg, [t.text_rows, t.image_rows], plans, attn_workers)?,
             );
+            // The head's product: every request's logits rows (one branch per batch).
+            let head_warmup = shapes.iter().try_fold(0u64, |most, s| {
+                let b = s.response;
+                let w = cuda_head_warmup_bytes(
+                    t.logits_rows,
+                    cfg.d_model(b) as u64,
+                    cfg.vocab(b) as u64,
+                )?;
+                Ok::<u64, Error>(most.max(w))
+            })?;
             need.device(
                 "matrix-product warm-up (transient)",
-                cuda_warmup_bytes(cfg, Branch::Text, t.text_rows)?.max(cuda_warmup_bytes(
-                    cfg,
-                    Branch::Image,
-                    t.image_rows,
-                )?),
+                cuda_warmup_bytes(cfg, Branch::Text, t.text_rows)?
+                    .max(cuda_warmup_bytes(cfg, Branch::Image, t.image_rows)?)
+                    .max(head_warmup),
             );
             need.device("device overhead", DEVICE_OVERHEAD);
         }
@@ -831,11 +848,9 @@ pub fn add_forward(
             );
             need.device(
                 "matrix-product warm-up (transient)",
-                cuda_warmup_bytes(cfg, Branch::Text, rows[0])?.max(cuda_warmup_bytes(
-                    cfg,
-                    Branch::Image,
-                    rows[1],
-                )?),
+                cuda_warmup_bytes(cfg, Branch::Text, rows[0])?
+                    .max(cuda_warmup_bytes(cfg, Branch::Image, rows[1])?)
+                    .max(cuda_head_warmup_bytes(logits_rows, d_max, vocab)?),
             );
             need.device("device overhead", DEVICE_OVERHEAD);
         }

@@ -461,6 +461,9 @@ impl<B: Backend> Model<B> {
             };
             let (d, f) = (widest(Config::d_model), widest(Config::d_mlp));
             let rows = Workspace::<B>::grown(n, *cap, bound);
+            // The old buffers go first: their contents are never kept, and holding both would
+            // need twice the memory the bound counts.
+            *slot = None;
             *slot = Some(Scratch {
                 x: be.matrix(rows, d, Residual)?,
                 h: be.matrix(rows, d, Activation)?,
@@ -502,10 +505,14 @@ impl<B: Backend> Model<B> {
                     )),
                 });
             }
-            // Never narrower or shorter than what it held ((0, 0) and 0 when nothing).
-            let rows = Workspace::<B>::grown(n, ws.logits_rows, ws.bounds.map(|(_, l)| l))
-                .max(ws.logits_rows);
+            // Never narrower or shorter than what it held ((0, 0) and 0 when nothing); rows
+            // grow (doubling up to a bound) only when the rows are short, not the width.
+            let rows = match n > ws.logits_rows {
+                true => Workspace::<B>::grown(n, ws.logits_rows, ws.bounds.map(|(_, l)| l)),
+                false => ws.logits_rows,
+            };
             let (d, v) = (d.max(held_d), v.max(held_v));
+            ws.head = None;
             ws.head = Some(Head {
                 rows: be.matrix(rows, d, Residual)?,
                 normed: be.matrix(rows, d, Activation)?,

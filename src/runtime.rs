@@ -90,6 +90,9 @@ pub fn resolve_device(device: Device, cfg: &Config) -> Result<(Resolved, Option<
             };
             let backend = match CudaBackend::new() {
                 Ok(b) => b,
+                // A bad setting (`SL_GEMM_TUNE`) is the user's to fix, not a reason to run
+                // elsewhere.
+                Err(e @ Error::Input(_)) => return Err(e),
                 Err(e) => return cpu(format!("CUDA unavailable: {}", reason(&e))),
             };
             if let Err(e) = cuda::check_config(cfg) {

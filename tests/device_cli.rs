@@ -316,6 +316,27 @@ fn cuda_refuses_what_it_cannot_run_naming_the_problem() {
             assert!(err.contains(n), "{args:?}: stderr lacks `{n}`: {err}");
         }
     };
+    // A bad SL_GEMM_TUNE is an error naming it, under auto too (not a fall back to the CPU).
+    for device in ["cuda", "auto"] {
+        let bin = std::env::var_os("SPARSE_LAVIDA_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_sparse-lavida").into());
+        let o = Command::new(bin)
+            .args([
+                "generate", "--device", device, "--preset", "small", "--steps", "2",
+            ])
+            .env("SL_GEMM_TUNE", "fast")
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert!(
+            !o.status.success(),
+            "SL_GEMM_TUNE=fast --device {device} succeeded"
+        );
+        assert!(
+            err.contains("SL_GEMM_TUNE=\"fast\""),
+            "--device {device}: {err}"
+        );
+    }
     // tiny's head_dim 16 has no attention kernel.
     refused(
         &["generate", "--device", "cuda", "--preset", "tiny"],

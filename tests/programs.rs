@@ -364,3 +364,62 @@ fn traces_reject_states_that_do_not_fit_the_program() {
     let err = input_error(prog.traces(&moved));
     assert!(err.contains("rank 0 of step 0"), "{err}");
 }
+
+/// The device memory bound's warm-up part (`memory::add_batch` with `Target::Cuda`) covers the
+/// largest matrix product any plan of the batch's program runs (`model::products`, every plan
+/// the device-resident executor warms): its input and output, held by `warm_products` while
+/// cuBLASLt's tuning holds another pair. At `lavida-o`: the default t2i batch, a text batch
+/// whose 128-position block makes the head's product (127,378 logits wide) the widest, and a
+/// dense text batch.
+#[test]
+fn device_warmup_bound_covers_every_product() {
+    use sparse_lavida::backend::MatrixKind;
+    use sparse_lavida::config::Config;
+    use sparse_lavida::memory::{self, Need, Target};
+    use sparse_lavida::request::{TaskKind, Workload};
+    use sparse_lavida::sampler::program::batch_program;
+    let cfg = Config::preset("lavida-o").unwrap();
+    let text = Workload {
+        answer_len: Some(128),
+        block: Some(128),
+        ..Workload::new(TaskKind::Text)
+    };
+    let sparse = Mode::Sparse(Switches::ALL_ON);
+    for (work, n, mode) in [
+        (Workload::new(TaskKind::T2i), 2, sparse),
+        (text.clone(), 3, sparse),
+        (text, 2, Mode::Dense),
+    ] {
+        let works = work.batch(n, None).unwrap();
+        let shapes: Vec<_> = works.iter().map(|w| w.shape(&cfg).unwrap()).collect();
+        let tasks: Vec<_> = works.iter().map(|w| w.task(&cfg).unwrap()).collect();
+        let mut need = Need::default();
+        let target = Target::Cuda { attn_workers: 264 };
+        memory::add_batch(&mut need, &cfg, &shapes, target, 0).unwrap();
+        let bound = (need.device.iter())
+            .find(|p| p.what.starts_with("matrix-product warm-up"))
+            .unwrap()
+            .bytes;
+        let prog = batch_program(&cfg, &tasks, mode).unwrap();
+        let plans = prog
+            .prefill
+            .iter()
+            .chain(prog.steps.iter().map(|s| &s.plan));
+        let widest = plans
+            .flat_map(|p| sparse_lavida::model::products(&cfg, p, false))
+            .map(|p| {
+                let out = if p.out == MatrixKind::Activation {
+                    2
+                } else {
+                    4
+                };
+                2 * (p.m * p.k * 2 + p.m * p.n * out) as u64
+            })
+            .max()
+            .unwrap();
+        assert!(
+            widest <= bound,
+            "{mode}, {n} of {work:?}: a product holds {widest} B, the bound {bound} B"
+        );
+    }
+}

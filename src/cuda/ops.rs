@@ -346,7 +346,7 @@ pub struct SummaryTarget<'a> {
 /// The concurrent CTAs the split rule fills for attention `version` at `head_dim` on `dev`: the
 /// kernel's CTAs per SM times the SMs (the SM count alone for v1, as it had), at most
 /// [`MAX_SPLIT_WORKERS`], which bounds every plan's split workspace on any card
-/// (`memory::attention_split_bytes`).
+/// (`memory::add_batch`'s split workspaces).
 pub fn attention_workers(dev: &CudaDevice, version: AttnVersion, head_dim: usize) -> usize {
     let sms = dev.info().sm_count as usize;
     let ctas = match version {
