@@ -17,6 +17,15 @@ use crate::error::{Error, Result};
 /// Shift parameter `s` of LaViDa-O's schedule `σ(t) = s·t / (1 + (s−1)·t)`.
 const SHIFT: f64 = 5.0;
 
+/// `c_j = ⌊σ(j/K)·N⌋`: the positions the shift schedule has decoded after `j` of its `K` steps
+/// (before its counts are reversed and evened out), the one float expression both
+/// [`shift_counts`] and its bound [`max_shift_count`] use.
+fn shifted(n: usize, k: usize, j: usize) -> usize {
+    let t = j as f64 / k as f64;
+    let sigma = SHIFT * t / (1.0 + (SHIFT - 1.0) * t);
+    (sigma * n as f64).floor() as usize
+}
+
 /// LaViDa-O shift schedule (SPEC §4.1, s = 5): how many positions each of the K steps decodes.
 ///
 /// Returns `k` counts, each at least 1, summing to `n`; few positions early, many late.
@@ -31,14 +40,8 @@ pub fn shift_counts(n: usize, k: usize) -> Result<Vec<usize>> {
     if k > n {
         bail_input!("shift schedule: steps (K) must be ≤ positions (N), got K = {k}, N = {n}");
     }
-    // c_j = floor(σ(j/K)·N) for j = 0..=K; σ(0) = 0 and σ(1) = 1 exactly, so c_0 = 0, c_K = N.
-    let cumulative: Vec<usize> = (0..=k)
-        .map(|j| {
-            let t = j as f64 / k as f64;
-            let sigma = SHIFT * t / (1.0 + (SHIFT - 1.0) * t);
-            (sigma * n as f64).floor() as usize
-        })
-        .collect();
+    // c_j for j = 0..=K; σ(0) = 0 and σ(1) = 1 exactly, so c_0 = 0, c_K = N.
+    let cumulative: Vec<usize> = (0..=k).map(|j| shifted(n, k, j)).collect();
     let mut counts: Vec<usize> = cumulative
         .windows(2)
         .map(|c| c[1].saturating_sub(c[0]).max(1))
@@ -71,10 +74,7 @@ pub fn max_shift_count(n: usize, k: usize) -> usize {
     if k == 0 || k > n {
         return n;
     }
-    let t = 1.0 / k as f64;
-    let sigma = SHIFT * t / (1.0 + (SHIFT - 1.0) * t);
-    let first = (sigma * n as f64).floor() as usize;
-    first.saturating_add(1).min(n - k + 1)
+    shifted(n, k, 1).saturating_add(1).min(n - k + 1)
 }
 
 /// Image decoding order.
