@@ -505,12 +505,18 @@ pub struct GenShape {
     pub grid: Option<(u64, u64)>,
 }
 
-/// Activation bytes of `rows` rows of branch `b` in one pass on the CPU backend (the CUDA
-/// backend stores less: bf16 for all but the residual), with the backend's transient copies:
-/// RoPE's rotated keys and the attention's split partials (`splits` per query tile and head).
-fn activation_bytes(cfg: &Config, b: Branch, rows: u64, splits: u64) -> Result<u64> {
-    let (d, f) = (cfg.d_model(b) as u64, cfg.d_mlp(b) as u64);
-    activation_bytes_of(cfg, d, f, rows, splits)
+/// Activation bytes of one pass over `rows[b]` rows of each branch `b` (indexed by `Branch as
+/// usize`) on the CPU backend (the CUDA backend stores less: [`cuda_activation_bytes`]), with
+/// the backend's transient copies: RoPE's rotated keys and the attention's split partials
+/// (`splits` per query tile and head).
+fn activation_bytes(cfg: &Config, rows: [u64; 2], splits: u64) -> Result<u64> {
+    Branch::ALL.into_iter().try_fold(0, |sum, b| {
+        let (d, f) = (cfg.d_model(b) as u64, cfg.d_mlp(b) as u64);
+        add(
+            sum,
+            activation_bytes_of(cfg, d, f, rows[b as usize], splits)?,
+        )
+    })
 }
 
 /// [`activation_bytes`] for a model width `d` and MLP width `f`.
@@ -529,28 +535,33 @@ fn activation_bytes_of(cfg: &Config, d: u64, f: u64, rows: u64, splits: u64) -> 
     mul(mul(rows, per_row)?, 4)
 }
 
-/// Activation bytes of `rows` rows of branch `b` in one pass on the CUDA backend, as its
-/// workspace holds them (`Model::workspace`): the residual in f32; its norm, the fused q|k|v,
-/// the attention output, gate|up and the SwiGLU output in bf16.
-fn cuda_activation_bytes(cfg: &Config, b: Branch, rows: u64) -> Result<u64> {
-    let (d, f) = (cfg.d_model(b) as u64, cfg.d_mlp(b) as u64);
+/// Activation bytes of one pass over `rows[b]` rows of each branch `b` on the CUDA backend, as
+/// its workspace holds them (`Model::workspace`): the residual in f32; its norm, the fused
+/// q|k|v, the attention output, gate|up and the SwiGLU output in bf16.
+fn cuda_activation_bytes(cfg: &Config, rows: [u64; 2]) -> Result<u64> {
     let (a, kv) = (cfg.attn_dim() as u64, cfg.kv_dim() as u64);
-    let per_row = sum_of_products(&[&[4, d], &[2, d], &[2, a], &[4, kv], &[2, a], &[6, f]])?;
-    mul(rows, per_row)
+    Branch::ALL.into_iter().try_fold(0, |sum, b| {
+        let (d, f) = (cfg.d_model(b) as u64, cfg.d_mlp(b) as u64);
+        let per_row = sum_of_products(&[&[4, d], &[2, d], &[2, a], &[4, kv], &[2, a], &[6, f]])?;
+        add(sum, mul(rows[b as usize], per_row)?)
+    })
 }
 
-/// The largest transient of the CUDA backend's matrix-product warm-up for passes of `rows`
-/// rows of branch `b`: `warm_products` holds an input and an output of the product's shape
-/// while cuBLASLt's algorithm choice times candidates on another pair (on a GPU), for the
-/// widest of the layer's products (q|k|v and gate|up in bf16, the output projections' f32).
-fn cuda_warmup_bytes(cfg: &Config, b: Branch, rows: u64) -> Result<u64> {
-    let (d, f) = (cfg.d_model(b) as u64, cfg.d_mlp(b) as u64);
+/// The largest transient of the CUDA backend's matrix-product warm-up for passes of `rows[b]`
+/// rows of each branch `b`: `warm_products` holds an input and an output of the product's
+/// shape while cuBLASLt's algorithm choice times candidates on another pair (on a GPU), for
+/// the widest of the layers' products (q|k|v and gate|up in bf16, the output projections'
+/// f32); the head's is [`cuda_head_warmup_bytes`].
+fn cuda_warmup_bytes(cfg: &Config, rows: [u64; 2]) -> Result<u64> {
     let (a, kv) = (cfg.attn_dim() as u64, cfg.kv_dim() as u64);
-    let out = sum_of_products(&[&[2, a], &[4, kv]])?
-        .max(mul(4, d)?)
-        .max(mul(4, f)?);
-    let widest_in = mul(2, d.max(f).max(a))?;
-    mul(2, mul(rows, add(widest_in, out)?)?)
+    Branch::ALL.into_iter().try_fold(0, |most, b| {
+        let (d, f) = (cfg.d_model(b) as u64, cfg.d_mlp(b) as u64);
+        let out = sum_of_products(&[&[2, a], &[4, kv]])?
+            .max(mul(4, d)?)
+            .max(mul(4, f)?);
+        let widest_in = mul(2, d.max(f).max(a))?;
+        Ok(most.max(mul(2, mul(rows[b as usize], add(widest_in, out)?)?)?))
+    })
 }
 
 /// [`cuda_warmup_bytes`] of the head's product: `logits_rows` rows of width `d` in bf16 into
@@ -578,6 +589,14 @@ fn cuda_split_bytes(cfg: &Config, rows: [u64; 2], plans: u64, workers: u64) -> R
         add(acc, mul(values, 4)?)
     })?;
     mul(plans, per_plan)
+}
+
+/// The CPU backend's worker threads and the attention splits it may use per query tile (one
+/// per thread, at most `AttnTiling::MAX_SPLITS`).
+fn cpu_threads_and_splits() -> (u64, u64) {
+    let threads = rayon::current_num_threads() as u64;
+    let splits = threads.clamp(1, crate::contract::AttnTiling::MAX_SPLITS as u64);
+    (threads, splits)
 }
 
 /// Bytes of a RoPE (cos, sin) table over `slots` positions, the CPU pool's and a CUDA
@@ -709,12 +728,7 @@ pub fn add_batch(
         t = t.plus(RunParts::of(cfg, shape)?)?;
     }
     let (layers, kv) = (cfg.n_layers as u64, cfg.kv_dim() as u64);
-    let threads = rayon::current_num_threads() as u64;
-    let splits = threads.clamp(1, crate::contract::AttnTiling::MAX_SPLITS as u64);
-    let activations = add(
-        activation_bytes(cfg, Branch::Text, t.text_rows, splits)?,
-        activation_bytes(cfg, Branch::Image, t.image_rows, splits)?,
-    )?;
+    let branch_rows = [t.text_rows, t.image_rows];
     // Head: gathered rows, their norm, the logits, in the response branch's width and
     // vocabulary (the workspace's head is sized for the logits branch); each request's ban
     // mask and results.
@@ -737,12 +751,16 @@ pub fn add_batch(
     need.host("schedule, decode state, trace and outputs", bookkeeping);
     match target {
         Target::Cpu => {
+            let (threads, splits) = cpu_threads_and_splits();
             need.host(
                 format!("K/V pool ({} slots)", human_count(slots)),
                 sum_of_products(&[&[2, layers, slots, kv, 4]])?,
             );
             need.host("RoPE table", rope_table_bytes(cfg, slots)?);
-            need.host("activations", add(activations, head)?);
+            need.host(
+                "activations",
+                add(activation_bytes(cfg, branch_rows, splits)?, head)?,
+            );
             need.host("plans", plan_pass);
             need.host(
                 "the last layer's logits rows",
@@ -756,11 +774,10 @@ pub fn add_batch(
                 sum_of_products(&[&[2, layers, slots, kv, 2]])?,
             );
             need.device("RoPE table", rope_table_bytes(cfg, slots)?);
-            let cuda_activations = add(
-                cuda_activation_bytes(cfg, Branch::Text, t.text_rows)?,
-                cuda_activation_bytes(cfg, Branch::Image, t.image_rows)?,
-            )?;
-            need.device("activations", add(cuda_activations, head)?);
+            need.device(
+                "activations",
+                add(cuda_activation_bytes(cfg, branch_rows)?, head)?,
+            );
             // A device-resident run uploads every step's plan up front, and keeps their host
             // copies (its program) while it runs; while the batch's program is built from the
             // requests' programs, both are alive. Each plan keeps its attention split
@@ -771,7 +788,7 @@ pub fn add_batch(
                 (shapes.iter()).try_fold(0u64, |most, s| add(s.steps, 1).map(|p| most.max(p)))?;
             need.device(
                 "attention split workspaces",
-                cuda_split_bytes(cfg, [t.text_rows, t.image_rows], plans, attn_workers)?,
+                cuda_split_bytes(cfg, branch_rows, plans, attn_workers)?,
             );
             // The head's product: every request's logits rows (one branch per batch).
             let head_warmup = shapes.iter().try_fold(0u64, |most, s| {
@@ -785,9 +802,7 @@ pub fn add_batch(
             })?;
             need.device(
                 "matrix-product warm-up (transient)",
-                cuda_warmup_bytes(cfg, Branch::Text, t.text_rows)?
-                    .max(cuda_warmup_bytes(cfg, Branch::Image, t.image_rows)?)
-                    .max(head_warmup),
+                cuda_warmup_bytes(cfg, branch_rows)?.max(head_warmup),
             );
             need.device("device overhead", DEVICE_OVERHEAD);
         }
@@ -808,12 +823,6 @@ pub fn add_forward(
     let all = add(rows[0], rows[1])?;
     let (layers, kv) = (cfg.n_layers as u64, cfg.kv_dim() as u64);
     let d_max = cfg.d_text.max(cfg.d_image) as u64;
-    let threads = rayon::current_num_threads() as u64;
-    let splits = threads.clamp(1, crate::contract::AttnTiling::MAX_SPLITS as u64);
-    let activations = add(
-        activation_bytes(cfg, Branch::Text, rows[0], splits)?,
-        activation_bytes(cfg, Branch::Image, rows[1], splits)?,
-    )?;
     // Head and the output tensor, its host copy and its file bytes.
     let head = sum_of_products(&[
         &[logits_rows, 2 * d_max + vocab, 4],
@@ -825,9 +834,10 @@ pub fn add_forward(
     let pool = |bytes: u64| sum_of_products(&[&[2, layers, all, kv, bytes]]);
     match target {
         Target::Cpu => {
+            let (threads, splits) = cpu_threads_and_splits();
             need.host(format!("K/V pool ({} slots)", human_count(all)), pool(4)?);
             need.host("RoPE table", rope_table_bytes(cfg, all)?);
-            need.host("activations", activations);
+            need.host("activations", activation_bytes(cfg, rows, splits)?);
             need.host(
                 "the last layer's logits rows",
                 tail_bytes(cfg, logits_rows, all, splits)?,
@@ -837,20 +847,18 @@ pub fn add_forward(
         Target::Cuda { attn_workers } => {
             need.device(format!("K/V pool ({} slots)", human_count(all)), pool(2)?);
             need.device("RoPE table", rope_table_bytes(cfg, all)?);
-            let cuda_activations = add(
-                cuda_activation_bytes(cfg, Branch::Text, rows[0])?,
-                cuda_activation_bytes(cfg, Branch::Image, rows[1])?,
-            )?;
-            need.device("activations", add(cuda_activations, head)?);
+            need.device("activations", add(cuda_activation_bytes(cfg, rows)?, head)?);
             need.device(
                 "attention split workspaces",
                 cuda_split_bytes(cfg, rows, 1, attn_workers)?,
             );
             need.device(
                 "matrix-product warm-up (transient)",
-                cuda_warmup_bytes(cfg, Branch::Text, rows[0])?
-                    .max(cuda_warmup_bytes(cfg, Branch::Image, rows[1])?)
-                    .max(cuda_head_warmup_bytes(logits_rows, d_max, vocab)?),
+                cuda_warmup_bytes(cfg, rows)?.max(cuda_head_warmup_bytes(
+                    logits_rows,
+                    d_max,
+                    vocab,
+                )?),
             );
             need.device("device overhead", DEVICE_OVERHEAD);
         }
